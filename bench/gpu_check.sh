@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# GPU verification in one call, on any CUDA machine with python3 + torch:
+#   build for the local GPU -> the whole test suite on CUDA -> compute-sanitizer
+#   (memcheck, and racecheck for the shared-memory kernels) over a short pass
+#   of every CUDA op -> the benchmarks -> results under bench/results/.
+#
+#   bench/gpu_check.sh            full run
+#   QUICK=1 bench/gpu_check.sh    short GPU slots: fewer fuzz examples, fewer benchmarks
+#
+# Offline machines: put the nvidia-cutlass wheel (and any missing test
+# packages) in .whl/ at the repo root; they are installed to /tmp/site.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0
+# Outputs (also copied to $OUT when set):
+#   bench/results/<gpu>-<date>.json, .md (roofline table), -sanitizer.log, -tests.log
+set -uo pipefail
+cd "$(dirname "$0")/.."
+QUICK="${QUICK:-0}"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+gpu="$("$PY" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))' 2>/dev/null)" || {
+  echo "no CUDA device visible: nothing to verify"; exit 2; }
+stamp="$(date -u +%Y-%m-%d)"
+res="bench/results/${gpu}-${stamp}"
+mkdir -p bench/results
+t0=$(date +%s)
+log() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
+
+log "build for $gpu (MAX_JOBS=${MAX_JOBS:=$(nproc)})"
+export MAX_JOBS QSVD_BUILD_CUDA=1
+# The visible GPU picks the arch list (sm_90 -> 9.0a); build in place.
+"$PY" setup.py -q build_ext --inplace > "${res}-build.log" 2>&1 || { tail -50 "${res}-build.log"; exit 1; }
+"$PY" -c 'import qsvd_kernels, json; print(json.dumps(qsvd_kernels.build_info()))' | tee "${res}-build-info.json"
+
+status=0
+log "test suite (cpu + cuda)"
+fuzz=$([ "$QUICK" = 1 ] && echo 20 || echo 150)
+QSVD_FUZZ_EXAMPLES=$fuzz "$PY" -m pytest python_tests -q -p no:cacheprovider -x --junitxml="${res}-tests.xml" \
+  2>&1 | tee "${res}-tests.log" | tail -30 || status=1
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+log "compute-sanitizer (memcheck, racecheck) on a short pass of every CUDA op"
+if command -v compute-sanitizer > /dev/null; then
+  : > "${res}-sanitizer.log"
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
+      python_tests/test_hadamard.py python_tests/test_quant_gemm.py python_tests/test_latent_cache.py \
+      python_tests/test_latent_attention.py -k "cuda and (12 or 96 or 4096 or 32768 or matches or append)" \
+      >> "${res}-sanitizer.log" 2>&1 || { echo "compute-sanitizer $tool reported errors"; status=1; }
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "${res}-sanitizer.log" | tail -2
+  done
+else
+  echo "compute-sanitizer not found" | tee "${res}-sanitizer.log"
+fi
+
+log "benchmarks"
+if [ "$QUICK" = 1 ]; then sel=(-k "cuda and (4096x4096 or 16x4096)"); else sel=(-k cuda); fi
+"$PY" -m pytest bench -q -p no:cacheprovider "${sel[@]}" --benchmark-json="${res}.json" --benchmark-columns=median \
+  2>&1 | tail -15 || status=1
+[ -f "${res}.json" ] && "$PY" bench/summarize.py "${res}.json" > "${res}.md" && cat "${res}.md"
+
+if [ -n "${OUT:-}" ]; then cp "${res}"* "$OUT"/ 2>/dev/null; fi
+log "done (status $status)"
+exit $status

@@ -1,0 +1,98 @@
+// Argument validation shared by the CPU and CUDA implementations of every op:
+// the same input gets the same error, naming the argument, on either device.
+//
+// Checks of tensor metadata (dtype, shape, device, contiguity, scalar ranges)
+// live here. Checks of index *values* (slots, seq_lens, block_table) need
+// the data: check_paged_indices_host() reads it on the CPU; the CUDA
+// launchers copy the few indices they need or validate on the device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+#include "qsvd/hadamard.h"
+
+namespace qsvd_torch {
+
+// Error raised for a bad argument: RuntimeError for tensor metadata,
+// ValueError for out-of-range values. Every message starts with the op
+// name and names the argument in backticks.
+#define QSVD_CHECK(cond, op, ...) TORCH_CHECK(cond, "qsvd.", op, ": ", __VA_ARGS__)
+#define QSVD_CHECK_VALUE(cond, op, ...) TORCH_CHECK_VALUE(cond, "qsvd.", op, ": ", __VA_ARGS__)
+
+std::string shape_str(const at::Tensor& t);
+
+void check_dtype_in(const char* op, const char* name, const at::Tensor& t,
+                    std::initializer_list<at::ScalarType> allowed);
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim);
+void check_same_device(const char* op, const char* ref_name, const at::Tensor& ref,
+                       const char* name, const at::Tensor& t);
+void check_contiguous(const char* op, const char* name, const at::Tensor& t);
+void check_bits(const char* op, const char* name, int64_t bits);
+void check_clip_ratio(const char* op, double clip_ratio);
+
+// hadamard_transform / hadamard_quant
+struct HadamardShape {
+  int64_t K;
+  int64_t rows;
+  qsvd::hadamard::Factorization f;
+};
+HadamardShape check_hadamard(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& signs);
+HadamardShape check_hadamard_quant(const at::Tensor& x, int64_t bits, double clip_ratio,
+                                   const std::optional<at::Tensor>& signs);
+
+// quant_gemm
+struct GemmShape {
+  int64_t M, N, K;
+};
+// Largest K whose int32 sums cannot overflow: 127 * 127 * K < 2^31.
+inline constexpr int64_t kMaxGemmK = 131072;
+GemmShape check_quant_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                           const at::Tensor& b_scale, int64_t a_bits, int64_t b_bits,
+                           at::ScalarType out_dtype, const std::optional<at::Tensor>& bias);
+
+// latent_cache_append
+struct CacheAppendShape {
+  int64_t T, r, num_blocks, block_size;
+};
+CacheAppendShape check_latent_cache_append(const at::Tensor& c, const at::Tensor& slot_mapping,
+                                           const at::Tensor& cache, const at::Tensor& cache_scale,
+                                           int64_t bits, double clip_ratio);
+
+// latent_attention / latent_reconstruct_kv
+struct LatentShape {
+  int64_t B, H_kv, r, d, num_blocks, block_size, max_blocks;
+  bool rope;
+  bool int8_weights;
+};
+LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cache,
+                                           const at::Tensor& cache_scale, const at::Tensor& block_table,
+                                           const at::Tensor& seq_lens, const at::Tensor& w_uk,
+                                           const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
+                                           const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
+                                           const std::optional<at::Tensor>& rope_cos,
+                                           const std::optional<at::Tensor>& rope_sin);
+// Adds the q checks; returns H through *num_heads.
+LatentShape check_latent_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& cache_scale,
+                                   const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                   const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
+                                   const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale,
+                                   int64_t bits, double sm_scale, const std::optional<at::Tensor>& rope_cos,
+                                   const std::optional<at::Tensor>& rope_sin, int64_t* num_heads);
+
+// Value checks of the paging indices, on CPU copies of seq_lens and
+// block_table: 0 <= seq_lens[b] <= max_blocks * block_size (and <= the RoPE
+// table length), and every block a sequence uses is in [0, num_blocks).
+// Returns sum(seq_lens).
+int64_t check_paged_indices_host(const char* op, const at::Tensor& seq_lens_cpu,
+                                 const at::Tensor& block_table_cpu, const LatentShape& s,
+                                 int64_t rope_positions);
+
+// Default output dtype of latent_reconstruct_kv: the weights' dtype when
+// they are fp16/bf16, fp16 for int8 weights.
+at::ScalarType reconstruct_out_dtype(const char* op, const at::Tensor& w_uk,
+                                     std::optional<at::ScalarType> out_dtype);
+
+}  // namespace qsvd_torch

@@ -1,0 +1,45 @@
+// CPU latent_cache_append: per-token quantization of new latent rows into
+// the paged cache. Every slot is validated before the first write.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../ops.h"
+#include "qsvd/numerics.h"
+
+namespace qsvd_torch {
+
+void latent_cache_append_cpu(const at::Tensor& c_in, const at::Tensor& slot_mapping_in, at::Tensor& cache,
+                             at::Tensor& cache_scale, int64_t bits, double clip_ratio) {
+  const char* op = "latent_cache_append";
+  const CacheAppendShape s = check_latent_cache_append(c_in, slot_mapping_in, cache, cache_scale, bits, clip_ratio);
+  if (s.T == 0) return;
+  const at::Tensor slots = slot_mapping_in.to(at::kLong).contiguous();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t num_slots = s.num_blocks * s.block_size;
+  for (int64_t i = 0; i < s.T; ++i)
+    QSVD_CHECK_VALUE(sp[i] < num_slots, op, "`slot_mapping`[", i, "] = ", sp[i], " is past the end of the cache (",
+                     s.num_blocks, " blocks of ", s.block_size, " = ", num_slots, " slots)");
+  const at::Tensor c = c_in.contiguous();
+  const int64_t code_row = bits == 4 ? s.r / 2 : s.r;
+  uint8_t* cache_p = static_cast<uint8_t*>(cache.data_ptr());
+  float* scale_p = cache_scale.data_ptr<float>();
+  const float clip = static_cast<float>(clip_ratio);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "latent_cache_append_cpu", [&] {
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    at::parallel_for(0, s.T, std::max<int64_t>(1, 16384 / std::max<int64_t>(s.r, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(s.r);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t slot = sp[i];
+        if (slot < 0) continue;  // padding
+        for (int64_t j = 0; j < s.r; ++j) buf[j] = static_cast<float>(cp[i * s.r + j]);
+        scale_p[slot] = qsvd::quantize_row_host(buf.data(), s.r, static_cast<int>(bits), clip,
+                                                cache_p + slot * code_row);
+      }
+    });
+  });
+}
+
+}  // namespace qsvd_torch

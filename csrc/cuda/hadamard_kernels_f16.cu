@@ -1,0 +1,13 @@
+// Instantiation of the Hadamard kernels for one element type (__half);
+// split per type so the builds run in parallel. Torch-free.
+#include "qsvd/kernels/hadamard_kernel.cuh"
+
+namespace qsvd {
+namespace hadamard {
+
+cudaError_t launch_hadamard_f16(const HadamardParams& p, cudaStream_t stream) {
+  return detail::launch_hadamard_impl<__half>(p, stream);
+}
+
+}  // namespace hadamard
+}  // namespace qsvd

@@ -1,0 +1,40 @@
+// Entry points of every op, one per backend. Schemas and registration:
+// torch_bindings.cpp. Argument semantics: docs/ops.md.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace qsvd_torch {
+
+// ---- CPU (csrc/cpu/) ----
+at::Tensor hadamard_transform_cpu(const at::Tensor& x, const std::optional<at::Tensor>& signs);
+std::tuple<at::Tensor, at::Tensor> hadamard_quant_cpu(const at::Tensor& x, int64_t bits, double clip_ratio,
+                                                      const std::optional<at::Tensor>& signs);
+at::Tensor quant_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                          const at::Tensor& b_scale, int64_t a_bits, int64_t b_bits, at::ScalarType out_dtype,
+                          const std::optional<at::Tensor>& bias);
+void latent_cache_append_cpu(const at::Tensor& c, const at::Tensor& slot_mapping, at::Tensor& cache,
+                             at::Tensor& cache_scale, int64_t bits, double clip_ratio);
+std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
+    const at::Tensor& q, const at::Tensor& cache, const at::Tensor& cache_scale, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
+    const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin);
+std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
+    const at::Tensor& cache, const at::Tensor& cache_scale, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
+    const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
+    std::optional<at::ScalarType> out_dtype);
+
+// ---- CUDA (csrc/cuda/), built when QSVD_WITH_CUDA is defined ----
+#ifdef QSVD_WITH_CUDA
+at::Tensor hadamard_transform_cuda(const at::Tensor& x, const std::optional<at::Tensor>& signs);
+std::tuple<at::Tensor, at::Tensor> hadamard_quant_cuda(const at::Tensor& x, int64_t bits, double clip_ratio,
+                                                       const std::optional<at::Tensor>& signs);
+#endif
+
+}  // namespace qsvd_torch

@@ -1,0 +1,119 @@
+// Host/device numeric helpers: the quantization rules of docs/ops.md.
+//
+// The CPU kernels, the CUDA kernels and the ctest unit tests all call these
+// functions, so "the CPU tests check the same arithmetic" is true by
+// construction. Every rounding step is spelled out (no FMA contraction, no
+// reciprocal instead of division): integer outputs are then bit-exact
+// between CPU and GPU.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "qsvd/config.h"
+
+namespace qsvd {
+
+// Symmetric code range [-qmax, qmax]. -128 (INT8) and -8 (INT4) are never produced.
+constexpr QSVD_HOST_DEVICE int qmax_for_bits(int bits) { return bits == 4 ? 7 : 127; }
+
+// Multiply and divide rounded to nearest even, never fused. nvcc contracts
+// a*b+c into an FMA by default; the host build uses -ffp-contract=off.
+QSVD_INLINE float mul_rn(float a, float b) {
+#if QSVD_ON_DEVICE
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+QSVD_INLINE float div_rn(float a, float b) {
+#if QSVD_ON_DEVICE
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// Round half to even. rintf and nearbyint both honour the current rounding
+// mode, which is round-to-nearest-even unless a caller changed it.
+QSVD_INLINE float round_half_even(float v) {
+#if QSVD_ON_DEVICE
+  return rintf(v);
+#else
+  return std::nearbyint(v);
+#endif
+}
+
+// max(|a|, |b|)-style reduction step that propagates NaN (fmaxf would drop
+// it). A NaN anywhere in a row then gives a NaN scale, so the dequantized
+// row is NaN: bad input stays loud instead of being quantized to zeros.
+QSVD_INLINE float nan_propagating_max(float a, float b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// scale = clip_ratio * max|row| / qmax, in this order, in fp32.
+QSVD_INLINE float quant_scale(float amax, float clip_ratio, int qmax) {
+  return div_rn(mul_rn(clip_ratio, amax), static_cast<float>(qmax));
+}
+
+// code = clamp(round_half_even(v / scale), -qmax, qmax).
+// A zero scale (all-zero row) gives code 0; so does a NaN or infinite scale
+// or quotient (the scale itself then carries the NaN/Inf).
+QSVD_INLINE int quantize_value(float v, float scale, int qmax) {
+  if (!(scale > 0.f) || scale == INFINITY) return 0;
+  float q = round_half_even(div_rn(v, scale));
+  if (q != q) return 0;
+  const float hi = static_cast<float>(qmax);
+  q = q < -hi ? -hi : q;
+  q = q > hi ? hi : q;
+  return static_cast<int>(q);
+}
+
+// INT4: two's-complement nibbles, element 2i in the low nibble of byte i.
+QSVD_INLINE uint8_t pack_int4(int lo, int hi) {
+  return static_cast<uint8_t>((lo & 0xF) | ((hi & 0xF) << 4));
+}
+QSVD_INLINE int unpack_int4_lo(uint8_t byte) {
+  return static_cast<int>(static_cast<int8_t>(static_cast<uint8_t>(byte << 4))) >> 4;
+}
+QSVD_INLINE int unpack_int4_hi(uint8_t byte) {
+  return static_cast<int>(static_cast<int8_t>(byte)) >> 4;
+}
+
+// Quantize one row of n fp32 values. Host-side helper shared by the CPU
+// kernels (the CUDA kernels spread the same steps over threads).
+// codes: n int8 (bits 8) or n/2 packed bytes (bits 4). Returns the scale.
+inline float quantize_row_host(const float* v, int64_t n, int bits, float clip_ratio,
+                               void* codes) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = nan_propagating_max(std::fabs(v[i]), amax);
+  const int qmax = qmax_for_bits(bits);
+  const float scale = quant_scale(amax, clip_ratio, qmax);
+  if (bits == 8) {
+    int8_t* out = static_cast<int8_t*>(codes);
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int8_t>(quantize_value(v[i], scale, qmax));
+  } else {
+    uint8_t* out = static_cast<uint8_t*>(codes);
+    for (int64_t i = 0; i < n / 2; ++i)
+      out[i] = pack_int4(quantize_value(v[2 * i], scale, qmax),
+                         quantize_value(v[2 * i + 1], scale, qmax));
+  }
+  return scale;
+}
+
+// Unpack a row of codes (INT8, or packed INT4 with n even) to int8 values.
+inline void unpack_codes_host(const void* codes, int64_t n, int bits, int8_t* out) {
+  if (bits == 8) {
+    const int8_t* in = static_cast<const int8_t*>(codes);
+    for (int64_t i = 0; i < n; ++i) out[i] = in[i];
+  } else {
+    const uint8_t* in = static_cast<const uint8_t*>(codes);
+    for (int64_t i = 0; i < n / 2; ++i) {
+      out[2 * i] = static_cast<int8_t>(unpack_int4_lo(in[i]));
+      out[2 * i + 1] = static_cast<int8_t>(unpack_int4_hi(in[i]));
+    }
+  }
+}
+
+}  // namespace qsvd

@@ -1,0 +1,173 @@
+"""latent_attention and latent_reconstruct_kv against the exact-math reference.
+
+Error bounds: the reference computes the math in float64 from the same codes
+(the truth). The allowed error is the worst-case evaluation error of the
+backend's arithmetic (float64 on the CPU, fp32 on CUDA), derived in
+helpers.py from the magnitudes of the terms, plus the final rounding to the
+output dtype. On the CPU that leaves one output ulp: any slip shows. Unused cache
+slots hold NaN scales, so a stray read fails the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qsvd_kernels as qk
+from qsvd_kernels import reference as R
+
+from conftest import require_kernel
+from helpers import (
+    COMPUTE_ROUNDOFF,
+    assert_within,
+    latent_attention_error_bound,
+    latent_reconstruct_error_bound,
+    make_paged_cache,
+    make_weights,
+)
+
+HEADS = [(4, 4), (8, 2), (6, 1)]  # (H, H_kv): MHA, GQA, MQA
+BLOCKS = [16, 64, 256]
+Q_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+RANKS = [48, 130, 256]  # 130: not a multiple of 16 / 32 / 64
+HEAD_DIMS = [64, 128]
+
+# bits x weight dtype x RoPE, each combined with a rotating choice of the
+# other axes so that every value of every axis is covered.
+CASES = []
+for i, (bits, wdtype, rope) in enumerate(itertools.product([8, 4], [torch.float16, torch.bfloat16, torch.int8],
+                                                           [False, True])):
+    H, H_kv = HEADS[i % 3]
+    CASES.append(pytest.param(bits, wdtype, rope, H, H_kv, BLOCKS[(i // 3) % 3], Q_DTYPES[i % 3], RANKS[(i + 1) % 3],
+                              HEAD_DIMS[i % 2], id=f"b{bits}-{str(wdtype)[6:]}-{'rope' if rope else 'norope'}-H{H}kv{H_kv}"))
+
+SEQ_LENS = [37, 0, 300, 1, 64]
+
+
+def _run(device, seq_lens, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d, seed=0, **cache_kw):
+    g = torch.Generator().manual_seed(seed)
+    pc = make_paged_cache(seq_lens, r, bits, block_size, generator=g, **cache_kw)
+    w_uk, w_uk_s, w_uv, w_uv_s = make_weights(H_kv, r, d, wdtype, generator=g)
+    q = torch.randn(len(seq_lens), H, d, generator=g).to(q_dtype)
+    cos, sin = R.rope_tables(max(max(seq_lens), 1) + 5, d) if rope else (None, None)
+    sm_scale = 1.0 / math.sqrt(d)
+    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, w_uk, w_uk_s, w_uv, w_uv_s, bits, sm_scale, cos, sin]
+    dev = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    out, lse = qk.latent_attention(q.to(device), *dev)
+    truth = R.latent_attention_ref(q.double(), *args)
+    bound = latent_attention_error_bound(q, *args, u=COMPUTE_ROUNDOFF[device])
+    return out.cpu(), lse.cpu(), truth, bound, (q, args)
+
+
+def _check(out, lse, truth, bound, q_dtype, what=""):
+    assert_within(out, truth[0], bound[0], q_dtype, f"out {what}")
+    assert_within(lse, truth[1], bound[1], torch.float32, f"lse {what}")
+
+
+@pytest.mark.parametrize("bits,wdtype,rope,H,H_kv,block_size,q_dtype,r,d", CASES)
+def test_attention_matches_reference(device, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d):
+    require_kernel("latent_attention", device)
+    out, lse, truth, bound, _ = _run(device, SEQ_LENS, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d)
+    assert out.dtype == q_dtype and out.shape == (len(SEQ_LENS), H, d)
+    assert lse.dtype == torch.float32 and lse.shape == (len(SEQ_LENS), H)
+    _check(out, lse, truth, bound, q_dtype)
+    # seq_len 0: zeros and -inf.
+    assert bool((out[1] == 0).all()) and bool(torch.isneginf(lse[1]).all())
+    assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_zero_rows_and_large_magnitudes(device, bits):
+    require_kernel("latent_attention", device)
+    for kw in ({"zero_rows": True}, {"scale_mag": 1e3}, {"scale_mag": 1e-6}):
+        out, lse, truth, bound, _ = _run(device, [50, 17], bits, torch.float16, True, 4, 2, 16, torch.float32, 64, 64,
+                                         **kw)
+        _check(out, lse, truth, bound, torch.float32, str(kw))
+
+
+def test_long_context(device):
+    require_kernel("latent_attention", device)
+    L = 8192 if device == "cpu" else 32768
+    out, lse, truth, bound, _ = _run(device, [L, 3], 8, torch.bfloat16, True, 4, 2, 256, torch.bfloat16, 64, 64)
+    _check(out, lse, truth, bound, torch.bfloat16)
+
+
+def test_identity_rope_equals_absorbed_k(device):
+    """cos = 1, sin = 0 makes the RoPE path (K rebuilt per token) compute the
+    same function as the no-RoPE path (K absorbed into the query)."""
+    require_kernel("latent_attention", device)
+    g = torch.Generator().manual_seed(4)
+    d, r = 64, 96
+    pc = make_paged_cache([40, 9], r, 8, 16, generator=g)
+    w = make_weights(2, r, d, torch.float16, generator=g)
+    q = torch.randn(2, 4, d, generator=g)
+    common = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 8, 0.125]
+    common = [a.to(device) if isinstance(a, torch.Tensor) else a for a in common]
+    ones, zeros = torch.ones(64, d, device=device), torch.zeros(64, d, device=device)
+    a = qk.latent_attention(q.to(device), *common, ones, zeros)
+    b = qk.latent_attention(q.to(device), *common)
+    assert torch.allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(a[1], b[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_reconstruct_matches_reference(device, rope, wdtype, out_dtype):
+    require_kernel("latent_reconstruct_kv", device)
+    g = torch.Generator().manual_seed(5)
+    d, r, H_kv = 64, 130, 2
+    seq_lens = [23, 0, 70]
+    pc = make_paged_cache(seq_lens, r, 4, 16, generator=g)
+    w = make_weights(H_kv, r, d, wdtype, generator=g)
+    cos, sin = R.rope_tables(80, d) if rope else (None, None)
+    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 4, cos, sin]
+    k, v = qk.latent_reconstruct_kv(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args],
+                                    out_dtype=out_dtype)
+    want_dtype = out_dtype or (torch.float16 if wdtype == torch.int8 else wdtype)
+    assert k.dtype == want_dtype and k.shape == (sum(seq_lens), H_kv, d) and v.shape == k.shape
+    tk, tv = R.latent_reconstruct_kv_ref(*args, out_dtype=torch.float64)
+    bk, bv = latent_reconstruct_error_bound(*args, u=COMPUTE_ROUNDOFF[device])
+    assert_within(k.cpu(), tk, bk, want_dtype, "k")
+    assert_within(v.cpu(), tv, bv, want_dtype, "v")
+
+
+def test_reconstruct_all_empty(device):
+    require_kernel("latent_reconstruct_kv", device)
+    g = torch.Generator().manual_seed(6)
+    pc = make_paged_cache([0, 0], 32, 8, 16, generator=g)
+    w = make_weights(1, 32, 64, torch.float16, generator=g)
+    k, v = qk.latent_reconstruct_kv(*[a.to(device) for a in (pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens)],
+                                    *[x.to(device) if x is not None else None for x in w], 8)
+    assert k.shape == (0, 1, 64) and v.shape == (0, 1, 64)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_reconstruct_then_sdpa_equals_latent_attention(device, rope):
+    """The prefill bridge: K/V from latent_reconstruct_kv fed to plain SDPA
+    give the decode kernel's output (same numerics on both paths)."""
+    require_kernel("latent_attention", device)
+    require_kernel("latent_reconstruct_kv", device)
+    g = torch.Generator().manual_seed(7)
+    d, r, H, H_kv = 64, 96, 8, 2
+    seq_lens = [33, 5, 80]
+    pc = make_paged_cache(seq_lens, r, 8, 16, generator=g)
+    w = make_weights(H_kv, r, d, torch.float16, generator=g)
+    cos, sin = R.rope_tables(100, d) if rope else (None, None)
+    q = torch.randn(3, H, d, generator=g)
+    common = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 8]
+    common = [a.to(device) if isinstance(a, torch.Tensor) else a for a in common]
+    rope_args = [t.to(device) if t is not None else None for t in (cos, sin)]
+    out, lse = qk.latent_attention(q.to(device), *common, d**-0.5, *rope_args)
+    k, v = qk.latent_reconstruct_kv(*common, *rope_args, out_dtype=torch.float32)
+    start = 0
+    for b, L in enumerate(seq_lens):
+        kb = k[start : start + L].transpose(0, 1).repeat_interleave(H // H_kv, dim=0)  # [H, L, d]
+        vb = v[start : start + L].transpose(0, 1).repeat_interleave(H // H_kv, dim=0)
+        ref = F.scaled_dot_product_attention(q[b].to(device)[:, None, :], kb, vb, scale=d**-0.5)[:, 0]
+        assert torch.allclose(out[b], ref, rtol=1e-4, atol=1e-5), (b, (out[b] - ref).abs().max())
+        start += L

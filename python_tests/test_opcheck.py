@@ -1,0 +1,64 @@
+"""torch.library.opcheck on every op: schema (incl. mutation annotations),
+fake kernels, autograd registration and AOT dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from qsvd_kernels import reference as R
+
+from conftest import require_kernel
+from helpers import make_paged_cache, make_weights
+
+
+def _samples(device):
+    g = torch.Generator().manual_seed(0)
+    s = {}
+    x = torch.randn(3, 5, 96, generator=g).to(torch.bfloat16).to(device)
+    signs = (torch.randint(0, 2, (96,), generator=g).float() * 2 - 1).to(device)
+    s["hadamard_transform"] = [(x, None), (x.float(), signs)]
+    s["hadamard_quant"] = [(x, 8, 1.0, None), (x.half(), 4, 0.9, signs)]
+    a8 = torch.randint(-127, 128, (5, 64), dtype=torch.int8, generator=g)
+    b4 = R.pack_int4(torch.randint(-7, 8, (7, 64), dtype=torch.int8, generator=g))
+    sa, sb = torch.rand(5, generator=g), torch.rand(7, generator=g)
+    s["quant_gemm"] = [
+        tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in (a8, sa, b4, sb, 8, 4, torch.float16, None)),
+        tuple(t.to(device) if isinstance(t, torch.Tensor) else t
+              for t in (a8, sa, torch.randint(-127, 128, (7, 64), dtype=torch.int8, generator=g), sb, 8, 8,
+                        torch.float32, torch.randn(7, generator=g))),
+    ]
+    cache = torch.zeros(4, 16, 32, dtype=torch.int8, device=device)
+    scale = torch.zeros(4, 16, device=device)
+    cache4 = torch.zeros(4, 16, 16, dtype=torch.uint8, device=device)
+    c = torch.randn(5, 32, generator=g).to(device)
+    s["latent_cache_append"] = [
+        (c, torch.tensor([0, 3, -1, 17, 63], device=device), cache, scale, 8, 1.0),
+        (c.half(), torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32, device=device), cache4, scale.clone(), 4, 0.9),
+    ]
+    attn, recon = [], []
+    for bits, wdtype, rope in ((8, torch.float16, False), (4, torch.int8, True), (8, torch.bfloat16, True)):
+        pc = make_paged_cache([20, 0, 5], 32, bits, 16, generator=g, poison=False)
+        w = make_weights(2, 32, 64, wdtype, generator=g)
+        cos, sin = R.rope_tables(32, 64) if rope else (None, None)
+        common = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w]
+        common = [t.to(device) if isinstance(t, torch.Tensor) else t for t in common]
+        rope_args = tuple(t.to(device) if t is not None else None for t in (cos, sin))
+        q = torch.randn(3, 4, 64, generator=g).to(device)
+        attn.append((q, *common, bits, 0.125, *rope_args))
+        recon.append((*common, bits, *rope_args, None))
+    s["latent_attention"] = attn
+    s["latent_reconstruct_kv"] = recon
+    return s
+
+
+OPS = ["hadamard_transform", "hadamard_quant", "quant_gemm", "latent_cache_append", "latent_attention",
+       "latent_reconstruct_kv"]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(device, op):
+    require_kernel(op, device)
+    for args in _samples(device)[op]:
+        opcheck(getattr(torch.ops.qsvd, op).default, args)

@@ -1,0 +1,60 @@
+"""Fake (meta) kernels of every qsvd op, for torch.compile and FakeTensor.
+
+They compute output shapes and dtypes only, the same way the C++ kernels
+allocate their outputs. torch_bindings.cpp names this module
+(``set_python_module``), so tracing an op before it is imported fails with a
+message that says to import it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import register_fake
+
+__all__: list[str] = []
+
+
+@register_fake("qsvd::hadamard_transform")
+def _hadamard_transform_fake(x, signs=None):
+    return x.new_empty(x.shape)
+
+
+@register_fake("qsvd::hadamard_quant")
+def _hadamard_quant_fake(x, bits, clip_ratio=1.0, signs=None):
+    K = x.shape[-1]
+    codes = x.new_empty((*x.shape[:-1], K // 2 if bits == 4 else K), dtype=torch.uint8 if bits == 4 else torch.int8)
+    scale = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return codes, scale
+
+
+@register_fake("qsvd::quant_gemm")
+def _quant_gemm_fake(a, a_scale, b, b_scale, a_bits, b_bits, out_dtype, bias=None):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+@register_fake("qsvd::latent_cache_append")
+def _latent_cache_append_fake(c, slot_mapping, cache, cache_scale, bits, clip_ratio=1.0):
+    return None
+
+
+@register_fake("qsvd::latent_attention")
+def _latent_attention_fake(
+    q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, sm_scale,
+    rope_cos=None, rope_sin=None,
+):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@register_fake("qsvd::latent_reconstruct_kv")
+def _latent_reconstruct_kv_fake(
+    cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits,
+    rope_cos=None, rope_sin=None, out_dtype=None,
+):
+    # The row count is sum(seq_lens): data-dependent, so an unbacked size.
+    total = torch.library.get_ctx().new_dynamic_size()
+    if out_dtype is None:
+        out_dtype = torch.float16 if w_uk.dtype == torch.int8 else w_uk.dtype
+    H_kv, _, d = w_uk.shape
+    k = cache_scale.new_empty((total, H_kv, d), dtype=out_dtype)
+    v = cache_scale.new_empty((total, H_kv, d), dtype=out_dtype)
+    return k, v

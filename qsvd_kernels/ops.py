@@ -1,0 +1,188 @@
+"""Typed Python wrappers of ``torch.ops.qsvd.*``.
+
+The wrappers add signatures and documentation only: each one is a direct
+call of the registered op, so ``torch.compile``, ``opcheck`` and other
+frameworks see exactly the same thing. Shapes use docs/ops.md's names:
+``K`` reduced dim, ``B`` batch, ``H`` query heads, ``H_kv`` kv heads,
+``d`` head dim, ``r`` latent rank, ``T`` new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "hadamard_transform",
+    "hadamard_quant",
+    "quant_gemm",
+    "latent_cache_append",
+    "latent_attention",
+    "latent_reconstruct_kv",
+]
+
+
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised Walsh-Hadamard rotation of the last dimension.
+
+    Args:
+        x: ``[..., K]`` float16 / bfloat16 / float32. ``K`` is ``2^n`` or
+            ``m * 2^n`` with ``m`` in {12, 20, 28, 36} (40 * 2^n included),
+            at most 32768.
+        signs: optional ``[K]`` float32, multiplied into ``x`` first. +-1
+            values make the rotation a randomised Hadamard transform.
+
+    Returns:
+        ``(x * signs) @ H_K / sqrt(K)``: same shape and dtype as ``x``
+        (contiguous). Computed in fp32, rounded once to ``x``'s dtype.
+    """
+    return torch.ops.qsvd.hadamard_transform(x, signs)
+
+
+def hadamard_quant(
+    x: torch.Tensor, bits: int, clip_ratio: float = 1.0, signs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hadamard rotation fused with per-row symmetric quantization.
+
+    Args:
+        x: ``[..., K]`` float16 / bfloat16 / float32 (``K`` as in
+            :func:`hadamard_transform`; even for ``bits=4``).
+        bits: 8 (int8 codes in [-127, 127]) or 4 (packed INT4 in [-7, 7]).
+        clip_ratio: in (0, 1]; ``scale = clip_ratio * max|row| / qmax``.
+        signs: optional ``[K]`` float32, as in :func:`hadamard_transform`.
+
+    Returns:
+        ``codes``: int8 ``[..., K]`` or uint8 ``[..., K/2]`` (element ``2i``
+        in the low nibble); ``scale``: float32 ``[...]``. An all-zero row has
+        scale 0 and codes 0.
+    """
+    return torch.ops.qsvd.hadamard_quant(x, bits, clip_ratio, signs)
+
+
+def quant_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    a_bits: int,
+    b_bits: int,
+    out_dtype: torch.dtype = torch.float16,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantized GEMM with exact int32 accumulation and a dequantizing epilogue.
+
+    Args:
+        a: ``[M, K]`` int8 codes (``a_bits=8``) or ``[M, K/2]`` packed uint8
+            (``a_bits=4``): activations, one row per token.
+        a_scale: ``[M]`` float32, per row of ``a``.
+        b: ``[N, K]`` int8 or ``[N, K/2]`` packed uint8 (``b_bits``):
+            weights, one row per output channel (``F.linear`` layout).
+        b_scale: ``[N]`` float32, per row of ``b``.
+        out_dtype: float16, bfloat16 or float32.
+        bias: optional ``[N]`` in ``out_dtype``.
+
+    Returns:
+        ``[M, N]`` ``out_dtype``:
+        ``(sum_k a[m,k] b[n,k]) * a_scale[m] * b_scale[n] (+ bias[n])``.
+        ``K`` is at most 131072, so the int32 sums cannot overflow.
+    """
+    return torch.ops.qsvd.quant_gemm(a, a_scale, b, b_scale, a_bits, b_bits, out_dtype, bias)
+
+
+def latent_cache_append(
+    c: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cache: torch.Tensor,
+    cache_scale: torch.Tensor,
+    bits: int,
+    clip_ratio: float = 1.0,
+) -> None:
+    """Quantize latent rows per token and write them into the paged cache (in place).
+
+    Args:
+        c: ``[T, r]`` float16 / bfloat16 / float32 latent rows.
+        slot_mapping: ``[T]`` int64 or int32 flat slots
+            (``block * block_size + offset``); negative slots are skipped.
+            A slot past the cache raises before anything is written.
+        cache: ``[num_blocks, block_size, r]`` int8 (``bits=8``) or
+            ``[num_blocks, block_size, r/2]`` uint8 (``bits=4``), contiguous.
+        cache_scale: ``[num_blocks, block_size]`` float32, contiguous.
+        bits: 8 or 4.
+        clip_ratio: in (0, 1].
+
+    With duplicate slots, which row lands is unspecified.
+    """
+    torch.ops.qsvd.latent_cache_append(c, slot_mapping, cache, cache_scale, bits, clip_ratio)
+
+
+def latent_attention(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    cache_scale: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uk_scale: torch.Tensor | None,
+    w_uv: torch.Tensor,
+    w_uv_scale: torch.Tensor | None,
+    bits: int,
+    sm_scale: float,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over the quantized latent cache, up-projections inside.
+
+    Args:
+        q: ``[B, H, d]`` float16 / bfloat16 / float32, already rotated for its
+            own position.
+        cache, cache_scale: the paged latent cache (see
+            :func:`latent_cache_append`).
+        block_table: ``[B, max_blocks]`` int32; sequence ``b``'s token ``t``
+            is at block ``block_table[b, t // block_size]``.
+        seq_lens: ``[B]`` int32, tokens per sequence (0 allowed).
+        w_uk, w_uv: ``[H_kv, r, d]`` float16 / bfloat16, or int8 with
+            ``w_uk_scale`` / ``w_uv_scale`` ``[H_kv, d]`` float32. Query head
+            ``h`` uses kv head ``h // (H // H_kv)``.
+        bits: latent code width, 8 or 4.
+        sm_scale: softmax scale (usually ``d ** -0.5``).
+        rope_cos, rope_sin: ``[max_position, d]`` float32 LLaMA rotary tables
+            (see :func:`qsvd_kernels.reference.rope_tables`); token ``t`` is at
+            position ``t``. Omit both for layers without RoPE.
+
+    Returns:
+        ``out`` ``[B, H, d]`` in ``q``'s dtype and ``lse`` ``[B, H]`` float32
+        (natural log of the sum of exp of the scaled scores). An empty
+        sequence gives zeros and ``lse = -inf``.
+    """
+    return torch.ops.qsvd.latent_attention(
+        q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, sm_scale,
+        rope_cos, rope_sin,
+    )
+
+
+def latent_reconstruct_kv(
+    cache: torch.Tensor,
+    cache_scale: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uk_scale: torch.Tensor | None,
+    w_uv: torch.Tensor,
+    w_uv_scale: torch.Tensor | None,
+    bits: int,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialise K (RoPE-rotated when tables are given) and V from the latent cache.
+
+    Arguments as in :func:`latent_attention`. ``out_dtype`` defaults to the
+    weights' dtype, or float16 for int8 weights.
+
+    Returns:
+        ``k``, ``v``: ``[sum(seq_lens), H_kv, d]``, sequences packed in
+        batch order (varlen layout, ready for a dense attention kernel).
+    """
+    return torch.ops.qsvd.latent_reconstruct_kv(
+        cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin,
+        out_dtype,
+    )
