@@ -1,0 +1,126 @@
+"""Global rank allocation: rank the singular values of all layers together.
+
+Each layer keeps a prefix of its singular values (its top-r by sigma), so a
+layer's choice is its rank. Ranks move in units of ``align`` (kernel tiles
+like multiples of 16) between ``min_rank`` and the layer's largest aligned
+rank. The allocator maximises the total importance kept subject to the budget
+(budget.py): the gain of a block of ``align`` components is the sum of their
+scores, its cost the block's share of R1 or R2. Per layer, the blocks are
+merged along the upper concave envelope of the cumulative gain, so a cheap
+block is never skipped just because the one after it is better; all merged
+items of all layers are then taken best gain-per-cost first. The result
+spends the budget to within one block (exactly, when all layers cost the
+same), and is deterministic: ties break by layer then position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .budget import Budget, LayerDims
+
+
+def _aligned_max(d: LayerDims, align: int) -> int:
+    return (d.max_rank // align) * align
+
+
+def _check(dims, align, min_rank):
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    if min_rank < align or min_rank % align:
+        raise ValueError(f"min_rank must be a positive multiple of align ({align}), got {min_rank}")
+    for i, d in enumerate(dims):
+        if _aligned_max(d, align) < min_rank:
+            raise ValueError(f"layer {i}: its largest aligned rank {_aligned_max(d, align)} is below min_rank {min_rank}")
+
+
+def _limit_in_blocks(budget, dims, align, min_rank):
+    cost, limit = budget.rank_units(dims)
+    base = sum(c * min_rank for c in cost)
+    if base > limit * (1 + 1e-12):
+        ach = limit / base
+        raise ValueError(
+            f"the budget {budget.kind.upper()} = {budget.value:g} is below what the minimum rank allows "
+            f"(every layer at min_rank = {min_rank} already costs {1 / ach:.3g}x the budget)")
+    full = sum(c * _aligned_max(d, align) for c, d in zip(cost, dims))
+    if full <= limit:
+        raise ValueError(
+            f"the budget {budget.kind.upper()} = {budget.value:g} is at or above full rank for every layer: "
+            "nothing would be compressed")
+    return cost, limit - base
+
+
+def uniform_ranks(dims: list[LayerDims], budget: Budget, *, align: int = 16, min_rank: int | None = None) -> list[int]:
+    """The same rank for every layer (capped at each layer's largest aligned
+    rank): the largest multiple of ``align`` that fits the budget."""
+    min_rank = align if min_rank is None else min_rank
+    _check(dims, align, min_rank)
+    cost, room = _limit_in_blocks(budget, dims, align, min_rank)
+    r = min_rank
+    while True:
+        nxt = [min(r + align, _aligned_max(d, align)) for d in dims]
+        if nxt == [min(r, _aligned_max(d, align)) for d in dims]:
+            break
+        extra = sum(c * (n - min_rank) for c, n in zip(cost, nxt))
+        if extra > room * (1 + 1e-12):
+            break
+        r += align
+    return [min(r, _aligned_max(d, align)) for d in dims]
+
+
+def _envelope_items(gains: list[float]) -> list[tuple[int, int, float]]:
+    """Split a layer's block gains into consecutive groups along the upper
+    concave envelope of their prefix sums: (first block, count, mean gain)
+    with non-increasing mean gains."""
+    items: list[list[float]] = []  # [first, count, total]
+    for j, g in enumerate(gains):
+        items.append([j, 1, g])
+        while len(items) > 1 and items[-1][2] / items[-1][1] > items[-2][2] / items[-2][1]:
+            last = items.pop()
+            items[-1][1] += last[1]
+            items[-1][2] += last[2]
+    return [(int(f), int(n), t / n) for f, n, t in items]
+
+
+def allocate_ranks(scores: list[torch.Tensor], dims: list[LayerDims], budget: Budget, *, align: int = 16,
+                   min_rank: int | None = None) -> list[int]:
+    """Ranks per layer maximising the kept importance under ``budget``.
+
+    scores[l]: the importance of layer l's singular values, in sigma order
+    (scores.py), at least as long as the layer's largest aligned rank.
+    """
+    if len(scores) != len(dims):
+        raise ValueError(f"{len(scores)} score vectors for {len(dims)} layers")
+    min_rank = align if min_rank is None else min_rank
+    _check(dims, align, min_rank)
+    cost, room = _limit_in_blocks(budget, dims, align, min_rank)
+
+    candidates = []  # (-gain per cost, layer, first block, count)
+    for l, (s, d) in enumerate(zip(scores, dims)):
+        s = torch.as_tensor(s, dtype=torch.float64).flatten()
+        top = _aligned_max(d, align)
+        if s.numel() < top:
+            raise ValueError(f"layer {l}: {s.numel()} scores, but ranks up to {top} are possible")
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"layer {l}: scores contain NaN or Inf")
+        blocks = s[min_rank:top].reshape(-1, align).sum(1).tolist()
+        for first, count, mean_gain in _envelope_items(blocks):
+            candidates.append((-mean_gain / (cost[l] * align), l, first, count))
+    candidates.sort()
+
+    extra_blocks = [0] * len(dims)
+    next_block = [0] * len(dims)
+    for _, l, first, count in candidates:
+        if first != next_block[l]:  # an earlier item of this layer did not fit: keep the prefix
+            continue
+        block_cost = cost[l] * align
+        take = min(count, int(math.floor(room / block_cost * (1 + 1e-12))))
+        if take <= 0:
+            next_block[l] = -1
+            continue
+        extra_blocks[l] += take
+        room -= take * block_cost
+        next_block[l] = first + take if take == count else -1
+    return [min_rank + align * n for n in extra_blocks]

@@ -1,0 +1,117 @@
+"""Compression budgets: the paper's R1 / R2, generalised to grouped-query
+attention and to bit widths.
+
+For a layer with hidden size E and E_kv = H_kv d (E_kv = E for plain
+multi-head attention) at rank r:
+
+    weights   compressed  r (E + E + 2 E_kv)   [W_d: E x r, W_u: r x (E + 2 E_kv)]
+              original    E (E + 2 E_kv)       [W_q | W_k | W_v]
+    KV cache  compressed  r values per token   (the latent)
+              original    2 E_kv values per token
+
+    R1 = sum_l r_l (2 E + 2 E_kv) * w_bits      / sum_l E (E + 2 E_kv) * 16
+    R2 = sum_l r_l * latent_bits                / sum_l 2 E_kv * 16
+
+With E_kv = E these are the paper's R1 = 4 r / 3 E and R2 = r / 2 E (times
+bits / 16 when quantized: W8A8 at r = 0.75 E gives R1 = 50 %, R2 = 18.75 %).
+Bits default to 16 (an fp16 model), so a budget without quantization is a
+pure rank budget. ``cache_bytes_per_token`` also counts the per-token fp32
+scale that a quantized latent carries; R2 follows the paper and does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    """Shape of one attention layer's Q/K/V projection."""
+
+    hidden: int  # E
+    num_heads: int  # H
+    num_kv_heads: int  # H_kv
+    head_dim: int  # d
+
+    @property
+    def kv_dim(self) -> int:  # E_kv
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def out_dim(self) -> int:  # columns of [W_q | W_k | W_v]
+        return self.q_dim + 2 * self.kv_dim
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.hidden, self.out_dim)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A compression target: ``kind`` is "r1", "r2" or "mean_rank".
+
+    For "r1" and "r2", ``value`` is a fraction (0.15 for 15 %); for
+    "mean_rank" it is the mean rank over layers. ``w_bits`` and
+    ``latent_bits`` enter R1 and R2 as in the paper.
+    """
+
+    kind: str
+    value: float
+    w_bits: int = 16
+    latent_bits: int = 16
+
+    def __post_init__(self):
+        if self.kind not in ("r1", "r2", "mean_rank"):
+            raise ValueError(f"budget kind must be 'r1', 'r2' or 'mean_rank', got {self.kind!r}")
+        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0):
+            raise ValueError(f"budget value must be a positive finite number, got {self.value!r}")
+        if self.kind in ("r1", "r2") and self.value >= 1.0:
+            raise ValueError(f"{self.kind.upper()} = {self.value:.1%} compresses nothing: it must be below 100 %")
+        for name in ("w_bits", "latent_bits"):
+            if getattr(self, name) not in (4, 8, 16):
+                raise ValueError(f"{name} must be 4, 8 or 16, got {getattr(self, name)}")
+
+    def rank_units(self, dims: list[LayerDims]) -> tuple[list[float], float]:
+        """The budget as a linear constraint sum_l cost_l * r_l <= limit."""
+        if self.kind == "mean_rank":
+            return [1.0] * len(dims), self.value * len(dims)
+        if self.kind == "r1":
+            cost = [(2 * d.hidden + 2 * d.kv_dim) * self.w_bits for d in dims]
+            total = sum(d.hidden * d.out_dim * 16 for d in dims)
+        else:
+            cost = [float(self.latent_bits) for _ in dims]
+            total = sum(2 * d.kv_dim * 16 for d in dims)
+        return cost, self.value * total
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def achieved(ranks: list[int], dims: list[LayerDims], w_bits: int = 16, latent_bits: int = 16) -> dict:
+    """R1, R2, mean rank and bytes of an allocation."""
+    r1 = sum(r * (2 * d.hidden + 2 * d.kv_dim) for r, d in zip(ranks, dims)) * w_bits / (
+        sum(d.hidden * d.out_dim for d in dims) * 16)
+    r2 = sum(ranks) * latent_bits / (sum(2 * d.kv_dim for d in dims) * 16)
+    return {
+        "r1": r1,
+        "r2": r2,
+        "mean_rank": sum(ranks) / len(ranks),
+        "weight_bytes": sum(r * (2 * d.hidden + 2 * d.kv_dim) for r, d in zip(ranks, dims)) * w_bits / 8,
+        "original_weight_bytes_fp16": sum(d.hidden * d.out_dim for d in dims) * 2,
+        "cache_bytes_per_token": cache_bytes_per_token(ranks, latent_bits),
+        "original_cache_bytes_per_token_fp16": sum(2 * d.kv_dim for d in dims) * 2,
+    }
+
+
+def cache_bytes_per_token(ranks: list[int], latent_bits: int) -> float:
+    """Latent cache bytes per token over all layers, scales included."""
+    scale = 4 if latent_bits < 16 else 0
+    return sum(r * latent_bits / 8 + scale for r in ranks)

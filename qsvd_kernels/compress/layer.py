@@ -1,0 +1,184 @@
+"""One compressed attention layer: the factors, rotated and quantized, in the
+exact tensors the kernels take.
+
+Build path (``CompressedQKV.build``), from a JointSVD at rank r and beta:
+
+1. W_d, W_u = factors(r, beta)                     (svd.py)
+2. H2: a random orthogonal r x r, absorbed offline: W_d <- W_d H2, W_u <- H2^T W_u
+3. H1 (quantized settings): x is rotated online by hadamard_quant with
+   ±1 signs s, so W_d <- H_E^T diag(s) W_d offline (x W_d = (x s) H_E H_E^T (s W_d))
+4. weights quantized per output channel (MSE clip search), activations and
+   the latent per token at run time.
+
+Storage is in the ``b``-operand layout of quant_gemm (one row per output
+channel): ``wd`` [r, E] and ``wu`` [E_q + 2 E_kv, r], int8 codes (in [-7, 7]
+for 4-bit weights) with fp32 scales, or fp32 values when weights are not
+quantized. ``kernel_tensors()`` repacks them for the ops: INT4 GEMM operands
+packed two per byte, W_uk / W_uv per kv head [H_kv, r, d] with [H_kv, d]
+scales.
+
+``project(x)`` is the simulation of what the kernels compute (the same
+codes, bit for bit, and the same dequantization, in float64): the fidelity
+numbers of the pipeline are those of the kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import reference as R
+from .budget import LayerDims
+from .quant import QuantConfig, fake_quant_rows, quantize_weight_rows, random_orthogonal, random_signs
+from .svd import JointSVD
+
+
+@dataclass
+class CompressedQKV:
+    dims: LayerDims
+    rank: int
+    beta: float
+    quant: QuantConfig
+    seed: int
+    signs: torch.Tensor | None  # [E] fp32 (H1), None when activations are not quantized
+    wd: torch.Tensor  # [r, E]: int8 codes or fp32
+    wd_scale: torch.Tensor | None  # [r]
+    wu: torch.Tensor  # [out, r]
+    wu_scale: torch.Tensor | None  # [out]
+    bias: torch.Tensor | None  # [out] fp32
+
+    # ---------------------------------------------------------------- build
+    @classmethod
+    def build(cls, svd: JointSVD, rank: int, beta: float, quant: QuantConfig, seed: int) -> "CompressedQKV":
+        W_d, W_u = svd.factors(rank, beta)
+        H2 = random_orthogonal(rank, seed)
+        W_d, W_u = W_d @ H2, H2.T @ W_u
+        E = svd.dims.hidden
+        signs = None
+        if quant.a_bits < 16:
+            if not _hadamard_ok(E):
+                raise ValueError(f"hidden size {E} has no supported Hadamard transform (H1)")
+            signs = random_signs(E, seed + 1)
+            W_d = R.hadamard_matrix(E).T @ (signs.double()[:, None] * W_d)
+        wd, wu = W_d.T.contiguous(), W_u.T.contiguous()  # b layout
+        if quant.w_bits < 16:
+            wd, wd_scale = quantize_weight_rows(wd, quant.w_bits)
+            wu, wu_scale = quantize_weight_rows(wu, quant.w_bits)
+        else:
+            wd, wu = wd.float(), wu.float()
+            wd_scale = wu_scale = None
+        bias = svd.bias.float() if svd.bias is not None else None
+        return cls(svd.dims, rank, float(beta), quant, seed, signs, wd, wd_scale, wu, wu_scale, bias)
+
+    # ------------------------------------------------------------ forward
+    def _weight(self, codes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        w = codes.to(torch.float64)
+        return w * scale.to(torch.float64)[:, None] if scale is not None else w
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """c = x W_d as the kernels compute it (float64 result of exact int products)."""
+        q = self.quant
+        if q.a_bits < 16:
+            codes, scale = R.hadamard_quant_ref(x, q.a_bits, q.a_clip, self.signs)
+            xh = R.dequantize_rows_ref(codes, scale, q.a_bits)
+        else:
+            xh = x.to(torch.float64)
+        return xh @ self._weight(self.wd, self.wd_scale).T
+
+    def quantized_latent(self, c: torch.Tensor) -> torch.Tensor:
+        """The latent as the cache holds it (per-token quantized), float64."""
+        return fake_quant_rows(c.to(torch.float32), self.quant.latent_bits, self.quant.latent_clip).to(torch.float64) \
+            if self.quant.latent_bits < 16 else c
+
+    def project_cat(self, x: torch.Tensor) -> torch.Tensor:
+        """[q | k | v] for inputs x [..., E], float64."""
+        y = self.quantized_latent(self.latent(x)) @ self._weight(self.wu, self.wu_scale).T
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float64)
+        return y
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v) in x's dtype."""
+        y = self.project_cat(x).to(x.dtype)
+        d = self.dims
+        return y[..., : d.q_dim], y[..., d.q_dim : d.q_dim + d.kv_dim], y[..., d.q_dim + d.kv_dim :]
+
+    # ------------------------------------------------------------- packing
+    def kernel_tensors(self) -> dict[str, torch.Tensor]:
+        """The operands of the qsvd ops (quantized settings only).
+
+        - ``signs`` [E] fp32: hadamard_quant(x, a_bits, a_clip, signs)
+        - ``wd`` [r, E] int8 or [r, E/2] uint8 + ``wd_scale`` [r]: quant_gemm b operand (x -> c)
+        - ``wuq`` [E_q, r] (or packed) + ``wuq_scale``: quant_gemm b operand (c -> q)
+        - ``wuk``, ``wuv`` [H_kv, r, d] int8 + ``wuk_scale``, ``wuv_scale`` [H_kv, d]:
+          latent_attention / latent_reconstruct_kv weights
+        - ``bq``, ``bk``, ``bv`` fp32 biases when the layer has them. A K bias
+          adds the same q.b_k to every score and cancels in softmax; a V bias
+          adds b_v to the output (softmax weights sum to 1).
+        """
+        q = self.quant
+        if not (q.w_bits < 16 and q.a_bits < 16 and q.latent_bits < 16):
+            raise ValueError(f"the kernels need quantized weights, activations and latent; this layer is {q.name}")
+        d = self.dims
+        pack = (lambda t: R.pack_int4(t)) if q.w_bits == 4 else (lambda t: t)
+        out = {"signs": self.signs, "wd": pack(self.wd), "wd_scale": self.wd_scale,
+               "wuq": pack(self.wu[: d.q_dim].contiguous()), "wuq_scale": self.wu_scale[: d.q_dim].contiguous()}
+        for name, lo in (("wuk", d.q_dim), ("wuv", d.q_dim + d.kv_dim)):
+            w = self.wu[lo : lo + d.kv_dim]  # [E_kv, r]
+            out[name] = w.reshape(d.num_kv_heads, d.head_dim, self.rank).transpose(1, 2).contiguous()
+            out[name + "_scale"] = self.wu_scale[lo : lo + d.kv_dim].reshape(d.num_kv_heads, d.head_dim).contiguous()
+        if self.bias is not None:
+            out["bq"] = self.bias[: d.q_dim].contiguous()
+            out["bk"] = self.bias[d.q_dim : d.q_dim + d.kv_dim].contiguous()
+            out["bv"] = self.bias[d.q_dim + d.kv_dim :].contiguous()
+        return out
+
+    # --------------------------------------------------------- persistence
+    TENSOR_FIELDS = ("signs", "wd", "wd_scale", "wu", "wu_scale", "bias")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f: getattr(self, f) for f in self.TENSOR_FIELDS if getattr(self, f) is not None}
+
+    def meta(self) -> dict:
+        return {"dims": self.dims.to_dict(), "rank": self.rank, "beta": self.beta, "quant": self.quant.to_dict(),
+                "seed": self.seed}
+
+    @classmethod
+    def from_saved(cls, meta: dict, tensors: dict[str, torch.Tensor], where: str) -> "CompressedQKV":
+        """Rebuild from meta() and tensors(), checking every shape and dtype."""
+        try:
+            dims = LayerDims(**meta["dims"])
+            rank, quant = int(meta["rank"]), QuantConfig(**meta["quant"])
+            beta, seed = float(meta["beta"]), int(meta["seed"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: malformed layer config ({e})") from None
+        E, out = dims.hidden, dims.out_dim
+        wdt = torch.int8 if quant.w_bits < 16 else torch.float32
+        expect = {"wd": ((rank, E), wdt), "wu": ((out, rank), wdt)}
+        if quant.w_bits < 16:
+            expect.update(wd_scale=((rank,), torch.float32), wu_scale=((out,), torch.float32))
+        if quant.a_bits < 16:
+            expect["signs"] = ((E,), torch.float32)
+        for name, (shape, dtype) in expect.items():
+            t = tensors.get(name)
+            if t is None:
+                raise ValueError(f"{where}: tensor {name!r} is missing")
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"{where}: tensor {name!r} is {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
+        bias = tensors.get("bias")
+        if bias is not None and (tuple(bias.shape) != (out,) or bias.dtype != torch.float32):
+            raise ValueError(f"{where}: tensor 'bias' is {tuple(bias.shape)} {bias.dtype}, expected ({out},) float32")
+        extra = set(tensors) - set(expect) - {"bias"}
+        if extra:
+            raise ValueError(f"{where}: unexpected tensors {sorted(extra)}")
+        return cls(dims, rank, beta, quant, seed, tensors.get("signs"), tensors["wd"], tensors.get("wd_scale"),
+                   tensors["wu"], tensors.get("wu_scale"), bias)
+
+
+def _hadamard_ok(E: int) -> bool:
+    try:
+        R.hadamard_factorize(E)
+        return True
+    except ValueError:
+        return False
