@@ -52,6 +52,13 @@ def _limit_in_blocks(budget, dims, align, min_rank):
     return cost, limit - base
 
 
+def check_budget(dims: list[LayerDims], budget: Budget, align: int = 16, min_rank: int | None = None) -> None:
+    """ValueError unless some aligned ranks in [min_rank, max] meet ``budget``."""
+    min_rank = align if min_rank is None else min_rank
+    _check(dims, align, min_rank)
+    _limit_in_blocks(budget, dims, align, min_rank)
+
+
 def uniform_ranks(dims: list[LayerDims], budget: Budget, *, align: int = 16, min_rank: int | None = None) -> list[int]:
     """The same rank for every layer (capped at each layer's largest aligned
     rank): the largest multiple of ``align`` that fits the budget."""

@@ -34,6 +34,13 @@ class LayerDims:
     num_kv_heads: int  # H_kv
     head_dim: int  # d
 
+    def __post_init__(self):
+        for name in ("hidden", "num_heads", "num_kv_heads", "head_dim"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
     @property
     def kv_dim(self) -> int:  # E_kv
         return self.num_kv_heads * self.head_dim

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..integrations.sites import find_attention_sites
-from .allocate import allocate_ranks, uniform_ranks
+from .allocate import allocate_ranks, check_budget, uniform_ranks
 from .budget import Budget, LayerDims, achieved
 from .calibrate import collect_stats, importance_scores, tqdm
 from .layer import CompressedQKV
@@ -57,6 +57,9 @@ class CompressionConfig:
     latent_clip_grid: tuple = LATENT_CLIP_GRID
     seed: int = 0
     calib_rows: int = 2048  # input rows kept per layer for the beta search
+    # Fixed ranks per layer instead of an allocation (e.g. full rank for
+    # parity checks); the budget is then only reported, not enforced.
+    ranks: list | None = None
 
     def __post_init__(self):
         if self.allocation not in ("qsvd", "uniform"):
@@ -71,6 +74,7 @@ class CompressionConfig:
         d["budget"], d["quant"] = self.budget.to_dict(), self.quant.to_dict()
         d["beta_grid"] = list(self.beta_grid)
         d["latent_clip_grid"] = list(self.latent_clip_grid)
+        d["ranks"] = list(self.ranks) if self.ranks is not None else None
         return d
 
 
@@ -289,6 +293,12 @@ class Compressor:
         return self._scores[key][1]
 
     def ranks(self, config: CompressionConfig, loss_fn: Callable | None = None) -> tuple[list[int], list | None]:
+        if config.ranks is not None:
+            if len(config.ranks) != len(self.dims) or any(
+                    not 1 <= int(r) <= d.max_rank for r, d in zip(config.ranks, self.dims)):
+                raise ValueError(f"ranks must give one rank in [1, max rank] per layer ({len(self.dims)} layers, "
+                                 f"max ranks {[d.max_rank for d in self.dims]}), got {config.ranks}")
+            return [int(r) for r in config.ranks], None
         if config.allocation == "uniform":
             return uniform_ranks(self.dims, config.budget, align=config.align, min_rank=config.min_rank), None
         if loss_fn is None:
@@ -340,6 +350,9 @@ def compress_model(model: nn.Module, calibration: Iterable, config: CompressionC
         scores, which need ``loss_fn(model, batch) -> summed loss`` when
         ``config.allocation == "qsvd"``.
     """
+    if config.ranks is None:  # a budget the ranks cannot meet fails before any calibration work
+        dims = [s.dims for s in find_attention_sites(model)]
+        check_budget(dims, config.budget, config.align, config.min_rank)
     c = Compressor(model, calibration, calib_rows=config.calib_rows, seed=config.seed, progress=progress)
     if score_batches is not None and config.allocation == "qsvd" and loss_fn is not None:
         c.scores(loss_fn, config.whitening, config.alpha, batches=score_batches)

@@ -1,0 +1,124 @@
+"""One attention layer's decode step: QSVD on the qsvd ops against the
+uncompressed layer, on whatever device is present (``python -m qsvd_kernels bench``).
+
+QSVD step (per new token of each sequence): hadamard_quant -> quant_gemm
+(x -> c) -> latent_cache_append -> quant_gemm (c -> q) -> RoPE ->
+latent_attention -> o_proj. Baseline step: one [E, E + 2 E_kv] GEMM -> K/V
+written to a preallocated cache -> RoPE -> SDPA -> o_proj, in fp16 on a GPU
+(fp32 on the CPU, which has no fast fp16 GEMM). Weights are random: timing
+does not depend on them. The CPU kernels accumulate in float64 for
+accuracy, so CPU times say nothing about GPU kernel speed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from . import reference as R
+from .compress import LayerDims, QuantConfig
+from .compress.layer import CompressedQKV
+from .compress.svd import joint_svd
+from .compress.whitening import Whitening
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, steps, device):
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_decode_layer(hidden=1024, heads=16, kv_heads=16, rank=384, context=512, batch=1, quant="W8A8",
+                       device="cpu", steps=5, warmup=2) -> dict:
+    from .integrations.hf import LatentProjector, QSVDLatentLayer
+
+    dims = LayerDims(hidden, heads, kv_heads, hidden // heads)
+    d, H, H_kv = dims.head_dim, heads, kv_heads
+    q_cfg = QuantConfig.parse(quant)
+    g = torch.Generator().manual_seed(0)
+    W = [torch.randn(hidden, n, generator=g) / hidden**0.5 for n in (dims.q_dim, dims.kv_dim, dims.kv_dim)]
+    W_o = torch.randn(dims.q_dim, hidden, generator=g) / hidden**0.5
+    svd = joint_svd(*W, dims, Whitening("none"))
+    layer = CompressedQKV.build(svd, rank, 0.5, q_cfg, seed=0)
+    proj = LatentProjector(layer, "ops").to(device)
+    for name in ("quant_gemm", "latent_cache_append", "latent_attention", "hadamard_quant"):
+        from . import has_kernel
+
+        if not has_kernel(name, device):
+            raise NotImplementedError(f"qsvd.{name} has no {device} kernel in this build: the {device} layer bench "
+                                      "needs every op of the decode step")
+    total = context + warmup + steps + 1
+    cos, sin = R.rope_tables(total, d, device=device)
+    cache = QSVDLatentLayer(proj)
+    # Fill the context in chunks (prefill), then time single-token steps.
+    for s in range(0, context, 256):
+        n = min(256, context - s)
+        cache.append(torch.randn(batch, n, rank, device=device))
+    x = torch.randn(batch, hidden, device=device)
+    W_o_d = W_o.to(device)
+
+    def qsvd_step():
+        t = cache.length
+        c = proj.latent(x)
+        rep = cache.append(c[:, None])
+        q = proj.queries(rep).view(batch, H, d)
+        q = q * cos[t] + torch.cat((-q[..., d // 2:], q[..., : d // 2]), -1) * sin[t]
+        o, _ = ops.latent_attention(q, cache.pool, cache.pool_scale, cache.block_table, cache.seq_lens(), proj.wuk,
+                                    proj.wuk_scale, proj.wuv, proj.wuv_scale, cache.bits, d**-0.5, cos[: t + 1],
+                                    sin[: t + 1])
+        return o.reshape(batch, -1) @ W_o_d
+
+    dt = torch.float16 if device == "cuda" else torch.float32
+    W_qkv = torch.cat(W, 1).to(device, dt)
+    W_o_b = W_o.to(device, dt)
+    kv = torch.zeros(2, batch, H_kv, total, d, device=device, dtype=dt)
+    xb = x.to(dt)
+    state = {"t": context}
+
+    def base_step():
+        t = state["t"]
+        y = xb @ W_qkv
+        q = y[:, : dims.q_dim].view(batch, H, 1, d)
+        k = y[:, dims.q_dim : dims.q_dim + dims.kv_dim].view(batch, H_kv, 1, d)
+        c_, s_ = cos[t].to(dt), sin[t].to(dt)
+        rot = lambda z: z * c_ + torch.cat((-z[..., d // 2:], z[..., : d // 2]), -1) * s_  # noqa: E731
+        kv[0, :, :, t : t + 1] = rot(k)
+        kv[1, :, :, t : t + 1] = y[:, dims.q_dim + dims.kv_dim :].view(batch, H_kv, 1, d)
+        state["t"] = t + 1
+        o = F.scaled_dot_product_attention(rot(q), kv[0, :, :, : t + 1], kv[1, :, :, : t + 1], enable_gqa=H != H_kv)
+        return o.reshape(batch, -1) @ W_o_b
+
+    for _ in range(warmup):
+        qsvd_step()
+        base_step()
+    t_qsvd = _median_time(qsvd_step, steps, device)
+    t_base = _median_time(base_step, steps, device)
+    kv_qsvd = rank * q_cfg.latent_bits / 8 + 4
+    kv_base = 2 * dims.kv_dim * 2
+    return {
+        "device": device if device == "cpu" else torch.cuda.get_device_name(),
+        "shape": {"hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": d, "rank": rank,
+                  "context": context, "batch": batch, "quant": q_cfg.name},
+        "qsvd_step_ms": t_qsvd * 1e3,
+        "baseline_step_ms": t_base * 1e3,
+        "baseline_dtype": str(dt),
+        "time_ratio_qsvd_over_baseline": t_qsvd / t_base,
+        "kv_bytes_per_token_qsvd": kv_qsvd,
+        "kv_bytes_per_token_fp16": kv_base,
+        "kv_bytes_ratio": kv_qsvd / kv_base,
+        "note": "CPU kernels accumulate in float64 (accuracy first); CPU times are not a GPU speed claim"
+        if device == "cpu" else "",
+    }

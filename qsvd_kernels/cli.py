@@ -1,0 +1,215 @@
+"""``python -m qsvd_kernels <command>``: compress, eval, bench, demo, info.
+
+    python -m qsvd_kernels compress --model minilm --budget r2=0.3 --quant W8A4 --out minilm-qsvd
+    python -m qsvd_kernels eval --model minilm --artefact minilm-qsvd
+    python -m qsvd_kernels bench --hidden 1024 --rank 384 --context 512
+    python -m qsvd_kernels demo
+
+Models: ``minilm`` (real all-MiniLM-L6-v2, offline), ``tiny-llama`` (small
+LLaMA with seeded random weights), or a local Hugging Face model directory.
+Errors in the arguments, the model or the artefact print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def _parse_budget(text: str):
+    from .compress import Budget
+
+    kind, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"--budget must look like r2=0.3, r1=0.5 or mean_rank=128, got {text!r}")
+    value = value.strip()
+    v = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    return Budget(kind.strip().lower(), v)
+
+
+def cmd_compress(args, out=print) -> int:
+    from . import compress as qc
+    from .integrations import models as M
+    from .integrations import sentence as S
+
+    model, tok, kind = M.load_model(args.model, args.seed)
+    sentences = None
+    if args.calib_file:
+        with open(args.calib_file, encoding="utf-8") as f:
+            sentences = [l.strip() for l in f if l.strip()]
+        if len(sentences) < 32:
+            raise ValueError(f"--calib-file has {len(sentences)} samples; at least 32 are needed")
+    calib, _, calib_info = M.calibration_data(model, tok, kind, args.calib_samples, seq_len=args.seq_len,
+                                              seed=args.seed, sentences=sentences)
+    quant = qc.QuantConfig.parse(args.quant)
+    budget = _parse_budget(args.budget)
+    config = qc.CompressionConfig(budget, quant, whitening=args.whitening, allocation=args.allocation,
+                                  align=args.align, seed=args.seed)
+    loss = qc.random_projection_loss(S.pooled_embedding, args.seed) if args.model == "minilm" else \
+        M.default_loss(kind, args.seed)
+    t0 = time.time()
+    cm = qc.compress_model(model, calib, config, loss_fn=loss if args.allocation == "qsvd" else None,
+                           progress=not args.quiet)
+    cm.info["model"] = {"name": args.model, "kind": kind, "class": type(model).__name__}
+    cm.info["calibration"] = calib_info
+    cm.save(args.out)
+    plot = qc.plot_allocation(cm, os.path.join(args.out, "ranks.png"))
+    a = cm.info["achieved"]
+    out(f"compressed {len(cm.layers)} attention layers of {args.model} in {time.time() - t0:.1f} s -> {args.out}")
+    out(f"  ranks {cm.ranks}")
+    out(f"  betas {cm.betas}")
+    out(f"  R1 {a['r1']:.1%}  R2 {a['r2']:.1%}  ({quant.name}; R1/R2 as in the paper, bits included)")
+    out(f"  KV cache {a['cache_bytes_per_token']:.0f} B/token vs fp16 {a['original_cache_bytes_per_token_fp16']} B/token")
+    out(f"  plot {plot}")
+    return 0
+
+
+def _sentence_eval(model, tok, cm, backend, sentences):
+    from .integrations import hf
+    from .integrations import sentence as S
+
+    ref = S.embed(model, tok, sentences)
+    import copy
+
+    m2 = copy.deepcopy(model)
+    hf.apply_qsvd(m2, cm, backend=backend)
+    return S.fidelity(ref, S.embed(m2, tok, sentences))
+
+
+def _causal_eval(model, cm, backend, batches, new_tokens=16):
+    import copy
+
+    from .integrations import hf
+
+    m2 = hf.apply_qsvd(copy.deepcopy(model), cm, backend=backend)
+    agree, kl, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            p = torch.log_softmax(model(**b).logits.float(), -1)
+            q = torch.log_softmax(m2(**b).logits.float(), -1)
+            agree += float((p.argmax(-1) == q.argmax(-1)).float().sum())
+            kl += float((p.exp() * (p - q)).sum())
+            n += p.shape[0] * p.shape[1]
+        prompt = batches[0]["input_ids"][:1, :8]
+        ref = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+        got, cache = hf.generate(m2, prompt, max_new_tokens=new_tokens, do_sample=False)
+    return {"next_token_agreement": agree / n, "mean_kl": kl / n,
+            "greedy_match": float((got[0, 8:] == ref[0, 8:]).float().mean()),
+            "cache_bytes_per_token": cache.token_nbytes(), "fp16_kv_bytes_per_token": cache.fp16_kv_token_nbytes()}
+
+
+def _backend_for(cm, requested):
+    if requested != "auto":
+        return requested
+    q = cm.layers[0].quant
+    return "ops" if max(q.w_bits, q.a_bits, q.latent_bits) < 16 else "torch"
+
+
+def cmd_eval(args, out=print) -> int:
+    from .compress import CompressedModel
+    from .integrations import models as M
+
+    cm = CompressedModel.load(args.artefact)
+    model, tok, kind = M.load_model(args.model, args.seed)
+    calib_info = cm.info.get("calibration", {})
+    backend = _backend_for(cm, args.backend)
+    _, held_out, _ = M.calibration_data(model, tok, kind, calib_info.get("n", 256) if tok is not None else 32,
+                                        seq_len=calib_info.get("seq_len", 64), seed=calib_info.get("seed", 0))
+    if kind == "encoder":
+        res = _sentence_eval(model, tok, cm, backend, held_out[: args.eval_samples])
+    else:
+        batches = held_out if tok is None else M.text_batches(tok, held_out[: args.eval_samples], 16)
+        res = _causal_eval(model, cm, backend, batches)
+    a = cm.info.get("achieved", {})
+    res.update({"r1": a.get("r1"), "r2": a.get("r2"), "ranks": cm.ranks, "backend": backend,
+                "weight_bytes": a.get("weight_bytes"), "original_weight_bytes_fp16": a.get("original_weight_bytes_fp16")})
+    out(json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_bench(args, out=print) -> int:
+    from .bench_layer import bench_decode_layer
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    res = bench_decode_layer(hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads or args.heads, rank=args.rank,
+                             context=args.context, batch=args.batch, quant=args.quant, device=device,
+                             steps=args.steps)
+    out(json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_demo(args, out=print) -> int:
+    from .demo import run_demo
+
+    run_demo(out=out, plot_dir=args.out)
+    return 0
+
+
+def cmd_info(args, out=print) -> int:
+    from . import build_info
+
+    out(json.dumps(build_info(), indent=2))
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m qsvd_kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model's attention into an artefact")
+    c.add_argument("--model", required=True, help="minilm, tiny-llama, or a local Hugging Face model directory")
+    c.add_argument("--out", required=True, help="artefact directory to write")
+    c.add_argument("--budget", default="r2=0.3", help="r1=F, r2=F (fractions or percents) or mean_rank=N")
+    c.add_argument("--quant", default="W8A8", help="fp, W8A8, W8A4 or W4A4")
+    c.add_argument("--allocation", default="qsvd", choices=["qsvd", "uniform"])
+    c.add_argument("--whitening", default="cholesky", choices=["cholesky", "diag", "none"])
+    c.add_argument("--align", type=int, default=16)
+    c.add_argument("--calib-samples", type=int, default=256)
+    c.add_argument("--calib-file", help="text file, one calibration sample per line (default: built-in sentences)")
+    c.add_argument("--seq-len", type=int, default=64, help="calibration length for models without a tokenizer")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=cmd_compress)
+
+    e = sub.add_parser("eval", help="fidelity and size of an artefact against its original model")
+    e.add_argument("--model", required=True)
+    e.add_argument("--artefact", required=True)
+    e.add_argument("--backend", default="auto", choices=["auto", "ops", "torch"])
+    e.add_argument("--eval-samples", type=int, default=384)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(fn=cmd_eval)
+
+    b = sub.add_parser("bench", help="one compressed layer's decode step against the fp16 layer")
+    b.add_argument("--hidden", type=int, default=1024)
+    b.add_argument("--heads", type=int, default=16)
+    b.add_argument("--kv-heads", type=int, default=None, help="default: --heads (multi-head attention)")
+    b.add_argument("--rank", type=int, default=384)
+    b.add_argument("--context", type=int, default=512)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--quant", default="W8A8")
+    b.add_argument("--steps", type=int, default=5)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.set_defaults(fn=cmd_bench)
+
+    d = sub.add_parser("demo", help="the offline demo: MiniLM compression + tiny LLaMA generation")
+    d.add_argument("--out", default="qsvd_demo", help="where to write the rank-allocation plot")
+    d.set_defaults(fn=cmd_demo)
+
+    i = sub.add_parser("info", help="what this installation was built with (JSON)")
+    i.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, ImportError, NotImplementedError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
