@@ -62,7 +62,7 @@ def run(quick: bool = False, threads: int | None = None, log=print) -> dict:
     r2s = (0.225, 0.30) if quick else (0.15, 0.225, 0.30)
     settings = ("W8A4", "W4A4") if quick else ("W8A8", "W8A4", "W4A4")
     for r2 in r2s:
-        budget = qc.Budget("r2", r2)
+        budget = qc.Budget("r2", r2, w_bits=16, latent_bits=16)  # a rank budget: same ranks for every setting
         rows = {}
         cm = comp.compress(qc.CompressionConfig(budget), loss)
         rows["qsvd"] = (fid(cm), cm)

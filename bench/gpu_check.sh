@@ -12,7 +12,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0
 # Outputs (also copied to $OUT when set):
-#   bench/results/<gpu>-<date>.json, .md (roofline table), -sanitizer.log, -tests.log
+#   bench/results/<gpu>-<date>.json, .md (roofline table), -sanitizer.log, -tests.log,
+#   capacity-<gpu>-<date>.json/.md; README.md's performance section is regenerated.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK="${QUICK:-0}"
@@ -60,10 +61,18 @@ else
 fi
 
 log "benchmarks"
-if [ "$QUICK" = 1 ]; then sel=(-k "cuda and (4096x4096 or 16x4096)"); else sel=(-k cuda); fi
+if [ "$QUICK" = 1 ]; then
+  export QSVD_BENCH_QUICK=1
+  sel=(-k "cuda and (4096x4096 or 16x4096 or decode)")
+else
+  sel=(-k cuda)
+fi
 "$PY" -m pytest bench -q -p no:cacheprovider "${sel[@]}" --benchmark-json="${res}.json" --benchmark-columns=median \
   2>&1 | tail -15 || status=1
 [ -f "${res}.json" ] && "$PY" bench/summarize.py "${res}.json" > "${res}.md" && cat "${res}.md"
+log "capacity under a 12 GiB budget, with measured throughput"
+"$PY" bench/capacity.py --measure --out "bench/results/capacity-${gpu}-${stamp}" | tail -12 || status=1
+"$PY" bench/update_readme.py || status=1
 
 if [ -n "${OUT:-}" ]; then cp "${res}"* "$OUT"/ 2>/dev/null; fi
 log "done (status $status)"

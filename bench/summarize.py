@@ -23,7 +23,7 @@ def main(path: str) -> str:
     for b in data["benchmarks"]:
         info = b.get("extra_info", {})
         impl = info.get("impl", "qsvd")
-        key = re.sub(r"-?(qsvd|torch_[a-z_]+)-?", "-", b["name"])  # the case without the impl
+        key = re.sub(r"-?(qsvd|torch_[a-z0-9_]+)-?", "-", b["name"])  # the case without the impl
         groups[key][impl] = info.get("median_s") or b["stats"]["median"]
         rows.append((b["name"], info))
     commit = data.get("commit_info", {}).get("id") or subprocess.run(
@@ -36,7 +36,7 @@ def main(path: str) -> str:
            "| benchmark | median (us) | bytes | GB/s | HBM peak | TOPS | INT8 peak | qsvd time / baseline time |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, info in rows:
-        key = re.sub(r"-?(qsvd|torch_[a-z_]+)-?", "-", name)
+        key = re.sub(r"-?(qsvd|torch_[a-z0-9_]+)-?", "-", name)
         ratio = ""
         if info.get("impl", "qsvd") == "qsvd":
             base = {k: v for k, v in groups[key].items() if k != "qsvd"}
@@ -46,7 +46,34 @@ def main(path: str) -> str:
                    f"{fmt(info.get('gbps'), '{:.1f}')} | {fmt(info.get('peak_hbm_frac'), '{:.1%}')} | "
                    f"{fmt(info.get('tops') if info.get('flops') else None, '{:.1f}')} | "
                    f"{fmt(info.get('peak_int8_frac'), '{:.1%}')} | {ratio} |")
+    out += crossover_table(data["benchmarks"])
     return "\n".join(out) + "\n"
+
+
+def crossover_table(benchmarks) -> list[str]:
+    """For the decode-step benchmark: per (device, context, batch, quant), the
+    largest rank at which the QSVD step is faster than the fp16 step."""
+    times = defaultdict(dict)
+    for b in benchmarks:
+        i = b.get("extra_info", {})
+        if "rank" not in i or "context" not in i:
+            continue
+        times[(i["device"], i["context"], i["batch"], i["quant"], i["rank"])][i["impl"]] = i["median_s"]
+    rows = defaultdict(list)
+    for (dev, L, B, q, r), t in times.items():
+        if "qsvd" in t and "torch_fp16" in t:
+            rows[(dev, L, B, q)].append((r, t["qsvd"] / t["torch_fp16"]))
+    if not rows:
+        return []
+    out = ["", "## Decode step: where QSVD stops beating fp16", "",
+           "| device | context | batch | quant | time ratio qsvd/fp16 by rank | faster up to rank |",
+           "| --- | ---: | ---: | --- | --- | --- |"]
+    for (dev, L, B, q), lst in sorted(rows.items()):
+        lst.sort()
+        faster = [r for r, ratio in lst if ratio < 1]
+        ratios = ", ".join(f"r{r}: {ratio:.2f}" for r, ratio in lst)
+        out.append(f"| {dev} | {L} | {B} | {q} | {ratios} | {max(faster) if faster else 'none measured'} |")
+    return out
 
 
 if __name__ == "__main__":

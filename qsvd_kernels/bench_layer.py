@@ -21,7 +21,7 @@ from . import ops
 from . import reference as R
 from .compress import LayerDims, QuantConfig
 from .compress.layer import CompressedQKV
-from .compress.svd import joint_svd
+from .compress.svd import JointSVD
 from .compress.whitening import Whitening
 
 
@@ -41,34 +41,40 @@ def _median_time(fn, steps, device):
     return sorted(times)[len(times) // 2]
 
 
-def bench_decode_layer(hidden=1024, heads=16, kv_heads=16, rank=384, context=512, batch=1, quant="W8A8",
-                       device="cpu", steps=5, warmup=2) -> dict:
+def make_decode_steps(hidden=1024, heads=16, kv_heads=16, rank=384, context=512, batch=1, quant="W8A8",
+                      device="cpu", max_steps=64):
+    """Two step functions over a context of ``context`` tokens per sequence:
+    (qsvd_step, baseline_step, meta). Each call decodes one more token."""
+    from . import has_kernel
     from .integrations.hf import LatentProjector, QSVDLatentLayer
 
+    for name in ("quant_gemm", "latent_cache_append", "latent_attention", "hadamard_quant"):
+        if not has_kernel(name, device):
+            raise NotImplementedError(f"qsvd.{name} has no {device} kernel in this build: the {device} layer bench "
+                                      "needs every op of the decode step")
     dims = LayerDims(hidden, heads, kv_heads, hidden // heads)
     d, H, H_kv = dims.head_dim, heads, kv_heads
     q_cfg = QuantConfig.parse(quant)
     g = torch.Generator().manual_seed(0)
-    W = [torch.randn(hidden, n, generator=g) / hidden**0.5 for n in (dims.q_dim, dims.kv_dim, dims.kv_dim)]
-    W_o = torch.randn(dims.q_dim, hidden, generator=g) / hidden**0.5
-    svd = joint_svd(*W, dims, Whitening("none"))
+    # Random orthonormal factors stand in for an SVD (timing does not depend
+    # on the values, and a 7B-sized SVD would dominate the setup).
+    U, _ = torch.linalg.qr(torch.randn(hidden, rank, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(dims.out_dim, rank, generator=g, dtype=torch.float64))
+    svd = JointSVD(dims, Whitening("none"), U, torch.ones(rank, dtype=torch.float64), V.T.contiguous(), None, None)
     layer = CompressedQKV.build(svd, rank, 0.5, q_cfg, seed=0)
+    W = [U @ V.T[:, lo:hi] for lo, hi in ((0, dims.q_dim), (dims.q_dim, dims.q_dim + dims.kv_dim),
+                                         (dims.q_dim + dims.kv_dim, dims.out_dim))]
+    W_o = torch.randn(dims.q_dim, hidden, generator=g) / hidden**0.5
     proj = LatentProjector(layer, "ops").to(device)
-    for name in ("quant_gemm", "latent_cache_append", "latent_attention", "hadamard_quant"):
-        from . import has_kernel
-
-        if not has_kernel(name, device):
-            raise NotImplementedError(f"qsvd.{name} has no {device} kernel in this build: the {device} layer bench "
-                                      "needs every op of the decode step")
-    total = context + warmup + steps + 1
+    total = context + max_steps + 1
     cos, sin = R.rope_tables(total, d, device=device)
     cache = QSVDLatentLayer(proj)
-    # Fill the context in chunks (prefill), then time single-token steps.
-    for s in range(0, context, 256):
-        n = min(256, context - s)
+    for s in range(0, context, 1024):  # the context, written as prefill chunks
+        n = min(1024, context - s)
         cache.append(torch.randn(batch, n, rank, device=device))
     x = torch.randn(batch, hidden, device=device)
-    W_o_d = W_o.to(device)
+    dt = torch.float16 if device == "cuda" else torch.float32
+    W_o_q = W_o.to(device, dt)
 
     def qsvd_step():
         t = cache.length
@@ -76,14 +82,12 @@ def bench_decode_layer(hidden=1024, heads=16, kv_heads=16, rank=384, context=512
         rep = cache.append(c[:, None])
         q = proj.queries(rep).view(batch, H, d)
         q = q * cos[t] + torch.cat((-q[..., d // 2:], q[..., : d // 2]), -1) * sin[t]
-        o, _ = ops.latent_attention(q, cache.pool, cache.pool_scale, cache.block_table, cache.seq_lens(), proj.wuk,
-                                    proj.wuk_scale, proj.wuv, proj.wuv_scale, cache.bits, d**-0.5, cos[: t + 1],
-                                    sin[: t + 1])
-        return o.reshape(batch, -1) @ W_o_d
+        o, _ = ops.latent_attention(q.to(dt), cache.pool, cache.pool_scale, cache.block_table, cache.seq_lens(),
+                                    proj.wuk, proj.wuk_scale, proj.wuv, proj.wuv_scale, cache.bits, d**-0.5,
+                                    cos[: t + 1], sin[: t + 1])
+        return o.reshape(batch, -1) @ W_o_q
 
-    dt = torch.float16 if device == "cuda" else torch.float32
-    W_qkv = torch.cat(W, 1).to(device, dt)
-    W_o_b = W_o.to(device, dt)
+    W_qkv = torch.cat(W, 1).to(device, dt)  # the uncompressed layer
     kv = torch.zeros(2, batch, H_kv, total, d, device=device, dtype=dt)
     xb = x.to(dt)
     state = {"t": context}
@@ -99,26 +103,35 @@ def bench_decode_layer(hidden=1024, heads=16, kv_heads=16, rank=384, context=512
         kv[1, :, :, t : t + 1] = y[:, dims.q_dim + dims.kv_dim :].view(batch, H_kv, 1, d)
         state["t"] = t + 1
         o = F.scaled_dot_product_attention(rot(q), kv[0, :, :, : t + 1], kv[1, :, :, : t + 1], enable_gqa=H != H_kv)
-        return o.reshape(batch, -1) @ W_o_b
+        return o.reshape(batch, -1) @ W_o_q
 
+    meta = {"dims": dims, "quant": q_cfg, "baseline_dtype": str(dt),
+            "kv_bytes_per_token_qsvd": rank * q_cfg.latent_bits / 8 + 4,
+            "kv_bytes_per_token_fp16": 2 * dims.kv_dim * 2}
+    return qsvd_step, base_step, meta
+
+
+def bench_decode_layer(hidden=1024, heads=16, kv_heads=16, rank=384, context=512, batch=1, quant="W8A8",
+                       device="cpu", steps=5, warmup=2) -> dict:
+    qsvd_step, base_step, meta = make_decode_steps(hidden, heads, kv_heads, rank, context, batch, quant, device,
+                                                   max_steps=2 * (steps + warmup))
     for _ in range(warmup):
         qsvd_step()
         base_step()
     t_qsvd = _median_time(qsvd_step, steps, device)
     t_base = _median_time(base_step, steps, device)
-    kv_qsvd = rank * q_cfg.latent_bits / 8 + 4
-    kv_base = 2 * dims.kv_dim * 2
+    dims = meta["dims"]
     return {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
-        "shape": {"hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": d, "rank": rank,
-                  "context": context, "batch": batch, "quant": q_cfg.name},
+        "shape": {"hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": dims.head_dim, "rank": rank,
+                  "context": context, "batch": batch, "quant": meta["quant"].name},
         "qsvd_step_ms": t_qsvd * 1e3,
         "baseline_step_ms": t_base * 1e3,
-        "baseline_dtype": str(dt),
+        "baseline_dtype": meta["baseline_dtype"],
         "time_ratio_qsvd_over_baseline": t_qsvd / t_base,
-        "kv_bytes_per_token_qsvd": kv_qsvd,
-        "kv_bytes_per_token_fp16": kv_base,
-        "kv_bytes_ratio": kv_qsvd / kv_base,
+        "kv_bytes_per_token_qsvd": meta["kv_bytes_per_token_qsvd"],
+        "kv_bytes_per_token_fp16": meta["kv_bytes_per_token_fp16"],
+        "kv_bytes_ratio": meta["kv_bytes_per_token_qsvd"] / meta["kv_bytes_per_token_fp16"],
         "note": "CPU kernels accumulate in float64 (accuracy first); CPU times are not a GPU speed claim"
         if device == "cpu" else "",
     }

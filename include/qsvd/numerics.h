@@ -12,6 +12,12 @@
 
 #include "qsvd/config.h"
 
+// Fast math flushes denormals and fuses operations even inside __fmul_rn /
+// __fdiv_rn; the bit-exact CPU/GPU contract would silently break.
+#if defined(__USE_FAST_MATH__)
+#error "qsvd-kernels must not be compiled with --use_fast_math (or -ftz=true)"
+#endif
+
 namespace qsvd {
 
 // Symmetric code range [-qmax, qmax]. -128 (INT8) and -8 (INT4) are never produced.

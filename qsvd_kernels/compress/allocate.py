@@ -5,12 +5,17 @@ layer's choice is its rank. Ranks move in units of ``align`` (kernel tiles
 like multiples of 16) between ``min_rank`` and the layer's largest aligned
 rank. The allocator maximises the total importance kept subject to the budget
 (budget.py): the gain of a block of ``align`` components is the sum of their
-scores, its cost the block's share of R1 or R2. Per layer, the blocks are
-merged along the upper concave envelope of the cumulative gain, so a cheap
-block is never skipped just because the one after it is better; all merged
-items of all layers are then taken best gain-per-cost first. The result
-spends the budget to within one block (exactly, when all layers cost the
-same), and is deterministic: ties break by layer then position.
+scores, its cost the block's share of R1 or R2.
+
+- When every layer's block costs the same (R2 and mean-rank budgets, and R1
+  over identical layers) this is solved exactly by dynamic programming over
+  the number of blocks, and the budget is spent to the last whole block.
+- Otherwise (R1 over layers of different widths) a greedy pass takes, best
+  gain-per-cost first, the groups of blocks along each layer's upper concave
+  envelope of cumulative gain (so a cheap block is never skipped just because
+  the one after it is better); it stops within one block of the budget.
+
+Deterministic: ties break by layer, then position.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ def allocate_ranks(scores: list[torch.Tensor], dims: list[LayerDims], budget: Bu
     _check(dims, align, min_rank)
     cost, room = _limit_in_blocks(budget, dims, align, min_rank)
 
-    candidates = []  # (-gain per cost, layer, first block, count)
+    blocks_of = []
     for l, (s, d) in enumerate(zip(scores, dims)):
         s = torch.as_tensor(s, dtype=torch.float64).flatten()
         top = _aligned_max(d, align)
@@ -112,8 +117,14 @@ def allocate_ranks(scores: list[torch.Tensor], dims: list[LayerDims], budget: Bu
             raise ValueError(f"layer {l}: {s.numel()} scores, but ranks up to {top} are possible")
         if not bool(torch.isfinite(s).all()):
             raise ValueError(f"layer {l}: scores contain NaN or Inf")
-        blocks = s[min_rank:top].reshape(-1, align).sum(1).tolist()
-        for first, count, mean_gain in _envelope_items(blocks):
+        blocks_of.append(s[min_rank:top].reshape(-1, align).sum(1))
+    if all(c == cost[0] for c in cost):
+        units = int(math.floor(room / (cost[0] * align) * (1 + 1e-12)))
+        return [min_rank + align * n for n in _exact_blocks(blocks_of, units)]
+
+    candidates = []  # (-gain per cost, layer, first block, count)
+    for l, blocks in enumerate(blocks_of):
+        for first, count, mean_gain in _envelope_items(blocks.tolist()):
             candidates.append((-mean_gain / (cost[l] * align), l, first, count))
     candidates.sort()
 
@@ -131,3 +142,35 @@ def allocate_ranks(scores: list[torch.Tensor], dims: list[LayerDims], budget: Bu
         room -= take * block_cost
         next_block[l] = first + take if take == count else -1
     return [min_rank + align * n for n in extra_blocks]
+
+
+def _exact_blocks(blocks_of: list[torch.Tensor], units: int) -> list[int]:
+    """Blocks per layer (a prefix each) maximising the summed gain with at most
+    ``units`` blocks in all: a multiple-choice knapsack with unit costs,
+    solved by dynamic programming over the blocks spent so far.
+    Gains are non-negative, so the optimum spends every block it can."""
+    best = torch.full((units + 1,), -math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    choices = []
+    for gains in blocks_of:
+        G = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(gains, 0)])  # gain of the first j blocks
+        new = torch.full_like(best, -math.inf)
+        pick = torch.zeros(units + 1, dtype=torch.long)
+        for j in range(min(len(G) - 1, units) + 1):
+            cand = torch.full_like(best, -math.inf)
+            cand[j:] = best[: units + 1 - j] + G[j]
+            better = cand > new  # strict: ties keep the smaller j (deterministic)
+            new = torch.where(better, cand, new)
+            pick = torch.where(better, torch.full_like(pick, j), pick)
+        best = new
+        choices.append(pick)
+    # The largest total among the best: spend the budget (ties -> more blocks).
+    finite = torch.isfinite(best)
+    top = best[finite].max()
+    b = int(torch.nonzero(finite & (best >= top - 1e-12 * max(1.0, abs(float(top))))).max())
+    out = []
+    for pick in reversed(choices):
+        j = int(pick[b])
+        out.append(j)
+        b -= j
+    return out[::-1]

@@ -1,22 +1,25 @@
 """Compression budgets: the paper's R1 / R2, generalised to grouped-query
 attention and to bit widths.
 
-For a layer with hidden size E and E_kv = H_kv d (E_kv = E for plain
-multi-head attention) at rank r:
+For a layer with hidden size E, query width E_q = H d (usually E) and
+E_kv = H_kv d (E_kv = E_q for plain multi-head attention) at rank r, with
+out = E_q + 2 E_kv:
 
-    weights   compressed  r (E + E + 2 E_kv)   [W_d: E x r, W_u: r x (E + 2 E_kv)]
-              original    E (E + 2 E_kv)       [W_q | W_k | W_v]
+    weights   compressed  r (E + out)          [W_d: E x r, W_u: r x out]
+              original    E out                [W_q | W_k | W_v]
     KV cache  compressed  r values per token   (the latent)
               original    2 E_kv values per token
 
-    R1 = sum_l r_l (2 E + 2 E_kv) * w_bits      / sum_l E (E + 2 E_kv) * 16
+    R1 = sum_l r_l (E + out) * w_bits           / sum_l E out * 16
     R2 = sum_l r_l * latent_bits                / sum_l 2 E_kv * 16
 
-With E_kv = E these are the paper's R1 = 4 r / 3 E and R2 = r / 2 E (times
-bits / 16 when quantized: W8A8 at r = 0.75 E gives R1 = 50 %, R2 = 18.75 %).
-Bits default to 16 (an fp16 model), so a budget without quantization is a
-pure rank budget. ``cache_bytes_per_token`` also counts the per-token fp32
-scale that a quantized latent carries; R2 follows the paper and does not.
+With E_q = E_kv = E these are the paper's R1 = 4 r / 3 E and R2 = r / 2 E
+(times bits / 16 when quantized: W8A8 at r = 0.75 E gives R1 = 50 %,
+R2 = 18.75 %). A Budget whose bits are None takes them from the quantization
+setting (CompressionConfig does this), as the paper counts; give bits 16
+explicitly for a pure rank budget ("the ranks of an R2 = 30 % fp16 cache").
+``cache_bytes_per_token`` also counts the per-token fp32 scale that a
+quantized latent carries; R2 follows the paper and does not.
 """
 
 from __future__ import annotations
@@ -67,13 +70,14 @@ class Budget:
 
     For "r1" and "r2", ``value`` is a fraction (0.15 for 15 %); for
     "mean_rank" it is the mean rank over layers. ``w_bits`` and
-    ``latent_bits`` enter R1 and R2 as in the paper.
+    ``latent_bits`` enter R1 and R2 as in the paper; None means "those of
+    the quantization setting" (see ``resolved``), 16 when used alone.
     """
 
     kind: str
     value: float
-    w_bits: int = 16
-    latent_bits: int = 16
+    w_bits: int | None = None
+    latent_bits: int | None = None
 
     def __post_init__(self):
         if self.kind not in ("r1", "r2", "mean_rank"):
@@ -83,18 +87,25 @@ class Budget:
         if self.kind in ("r1", "r2") and self.value >= 1.0:
             raise ValueError(f"{self.kind.upper()} = {self.value:.1%} compresses nothing: it must be below 100 %")
         for name in ("w_bits", "latent_bits"):
-            if getattr(self, name) not in (4, 8, 16):
+            if getattr(self, name) not in (None, 4, 8, 16):
                 raise ValueError(f"{name} must be 4, 8 or 16, got {getattr(self, name)}")
+
+    def resolved(self, w_bits: int, latent_bits: int) -> "Budget":
+        """This budget with unset bit widths taken from a quantization setting."""
+        return Budget(self.kind, self.value, self.w_bits if self.w_bits is not None else w_bits,
+                      self.latent_bits if self.latent_bits is not None else latent_bits)
 
     def rank_units(self, dims: list[LayerDims]) -> tuple[list[float], float]:
         """The budget as a linear constraint sum_l cost_l * r_l <= limit."""
         if self.kind == "mean_rank":
             return [1.0] * len(dims), self.value * len(dims)
+        w_bits = self.w_bits or 16
+        latent_bits = self.latent_bits or 16
         if self.kind == "r1":
-            cost = [(2 * d.hidden + 2 * d.kv_dim) * self.w_bits for d in dims]
+            cost = [(d.hidden + d.out_dim) * w_bits for d in dims]
             total = sum(d.hidden * d.out_dim * 16 for d in dims)
         else:
-            cost = [float(self.latent_bits) for _ in dims]
+            cost = [float(latent_bits) for _ in dims]
             total = sum(2 * d.kv_dim * 16 for d in dims)
         return cost, self.value * total
 
@@ -104,14 +115,14 @@ class Budget:
 
 def achieved(ranks: list[int], dims: list[LayerDims], w_bits: int = 16, latent_bits: int = 16) -> dict:
     """R1, R2, mean rank and bytes of an allocation."""
-    r1 = sum(r * (2 * d.hidden + 2 * d.kv_dim) for r, d in zip(ranks, dims)) * w_bits / (
+    r1 = sum(r * (d.hidden + d.out_dim) for r, d in zip(ranks, dims)) * w_bits / (
         sum(d.hidden * d.out_dim for d in dims) * 16)
     r2 = sum(ranks) * latent_bits / (sum(2 * d.kv_dim for d in dims) * 16)
     return {
         "r1": r1,
         "r2": r2,
         "mean_rank": sum(ranks) / len(ranks),
-        "weight_bytes": sum(r * (2 * d.hidden + 2 * d.kv_dim) for r, d in zip(ranks, dims)) * w_bits / 8,
+        "weight_bytes": sum(r * (d.hidden + d.out_dim) for r, d in zip(ranks, dims)) * w_bits / 8,
         "original_weight_bytes_fp16": sum(d.hidden * d.out_dim for d in dims) * 2,
         "cache_bytes_per_token": cache_bytes_per_token(ranks, latent_bits),
         "original_cache_bytes_per_token_fp16": sum(2 * d.kv_dim for d in dims) * 2,

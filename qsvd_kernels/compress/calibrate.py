@@ -91,7 +91,10 @@ def importance_scores(model: nn.Module, sites: list[AttentionSite], svds: list[J
 
     def fwd_hook(i):
         def hook(module, args):
-            pending[i] = {"a": args[0].detach().to(torch.float32) @ proj[i][0], "grads": {}}
+            x = args[0].detach().to(torch.float32)
+            if proj[i][0].device != x.device:  # the model's device (first use moves them)
+                proj[i] = tuple(p.to(x.device) for p in proj[i])
+            pending[i] = {"a": x @ proj[i][0], "grads": {}}
         return hook
 
     def bwd_hook(i, j):
@@ -105,7 +108,7 @@ def importance_scores(model: nn.Module, sites: list[AttentionSite], svds: list[J
                 b = delta @ proj[i][1]  # [B, T, k]
                 a = entry["a"]
                 per_sample = (a * b).sum(dim=-2) if a.dim() == 3 else (a * b)  # [B, k]
-                weighted = per_sample.to(torch.float64) * svds[i].sigma[None, :]
+                weighted = per_sample.to("cpu", torch.float64) * svds[i].sigma[None, :]
                 sums[i] += (weighted**2).sum(0)
                 del pending[i]
         return hook
@@ -115,6 +118,8 @@ def importance_scores(model: nn.Module, sites: list[AttentionSite], svds: list[J
         handles.append(s.linears[0].register_forward_pre_hook(fwd_hook(i)))
         for j, lin in enumerate(s.linears):
             handles.append(lin.register_full_backward_hook(bwd_hook(i, j)))
+    if hasattr(loss_fn, "reset"):  # the same random draws on every run: scores are reproducible
+        loss_fn.reset()
     was_training = model.training
     model.eval()
     params = [p for p in model.parameters()]

@@ -72,9 +72,9 @@ class CompressedQKV:
         return cls(svd.dims, rank, float(beta), quant, seed, signs, wd, wd_scale, wu, wu_scale, bias)
 
     # ------------------------------------------------------------ forward
-    def _weight(self, codes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        w = codes.to(torch.float64)
-        return w * scale.to(torch.float64)[:, None] if scale is not None else w
+    def _weight(self, codes: torch.Tensor, scale: torch.Tensor | None, device=None) -> torch.Tensor:
+        w = codes.to(device=device, dtype=torch.float64)
+        return w * scale.to(device=device, dtype=torch.float64)[:, None] if scale is not None else w
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """c = x W_d as the kernels compute it (float64 result of exact int products)."""
@@ -84,7 +84,7 @@ class CompressedQKV:
             xh = R.dequantize_rows_ref(codes, scale, q.a_bits)
         else:
             xh = x.to(torch.float64)
-        return xh @ self._weight(self.wd, self.wd_scale).T
+        return xh @ self._weight(self.wd, self.wd_scale, x.device).T
 
     def quantized_latent(self, c: torch.Tensor) -> torch.Tensor:
         """The latent as the cache holds it (per-token quantized), float64."""
@@ -93,9 +93,9 @@ class CompressedQKV:
 
     def project_cat(self, x: torch.Tensor) -> torch.Tensor:
         """[q | k | v] for inputs x [..., E], float64."""
-        y = self.quantized_latent(self.latent(x)) @ self._weight(self.wu, self.wu_scale).T
+        y = self.quantized_latent(self.latent(x)) @ self._weight(self.wu, self.wu_scale, x.device).T
         if self.bias is not None:
-            y = y + self.bias.to(torch.float64)
+            y = y + self.bias.to(device=x.device, dtype=torch.float64)
         return y
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

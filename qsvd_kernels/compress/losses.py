@@ -28,6 +28,7 @@ def random_projection_loss(output_fn: Callable, seed: int = 0) -> Callable:
         z = torch.randn(f.shape, generator=gen, dtype=torch.float32).to(f.device, f.dtype)
         return (z * f).sum()
 
+    loss.reset = lambda: gen.manual_seed(seed)  # importance_scores calls it: same draws on every run
     return loss
 
 
@@ -50,4 +51,5 @@ def causal_lm_fisher_loss(seed: int = 0) -> Callable:
             nll = nll * mask[:, 1:].to(nll.dtype)
         return nll.sum()
 
+    loss.reset = lambda: gen.manual_seed(seed)
     return loss

@@ -62,6 +62,9 @@ class CompressionConfig:
     ranks: list | None = None
 
     def __post_init__(self):
+        # The budget counts bits as the paper does: those of this setting
+        # unless the Budget names its own (16 for a pure rank budget).
+        self.budget = self.budget.resolved(self.quant.w_bits, self.quant.latent_bits)
         if self.allocation not in ("qsvd", "uniform"):
             raise ValueError(f"allocation must be 'qsvd' or 'uniform', got {self.allocation!r}")
         if not (self.beta == "search" or (isinstance(self.beta, (int, float)) and 0 <= self.beta <= 1)):
@@ -128,7 +131,7 @@ class CompressedModel:
             raise ValueError(f"{cfg_path}: corrupt JSON ({e})") from None
         if config.get("format") != "qsvd-kernels" or config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{cfg_path}: not a qsvd-kernels artefact of format version {FORMAT_VERSION}")
-        tpath = os.path.join(directory, config.get("tensor_file", TENSOR_FILE))
+        tpath = os.path.join(directory, os.path.basename(str(config.get("tensor_file", TENSOR_FILE))))
         if not os.path.exists(tpath):
             raise ValueError(f"{directory}: tensor file {os.path.basename(tpath)} is missing")
         if _sha256(tpath) != config.get("tensor_sha256"):
@@ -206,7 +209,9 @@ def swapped_projections(model: nn.Module, compressed_or_projectors, site_names: 
     if isinstance(compressed_or_projectors, CompressedModel):
         projectors, site_names = compressed_or_projectors.layers, compressed_or_projectors.site_names
     else:
-        projectors = compressed_or_projectors
+        projectors = list(compressed_or_projectors)
+        if site_names is None or len(site_names) != len(projectors):
+            raise ValueError("pass one site name per projector (e.g. CompressedModel.site_names)")
     sites = _resolve_sites(model, site_names)
     for s, p in zip(sites, projectors):
         if hasattr(p, "dims") and p.dims != s.dims:

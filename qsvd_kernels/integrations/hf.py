@@ -105,7 +105,7 @@ class LatentProjector(nn.Module):
         last = r // 2 if q.latent_bits == 4 else r
         cache = torch.empty(1, max(N, 1), last, dtype=torch.uint8 if q.latent_bits == 4 else torch.int8,
                             device=c.device)
-        scale = torch.empty(1, max(N, 1), device=c.device)
+        scale = torch.empty(1, max(N, 1), dtype=torch.float32, device=c.device)
         ops.latent_cache_append(c, torch.arange(N, device=c.device), cache, scale, q.latent_bits, q.latent_clip)
         return cache[0, :N], scale[0, :N]
 
@@ -205,7 +205,7 @@ class QSVDLatentLayer(CacheLayerMixin):
         dtype = torch.uint8 if self.bits == 4 else torch.int8
         extra = (new - have) * B
         pool = torch.zeros(extra, bs, last, dtype=dtype, device=device)
-        scale = torch.zeros(extra, bs, device=device)
+        scale = torch.zeros(extra, bs, dtype=torch.float32, device=device)
         self.pool = pool if self.pool is None else torch.cat([self.pool, pool])
         self.pool_scale = scale if self.pool_scale is None else torch.cat([self.pool_scale, scale])
         j = torch.arange(new, device=device)
@@ -273,8 +273,8 @@ class QSVDLatentCache(Cache):
         need = start + T
         if self.rope_cos is None or self.rope_cos.shape[0] < need:
             cap = max(need, 2 * (0 if self.rope_cos is None else self.rope_cos.shape[0]), 64)
-            new_cos = torch.zeros(cap, d, device=cos.device)
-            new_sin = torch.zeros(cap, d, device=cos.device)
+            new_cos = torch.zeros(cap, d, dtype=torch.float32, device=cos.device)
+            new_sin = torch.zeros(cap, d, dtype=torch.float32, device=cos.device)
             if self.rope_cos is not None:
                 new_cos[: self.rope_cos.shape[0]] = self.rope_cos
                 new_sin[: self.rope_sin.shape[0]] = self.rope_sin
@@ -412,6 +412,18 @@ class _TransientRope:
 # ----------------------------------------------------------------------------
 
 
+def _unsupported_decoder_features(module: nn.Module) -> list[str]:
+    """Attention math beyond LLaMA's that QSVDDecoderAttention would drop."""
+    found = [n for n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm") if getattr(module, n, None) is not None]
+    cfg = getattr(module, "config", None)
+    if cfg is not None:
+        if getattr(cfg, "attn_logit_softcapping", None):
+            found.append("attention logit soft-capping")
+        if getattr(cfg, "partial_rotary_factor", 1.0) not in (None, 1.0):
+            found.append("partial rotary embedding")
+    return found
+
+
 def _is_rope_decoder(module: nn.Module) -> bool:
     try:
         params = inspect.signature(module.forward).parameters
@@ -444,6 +456,10 @@ def apply_qsvd(model: nn.Module, compressed: CompressedModel, backend: str = "op
             raise ValueError(f"{site.name}: the compressed layer is {layer.dims}, the model's is {site.dims}")
         projector = LatentProjector(layer, backend).to(device)
         if _is_rope_decoder(site.module):
+            missing = _unsupported_decoder_features(site.module)
+            if missing:
+                raise NotImplementedError(f"{site.name} ({type(site.module).__name__}) uses {', '.join(missing)}, "
+                                          "which the QSVD decoder attention does not implement yet")
             block = QSVDDecoderAttention(site.module, projector)
             _set_submodule(model, site.name, block)
             decoder.append(block)

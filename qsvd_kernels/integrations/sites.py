@@ -37,7 +37,8 @@ class AttentionSite:
         biases = [l.bias for l in (q, k, v)]
         bias = None
         if any(b is not None for b in biases):
-            bias = torch.cat([b.detach() if b is not None else torch.zeros(l.out_features, dtype=l.weight.dtype)
+            bias = torch.cat([b.detach() if b is not None else torch.zeros(l.out_features, dtype=l.weight.dtype,
+                                                                            device=l.weight.device)
                               for b, l in zip(biases, (q, k, v))])
         return q.weight.detach().T, k.weight.detach().T, v.weight.detach().T, bias
 
@@ -70,6 +71,9 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
             q, k, v = linears
             if not (q.in_features == k.in_features == v.in_features):
                 continue  # cross-attention or something else: not a self-attention QKV
+            leaf = name.rsplit(".", 1)[-1].lower()
+            if getattr(module, "is_cross_attention", False) or "cross" in leaf or leaf == "encoder_attn":
+                continue  # K/V read another sequence than Q: no shared latent
             H, H_kv, d = _heads(module, getattr(module, "config", None) or config, q, k)
             if v.out_features != H_kv * d or q.out_features != H * d:
                 raise ValueError(f"{name}: q/k/v widths {q.out_features}/{k.out_features}/{v.out_features} do not "

@@ -11,8 +11,9 @@
 //   - the rest (tpr > 32): through shared memory, in rounds of G register
 //     slots, each column of `warps` values butterflied by one thread.
 // The m-point base transform then runs inside each thread (its m chunks),
-// with the signs of H_m folded in at compile time. Rows with tpr < 128
-// share a block (128 / tpr rows per block).
+// with the signs of H_m folded in at compile time. Rows of one warp or less
+// (tpr <= 32) share a 128-thread block (128 / tpr rows); a larger row gets a
+// block of its own (tpr threads).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -126,12 +127,25 @@ constexpr int config_max_n() {
   return 512;  // kM == 36, kEPT == 1
 }
 
+// Register slots per round of the shared-memory exchange: a compile-time
+// constant (v stays in registers) sized so kG * (largest tpr) floats fit the
+// exchange budget. The launcher sizes the dynamic shared memory from it.
+template <int kM, int kEPT>
+constexpr int exchange_slots();
+
 // Block size bound for __launch_bounds__, so ptxas budgets registers for
 // the block sizes this configuration really launches.
 template <int kM, int kEPT>
 constexpr int block_threads_bound() {
   constexpr int t = config_max_n<kM, kEPT>() / kEPT;
   return t > 128 ? t : 128;
+}
+
+template <int kM, int kEPT>
+constexpr int exchange_slots() {
+  constexpr int kV = kM * kEPT;
+  constexpr int kFit = kExchangeFloats / block_threads_bound<kM, kEPT>();
+  return kV < kFit ? kV : kFit;
 }
 
 struct KernelArgs {
@@ -211,9 +225,7 @@ __global__ void __launch_bounds__(block_threads_bound<kM, kEPT>(), 1)
   // 2c. Bits across warps (then the block is exactly one row). Rounds of
   // kG register slots; kG is a compile-time constant so v stays in registers.
   extern __shared__ float exchange[];
-  constexpr int kG = kV < kExchangeFloats / block_threads_bound<kM, kEPT>()
-                         ? kV
-                         : kExchangeFloats / block_threads_bound<kM, kEPT>();
+  constexpr int kG = exchange_slots<kM, kEPT>();
   if (tpr > 32) {
     const int warps = tpr >> 5;
 #pragma unroll
@@ -236,7 +248,7 @@ __global__ void __launch_bounds__(block_threads_bound<kM, kEPT>(), 1)
       __syncthreads();
 #pragma unroll
       for (int s = s0; s < (s0 + kG < kLast ? s0 + kG : kLast); ++s) v[s] = exchange[(s - s0) * tpr + threadIdx.x];
-      __syncthreads();
+      if (s0 + kG < kV) __syncthreads();  // the next round overwrites the exchange
     }
   }
 
@@ -359,12 +371,7 @@ cudaError_t launch_config(const HadamardParams& p, int log_n, cudaStream_t strea
   KernelArgs args;
   args.p = p;
   args.log_n = log_n;
-  // Must match kG in the kernel.
-  constexpr int kV = kM * kEPT;
-  constexpr int kG = kV < kExchangeFloats / block_threads_bound<kM, kEPT>()
-                         ? kV
-                         : kExchangeFloats / block_threads_bound<kM, kEPT>();
-  const size_t smem = tpr > 32 ? static_cast<size_t>(kG) * tpr * sizeof(float) : 0;
+  const size_t smem = tpr > 32 ? static_cast<size_t>(exchange_slots<kM, kEPT>()) * tpr * sizeof(float) : 0;
   constexpr int kInBytes = vector_bytes<kEPT * static_cast<int>(sizeof(T))>();
   constexpr int kSignBytes = vector_bytes<(kEPT < 4 ? kEPT : 4) * 4>();
   args.vec_x = aligned_to(p.x, kInBytes) && (p.x_row_stride * static_cast<int64_t>(sizeof(T))) % kInBytes == 0;
