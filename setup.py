@@ -93,14 +93,19 @@ def _cutlass_include_dirs():
         if not os.path.exists(os.path.join(dirs[0], "cutlass", "cutlass.h")):
             sys.exit(f"QSVD_CUTLASS_DIR={override} has no include/cutlass/cutlass.h")
         return dirs
-    try:
-        import cutlass_library
-    except ImportError:
+    # Locate the package without importing it: importing pulls in cuda-python
+    # and friends, which an offline machine given only the wheel lacks.
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.origin:
         sys.exit(
             "CUTLASS headers not found: pip install nvidia-cutlass==4.2.0.0, or set QSVD_CUTLASS_DIR to a "
             "CUTLASS checkout (or QSVD_BUILD_CUDA=0 for a CPU-only build)."
         )
-    base = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
+    base = os.path.join(os.path.dirname(spec.origin), "source")
+    if not os.path.exists(os.path.join(base, "include", "cutlass", "cutlass.h")):
+        sys.exit(f"the nvidia-cutlass package at {os.path.dirname(spec.origin)} has no CUTLASS headers")
     return [os.path.join(base, "include"), os.path.join(base, "tools", "util", "include")]
 
 

@@ -92,9 +92,10 @@ def _run(stage, hidden, tokens):
     q = ctx.Queue()
     p = ctx.Process(target=stage, args=(hidden, tokens, q))
     p.start()
-    out = q.get()
     p.join()
-    return out
+    if p.exitcode != 0 or q.empty():
+        raise RuntimeError(f"{stage.__name__} failed (exit code {p.exitcode})")
+    return q.get()
 
 
 def main(argv=None):

@@ -45,6 +45,8 @@ class LayerStats:
         self.abs_sum += x.abs().sum(0)
         n0 = self.count
         self.count += x.shape[0]
+        if self.keep_rows <= 0:
+            return
         # Reservoir sampling: row i of the stream is kept with prob keep/(i+1).
         xf = x.float()
         room = self.keep_rows - self._rows.shape[0]
