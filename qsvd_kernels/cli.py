@@ -1,6 +1,6 @@
 """``python -m qsvd_kernels <command>``: compress, eval, bench, demo, info.
 
-    python -m qsvd_kernels compress --model minilm --budget r2=0.3 --quant W8A4 --out minilm-qsvd
+    python -m qsvd_kernels compress --model minilm --budget r2=0.15 --quant W8A8 --out minilm-qsvd
     python -m qsvd_kernels eval --model minilm --artefact minilm-qsvd
     python -m qsvd_kernels bench --hidden 1024 --rank 384 --context 512
     python -m qsvd_kernels demo
@@ -165,7 +165,8 @@ def build_parser():
     c = sub.add_parser("compress", help="compress a model's attention into an artefact")
     c.add_argument("--model", required=True, help="minilm, tiny-llama, or a local Hugging Face model directory")
     c.add_argument("--out", required=True, help="artefact directory to write")
-    c.add_argument("--budget", default="r2=0.3", help="r1=F, r2=F (fractions or percents) or mean_rank=N")
+    c.add_argument("--budget", default="r2=0.15",
+                   help="r1=F, r2=F (fractions or percents; bits included, as the paper counts) or mean_rank=N")
     c.add_argument("--quant", default="W8A8", help="fp, W8A8, W8A4 or W4A4")
     c.add_argument("--allocation", default="qsvd", choices=["qsvd", "uniform"])
     c.add_argument("--whitening", default="cholesky", choices=["cholesky", "diag", "none"])
