@@ -18,7 +18,6 @@ import glob
 import os
 import shutil
 import site
-import subprocess
 import sys
 
 from setuptools import find_packages, setup

@@ -18,13 +18,15 @@ says "not measured".
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from results_io import write_results  # noqa: E402
 
 E, H, D = 4096, 32, 128
 
@@ -105,13 +107,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     a = p.parse_args(argv)
     res = run(a.budget_gb, a.layers, a.rank, a.quant, a.measure)
-    md = to_markdown(res)
-    if a.out:
-        with open(a.out + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(a.out + ".md", "w") as f:
-            f.write(md)
-    print(md)
+    write_results(a.out, res, to_markdown(res))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ calibration tokens (the paper: 256 samples) to budget a full run.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -22,6 +21,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from results_io import write_results  # noqa: E402
 
 
 def _rss_mb():
@@ -123,12 +125,7 @@ def main(argv=None):
           f"{32 * s['joint_svd_s'] / 60:.0f} min of SVD and "
           f"{32 * 256 * 512 * c['scoring_s_per_token'] / 3600:.1f} h of scoring projections on this CPU "
           "(the model's own forward/backward not included beyond one attention layer).\n")
-    if a.out:
-        with open(a.out + ".json", "w") as f:
-            json.dump(res, f, indent=1)
-        with open(a.out + ".md", "w") as f:
-            f.write(md)
-    print(md)
+    write_results(a.out, res, md)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ evaluation set. Writes <out>.json and <out>.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -38,6 +37,9 @@ sys.path.insert(0, ROOT)
 from qsvd_kernels import compress as qc  # noqa: E402
 from qsvd_kernels.compress.baselines import per_matrix_kv_baseline  # noqa: E402
 from qsvd_kernels.integrations import sentence as S  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from results_io import write_results  # noqa: E402
 
 GLOBAL_BETAS = (0.0, 0.2, 0.4, 0.8)
 
@@ -145,11 +147,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     res = run(args.quick, args.threads)
-    with open(args.out + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(to_markdown(res))
-    print(to_markdown(res))
+    write_results(args.out, res, to_markdown(res))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ are linked. What has not been measured is said to be not measured.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import sys

@@ -57,6 +57,25 @@ void check_codes(const char* op, const char* name, const at::Tensor& t, int64_t 
              t.scalar_type());
 }
 
+// The paged latent cache: codes [num_blocks, block_size, r or r/2] in the
+// dtype of `bits`, scales [num_blocks, block_size] fp32. `r_from` names where
+// r came from, for the messages.
+void check_paged_cache(const char* op, const at::Tensor& cache, const at::Tensor& cache_scale, int64_t bits,
+                       int64_t r, const char* r_from) {
+  check_dim(op, "cache", cache, 3);
+  check_codes(op, "cache", cache, bits, "bits");
+  if (bits == 4)
+    QSVD_CHECK_VALUE(r % 2 == 0, op, "r = ", r_from, " = ", r, " must be even for bits=4 (two codes per byte)");
+  const int64_t want_last = bits == 4 ? r / 2 : r;
+  QSVD_CHECK(cache.size(2) == want_last, op, "`cache`.size(2) = ", cache.size(2), " must be ",
+             bits == 4 ? "r / 2 = " : "r = ", want_last, " for r = ", r_from, " = ", r, " at bits=", bits);
+  check_dim(op, "cache_scale", cache_scale, 2);
+  check_dtype_in(op, "cache_scale", cache_scale, {at::kFloat});
+  QSVD_CHECK(cache_scale.size(0) == cache.size(0) && cache_scale.size(1) == cache.size(1), op,
+             "`cache_scale` must have shape [num_blocks, block_size] = [", cache.size(0), ", ", cache.size(1),
+             "], got ", shape_str(cache_scale));
+}
+
 void check_optional_same_device(const char* op, const char* ref_name, const at::Tensor& ref, const char* name,
                                 const std::optional<at::Tensor>& t) {
   if (t.has_value()) check_same_device(op, ref_name, ref, name, *t);
@@ -148,19 +167,8 @@ CacheAppendShape check_latent_cache_append(const at::Tensor& c, const at::Tensor
   check_dtype_in(op, "slot_mapping", slot_mapping, {at::kLong, at::kInt});
   QSVD_CHECK(slot_mapping.size(0) == T, op, "`slot_mapping` must have one slot per row of `c` (", T, "), got ",
              shape_str(slot_mapping));
-  check_dim(op, "cache", cache, 3);
-  check_codes(op, "cache", cache, bits, "bits");
-  if (bits == 4)
-    QSVD_CHECK_VALUE(r % 2 == 0, op, "`c`.size(1) = r = ", r, " must be even for bits=4 (two codes per byte)");
-  const int64_t want_last = bits == 4 ? r / 2 : r;
-  QSVD_CHECK(cache.size(2) == want_last, op, "`cache`.size(2) = ", cache.size(2), " must be ",
-             bits == 4 ? "r / 2 = " : "r = ", want_last, " for r = `c`.size(1) = ", r, " at bits=", bits);
+  check_paged_cache(op, cache, cache_scale, bits, r, "`c`.size(1)");
   check_contiguous(op, "cache", cache);
-  check_dim(op, "cache_scale", cache_scale, 2);
-  check_dtype_in(op, "cache_scale", cache_scale, {at::kFloat});
-  QSVD_CHECK(cache_scale.size(0) == cache.size(0) && cache_scale.size(1) == cache.size(1), op,
-             "`cache_scale` must have shape [num_blocks, block_size] = [", cache.size(0), ", ", cache.size(1),
-             "], got ", shape_str(cache_scale));
   check_contiguous(op, "cache_scale", cache_scale);
   return {T, r, cache.size(0), cache.size(1)};
 }
@@ -208,18 +216,7 @@ LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cac
     }
   }
 
-  check_dim(op, "cache", cache, 3);
-  check_codes(op, "cache", cache, bits, "bits");
-  if (bits == 4)
-    QSVD_CHECK_VALUE(r % 2 == 0, op, "r = `w_uk`.size(1) = ", r, " must be even for bits=4 (two codes per byte)");
-  const int64_t want_last = bits == 4 ? r / 2 : r;
-  QSVD_CHECK(cache.size(2) == want_last, op, "`cache`.size(2) = ", cache.size(2), " must be ",
-             bits == 4 ? "r / 2 = " : "r = ", want_last, " for r = `w_uk`.size(1) = ", r, " at bits=", bits);
-  check_dim(op, "cache_scale", cache_scale, 2);
-  check_dtype_in(op, "cache_scale", cache_scale, {at::kFloat});
-  QSVD_CHECK(cache_scale.size(0) == cache.size(0) && cache_scale.size(1) == cache.size(1), op,
-             "`cache_scale` must have shape [num_blocks, block_size] = [", cache.size(0), ", ", cache.size(1),
-             "], got ", shape_str(cache_scale));
+  check_paged_cache(op, cache, cache_scale, bits, r, "`w_uk`.size(1)");
 
   check_dim(op, "block_table", block_table, 2);
   check_dtype_in(op, "block_table", block_table, {at::kInt});

@@ -11,7 +11,6 @@ import torch
 
 import qsvd_kernels as qk
 from qsvd_kernels import compress as qc
-from qsvd_kernels import reference as R
 from qsvd_kernels.compress.allocate import _envelope_items
 from qsvd_kernels.integrations.sites import find_attention_sites
 

@@ -17,8 +17,6 @@ from qsvd_kernels import reference as R
 from conftest import DEVICES, require_kernel
 from helpers import (
     COMPUTE_ROUNDOFF,
-    EPS,
-    TINY,
     assert_within,
     latent_attention_error_bound,
     latent_reconstruct_error_bound,

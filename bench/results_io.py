@@ -1,0 +1,15 @@
+"""Writing a benchmark script's results: <prefix>.json and <prefix>.md."""
+
+from __future__ import annotations
+
+import json
+
+
+def write_results(prefix: str | None, data: dict, markdown: str) -> None:
+    """Write both files when a prefix is given; always print the markdown."""
+    if prefix:
+        with open(prefix + ".json", "w") as f:
+            json.dump(data, f, indent=1)
+        with open(prefix + ".md", "w") as f:
+            f.write(markdown)
+    print(markdown)
