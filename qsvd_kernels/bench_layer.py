@@ -81,7 +81,7 @@ def make_decode_steps(hidden=1024, heads=16, kv_heads=16, rank=384, context=512,
         c = proj.latent(x)
         rep = cache.append(c[:, None])
         q = proj.queries(rep).view(batch, H, d)
-        q = q * cos[t] + torch.cat((-q[..., d // 2:], q[..., : d // 2]), -1) * sin[t]
+        q = R.apply_rope_ref(q, cos[t], sin[t])
         o, _ = ops.latent_attention(q.to(dt), cache.pool, cache.pool_scale, cache.block_table, cache.seq_lens(),
                                     proj.wuk, proj.wuk_scale, proj.wuv, proj.wuv_scale, cache.bits, d**-0.5,
                                     cos[: t + 1], sin[: t + 1])
@@ -98,7 +98,7 @@ def make_decode_steps(hidden=1024, heads=16, kv_heads=16, rank=384, context=512,
         q = y[:, : dims.q_dim].view(batch, H, 1, d)
         k = y[:, dims.q_dim : dims.q_dim + dims.kv_dim].view(batch, H_kv, 1, d)
         c_, s_ = cos[t].to(dt), sin[t].to(dt)
-        rot = lambda z: z * c_ + torch.cat((-z[..., d // 2:], z[..., : d // 2]), -1) * s_  # noqa: E731
+        rot = lambda z: R.apply_rope_ref(z, c_, s_)  # noqa: E731
         kv[0, :, :, t : t + 1] = rot(k)
         kv[1, :, :, t : t + 1] = y[:, dims.q_dim + dims.kv_dim :].view(batch, H_kv, 1, d)
         state["t"] = t + 1

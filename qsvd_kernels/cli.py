@@ -13,6 +13,7 @@ Errors in the arguments, the model or the artefact print one line and exit 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -74,16 +75,11 @@ def _sentence_eval(model, tok, cm, backend, sentences):
     from .integrations import sentence as S
 
     ref = S.embed(model, tok, sentences)
-    import copy
-
-    m2 = copy.deepcopy(model)
-    hf.apply_qsvd(m2, cm, backend=backend)
+    m2 = hf.apply_qsvd(copy.deepcopy(model), cm, backend=backend)
     return S.fidelity(ref, S.embed(m2, tok, sentences))
 
 
 def _causal_eval(model, cm, backend, batches, new_tokens=16):
-    import copy
-
     from .integrations import hf
 
     m2 = hf.apply_qsvd(copy.deepcopy(model), cm, backend=backend)
@@ -113,6 +109,7 @@ def _backend_for(cm, requested):
 def cmd_eval(args, out=print) -> int:
     from .compress import CompressedModel
     from .integrations import models as M
+    from .integrations import sentence as S
 
     cm = CompressedModel.load(args.artefact)
     model, tok, kind = M.load_model(args.model, args.seed)
@@ -123,7 +120,7 @@ def cmd_eval(args, out=print) -> int:
     if kind == "encoder":
         res = _sentence_eval(model, tok, cm, backend, held_out[: args.eval_samples])
     else:
-        batches = held_out if tok is None else M.text_batches(tok, held_out[: args.eval_samples], 16)
+        batches = held_out if tok is None else S.batches(tok, held_out[: args.eval_samples], 16)
         res = _causal_eval(model, cm, backend, batches)
     a = cm.info.get("achieved", {})
     res.update({"r1": a.get("r1"), "r2": a.get("r2"), "ranks": cm.ranks, "backend": backend,

@@ -24,7 +24,7 @@ numbers of the pipeline are those of the kernels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +47,9 @@ class CompressedQKV:
     wu: torch.Tensor  # [out, r]
     wu_scale: torch.Tensor | None  # [out]
     bias: torch.Tensor | None  # [out] fp32
+    # Dequantized float64 (W_d, W_u) per device, made on first use: the
+    # stored tensors never change, and the simulation runs every forward.
+    _dense: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ---------------------------------------------------------------- build
     @classmethod
@@ -72,9 +75,15 @@ class CompressedQKV:
         return cls(svd.dims, rank, float(beta), quant, seed, signs, wd, wd_scale, wu, wu_scale, bias)
 
     # ------------------------------------------------------------ forward
-    def _weight(self, codes: torch.Tensor, scale: torch.Tensor | None, device=None) -> torch.Tensor:
-        w = codes.to(device=device, dtype=torch.float64)
-        return w * scale.to(device=device, dtype=torch.float64)[:, None] if scale is not None else w
+    def dense_weights(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_d^T [r, E], W_u^T [out, r]) dequantized, float64, on ``device``."""
+        key = str(torch.device(device) if device is not None else self.wd.device)
+        if key not in self._dense:
+            def deq(codes, scale):
+                w = codes.to(device=key, dtype=torch.float64)
+                return w * scale.to(device=key, dtype=torch.float64)[:, None] if scale is not None else w
+            self._dense[key] = (deq(self.wd, self.wd_scale), deq(self.wu, self.wu_scale))
+        return self._dense[key]
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """c = x W_d as the kernels compute it (float64 result of exact int products)."""
@@ -84,7 +93,7 @@ class CompressedQKV:
             xh = R.dequantize_rows_ref(codes, scale, q.a_bits)
         else:
             xh = x.to(torch.float64)
-        return xh @ self._weight(self.wd, self.wd_scale, x.device).T
+        return xh @ self.dense_weights(x.device)[0].T
 
     def quantized_latent(self, c: torch.Tensor) -> torch.Tensor:
         """The latent as the cache holds it (per-token quantized), float64."""
@@ -93,7 +102,7 @@ class CompressedQKV:
 
     def project_cat(self, x: torch.Tensor) -> torch.Tensor:
         """[q | k | v] for inputs x [..., E], float64."""
-        y = self.quantized_latent(self.latent(x)) @ self._weight(self.wu, self.wu_scale, x.device).T
+        y = self.quantized_latent(self.latent(x)) @ self.dense_weights(x.device)[1].T
         if self.bias is not None:
             y = y + self.bias.to(device=x.device, dtype=torch.float64)
         return y

@@ -4,7 +4,7 @@ latent KV cache for ``model.generate()``.
     compressed = CompressedModel.load("artefact/")
     apply_qsvd(model, compressed)                      # in place, one call
     out, cache = generate(model, input_ids, max_new_tokens=32)
-    print(cache.nbytes(), cache.fp16_kv_nbytes())
+    print(cache.token_nbytes(), cache.fp16_kv_token_nbytes())
 
 Two kinds of attention block are served:
 
@@ -47,11 +47,6 @@ except ImportError:  # pragma: no cover - transformers is an optional extra
 BACKENDS = ("ops", "torch")
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 # ----------------------------------------------------------------------------
 # Projections
 # ----------------------------------------------------------------------------
@@ -64,7 +59,7 @@ class LatentProjector(nn.Module):
     dequantized fp32 latent on the torch backend.
     """
 
-    def __init__(self, layer: CompressedQKV, backend: str = "ops"):
+    def __init__(self, layer: CompressedQKV, backend: str = "ops", encoder: bool = False):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -73,14 +68,15 @@ class LatentProjector(nn.Module):
         if backend == "ops":
             for name, t in layer.kernel_tensors().items():  # raises for unquantized artefacts
                 self.register_buffer(name, t, persistent=False)
-            d = layer.dims
-            pack = R.pack_int4 if self.quant.w_bits == 4 else (lambda t: t)
-            # K and V as quant_gemm b operands ([E_kv, r]) for the encoders' prefill.
-            self.register_buffer("wuk_rows", pack(layer.wu[d.q_dim : d.q_dim + d.kv_dim].contiguous()), persistent=False)
-            self.register_buffer("wuv_rows", pack(layer.wu[d.q_dim + d.kv_dim :].contiguous()), persistent=False)
-            self.register_buffer("wuk_rows_scale", layer.wu_scale[d.q_dim : d.q_dim + d.kv_dim].contiguous(),
-                                 persistent=False)
-            self.register_buffer("wuv_rows_scale", layer.wu_scale[d.q_dim + d.kv_dim :].contiguous(), persistent=False)
+            if encoder:
+                # Encoders take K and V from quant_gemm: W_uk, W_uv as b operands
+                # [E_kv, r] (decoders use the per-head layout, never these).
+                d = layer.dims
+                pack = R.pack_int4 if self.quant.w_bits == 4 else (lambda t: t)
+                for name, lo in (("wuk_rows", d.q_dim), ("wuv_rows", d.q_dim + d.kv_dim)):
+                    self.register_buffer(name, pack(layer.wu[lo : lo + d.kv_dim].contiguous()), persistent=False)
+                    self.register_buffer(name + "_scale", layer.wu_scale[lo : lo + d.kv_dim].contiguous(),
+                                         persistent=False)
 
     @property
     def has_k_bias(self) -> bool:
@@ -109,30 +105,24 @@ class LatentProjector(nn.Module):
         ops.latent_cache_append(c, torch.arange(N, device=c.device), cache, scale, q.latent_bits, q.latent_clip)
         return cache[0, :N], scale[0, :N]
 
-    def _up(self, rep, w, w_scale, lo, hi):
-        """rep (quantized latent) times the rows [lo, hi) of W_u (+ bias), fp32."""
+    def _up(self, rep, operand, bias, lo, hi):
+        """rep (quantized latent) times the rows [lo, hi) of W_u (+ bias), fp32.
+        ``operand`` / ``bias`` name the ops backend's buffers."""
         if self.backend == "torch":
-            W = self.layer._weight(self.layer.wu[lo:hi], None if self.layer.wu_scale is None
-                                   else self.layer.wu_scale[lo:hi]).float()
-            y = rep @ W.T
+            y = rep.double() @ self.layer.dense_weights(rep.device)[1][lo:hi].T
             b = self.layer.bias
-            return y + b[lo:hi] if b is not None else y
+            return (y + b[lo:hi].to(y) if b is not None else y).float()
         codes, scale = rep
-        bias = self.layer.bias[lo:hi].to(codes.device) if self.layer.bias is not None else None
-        return ops.quant_gemm(codes, scale, w, w_scale, self.quant.latent_bits, self.quant.w_bits, torch.float32,
-                              bias.float() if bias is not None else None)
+        return ops.quant_gemm(codes, scale, getattr(self, operand), getattr(self, operand + "_scale"),
+                              self.quant.latent_bits, self.quant.w_bits, torch.float32, getattr(self, bias, None))
 
     def queries(self, rep) -> torch.Tensor:
-        d = self.dims
-        return self._up(rep, getattr(self, "wuq", None), getattr(self, "wuq_scale", None), 0, d.q_dim)
+        return self._up(rep, "wuq", "bq", 0, self.dims.q_dim)
 
     def keys_values(self, rep) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dims
-        k = self._up(rep, getattr(self, "wuk_rows", None), getattr(self, "wuk_rows_scale", None), d.q_dim,
-                     d.q_dim + d.kv_dim)
-        v = self._up(rep, getattr(self, "wuv_rows", None), getattr(self, "wuv_rows_scale", None), d.q_dim + d.kv_dim,
-                     d.out_dim)
-        return k, v
+        return (self._up(rep, "wuk_rows", "bk", d.q_dim, d.q_dim + d.kv_dim),
+                self._up(rep, "wuv_rows", "bv", d.q_dim + d.kv_dim, d.out_dim))
 
     def project(self, x: torch.Tensor):
         """(q, k, v) in x's dtype, for encoders (no cache)."""
@@ -265,12 +255,15 @@ class QSVDLatentCache(Cache):
             raise ValueError("every decoder layer must be compressed to use a QSVDLatentCache")
         super().__init__(layers=layers)
         self.rope_cos = self.rope_sin = None  # [capacity, d] fp32, filled as positions are seen
+        self.rope_len = 0
 
     def record_rope(self, cos: torch.Tensor, sin: torch.Tensor, start: int) -> None:
         """Keep the rotary tables of positions [start, start + T) (from the
         model's own rotary embedding, so any RoPE scaling is honoured)."""
         T, d = cos.shape[-2], cos.shape[-1]
         need = start + T
+        if need <= getattr(self, "rope_len", 0):
+            return  # an earlier layer of this step recorded these positions
         if self.rope_cos is None or self.rope_cos.shape[0] < need:
             cap = max(need, 2 * (0 if self.rope_cos is None else self.rope_cos.shape[0]), 64)
             new_cos = torch.zeros(cap, d, dtype=torch.float32, device=cos.device)
@@ -281,6 +274,7 @@ class QSVDLatentCache(Cache):
             self.rope_cos, self.rope_sin = new_cos, new_sin
         self.rope_cos[start:need] = cos.reshape(-1, T, d)[0].float()
         self.rope_sin[start:need] = sin.reshape(-1, T, d)[0].float()
+        self.rope_len = need
 
     def nbytes(self) -> int:
         return sum(l.nbytes() for l in self.layers)
@@ -361,7 +355,7 @@ class QSVDDecoderAttention(nn.Module):
         c = self.projector.latent(hidden_states.reshape(B * T, E))
         rep = layer.append(c.view(B, T, -1))
         q = self.projector.queries(rep).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
-        q = q * cos.unsqueeze(1).float() + _rotate_half(q) * sin.unsqueeze(1).float()
+        q = R.apply_rope_ref(q, cos.unsqueeze(1).float(), sin.unsqueeze(1).float())
 
         if self.projector.backend == "ops" and T == 1:
             out, _ = ops.latent_attention(
@@ -387,7 +381,7 @@ class QSVDDecoderAttention(nn.Module):
             k, v = self.projector.keys_values(layer.latent.reshape(B * L, -1))
             k = k.view(B, L, H_kv, hd).transpose(1, 2)
             v = v.view(B, L, H_kv, hd).transpose(1, 2)
-            k = k * cos[None, None] + _rotate_half(k) * sin[None, None]
+            k = R.apply_rope_ref(k, cos[None, None], sin[None, None])
             return k, v
         k, v = ops.latent_reconstruct_kv(layer.pool, layer.pool_scale, layer.block_table, layer.seq_lens(),
                                          self.projector.wuk, self.projector.wuk_scale, self.projector.wuv,
@@ -454,8 +448,9 @@ def apply_qsvd(model: nn.Module, compressed: CompressedModel, backend: str = "op
     for site, layer in zip(sites, compressed.layers):
         if layer.dims != site.dims:
             raise ValueError(f"{site.name}: the compressed layer is {layer.dims}, the model's is {site.dims}")
-        projector = LatentProjector(layer, backend).to(device)
-        if _is_rope_decoder(site.module):
+        decoder_block = _is_rope_decoder(site.module)
+        projector = LatentProjector(layer, backend, encoder=not decoder_block).to(device)
+        if decoder_block:
             missing = _unsupported_decoder_features(site.module)
             if missing:
                 raise NotImplementedError(f"{site.name} ({type(site.module).__name__}) uses {', '.join(missing)}, "

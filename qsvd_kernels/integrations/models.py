@@ -64,10 +64,6 @@ def load_model(name: str, seed: int = 0):
     return model, tok, "causal_lm" if causal else "encoder"
 
 
-def text_batches(tokenizer, sentences, batch_size=32, max_length=128):
-    return S.batches(tokenizer, sentences, batch_size, max_length)
-
-
 def random_token_batches(vocab: int, n: int, seq_len: int, batch_size: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, vocab, (min(batch_size, n - i), seq_len), generator=g)}
