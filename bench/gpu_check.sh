@@ -52,7 +52,8 @@ if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider \
       python_tests/test_hadamard.py python_tests/test_quant_gemm.py python_tests/test_latent_cache.py \
-      python_tests/test_latent_attention.py -k "cuda and (12 or 96 or 4096 or 32768 or matches or append)" \
+      python_tests/test_latent_attention.py python_tests/test_latent_attention_cuda.py \
+      -k "cuda and (12 or 96 or 4096 or 32768 or matches or append or unchecked or reconstruct or nan)" \
       >> "${res}-sanitizer.log" 2>&1 || { echo "compute-sanitizer $tool reported errors"; status=1; }
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "${res}-sanitizer.log" | tail -2
   done
@@ -63,7 +64,7 @@ fi
 log "benchmarks"
 if [ "$QUICK" = 1 ]; then
   export QSVD_BENCH_QUICK=1
-  sel=(-k "cuda and (4096x4096 or 16x4096 or decode)")
+  sel=(-k "cuda and (4096x4096 or 16x4096 or decode or E4096-r1536 or latent)")
 else
   sel=(-k cuda)
 fi

@@ -1,6 +1,8 @@
 #include "checks.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
 
 namespace qsvd_torch {
@@ -173,6 +175,15 @@ CacheAppendShape check_latent_cache_append(const at::Tensor& c, const at::Tensor
   return {T, r, cache.size(0), cache.size(1)};
 }
 
+void check_slot_mapping_host(const at::Tensor& slots_cpu, const CacheAppendShape& s) {
+  const char* op = "latent_cache_append";
+  const int64_t* sp = slots_cpu.data_ptr<int64_t>();
+  const int64_t num_slots = s.num_blocks * s.block_size;
+  for (int64_t i = 0; i < s.T; ++i)
+    QSVD_CHECK_VALUE(sp[i] < num_slots, op, "`slot_mapping`[", i, "] = ", sp[i], " is past the end of the cache (",
+                     s.num_blocks, " blocks of ", s.block_size, " = ", num_slots, " slots)");
+}
+
 LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cache,
                                            const at::Tensor& cache_scale, const at::Tensor& block_table,
                                            const at::Tensor& seq_lens, const at::Tensor& w_uk,
@@ -279,7 +290,7 @@ int64_t check_paged_indices_host(const char* op, const at::Tensor& seq_lens_cpu,
     if (s.rope)
       QSVD_CHECK_VALUE(L <= rope_positions, op, "`seq_lens`[", b, "] = ", L,
                        " exceeds the RoPE table length `rope_cos`.size(0) = ", rope_positions);
-    const int64_t used = (L + s.block_size - 1) / s.block_size;
+    const int64_t used = L == 0 ? 0 : (L + s.block_size - 1) / s.block_size;  // block_size 0 allows only L = 0
     for (int64_t j = 0; j < used; ++j) {
       const int64_t blk = table[b * s.max_blocks + j];
       QSVD_CHECK_VALUE(blk >= 0 && blk < s.num_blocks, op, "`block_table`[", b, ", ", j, "] = ", blk,
@@ -288,6 +299,14 @@ int64_t check_paged_indices_host(const char* op, const at::Tensor& seq_lens_cpu,
     total += L;
   }
   return total;
+}
+
+bool host_index_checks_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("QSVD_SKIP_INDEX_CHECKS");
+    return v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0;
+  }();
+  return enabled;
 }
 
 at::ScalarType reconstruct_out_dtype(const char* op, const at::Tensor& w_uk, std::optional<at::ScalarType> out_dtype) {

@@ -60,6 +60,9 @@ struct CacheAppendShape {
 CacheAppendShape check_latent_cache_append(const at::Tensor& c, const at::Tensor& slot_mapping,
                                            const at::Tensor& cache, const at::Tensor& cache_scale,
                                            int64_t bits, double clip_ratio);
+// Value check of a CPU int64 copy of slot_mapping: every slot is below
+// num_blocks * block_size (negative slots are padding).
+void check_slot_mapping_host(const at::Tensor& slots_cpu, const CacheAppendShape& s);
 
 // latent_attention / latent_reconstruct_kv
 struct LatentShape {
@@ -89,6 +92,17 @@ LatentShape check_latent_attention(const at::Tensor& q, const at::Tensor& cache,
 int64_t check_paged_indices_host(const char* op, const at::Tensor& seq_lens_cpu,
                                  const at::Tensor& block_table_cpu, const LatentShape& s,
                                  int64_t rope_positions);
+
+// Whether the CUDA launchers validate index *values* (slot_mapping,
+// seq_lens, block_table) on the host before launching: a device-to-host copy
+// and a stream sync per call, so that bad indices raise the same ValueError
+// as on the CPU before anything is written. On by default.
+// QSVD_SKIP_INDEX_CHECKS=1 (read once) turns the host check off, for CUDA
+// graphs and latency-critical serving; the kernels then still guard every
+// index on the device (a bad slot or block is skipped, a seq_len is clamped
+// to what block_table can address), so a bad index never reads or writes
+// out of bounds, but it is not reported.
+bool host_index_checks_enabled();
 
 // Default output dtype of latent_reconstruct_kv: the weights' dtype when
 // they are fp16/bf16, fp16 for int8 weights.

@@ -69,11 +69,14 @@ TORCH_LIBRARY_IMPL(qsvd, CPU, m) {
 }
 
 #ifdef QSVD_WITH_CUDA
-// Ops with no CUDA kernel yet are simply not registered here: calling them
-// on CUDA tensors raises the dispatcher's "Could not run 'qsvd::...' with
-// arguments from the 'CUDA' backend" instead of silently falling back.
+// Every op has a CUDA kernel. A shape or GPU a kernel cannot serve raises a
+// clear error from its launcher; nothing falls back to the CPU silently.
 TORCH_LIBRARY_IMPL(qsvd, CUDA, m) {
   m.impl("hadamard_transform", &qsvd_torch::hadamard_transform_cuda);
   m.impl("hadamard_quant", &qsvd_torch::hadamard_quant_cuda);
+  m.impl("quant_gemm", &qsvd_torch::quant_gemm_cuda);
+  m.impl("latent_cache_append", &qsvd_torch::latent_cache_append_cuda);
+  m.impl("latent_attention", &qsvd_torch::latent_attention_cuda);
+  m.impl("latent_reconstruct_kv", &qsvd_torch::latent_reconstruct_kv_cuda);
 }
 #endif

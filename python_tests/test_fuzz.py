@@ -16,9 +16,10 @@ from qsvd_kernels import reference as R
 
 from conftest import DEVICES, require_kernel
 from helpers import (
-    COMPUTE_ROUNDOFF,
+    LATENT_BOUND,
     assert_within,
     latent_attention_error_bound,
+    RECONSTRUCT_BOUND,
     latent_reconstruct_error_bound,
     make_paged_cache,
     make_weights,
@@ -234,7 +235,7 @@ def test_fuzz_latent_attention(device, p):
         return
     out, lse = qk.latent_attention(*dev)
     truth = R.latent_attention_ref(q.double(), *args[1:])
-    bound = latent_attention_error_bound(q, *args[1:], u=COMPUTE_ROUNDOFF[device])
+    bound = latent_attention_error_bound(q, *args[1:], **LATENT_BOUND[device])
     assert_within(out.cpu(), truth[0], bound[0], q.dtype, "out")
     assert_within(lse.cpu(), truth[1], bound[1], torch.float32, "lse")
     assert _unchanged(dev, snap)
@@ -259,7 +260,7 @@ def test_fuzz_latent_reconstruct_kv(device, p, out_dtype):
     k, v = qk.latent_reconstruct_kv(*dev, out_dtype=out_dtype)
     want_dtype = out_dtype or (torch.float16 if common[4].dtype == torch.int8 else common[4].dtype)
     tk, tv = R.latent_reconstruct_kv_ref(*args, out_dtype=torch.float64)
-    bk, bv = latent_reconstruct_error_bound(*args, u=COMPUTE_ROUNDOFF[device])
+    bk, bv = latent_reconstruct_error_bound(*args, **RECONSTRUCT_BOUND[device])
     assert k.dtype == want_dtype
     assert_within(k.cpu(), tk, bk, want_dtype, "k")
     assert_within(v.cpu(), tv, bv, want_dtype, "v")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -77,3 +81,210 @@ def test_roundtrip_error_is_half_a_step(device):
         qk.latent_cache_append(c.to(device), torch.arange(32, device=device), cache, scale, bits)
         deq = R.dequantize_rows_ref(cache.cpu().view(32, -1), scale.cpu().view(32), bits)
         assert bool(((deq - c.double()).abs() <= scale.cpu().view(32, 1).double() / 2 * (1 + 1e-6)).all())
+
+
+# ---------------------------------------------------------------------------
+# CUDA against the CPU kernel, bit for bit (both implement numerics.h).
+# ---------------------------------------------------------------------------
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _same_bits(a, b):
+    """Bitwise equality, except that any NaN matches any NaN: the CPU keeps
+    the input NaN's payload, a GPU returns its canonical NaN."""
+    a, b = a.cpu(), b.cpu()
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    return torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a].view(torch.int32), b[~nan_b].view(torch.int32))
+
+
+def _guarded_cache(num_blocks, block_size, r, bits, device, shift, generator):
+    """A contiguous cache inside a bigger buffer, with a guard block on each
+    side, filled with random bytes (a stray write of any code shows). `shift`
+    moves it by one element, so its rows lose their 4/8-byte alignment and
+    the kernel's scalar path runs. Returns (buf, sbuf, cache, scale)."""
+    last = r // 2 if bits == 4 else r
+    n = num_blocks * block_size * last
+    buf = torch.randint(0, 256, ((num_blocks + 2) * block_size * last + 1,), dtype=torch.uint8, generator=generator)
+    if bits == 8:
+        buf = buf.view(torch.int8)
+    sbuf = torch.full(((num_blocks + 2) * block_size + 1,), -123.0)
+    buf, sbuf = buf.to(device), sbuf.to(device)
+    start, sstart = block_size * last + shift, block_size + shift
+    cache = buf[start : start + n].view(num_blocks, block_size, last)
+    scale = sbuf[sstart : sstart + num_blocks * block_size].view(num_blocks, block_size)
+    return buf, sbuf, cache, scale
+
+
+def _special_rows(T, r, dtype, generator):
+    """Random rows with the cases the rules single out: a zero row, NaN, +-Inf,
+    NaN and Inf together, tiny and huge magnitudes."""
+    c = torch.randn(T, r, generator=generator) * 4
+    c[1] = 0.0
+    c[3, r // 2] = float("nan")
+    c[5, 0] = float("inf")
+    c[6, -1] = float("-inf")
+    c[7, 0], c[7, -1] = float("nan"), float("inf")
+    c[8] *= 1e-6
+    c[9] *= 1e4
+    return c.to(dtype)
+
+
+def _c_layout(c, layout):
+    """c as the kernel may receive it: contiguous, rows with a padded stride,
+    or shifted by one element (16-byte loads impossible)."""
+    if layout == "contiguous":
+        return c
+    T, r = c.shape
+    if layout == "strided_rows":
+        big = torch.zeros(T, r + 8, dtype=c.dtype, device=c.device)
+        big[:, :r] = c
+        return big[:, :r]
+    flat = torch.zeros(T * r + 1, dtype=c.dtype, device=c.device)
+    flat[1:] = c.reshape(-1)
+    return flat[1:].view(T, r)
+
+
+APPEND_RANKS = [(8, 1), (8, 7), (8, 33), (8, 96), (8, 1000), (8, 1024), (8, 1031), (8, 1536), (8, 4096), (8, 4104),
+                (8, 5120), (4, 2), (4, 34), (4, 130), (4, 512), (4, 1024), (4, 1026), (4, 4096), (4, 6144)]
+
+
+@CUDA
+@pytest.mark.parametrize("bits,r", APPEND_RANKS, ids=[f"b{b}-r{r}" for b, r in APPEND_RANKS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_append_bit_exact_with_cpu(bits, r, dtype):
+    """Warp-per-row (r <= 1024) and block-per-row kernels, vector and scalar
+    paths, int32/int64 slots, padding slots: codes, scales and the guard
+    bytes around the cache all equal the CPU kernel's, bit for bit."""
+    require_kernel("latent_cache_append", "cuda")
+    require_kernel("latent_cache_append", "cpu")
+    g = torch.Generator().manual_seed(r * 3 + bits)
+    T, num_blocks, block_size = 23, 4, 16
+    c = _special_rows(T, r, dtype, g)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
+    slots[2], slots[10], slots[11] = -1, -1, -7
+    for slot_dtype in (torch.int64, torch.int32):
+        for layout, shift in (("contiguous", 0), ("strided_rows", 0), ("shifted", 1)):
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            got = _guarded_cache(num_blocks, block_size, r, bits, "cuda", shift, torch.Generator().manual_seed(seed))
+            want = _guarded_cache(num_blocks, block_size, r, bits, "cpu", shift, torch.Generator().manual_seed(seed))
+            qk.latent_cache_append(_c_layout(c.cuda(), layout), slots.to(slot_dtype).cuda(), got[2], got[3], bits, 0.9)
+            qk.latent_cache_append(c, slots.to(slot_dtype), want[2], want[3], bits, 0.9)
+            what = f"{slot_dtype} {layout}"
+            assert _same_bits(got[0], want[0]), f"codes or guard bytes differ ({what})"
+            assert _same_bits(got[1], want[1]), f"scales or guard scales differ ({what})"
+    scale = want[3].view(-1)
+    assert bool(torch.isnan(scale[slots[3]])) and bool(torch.isinf(scale[slots[5]]))
+    assert float(scale[slots[1]]) == 0.0
+
+
+@CUDA
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("r", [512, 1536])
+def test_cuda_append_prefill_batch_bit_exact(bits, r):
+    """A prefill-sized batch (thousands of rows, many blocks of each kernel)."""
+    require_kernel("latent_cache_append", "cuda")
+    require_kernel("latent_cache_append", "cpu")
+    g = torch.Generator().manual_seed(r + bits)
+    T, num_blocks, block_size = 4096, 40, 128
+    c = (torch.randn(T, r, generator=g) * 3).to(torch.bfloat16)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T].to(torch.int32)
+    got = _empty_cache(num_blocks, block_size, r, bits, "cuda")
+    want = _empty_cache(num_blocks, block_size, r, bits, "cpu")
+    qk.latent_cache_append(c.cuda(), slots.cuda(), *got, bits)
+    qk.latent_cache_append(c, slots, *want, bits)
+    assert _same_bits(got[0], want[0]) and _same_bits(got[1], want[1])
+
+
+@CUDA
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_cuda_bad_slot_raises_before_any_write(slot_dtype):
+    """The valid rows before the bad one must not land either."""
+    require_kernel("latent_cache_append", "cuda")
+    cache, scale = _empty_cache(2, 16, 64, 8, "cuda")
+    before = cache.clone(), scale.clone()
+    c = torch.randn(4, 64, device="cuda")
+    slots = torch.tensor([0, 5, 32, 1], dtype=slot_dtype, device="cuda")
+    with pytest.raises(ValueError, match=r"`slot_mapping`\[2\] = 32 is past the end of the cache "
+                                         r"\(2 blocks of 16 = 32 slots\)"):
+        qk.latent_cache_append(c, slots, cache, scale, 8)
+    assert torch.equal(cache, before[0]) and torch.equal(scale, before[1])
+
+
+# With QSVD_SKIP_INDEX_CHECKS=1 (read once per process, hence the subprocess)
+# the CUDA launchers skip the host validation; the kernels must still keep
+# every access in bounds: bad slots are skipped, bad blocks read as zeros,
+# lengths are clamped to what block_table and the RoPE table address.
+_UNCHECKED_SCRIPT = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import qsvd_kernels as qk
+from qsvd_kernels import reference as R
+from helpers import assert_within, latent_reconstruct_error_bound, make_paged_cache, make_weights
+
+g = torch.Generator().manual_seed(0)
+
+# latent_cache_append: slots past the end are skipped, nothing outside the cache changes.
+for bits, slot_dtype, bad in ((8, torch.int64, [32, 33, 10**6, 2**40, -(2**40)]),
+                              (4, torch.int32, [32, 2**31 - 1, -(2**31)])):
+    nb, bs, r = 2, 16, 64
+    last = r // 2 if bits == 4 else r
+    buf = torch.randint(0, 256, ((nb + 2) * bs * last,), dtype=torch.uint8, generator=g)
+    buf = buf.view(torch.int8) if bits == 8 else buf
+    sbuf = torch.full(((nb + 2) * bs,), -123.0)
+    good = [0, 31, 7]
+    slots = torch.tensor(good + bad, dtype=slot_dtype)
+    c = torch.randn(len(slots), r, generator=g)
+    gbuf, gsbuf = buf.cuda(), sbuf.cuda()
+    cache = gbuf[bs * last : (nb + 1) * bs * last].view(nb, bs, last)
+    scale = gsbuf[bs : (nb + 1) * bs].view(nb, bs)
+    qk.latent_cache_append(c.cuda(), slots.cuda(), cache, scale, bits)
+    torch.cuda.synchronize()
+    want = buf[bs * last : (nb + 1) * bs * last].view(nb, bs, last)
+    want_scale = sbuf[bs : (nb + 1) * bs].view(nb, bs)
+    R.latent_cache_append_ref(c[: len(good)], slots[: len(good)], want, want_scale, bits)
+    assert torch.equal(gbuf.cpu(), buf), "append: codes outside the written slots changed"
+    assert torch.equal(gsbuf.cpu(), sbuf), "append: scales outside the written slots changed"
+
+# latent_reconstruct_kv: bad block ids give zero rows, bad lengths are clamped.
+bs, r, d, H_kv = 16, 64, 64, 2
+pc = make_paged_cache([40, 20, 3, 5], r, 8, bs, generator=g)
+w = make_weights(H_kv, r, d, torch.float16, generator=g)
+cos, sin = R.rope_tables(200, d)
+clean = [pc.cache, pc.cache_scale, pc.block_table.clone(), pc.seq_lens.clone(), *w, 8, cos, sin]
+capacity = pc.block_table.shape[1] * bs
+table, lens = pc.block_table.clone(), pc.seq_lens.clone()
+table[0, 1] = pc.cache.shape[0] + 7   # tokens 16..31 of sequence 0
+table[1, 0] = -5                      # tokens 0..15 of sequence 1
+lens[2] = capacity + 100              # clamped to capacity
+lens[3] = -4                          # clamped to 0
+args = [pc.cache, pc.cache_scale, table, lens, *w, 8, cos, sin]
+k, v = qk.latent_reconstruct_kv(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+torch.cuda.synchronize()
+assert k.shape == (40 + 20 + capacity, H_kv, d), k.shape
+k, v = k.cpu(), v.cpu()
+for rows in (slice(16, 32), slice(40, 56)):
+    assert bool((k[rows] == 0).all()) and bool((v[rows] == 0).all()), "a bad block must read as zeros"
+tk, tv = R.latent_reconstruct_kv_ref(*clean, out_dtype=torch.float64)
+bk, bv = latent_reconstruct_error_bound(*clean, tensor_cores=True)
+for rows in (slice(0, 16), slice(32, 40), slice(56, 60)):
+    assert_within(k[rows], tk[rows], bk[rows], torch.float16, "k")
+    assert_within(v[rows], tv[rows], bv[rows], torch.float16, "v")
+print("unchecked ok")
+"""
+
+
+@CUDA
+def test_cuda_unchecked_bad_indices_stay_in_bounds():
+    require_kernel("latent_cache_append", "cuda")
+    require_kernel("latent_reconstruct_kv", "cuda")
+    env = dict(os.environ, QSVD_SKIP_INDEX_CHECKS="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _UNCHECKED_SCRIPT, here], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0 and "unchecked ok" in out.stdout, out.stdout + out.stderr

@@ -28,6 +28,12 @@ def _samples(device):
         tuple(t.to(device) if isinstance(t, torch.Tensor) else t
               for t in (a8, sa, torch.randint(-127, 128, (7, 64), dtype=torch.int8, generator=g), sb, 8, 8,
                         torch.float32, torch.randn(7, generator=g))),
+        # K = 102 and N = 19: the CUDA launcher's K-padding and padded-output paths.
+        tuple(t.to(device) if isinstance(t, torch.Tensor) else t
+              for t in (R.pack_int4(torch.randint(-7, 8, (33, 102), dtype=torch.int8, generator=g)),
+                        torch.rand(33, generator=g), torch.randint(-127, 128, (19, 102), dtype=torch.int8, generator=g),
+                        torch.rand(19, generator=g), 4, 8, torch.bfloat16,
+                        torch.randn(19, generator=g).to(torch.bfloat16))),
     ]
     cache = torch.zeros(4, 16, 32, dtype=torch.int8, device=device)
     scale = torch.zeros(4, 16, device=device)

@@ -110,14 +110,135 @@ def test_noncontiguous_operands(device):
     assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+# (M, N, K): M over the decode and prefill buckets of both architectures
+# (sm80: decode M <= 32; sm90 W8A8: decode M <= 64), N >> M and M >> N, N
+# never a multiple of 8 (the padded-output path) but one aligned case per
+# M-bucket, and K off the kernels' 16-byte row granularity (K odd for INT8,
+# K = 2 mod 4 for INT4: the zero-padding path) or aligned (the direct path).
+_CUDA_SHAPES_8 = [(1, 4099, 1023), (7, 1000, 4096), (16, 2050, 333), (33, 333, 1023), (64, 520, 4096),
+                  (65, 130, 255), (256, 96, 4097), (1000, 24, 999), (300, 7, 64), (16, 4096, 4096)]
+_CUDA_SHAPES_4 = [(1, 4099, 1026), (7, 1000, 4096), (16, 2050, 334), (33, 333, 1026), (64, 520, 4096),
+                  (65, 130, 258), (256, 96, 4098), (1000, 24, 998), (300, 7, 64), (16, 4096, 4096)]
+
+
+def _cuda_vs_cpu(A, sa, B, sb, a_bits, b_bits, out_dtype, bias):
+    got = qk.quant_gemm(A.cuda(), sa.cuda(), B.cuda(), sb.cuda(), a_bits, b_bits, out_dtype,
+                        None if bias is None else bias.cuda())
+    want = qk.quant_gemm(A, sa, B, sb, a_bits, b_bits, out_dtype, bias)
+    return got, want
+
+
+@needs_gpu
 @pytest.mark.parametrize("a_bits,b_bits", BITS)
-def test_cuda_matches_cpu(a_bits, b_bits):
+@pytest.mark.parametrize("shape", range(len(_CUDA_SHAPES_8)))
+def test_cuda_matches_cpu(a_bits, b_bits, shape):
+    """CUDA == CPU bit for bit, for every output dtype, with and without bias.
+
+    Why equality and not a tolerance: both backends sum the integer products
+    exactly in int32 (K <= 131072), then evaluate ((float)acc * a_scale) *
+    b_scale (+ bias) in fp32 with each operation rounded to nearest and none
+    fused (__fmul_rn / __fadd_rn on the GPU, -ffp-contract=off on the host),
+    so the fp32 value is the same; the single rounding to fp16/bf16 is
+    round-to-nearest-even on both. Without a bias the CUDA epilogue adds -0.0,
+    which leaves every fp32 value unchanged."""
     require_kernel("quant_gemm", "cuda")
-    g = torch.Generator().manual_seed(11)
-    for M, N, K in [(1, 4096, 4096), (16, 1536, 4096), (333, 1000, 1024), (4096, 64, 512)]:
+    M, N, K = (_CUDA_SHAPES_4 if 4 in (a_bits, b_bits) else _CUDA_SHAPES_8)[shape]
+    g = torch.Generator().manual_seed(1000 * shape + 10 * a_bits + b_bits)
+    _, _, A, B = _operands(M, N, K, a_bits, b_bits, g)
+    sa = torch.rand(M, generator=g) * 0.02 + 1e-3
+    sb = torch.rand(N, generator=g) * 0.02 + 1e-3
+    for out_dtype in OUT_DTYPES:
+        bias = (torch.randn(N, generator=g) * 4).to(out_dtype)
+        for b_ in (None, bias):
+            got, want = _cuda_vs_cpu(A, sa, B, sb, a_bits, b_bits, out_dtype, b_)
+            assert got.dtype == out_dtype and got.shape == (M, N) and got.is_contiguous()
+            assert torch.equal(got.cpu(), want), \
+                f"{out_dtype}, bias={b_ is not None}: max diff {(got.cpu().double() - want.double()).abs().max()}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("a_bits,b_bits", BITS)
+def test_cuda_noncontiguous_and_misaligned(a_bits, b_bits):
+    """Strided operands, strided scales and bias, and views at an address
+    off the kernels' 16-byte alignment: the same result as contiguous
+    copies on the CPU, bit for bit."""
+    require_kernel("quant_gemm", "cuda")
+    M, N, K = 37, 203, 258
+    g = torch.Generator().manual_seed(17)
+    _, _, A, B = _operands(M, N, K, a_bits, b_bits, g)
+    sa = torch.rand(M, generator=g) * 0.02 + 1e-3
+    sb = torch.rand(N, generator=g) * 0.02 + 1e-3
+    bias = torch.randn(N, generator=g).to(torch.bfloat16)
+    dev = "cuda"
+    A_t = A.to(dev).t().contiguous().t()                     # column-major
+    B_wide = torch.zeros(N, 2 * B.shape[1], dtype=B.dtype, device=dev)
+    B_wide[:, 1:1 + B.shape[1]] = B.to(dev)
+    B_s = B_wide[:, 1:1 + B.shape[1]]                        # row stride 2x, odd byte offset
+    sa_s = torch.zeros(2 * M, device=dev)
+    sa_s[::2] = sa.to(dev)
+    sb_off = torch.zeros(N + 1, device=dev)
+    sb_off[1:] = sb.to(dev)                                  # 4 bytes off alignment
+    bias_s = torch.zeros(2 * N, dtype=torch.bfloat16, device=dev)
+    bias_s[::2] = bias.to(dev)
+    assert not A_t.is_contiguous() and not B_s.is_contiguous() and not bias_s[::2].is_contiguous()
+    got = qk.quant_gemm(A_t, sa_s[::2], B_s, sb_off[1:], a_bits, b_bits, torch.bfloat16, bias_s[::2])
+    want = qk.quant_gemm(A, sa, B, sb, a_bits, b_bits, torch.bfloat16, bias)
+    assert torch.equal(got.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.parametrize("a_bits,b_bits", BITS)
+def test_cuda_stream_k_shapes(a_bits, b_bits):
+    """Few output tiles and a long K (decode down-projection, K splits
+    across SMs) and a grid of many tiles with a ragged last wave: the
+    stream-K partial sums are int32 and exact, so still bit-identical."""
+    require_kernel("quant_gemm", "cuda")
+    g = torch.Generator().manual_seed(23)
+    for M, N, K in [(1, 64, 32768), (3, 1024, 16384), (48, 200, 8192), (700, 1100, 512)]:
         _, _, A, B = _operands(M, N, K, a_bits, b_bits, g)
         sa, sb = torch.rand(M, generator=g) * 0.01, torch.rand(N, generator=g) * 0.01
-        got = qk.quant_gemm(A.cuda(), sa.cuda(), B.cuda(), sb.cuda(), a_bits, b_bits, torch.float32).cpu()
-        want = qk.quant_gemm(A, sa, B, sb, a_bits, b_bits, torch.float32)
-        assert torch.allclose(got, want, rtol=4 * 2.0**-24 * 2, atol=0)
+        got, want = _cuda_vs_cpu(A, sa, B, sb, a_bits, b_bits, torch.float32, None)
+        assert torch.equal(got.cpu(), want), (M, N, K)
+
+
+@needs_gpu
+@pytest.mark.parametrize("a_bits,b_bits", [(8, 8), (8, 4), (4, 8)])
+def test_cuda_large_sums_round_like_cpu(a_bits, b_bits):
+    """Sums above 2^24 (spacing 4 in fp32), low bits varied: (float)acc is
+    inexact, and the kernels' int32 -> fp32 conversion must round to nearest
+    even like the CPU's static_cast (a truncating conversion, or CUTLASS's
+    magic-number FastNumericArrayConverter, would fail). The other tests keep
+    |acc| < 2^24, where every conversion is exact. W4A4 cannot get there
+    (7 * 7 * 131072 < 2^24)."""
+    require_kernel("quant_gemm", "cuda")
+    K = 4096 if (a_bits, b_bits) == (8, 8) else 65536
+    M, N = 4, 40
+    qa, qb = (7 if a_bits == 4 else 127), (7 if b_bits == 4 else 127)
+    g = torch.Generator().manual_seed(29)
+    a = torch.full((M, K), qa, dtype=torch.int8)
+    b = torch.full((N, K), qb, dtype=torch.int8)
+    a[:, :64] = torch.randint(-qa, qa + 1, (M, 64), dtype=torch.int8, generator=g)
+    b[:, :64] = torch.randint(-qb, qb + 1, (N, 64), dtype=torch.int8, generator=g)
+    acc = a.to(torch.int64) @ b.to(torch.int64).T
+    assert bool((acc >= 2**25).all()) and bool((acc.float().to(torch.int64) != acc).any())
+    A = R.pack_int4(a) if a_bits == 4 else a
+    B = R.pack_int4(b) if b_bits == 4 else b
+    got, want = _cuda_vs_cpu(A, torch.ones(M), B, torch.ones(N), a_bits, b_bits, torch.float32, None)
+    assert torch.equal(want, acc.float())
+    assert torch.equal(got.cpu(), want)
+
+
+@needs_gpu
+def test_cuda_config_depends_on_m():
+    """The decode configuration serves M = 1, the prefill one M = 4096; on
+    Hopper W8A8 runs the CUTLASS 3.x kernels and the INT4 pairs the 2.x ones."""
+    require_kernel("quant_gemm", "cuda")
+    config = qk._C.quant_gemm_config
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    for a_bits, b_bits in BITS:
+        small, large = config(1, a_bits, b_bits), config(4096, a_bits, b_bits)
+        assert small != large and "decode" in small and "prefill" in large
+        arch = "sm90" if hopper and (a_bits, b_bits) == (8, 8) else "sm80"
+        assert small.startswith(arch) and large.startswith(arch)

@@ -13,15 +13,11 @@ namespace qsvd_torch {
 
 void latent_cache_append_cpu(const at::Tensor& c_in, const at::Tensor& slot_mapping_in, at::Tensor& cache,
                              at::Tensor& cache_scale, int64_t bits, double clip_ratio) {
-  const char* op = "latent_cache_append";
   const CacheAppendShape s = check_latent_cache_append(c_in, slot_mapping_in, cache, cache_scale, bits, clip_ratio);
   if (s.T == 0) return;
   const at::Tensor slots = slot_mapping_in.to(at::kLong).contiguous();
+  check_slot_mapping_host(slots, s);
   const int64_t* sp = slots.data_ptr<int64_t>();
-  const int64_t num_slots = s.num_blocks * s.block_size;
-  for (int64_t i = 0; i < s.T; ++i)
-    QSVD_CHECK_VALUE(sp[i] < num_slots, op, "`slot_mapping`[", i, "] = ", sp[i], " is past the end of the cache (",
-                     s.num_blocks, " blocks of ", s.block_size, " = ", num_slots, " slots)");
   const at::Tensor c = c_in.contiguous();
   const int64_t code_row = bits == 4 ? s.r / 2 : s.r;
   uint8_t* cache_p = static_cast<uint8_t*>(cache.data_ptr());

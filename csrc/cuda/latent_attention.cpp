@@ -1,0 +1,168 @@
+// CUDA launcher of latent_attention (decode): the CPU kernel's checks, the
+// optional host check of the index values, the split-KV plan (chosen from
+// the shapes and the SM count, never from seq_lens: no device sync), the
+// fp32 workspace, then the torch-free kernels of
+// include/qsvd/kernels/latent_attention_kernel.cuh.
+// Compiled by the host compiler: only the .cu instantiations need nvcc.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "../checks.h"
+#include "../ops.h"
+#include "qsvd/kernels/latent_attention_params.h"
+
+namespace qsvd_torch {
+namespace {
+
+namespace lat = qsvd::latent;
+
+lat::WeightType weight_type(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return lat::WeightType::kF16;
+    case at::kBFloat16: return lat::WeightType::kBF16;
+    default: return lat::WeightType::kI8;
+  }
+}
+
+lat::OutType out_type(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return lat::OutType::kF16;
+    case at::kBFloat16: return lat::OutType::kBF16;
+    default: return lat::OutType::kF32;
+  }
+}
+
+// QSVD_LATENT_SPLITS=n forces n KV splits per sequence (capped at one split
+// per 32 tokens of capacity, per token tile of the tensor-core kernel): for
+// tests and tuning. Read at every call; unset,
+// empty or 0 lets the launcher choose.
+int forced_splits() {
+  const char* v = std::getenv("QSVD_LATENT_SPLITS");
+  if (v == nullptr || v[0] == '\0') return 0;
+  return std::max(0, std::atoi(v));
+}
+
+// QSVD_LATENT_KERNEL=simt|tc forces the CUDA-core or the tensor-core split
+// kernel, so the two can be compared on one GPU; unset, empty or "auto"
+// lets the launcher pick. Read at every call.
+enum class KernelChoice { kAuto, kSimt, kTensorCore };
+
+KernelChoice kernel_choice(const char* op) {
+  const char* v = std::getenv("QSVD_LATENT_KERNEL");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return KernelChoice::kAuto;
+  if (std::strcmp(v, "simt") == 0) return KernelChoice::kSimt;
+  if (std::strcmp(v, "tc") == 0) return KernelChoice::kTensorCore;
+  QSVD_CHECK(false, op, "QSVD_LATENT_KERNEL must be simt, tc or auto, got '", v, "'");
+  return KernelChoice::kAuto;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
+    const at::Tensor& q_in, const at::Tensor& cache_in, const at::Tensor& cache_scale_in,
+    const at::Tensor& block_table_in, const at::Tensor& seq_lens_in, const at::Tensor& w_uk_in,
+    const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv_in,
+    const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin) {
+  const char* op = "latent_attention";
+  int64_t H = 0;
+  const LatentShape s = check_latent_attention(q_in, cache_in, cache_scale_in, block_table_in, seq_lens_in, w_uk_in,
+                                               w_uk_scale, w_uv_in, w_uv_scale, bits, sm_scale, rope_cos, rope_sin,
+                                               &H);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor block_table = block_table_in.contiguous();
+  const at::Tensor seq_lens = seq_lens_in.contiguous();
+  const int64_t rope_len = s.rope ? rope_cos->size(0) : 0;
+  if (host_index_checks_enabled())
+    check_paged_indices_host(op, seq_lens.cpu(), block_table.cpu(), s, rope_len);
+
+  at::Tensor out = at::empty({s.B, H, s.d}, q_in.options());
+  at::Tensor lse = at::empty({s.B, H}, q_in.options().dtype(at::kFloat));
+  if (s.B == 0) return {out, lse};
+  QSVD_CHECK(s.B <= 65535 && H <= 65535, op, "the CUDA kernel serves at most 65535 sequences and 65535 heads, got B = ",
+             s.B, ", H = ", H);
+
+  const at::Tensor q = q_in.to(at::kFloat).contiguous();
+  const at::Tensor cache = cache_in.contiguous();
+  const at::Tensor cache_scale = cache_scale_in.contiguous();
+  const at::Tensor w_uk = w_uk_in.contiguous();
+  const at::Tensor w_uv = w_uv_in.contiguous();
+  const at::Tensor wk_scale = w_uk_scale.has_value() ? w_uk_scale->contiguous() : at::Tensor();
+  const at::Tensor wv_scale = w_uv_scale.has_value() ? w_uv_scale->contiguous() : at::Tensor();
+  const at::Tensor cos = s.rope ? rope_cos->contiguous() : at::Tensor();
+  const at::Tensor sin = s.rope ? rope_sin->contiguous() : at::Tensor();
+
+  lat::LatentAttentionParams p;
+  p.q = q.data_ptr<float>();
+  p.cache = cache.data_ptr();
+  p.cache_scale = cache_scale.data_ptr<float>();
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.w_uk = w_uk.data_ptr();
+  p.w_uk_scale = wk_scale.defined() ? wk_scale.data_ptr<float>() : nullptr;
+  p.w_uv = w_uv.data_ptr();
+  p.w_uv_scale = wv_scale.defined() ? wv_scale.data_ptr<float>() : nullptr;
+  p.rope_cos = s.rope ? cos.data_ptr<float>() : nullptr;
+  p.rope_sin = s.rope ? sin.data_ptr<float>() : nullptr;
+  p.rope_len = rope_len;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.B = static_cast<int>(s.B);
+  p.H = static_cast<int>(H);
+  p.H_kv = static_cast<int>(s.H_kv);
+  p.r = static_cast<int>(std::min<int64_t>(s.r, lat::kMaxRank + 1));
+  p.d = static_cast<int>(std::min<int64_t>(s.d, lat::kMaxHeadDim + 1));
+  p.bits = static_cast<int>(bits);
+  p.num_blocks = s.num_blocks;
+  p.block_size = s.block_size;
+  p.max_blocks = s.max_blocks;
+  // One rounding of the exact sm_scale * log2(e): softmax runs in base 2.
+  p.score_scale = static_cast<float>(sm_scale * 1.4426950408889634073599);
+  p.weight_type = weight_type(w_uk.scalar_type());
+  p.out_type = out_type(q_in.scalar_type());
+
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  int64_t capacity = s.max_blocks * s.block_size;
+  if (s.rope) capacity = std::min(capacity, rope_len);
+  // Split kernel: the tensor-core one wherever it serves the shape, else the
+  // CUDA-core one (plan_latent_attention_tc). It serves d <= 256, r <= 8192
+  // and, with RoPE, d % 16 == 0 and a 16-byte aligned w_uk; in both paths a
+  // token tile of >= 16 must fit shared memory (without RoPE that holds up to
+  // r ~ 1950 on an H100, ~ 1300 on an A100; with RoPE, at d = 128, up to
+  // r ~ 6300 and ~ 4300).
+  const KernelChoice choice = kernel_choice(op);
+  const int sms = prop->multiProcessorCount;
+  const size_t smem_limit = prop->sharedMemPerBlockOptin;
+  if (choice != KernelChoice::kSimt) {
+    lat::LatentAttentionParams tc = p;
+    const char* why_tc = lat::plan_latent_attention_tc(tc, capacity, sms, smem_limit, forced_splits());
+    if (why_tc[0] == '\0')
+      p = tc;
+    else
+      QSVD_CHECK(choice != KernelChoice::kTensorCore, op, "QSVD_LATENT_KERNEL=tc, but ", why_tc, " (got r = ", s.r,
+                 ", d = ", s.d, ", H / H_kv = ", H / s.H_kv, ", rope = ", s.rope, ")");
+  }
+  if (p.split_kernel == lat::SplitKernel::kSimt) {
+    const char* why = lat::plan_latent_attention(p, capacity, sms, smem_limit, forced_splits());
+    QSVD_CHECK(why[0] == '\0', op, why, " (got r = ", s.r, ", d = ", s.d, ", H / H_kv = ", H / s.H_kv, ")");
+  }
+
+  const auto f32 = q.options();
+  at::Tensor q_lat = s.rope ? at::Tensor() : at::empty({s.B, H, s.r}, f32);
+  at::Tensor part_acc = at::empty({s.B, H, p.splits, s.r}, f32);
+  at::Tensor part_ml = at::empty({s.B, H, p.splits, 2}, f32);
+  p.q_lat = s.rope ? nullptr : q_lat.data_ptr<float>();
+  p.part_acc = part_acc.data_ptr<float>();
+  p.part_ml = part_ml.data_ptr<float>();
+
+  const cudaError_t err = lat::launch_latent_attention(p, at::cuda::getCurrentCUDAStream());
+  QSVD_CHECK(err == cudaSuccess, op, "CUDA kernel launch failed: ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
+}  // namespace qsvd_torch

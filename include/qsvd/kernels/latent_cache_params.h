@@ -1,0 +1,93 @@
+// Launch interface of the CUDA paged-latent-cache kernels: raw pointers,
+// sizes, a stream, a cudaError_t. The torch launcher (csrc/cuda/latent_cache.cpp)
+// includes only this; the kernels live in latent_cache_kernel.cuh.
+//
+//   latent_cache_append        quantize rows of c per token into the paged cache;
+//   latent_reconstruct_kv      = gather_latent_codes (paged codes -> dense
+//                                fp16/bf16 codes, token scales, positions)
+//                              + a cuBLAS GEMM with fp32 output (the launcher's)
+//                              + kv_epilogue (scales, RoPE, one rounding).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace qsvd {
+namespace latent_cache {
+
+enum class ElementType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+struct CacheAppendParams {
+  const void* c = nullptr;              // [T, r], row stride c_row_stride elements, unit column stride
+  int64_t c_row_stride = 0;
+  ElementType c_type = ElementType::kF32;
+  const void* slot_mapping = nullptr;   // [T] int64 (slot_is_int64) or int32
+  bool slot_is_int64 = true;
+  void* cache = nullptr;                // [num_slots, r] int8 or [num_slots, r/2] packed uint8, contiguous
+  float* cache_scale = nullptr;         // [num_slots]
+  int64_t T = 0;
+  int64_t r = 0;                        // even for bits 4
+  int64_t num_slots = 0;                // num_blocks * block_size; slots outside [0, num_slots) are skipped
+  int bits = 8;                         // 8 or 4
+  float clip_ratio = 1.f;               // (0, 1]
+  // 16-byte loads of c and 8-byte (int8) / 4-byte (int4) stores of codes:
+  // r % 8 == 0 and every row start suitably aligned (the launcher checks).
+  bool vectorized = false;
+};
+
+// One definition per input element type (csrc/cuda/latent_cache_kernels.cu).
+cudaError_t launch_cache_append_f32(const CacheAppendParams& p, cudaStream_t stream);
+cudaError_t launch_cache_append_f16(const CacheAppendParams& p, cudaStream_t stream);
+cudaError_t launch_cache_append_bf16(const CacheAppendParams& p, cudaStream_t stream);
+
+inline cudaError_t launch_cache_append(const CacheAppendParams& p, cudaStream_t stream) {
+  switch (p.c_type) {
+    case ElementType::kF32: return launch_cache_append_f32(p, stream);
+    case ElementType::kF16: return launch_cache_append_f16(p, stream);
+    case ElementType::kBF16: return launch_cache_append_bf16(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Packed rows [row_begin, row_begin + rows) of the varlen layout (sequences
+// in batch order, cu_seqlens[b] = first row of sequence b): the unpacked
+// codes as a dense matrix, the token scales and each row's position t.
+struct GatherCodesParams {
+  const void* cache = nullptr;          // [num_blocks, block_size, r or r/2], contiguous
+  const float* cache_scale = nullptr;   // [num_blocks, block_size], contiguous
+  const int32_t* block_table = nullptr; // [B, max_blocks], contiguous
+  const int64_t* cu_seqlens = nullptr;  // [B + 1]; seq b's length <= max_blocks * block_size
+  int64_t B = 0, max_blocks = 0, num_blocks = 0, block_size = 0, r = 0;
+  int bits = 8;
+  int64_t row_begin = 0, rows = 0;      // row_begin + rows <= cu_seqlens[B]
+  void* codes = nullptr;                // [rows, r] of codes_type (kF16 or kBF16), contiguous
+  ElementType codes_type = ElementType::kF16;
+  float* token_scale = nullptr;         // [rows]
+  int32_t* position = nullptr;          // [rows]
+  // 8-byte (int8) / 4-byte (int4) loads of codes and 16-byte stores:
+  // r % 8 == 0 and the cache base pointer suitably aligned.
+  bool vectorized = false;
+};
+cudaError_t launch_gather_codes(const GatherCodesParams& p, cudaStream_t stream);
+
+// out[row, h, j] = round(RoPE_pos(acc[row, h*d + j] * token_scale[row] (* w_scale[h*d + j])))
+struct KvEpilogueParams {
+  const float* acc = nullptr;           // [rows, acc_row_stride] fp32, columns h*d + j
+  int64_t acc_row_stride = 0;
+  const float* token_scale = nullptr;   // [rows]
+  const int32_t* position = nullptr;    // [rows], each < the RoPE table length
+  const float* w_scale = nullptr;       // [H_kv * d] (int8 weights) or nullptr
+  const float* rope_cos = nullptr;      // [max_position, d] or nullptr (no RoPE); d even with RoPE
+  const float* rope_sin = nullptr;
+  void* out = nullptr;                  // [rows, H_kv, d] of out_type, contiguous
+  ElementType out_type = ElementType::kF16;
+  int64_t rows = 0, H_kv = 0, d = 0;
+  // Four consecutive channels per thread with 16-byte fp32 loads: d % 8 == 0,
+  // acc_row_stride % 4 == 0 and acc / rope / w_scale 16-byte aligned.
+  bool vectorized = false;
+};
+cudaError_t launch_kv_epilogue(const KvEpilogueParams& p, cudaStream_t stream);
+
+}  // namespace latent_cache
+}  // namespace qsvd

@@ -1,0 +1,348 @@
+"""CUDA latent_attention (split-KV decode) against the float64 reference, at
+shapes the device-parametrised tests in test_latent_attention.py do not
+reach: long contexts with many splits, a ragged batch of 33 sequences,
+grouped heads tiled across CTAs, ranks up to 4096, forced split counts, and
+the device-side index guards with the host checks off.
+
+Every test runs once per split kernel, forced with QSVD_LATENT_KERNEL (read
+at every call): "simt" (CUDA cores) and "tc" (tensor cores,
+latent_attention_tc.cuh). Each is held to its own bound,
+latent_attention_error_bound(kernel="cuda" / "cuda_tc"): the worst-case
+evaluation error of that kernel's order of operations (derived in
+helpers.py), plus the output rounding. Unused cache slots hold NaN scales,
+so a read outside a sequence's tokens fails the test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import qsvd_kernels as qk
+from qsvd_kernels import reference as R
+
+from conftest import require_kernel
+from helpers import LATENT_KERNEL_BOUND, assert_within, latent_attention_error_bound, make_paged_cache, make_weights
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+F16, BF16, F32, I8 = torch.float16, torch.bfloat16, torch.float32, torch.int8
+
+# 33 ragged lengths: 0, 1, block-boundary neighbours and a spread up to ~600.
+RAGGED = [0, 1, 2, 15, 16, 17, 255, 256, 257] + [(97 * i) % 600 for i in range(1, 25)]
+SHORT = [0, 1, 70, 129, 3]
+
+
+def _run(seq_lens, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d, seed=0, sm_scale=None):
+    g = torch.Generator().manual_seed(seed)
+    pc = make_paged_cache(seq_lens, r, bits, block_size, generator=g)
+    w = make_weights(H_kv, r, d, wdtype, generator=g)
+    q = torch.randn(len(seq_lens), H, d, generator=g).to(q_dtype)
+    cos, sin = R.rope_tables(max(max(seq_lens), 1) + 3, d) if rope else (None, None)
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, bits, sm_scale, cos, sin]
+    dev = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    out, lse = qk.latent_attention(q.cuda(), *dev)
+    return out.cpu(), lse.cpu(), q, args
+
+
+KERNELS = ["simt", "tc"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch):
+    """Forces the split kernel for the test (QSVD_LATENT_KERNEL is read per call)."""
+    monkeypatch.setenv("QSVD_LATENT_KERNEL", request.param)
+    return request.param
+
+
+def _tc_serves(rope, d):
+    """Whether the tensor-core kernel serves the shape apart from shared
+    memory (which depends on the device): RoPE needs d % 16 == 0."""
+    return not rope or d % 16 == 0
+
+
+def _run_or_skip(kernel, rope, d, *run_args, **run_kw):
+    """_run, except where the forced tensor-core kernel cannot serve the
+    shape: a shape rule must raise its documented error (asserted); a shape
+    that does not fit this device's shared memory skips, saying so."""
+    if kernel == "tc" and not _tc_serves(rope, d):
+        with pytest.raises(RuntimeError, match=r"qsvd.latent_attention: QSVD_LATENT_KERNEL=tc, but the tensor-core "
+                                               r"kernel needs d % 16 == 0"):
+            _run(*run_args, **run_kw)
+        return None
+    try:
+        return _run(*run_args, **run_kw)
+    except RuntimeError as e:
+        if kernel == "tc" and "the tensor-core kernel needs more shared memory" in str(e):
+            pytest.skip(f"too large for this device's shared memory: {e}")
+        raise
+
+
+def _check(out, lse, q, args, what="", kernel="simt"):
+    truth = R.latent_attention_ref(q.double(), *args)
+    bound = latent_attention_error_bound(q, *args, **LATENT_KERNEL_BOUND[kernel])
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_within(out, truth[0], bound[0], q.dtype, f"out {what}")
+    assert_within(lse, truth[1], bound[1], torch.float32, f"lse {what}")
+    empty = args[3] == 0
+    assert bool((out[empty] == 0).all()) and bool(torch.isneginf(lse[empty]).all())
+
+
+# (bits, weight dtype, rope, H, H_kv, block size, q dtype, r, d, seq_lens): every value of every axis once.
+CASES = [
+    pytest.param(8, F16, False, 32, 8, 16, F16, 512, 128, RAGGED, id="b8-f16-norope-H32kv8-bs16-r512"),
+    pytest.param(4, BF16, True, 32, 8, 1, BF16, 130, 64, RAGGED, id="b4-bf16-rope-H32kv8-bs1-r130"),
+    pytest.param(8, I8, True, 8, 8, 256, F32, 1000, 128, RAGGED, id="b8-i8-rope-H8kv8-bs256-r1000"),
+    pytest.param(4, I8, False, 16, 1, 16, F16, 4096, 64, SHORT, id="b4-i8-norope-G16-r4096"),
+    pytest.param(4, F16, True, 8, 2, 16, BF16, 4096, 128, SHORT, id="b4-f16-rope-G4-r4096"),
+    pytest.param(8, F16, True, 16, 1, 16, F32, 1000, 64, SHORT, id="b8-f16-rope-G16-r1000-headtiles"),
+    pytest.param(8, BF16, True, 4, 2, 16, F32, 130, 6, SHORT, id="b8-bf16-rope-d6"),
+    pytest.param(4, BF16, False, 4, 2, 16, F32, 98, 250, SHORT, id="b4-bf16-norope-d250"),
+]
+
+
+# Shapes aimed at the tensor-core kernels' tiles: token tiles of 16..64 with
+# tails (lengths not multiples of 64, block sizes that split tiles), r not a
+# multiple of 16 (zero-padded MMA depth), d 64 / 128, groups of 1 / 4 / 8,
+# head tiles of 16 with a partial last tile (H = 20, no RoPE), r > 512 (two
+# latent slices without RoPE), every weight dtype, INT8 and INT4.
+TAILS = [0, 1, 15, 16, 17, 63, 64, 65, 127, 129, 200, 1000]
+CASES_TC = [
+    pytest.param(8, F16, True, 8, 8, 16, F16, 130, 64, TAILS, id="tc-b8-f16-rope-G1-r130-d64"),
+    pytest.param(4, BF16, True, 16, 4, 32, BF16, 130, 128, TAILS, id="tc-b4-bf16-rope-G4-r130-d128"),
+    pytest.param(8, I8, True, 16, 2, 16, F32, 1000, 128, TAILS, id="tc-b8-i8-rope-G8-r1000-d128"),
+    pytest.param(4, I8, True, 8, 2, 64, F16, 96, 64, TAILS, id="tc-b4-i8-rope-G4-r96-d64"),
+    pytest.param(8, BF16, True, 4, 4, 1, F32, 17, 16, TAILS, id="tc-b8-bf16-rope-r17-d16"),
+    pytest.param(8, F16, False, 20, 4, 16, F16, 130, 64, TAILS, id="tc-b8-f16-norope-H20-r130"),
+    pytest.param(4, BF16, False, 32, 8, 16, BF16, 1000, 128, TAILS, id="tc-b4-bf16-norope-H32-r1000-slices"),
+    pytest.param(8, I8, False, 8, 1, 256, F32, 528, 64, TAILS, id="tc-b8-i8-norope-G8-r528-slices"),
+    pytest.param(4, F16, False, 1, 1, 16, F32, 64, 6, TAILS, id="tc-b4-f16-norope-H1-r64-d6"),
+]
+
+
+@pytest.mark.parametrize("bits,wdtype,rope,H,H_kv,block_size,q_dtype,r,d,seq_lens", CASES + CASES_TC)
+def test_cuda_shapes(kernel, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d, seq_lens):
+    require_kernel("latent_attention", "cuda")
+    res = _run_or_skip(kernel, rope, d, seq_lens, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d)
+    if res is None:
+        return
+    out, lse, q, args = res
+    assert out.shape == (len(seq_lens), H, d)
+    _check(out, lse, q, args, kernel=kernel)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_long_context_many_splits(kernel, rope, bits):
+    """16K-32K tokens, small batch: the launcher picks many splits."""
+    require_kernel("latent_attention", "cuda")
+    seq_lens = [32768, 16384 + 5] if bits == 8 else [20000, 1]
+    out, lse, q, args = _run(seq_lens, bits, BF16 if rope else F16, rope, 8, 2, 256, F16, 130 if rope else 512, 64)
+    _check(out, lse, q, args, kernel=kernel)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_cuda_long_context_d128_g4(kernel, rope):
+    """32K tokens at the tensor-core targets (d = 128, GQA group 4, r = 512)."""
+    require_kernel("latent_attention", "cuda")
+    out, lse, q, args = _run([32768, 4097], 8, F16, rope, 16, 4, 16, F16, 512, 128, seed=7)
+    _check(out, lse, q, args, kernel=kernel)
+
+
+@pytest.mark.parametrize("splits", ["1", "2", "7", "1000"])
+@pytest.mark.parametrize("rope", [False, True])
+def test_cuda_split_count_does_not_change_result(kernel, monkeypatch, splits, rope):
+    """QSVD_LATENT_SPLITS (read at every call) forces the split count; every
+    count must stay within the bound (the merge rescales by exact powers of
+    two; its additions are counted in the bound's depth)."""
+    require_kernel("latent_attention", "cuda")
+    seq_lens = [3000, 0, 31, 700]
+    monkeypatch.setenv("QSVD_LATENT_SPLITS", splits)
+    out, lse, q, args = _run(seq_lens, 8, F16, rope, 8, 2, 64, F32, 256, 64, seed=3)
+    _check(out, lse, q, args, f"splits={splits}", kernel=kernel)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_kernels_agree_bitwise_on_exact_inputs(monkeypatch, rope, bits):
+    """q = 0 and token scales 2^-7 make every score 0, every softmax weight
+    exactly 1, and every latent sum exact in both split kernels: integers
+    times 2^-7 far below 2^24 ulps; in the tensor-core kernels the weight
+    split is exact (hi = 2^14, lo = 0) and each 64-token MMA sums multiples
+    of 2^14 below 2^27. Split merges of exact sums are exact, so both kernels
+    hand the shared combine the same (acc, l) whatever their tiles and split
+    counts, and out and lse must agree bit for bit: at token and rank tails,
+    partial head tiles, latent slices and empty sequences. A stale or
+    uninitialised shared-memory value (NaN, or a wrong code) shows up,
+    since 0 * NaN is NaN. The reference check uses the tensor-core bound."""
+    require_kernel("latent_attention", "cuda")
+    seq_lens = [1000, 0, 1, 63, 65, 129, 4097]
+    shapes = [(130, 64, 20, 4, F16), (1000, 128, 16, 2, BF16), (528, 64, 8, 8, I8)]
+    for i, (r, d, H, H_kv, wdtype) in enumerate(shapes):
+        g = torch.Generator().manual_seed(11 + i)
+        pc = make_paged_cache(seq_lens, r, bits, 16, generator=g)
+        pc.cache_scale[pc.used] = 2.0**-7  # unused slots keep their NaN poison
+        w = make_weights(H_kv, r, d, wdtype, generator=g)
+        q = torch.zeros(len(seq_lens), H, d)
+        cos, sin = R.rope_tables(max(seq_lens) + 1, d) if rope else (None, None)
+        args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, bits, 1.0 / math.sqrt(d), cos, sin]
+        dev = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        res = {}
+        for k in KERNELS:
+            monkeypatch.setenv("QSVD_LATENT_KERNEL", k)
+            try:
+                out, lse = qk.latent_attention(q.cuda(), *dev)
+            except RuntimeError as e:
+                if k == "tc" and "the tensor-core kernel needs more shared memory" in str(e):
+                    pytest.skip(f"too large for this device's shared memory: {e}")
+                raise
+            res[k] = (out.cpu(), lse.cpu())
+        what = f"r={r} d={d} H={H}"
+        assert torch.equal(res["simt"][0], res["tc"][0]), f"out differs between the kernels ({what})"
+        assert torch.equal(res["simt"][1], res["tc"][1]), f"lse differs between the kernels ({what})"
+        _check(*res["tc"], q, args, what, kernel="tc")
+
+
+@pytest.mark.parametrize("part", ["q_lat", "weights"])
+def test_cuda_hi_lo_splits_carry_the_low_bits(kernel, part):
+    """The no-RoPE tensor-core kernel splits q_lat and the softmax weights
+    p s_t into fp16 hi + lo. Random shapes cannot tell a kernel that drops a
+    lo part (fp16 accuracy, 2^-12 relative, with random signs) from a correct
+    one within the bound; here every element carries the same fp16 rounding
+    error: m = 1 + 2^-11 - 2^-14 rounds to 1 in fp16 (after any power-of-two
+    pre-scale), its lo part 2^-11 - 2^-14 is exact, and positive codes and
+    W_uv make the error systematic. "q_lat": W_uk[:, 0] = 1, q = m e_0 and
+    sm_scale = ln 2 (score_scale = 1) make every q_lat entry m, so a lost lo
+    moves lse ~30x past the bound. "weights": q = 0 and token scales m 2^-7
+    make every weight m 2^-7, so a lost lo moves out ~15x past the bound
+    (checked against a float64 emulation of the kernel's steps)."""
+    require_kernel("latent_attention", "cuda")
+    m = 1 + 2.0**-11 - 2.0**-14
+    g = torch.Generator().manual_seed(21)
+    seq_lens, r, d = [200, 64, 1], 32, 16
+    pc = make_paged_cache(seq_lens, r, 8, 16, generator=g)
+    pc.cache.copy_(torch.randint(1, 128, pc.cache.shape, dtype=torch.int8, generator=g))
+    w_uk = torch.zeros(1, r, d, dtype=F16)
+    w_uk[0, :, 0] = 1
+    w_uv = make_weights(1, r, d, F16, generator=g)[2].abs()
+    q = torch.zeros(len(seq_lens), 1, d)
+    if part == "q_lat":
+        q[:, 0, 0] = m
+        sm_scale = math.log(2.0)
+    else:
+        pc.cache_scale[pc.used] = m * 2.0**-7
+        sm_scale = 1.0
+    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, w_uk, None, w_uv, None, 8, sm_scale, None, None]
+    out, lse = qk.latent_attention(q.cuda(), *[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+    _check(out.cpu(), lse.cpu(), q, args, part, kernel=kernel)
+
+
+def test_cuda_kernel_choice_errors(monkeypatch):
+    """A forced tensor-core kernel on a shape it cannot serve, and an unknown
+    QSVD_LATENT_KERNEL value, raise clear errors (never a silent fallback)."""
+    require_kernel("latent_attention", "cuda")
+    monkeypatch.setenv("QSVD_LATENT_KERNEL", "tc")
+    with pytest.raises(RuntimeError, match=r"QSVD_LATENT_KERNEL=tc, but the tensor-core kernel needs d % 16 == 0"):
+        _run([40], 8, F16, True, 2, 1, 16, F32, 64, 40)
+    monkeypatch.setenv("QSVD_LATENT_KERNEL", "wmma")
+    with pytest.raises(RuntimeError, match=r"QSVD_LATENT_KERNEL must be simt, tc or auto, got 'wmma'"):
+        _run([40], 8, F16, False, 2, 1, 16, F32, 64, 64)
+    monkeypatch.setenv("QSVD_LATENT_KERNEL", "auto")
+    out, lse, q, args = _run([40, 3], 8, F16, True, 2, 1, 16, F32, 64, 40)  # d % 16 != 0: the CUDA-core kernel
+    _check(out, lse, q, args, kernel="simt")
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_cuda_nan_query_reaches_the_output(kernel, rope):
+    """A NaN in one query head gives NaN out and lse for that head, as on the
+    CPU and in the reference, although every score of the head is NaN (no
+    finite running max in any split): such a partial must not be taken for
+    an empty split. The other heads are unaffected."""
+    require_kernel("latent_attention", "cuda")
+    g = torch.Generator().manual_seed(5)
+    pc = make_paged_cache([300, 40], 64, 8, 16, generator=g)
+    w = make_weights(2, 64, 64, torch.float16, generator=g)
+    q = torch.randn(2, 4, 64, generator=g)
+    q[0, 1, 3] = float("nan")
+    cos, sin = R.rope_tables(301, 64) if rope else (None, None)
+    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 8, 0.125, cos, sin]
+    out, lse = qk.latent_attention(q.cuda(), *[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+    out, lse = out.cpu(), lse.cpu()
+    assert bool(out[0, 1].isnan().all()) and bool(lse[0, 1].isnan()), (out[0, 1], lse[0, 1])
+    _check(out, lse, q, args, kernel=kernel)
+
+
+_SKIP_CHECKS_SCRIPT = textwrap.dedent(
+    """
+    import math, torch, qsvd_kernels as qk
+    from qsvd_kernels import reference as R
+    import sys
+    sys.path.insert(0, {tests!r})
+    from helpers import make_paged_cache, make_weights
+    g = torch.Generator().manual_seed(0)
+    pc = make_paged_cache([40, 17, 33], 64, {bits}, 16, generator=g)
+    w = [x.cuda() if x is not None else None for x in make_weights(2, 64, 64, torch.float16, generator=g)]
+    q = torch.randn(3, 4, 64, generator=g).cuda()
+    cos, sin = R.rope_tables(48, 64) if {rope} else (None, None)
+    rope = [t.cuda() if t is not None else None for t in (cos, sin)]
+    def run(table, lens):
+        out, lse = qk.latent_attention(q, pc.cache.cuda(), pc.cache_scale.cuda(), table.cuda(), lens.cuda(), *w,
+                                       {bits}, 0.125, *rope)
+        torch.cuda.synchronize()
+        return out.cpu(), lse.cpu()
+    good = run(pc.block_table, pc.seq_lens)
+    # A block id far outside the cache (both signs) in sequence 0: its tokens are skipped.
+    for bad in (2**31 - 1, -2**31, pc.cache.shape[0]):
+        table = pc.block_table.clone()
+        table[0, 1] = bad
+        out, lse = run(table, pc.seq_lens)
+        assert torch.equal(out[1:], good[0][1:]) and torch.equal(lse[1:], good[1][1:]), "other sequences changed"
+        assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
+    # seq_len past what block_table addresses (and past the RoPE table): clamped to the capacity.
+    cap = pc.block_table.shape[1] * 16
+    lens = pc.seq_lens.clone()
+    lens[1] = 2**31 - 1
+    table = pc.block_table.clone()
+    table[1, :] = table[1, 0]  # every entry of row 1 valid, so the clamped tokens are readable
+    out, lse = run(table, lens)
+    lens[1] = min(cap, 48) if {rope} else cap
+    ref = run(table, lens)
+    assert torch.equal(out, ref[0]) and torch.equal(lse, ref[1]), "long seq_len not clamped"
+    lens[1] = -5  # a negative length is an empty sequence
+    out, lse = run(table, lens)
+    assert bool((out[1] == 0).all()) and bool(torch.isneginf(lse[1]).all())
+    print("OK")
+    """
+)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_bad_indices_with_host_checks_off(kernel, rope, bits):
+    """QSVD_SKIP_INDEX_CHECKS=1 (read once per process, hence a subprocess):
+    bad block ids and too-long seq_lens neither raise nor fault nor touch
+    other sequences; the kernel skips bad blocks and clamps lengths."""
+    require_kernel("latent_attention", "cuda")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "QSVD_SKIP_INDEX_CHECKS": "1", "CUDA_LAUNCH_BLOCKING": "1", "QSVD_LATENT_KERNEL": kernel}
+    script = _SKIP_CHECKS_SCRIPT.format(tests=tests, bits=bits, rope=rope)
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_cuda_unsupported_shape_raises():
+    require_kernel("latent_attention", "cuda")
+    g = torch.Generator().manual_seed(1)
+    pc = make_paged_cache([5], 16, 8, 16, generator=g)
+    w = [x.cuda() if x is not None else None for x in make_weights(1, 16, 258, torch.float16, generator=g)]
+    q = torch.randn(1, 1, 258, generator=g).cuda()
+    with pytest.raises(RuntimeError, match=r"qsvd.latent_attention: the CUDA kernel serves head dims d <= 256"):
+        qk.latent_attention(q, pc.cache.cuda(), pc.cache_scale.cuda(), pc.block_table.cuda(), pc.seq_lens.cuda(),
+                            *w, 8, 0.1)
