@@ -4,8 +4,14 @@
 #   (memcheck, and racecheck for the shared-memory kernels) over a short pass
 #   of every CUDA op -> the benchmarks -> results under bench/results/.
 #
-#   bench/gpu_check.sh            full run
-#   QUICK=1 bench/gpu_check.sh    short GPU slots: fewer fuzz examples, fewer benchmarks
+#   bench/gpu_check.sh                    full run: every stage
+#   bench/gpu_check.sh build test         only these stages, in this order
+#   QUICK=1 bench/gpu_check.sh            short GPU slots: fewer fuzz examples, fewer benchmarks
+#
+# Stages: build, test, sanitize, bench, capacity. A machine that limits one
+# command's time (e.g. 10 minutes) runs them over a few calls on the same
+# warm machine; the build is incremental, so a later call's `build` (run
+# first by every stage list that needs the extension) costs seconds.
 #
 # Offline machines: put the nvidia-cutlass wheel (and any missing test
 # packages) in .whl/ at the repo root; they are installed to /tmp/site.
@@ -19,6 +25,12 @@ cd "$(dirname "$0")/.."
 QUICK="${QUICK:-0}"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(build test sanitize bench capacity)
+want() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+for s in "${stages[@]}"; do
+  case "$s" in build|test|sanitize|bench|capacity) ;; *) echo "unknown stage '$s' (build test sanitize bench capacity)"; exit 2;; esac
+done
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -33,6 +45,7 @@ mkdir -p bench/results
 t0=$(date +%s)
 log() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
 
+# Every stage needs the extension: build (incremental) whatever was asked.
 log "build for $gpu (MAX_JOBS=${MAX_JOBS:=$(nproc)})"
 export MAX_JOBS QSVD_BUILD_CUDA=1
 # The visible GPU picks the arch list (sm_90 -> 9.0a); build in place.
@@ -40,12 +53,15 @@ export MAX_JOBS QSVD_BUILD_CUDA=1
 "$PY" -c 'import qsvd_kernels, json; print(json.dumps(qsvd_kernels.build_info()))' | tee "${res}-build-info.json"
 
 status=0
+if want test; then
 log "test suite (cpu + cuda)"
 fuzz=$([ "$QUICK" = 1 ] && echo 20 || echo 150)
 QSVD_FUZZ_EXAMPLES=$fuzz "$PY" -m pytest python_tests -q -p no:cacheprovider -x --junitxml="${res}-tests.xml" \
   2>&1 | tee "${res}-tests.log" | tail -30 || status=1
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 
+if want sanitize; then
 log "compute-sanitizer (memcheck, racecheck) on a short pass of every CUDA op"
 if command -v compute-sanitizer > /dev/null; then
   : > "${res}-sanitizer.log"
@@ -60,7 +76,9 @@ if command -v compute-sanitizer > /dev/null; then
 else
   echo "compute-sanitizer not found" | tee "${res}-sanitizer.log"
 fi
+fi
 
+if want bench; then
 log "benchmarks"
 if [ "$QUICK" = 1 ]; then
   export QSVD_BENCH_QUICK=1
@@ -71,9 +89,13 @@ fi
 "$PY" -m pytest bench -q -p no:cacheprovider "${sel[@]}" --benchmark-json="${res}.json" --benchmark-columns=median \
   2>&1 | tail -15 || status=1
 [ -f "${res}.json" ] && "$PY" bench/summarize.py "${res}.json" > "${res}.md" && cat "${res}.md"
+fi
+
+if want capacity; then
 log "capacity under a 12 GiB budget, with measured throughput"
 "$PY" bench/capacity.py --measure --out "bench/results/capacity-${gpu}-${stamp}" | tail -12 || status=1
-"$PY" bench/update_readme.py || status=1
+fi
+want bench || want capacity && { "$PY" bench/update_readme.py || status=1; }
 
 if [ -n "${OUT:-}" ]; then cp "${res}"* "$OUT"/ 2>/dev/null; fi
 log "done (status $status)"

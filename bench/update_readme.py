@@ -42,7 +42,8 @@ def section() -> str:
     gpus = gpu_results()
     if not gpus:
         lines += ["**No GPU results yet.** No CUDA kernel of this library has been timed, so this README makes no",
-                  "speed claim. `bench/gpu_check.sh` measures everything in one call on the next GPU. Kernel",
+                  "speed claim. `bench/gpu_check.sh` measures everything on the next GPU (in one call, or in",
+                  "stages: `build test`, `sanitize`, `bench capacity`, where one command's time is limited). Kernel",
                   "microbenchmarks (`bench/test_bench_*.py`, pytest-benchmark) report each time as a ratio against a",
                   "baseline measured in the same run and as a fraction of the GPU's peak, from the byte and op",
                   "models written at the top of each file.", ""]

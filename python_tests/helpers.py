@@ -32,9 +32,10 @@ U64 = 2.0**-53  # unit roundoff of fp64
 #
 # latent_attention_error_bound:
 # On CUDA the launcher picks the CUDA-core or the tensor-core split kernel
-# per shape (QSVD_LATENT_KERNEL forces one); the "cuda_tc" bound is at least
-# the "cuda" bound term by term, so it holds whichever kernel ran.
-LATENT_BOUND = {"cpu": {"u": U64}, "cuda": {"u": U32, "kernel": "cuda_tc"}}
+# per shape (QSVD_LATENT_KERNEL forces one); "cuda_auto" is the larger of the
+# "cuda" and "cuda_tc" bounds, so it holds whichever kernel ran (the
+# tensor-core bound is the looser one except with RoPE and int8 weights).
+LATENT_BOUND = {"cpu": {"u": U64}, "cuda": {"u": U32, "kernel": "cuda_auto"}}
 
 # Keyword arguments for a CUDA split kernel forced with QSVD_LATENT_KERNEL.
 LATENT_KERNEL_BOUND = {"simt": {"u": U32, "kernel": "cuda"}, "tc": {"u": U32, "kernel": "cuda_tc"}}
@@ -131,9 +132,14 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
     < 2u A_j to the final truncation: (2 + 4/k) u <= 3u per product, so a
     tensor-core dot of n terms is off by at most 3 n u sum|terms| (n counts
     the zero padding to a multiple of 16: r16 = round_up(r, 16)).
-      - RoPE: K~ = codes W_uk on tensor cores with exact operands (codes and
-        int8 weights are exact in fp16/bf16): 3 r16 u in place of r u; every
-        later step is the CUDA-core kernel's. ds = (3 r16 + d + 8) u S_max + 5u.
+      - RoPE, fp16/bf16 weights: K~ = codes W_uk on tensor cores with exact
+        operands (codes are exact in fp16/bf16): 3 r16 u in place of r u;
+        every later step is the CUDA-core kernel's. ds = (3 r16 + d + 8) u
+        S_max + 5u.
+      - RoPE, int8 weights: K~ on INT8 tensor cores, an exact int32 sum
+        (|K~| <= 128^2 r <= 2^27) rounded once to fp32 (|error| <= u |K~|
+        <= u sum_i |c_i| |W_ij|): 1 u in place of r u. ds = (d + 9) u S_max
+        + 5u, below the CUDA-core kernel's.
       - No RoPE: q_lat 2^e = hi + lo in fp16 (a power-of-two pre-scale puts
         max |q_lat| in [2^14, 2^15)): |q_lat - (hi + lo) 2^-e| <= 2^-22 |q_lat|
         + 2^-25 2^-e, and 2^-e <= 2^-14 max_i |q_lat_i|. Then two MMAs over
@@ -151,7 +157,16 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
         the merge): (2 L + r + 6 T (1 + 2^-9) + 9) u max|v| + F_v, F_v =
         2^-37 L max_t s_t qmax sum_i |W_uv|_i (the floor summed over L tokens,
         divided by l >= 1/2; qmax = 127 or 7 bounds |code|).
+
+    kernel="cuda_auto" is the elementwise larger of "cuda" and "cuda_tc":
+    the bound when the launcher chooses the split kernel.
     """
+    if kernel == "cuda_auto":
+        args = (q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, sm_scale,
+                rope_cos, rope_sin)
+        simt = latent_attention_error_bound(*args, u=u, kernel="cuda")
+        tc = latent_attention_error_bound(*args, u=u, kernel="cuda_tc")
+        return torch.maximum(simt[0], tc[0]), torch.maximum(simt[1], tc[1])
     B, H, d = q.shape
     H_kv, r, _ = w_uk.shape
     w_k, w_v = _abs_weight(w_uk, w_uk_scale), _abs_weight(w_uv, w_uv_scale)
@@ -171,7 +186,7 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
             r16 = -(-r // 16) * 16
             score_terms, out_terms, floor_s, floor_v = r + d + 8, 2 * L + r + 8, 0.0, 0.0
             if kernel == "cuda_tc" and rope:
-                score_terms = 3 * r16 + d + 8
+                score_terms = d + 9 if w_uk.dtype == torch.int8 else 3 * r16 + d + 8
             elif kernel == "cuda_tc":
                 score_terms = 6 * r16 * (1 + 2.0**-9) + d + 17
                 out_terms = 2 * L + r + 6 * TC_MAX_TILE_TOKENS * (1 + 2.0**-9) + 9

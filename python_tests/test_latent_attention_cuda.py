@@ -210,6 +210,109 @@ def test_cuda_kernels_agree_bitwise_on_exact_inputs(monkeypatch, rope, bits):
         _check(*res["tc"], q, args, what, kernel="tc")
 
 
+def _call_or_skip(q, args, kernel):
+    """The op on CUDA with QSVD_LATENT_KERNEL=kernel already set; skips when
+    the tensor-core kernel's tile does not fit this device's shared memory."""
+    try:
+        out, lse = qk.latent_attention(q.cuda(), *[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+    except RuntimeError as e:
+        if kernel == "tc" and "the tensor-core kernel needs more shared memory" in str(e):
+            pytest.skip(f"too large for this device's shared memory: {e}")
+        raise
+    return out.cpu(), lse.cpu()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_kernels_agree_bitwise_int8_rope_one_tile(monkeypatch, bits):
+    """Int8 weights with RoPE and live scores (random q, codes, weights and
+    scales, the standard RoPE tables): when every sequence fits one token
+    tile of both split kernels (L <= 16: the tensor-core tile is >= 16
+    tokens, the CUDA-core one 32 at these sizes) and one split, the two
+    kernels do the same fp32 operations in the same order on the same
+    values, so out and lse agree bit for bit:
+      - K~: the CUDA-core kernel sums the r exact products c W in fp32, the
+        tensor-core kernel on INT8 MMA in int32, converted once. With
+        r <= 1040 every partial sum is an integer of magnitude
+        <= 127 * 127 * r < 2^24 (INT4 codes are smaller), so both give the
+        exact K~ (never -0: the sums start at +0);
+      - times w_uk_scale, RoPE (rotate-half), q' . k (per-lane fmaf over
+        j = lane + 32 m, the same butterfly), times s_t: identical code;
+      - softmax: one tile, so the same integer max M and the same
+        p_t = exp2f(x_t - M); tokens past L score -inf and add exact zeros
+        (p = 0, zero code rows) to the sum l and to the latent sum, which
+        both kernels run over the tile's tokens in order with fmaf;
+      - one split: the shared combine kernel gets identical partials.
+    No step after K~ needs to be exact. A wrong column block, a stale pad
+    column, a misplaced INT4 nibble or a lost conversion in the INT8 MMA path
+    changes a score and shows. r = 130 and 1000 are not multiples of 16;
+    r = 1000 with a group of 16 tiles the heads across CTAs; block size 4
+    pages every sequence. Also checked against the reference (tensor-core
+    bound)."""
+    require_kernel("latent_attention", "cuda")
+    monkeypatch.setenv("QSVD_LATENT_SPLITS", "1")
+    seq_lens = [16, 1, 0, 9, 13]
+    for i, (r, d, H, H_kv) in enumerate([(130, 64, 8, 2), (1000, 128, 16, 1)]):
+        g = torch.Generator().manual_seed(31 + i)
+        pc = make_paged_cache(seq_lens, r, bits, 4, generator=g)
+        w = make_weights(H_kv, r, d, I8, generator=g)
+        q = torch.randn(len(seq_lens), H, d, generator=g)
+        cos, sin = R.rope_tables(max(seq_lens), d)
+        args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, bits, 1.0 / math.sqrt(d), cos, sin]
+        res = {}
+        for k in KERNELS:
+            monkeypatch.setenv("QSVD_LATENT_KERNEL", k)
+            res[k] = _call_or_skip(q, args, k)
+        what = f"r={r} d={d} H={H}"
+        assert torch.equal(res["simt"][0], res["tc"][0]), f"out differs between the kernels ({what})"
+        assert torch.equal(res["simt"][1], res["tc"][1]), f"lse differs between the kernels ({what})"
+        _check(*res["tc"], q, args, what, kernel="tc")
+
+
+@pytest.mark.parametrize("pattern", ["uniform", "mixed"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_int8_rebuild_sums_past_2_24(kernel, d, pattern):
+    """Int8 weights with RoPE: the tensor-core kernel rebuilds K~ on INT8
+    MMA, an exact int32 sum rounded once to fp32, and is held to the bound
+    with d + 9 roundings on a score instead of r + d + 8 (helpers.py). Here
+    r = 4096 and every K~ lies between 96^2 r = 3.8e7 and 127^2 r = 6.6e7,
+    past 2^24 = 1.7e7, where the fp32 spacing is 2..8. All codes are
+    positive, W_uk column j has one sign and q_j the same sign, so at
+    position 0 (cos 1, sin 0) every term of a score has one sign: a relative
+    error e of K~ moves the score, and the one-token sequence's lse, which
+    is that score, by e |score|. The bound allows about 2 (d + 12) u
+    relative there (9e-6 at d = 64, 1.7e-5 at d = 128).
+      - "uniform": codes 127, W_uk +-127: every product is 16129 = 1 mod 8,
+        so a sum kept in fp32 and rounded to nearest at each product loses
+        1 per product past 2^24 (ties to even, always downwards): 4.6e-5
+        relative, 5x and 2.7x the allowance. A conversion through bf16 errs
+        by 6e-5, through fp16 overflows.
+      - "mixed": codes and |W_uk| uniform in [96, 127], so a misplaced code
+        or weight block shows as well.
+    The longer sequences check RoPE at other positions. The CUDA-core kernel
+    runs too, against its own bound (its fp32 sums do round past 2^24)."""
+    require_kernel("latent_attention", "cuda")
+    r, H, H_kv = 4096, 4, 2
+    seq_lens = [1, 37, 300, 0]
+    g = torch.Generator().manual_seed(41)
+    pc = make_paged_cache(seq_lens, r, 8, 16, generator=g)
+    sign = torch.where(torch.rand(H_kv, 1, d, generator=g) < 0.5, -1, 1)
+    if pattern == "uniform":
+        pc.cache.fill_(127)
+        w_uk = (torch.full((H_kv, r, d), 127) * sign).to(I8)
+    else:
+        pc.cache.copy_(torch.randint(96, 128, pc.cache.shape, dtype=I8, generator=g))
+        w_uk = (torch.randint(96, 128, (H_kv, r, d), generator=g) * sign).to(I8)
+    w_uk_scale = torch.full((H_kv, d), 1.0 / (127 * r))  # |k| = |K~| / (127 r) in [72, 127]
+    _, _, w_uv, w_uv_scale = make_weights(H_kv, r, d, I8, generator=g)
+    q = (torch.rand(len(seq_lens), H, d, generator=g) + 0.5) * sign.reshape(H_kv, d).repeat_interleave(H // H_kv, 0)
+    cos, sin = R.rope_tables(max(seq_lens), d)
+    assert bool((cos[0] == 1).all()) and bool((sin[0] == 0).all())
+    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, 8,
+            1.0 / math.sqrt(d), cos, sin]
+    out, lse = _call_or_skip(q, args, kernel)
+    _check(out, lse, q, args, f"d={d} {pattern}", kernel=kernel)
+
+
 @pytest.mark.parametrize("part", ["q_lat", "weights"])
 def test_cuda_hi_lo_splits_carry_the_low_bits(kernel, part):
     """The no-RoPE tensor-core kernel splits q_lat and the softmax weights

@@ -134,7 +134,8 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   // and, with RoPE, d % 16 == 0 and a 16-byte aligned w_uk; in both paths a
   // token tile of >= 16 must fit shared memory (without RoPE that holds up to
   // r ~ 1950 on an H100, ~ 1300 on an A100; with RoPE, at d = 128, up to
-  // r ~ 6300 and ~ 4300).
+  // r ~ 6300 and ~ 4300; with int8 weights, whose operands take half the
+  // bytes, every r <= 8192 on an H100 and r ~ 8100 on an A100).
   const KernelChoice choice = kernel_choice(op);
   const int sms = prop->multiProcessorCount;
   const size_t smem_limit = prop->sharedMemPerBlockOptin;

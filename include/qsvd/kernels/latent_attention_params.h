@@ -180,8 +180,9 @@ inline const char* plan_latent_attention(LatentAttentionParams& p, int64_t token
 // RoPE (split_kernel = kTensorCore, rope tables given): CTAs as in the
 // CUDA-core kernel (split, kv head x head tile, b); per tile of T in
 // {64, 48, 32, 16} tokens, K~ [T, d] = codes [T, r] W_uk [r, d] runs on
-// tensor cores (wmma m16n16k16, fp16 operands, bf16 for bf16 weights, fp32
-// accumulation; codes and int8 weights are exact in fp16/bf16). Served when
+// tensor cores (wmma m16n16k16): fp16 operands for fp16 weights, bf16 for
+// bf16 weights, fp32 accumulation (codes are exact in fp16/bf16); int8
+// operands for int8 weights, int32 accumulation (exact). Served when
 // d % 16 == 0, W_uk is 16-byte aligned and the tile fits shared memory with
 // T >= 16.
 constexpr int kTcMaxTileTokens = 64;
@@ -189,18 +190,45 @@ constexpr int kTcWeightChunkRows = 64;  // W_uk rows staged per step of the K re
 
 QSVD_INLINE int64_t tc_code_stride(int r) { return round_up(r, 16) + 8; }  // elements per code row in smem
 
+// INT8 MMA operands (int8 weights) in shared memory. wmma wants 32-byte
+// aligned tile pointers and, for 8-bit elements, a row stride that is a
+// multiple of 16 bytes; in a row-major int8 matrix every other 16-column
+// tile starts 16 bytes past a 32-byte boundary. And IMMA takes both operands
+// K-contiguous (A row-major, B column-major; other layouts cost byte loads).
+// So, 16 bytes per row (the wmma ldm is 16) in blocks of 16 K values:
+//   codes [T, r16] (A, row-major): block kb holds codes [t, 16 kb .. 16 kb
+//     + 15] for t < T, blocks 16 T + 32 bytes apart;
+//   W_uk chunk [64, d] (B, column-major): k-block ks holds, for each column
+//     n, its 16 weights of chunk rows 16 ks .. 16 ks + 15; columns n in
+//     tiles of 16, tiles 256 + 32 bytes apart, k-blocks d / 16 tiles apart.
+// The 32-byte gaps keep every tile 32-byte aligned and the staging stores of
+// neighbouring blocks at 2-way bank conflicts at most.
+QSVD_INLINE int64_t tc_i8_code_block_bytes(int tile_tokens) { return 16 * static_cast<int64_t>(tile_tokens) + 32; }
+constexpr int kTcI8WeightTileBytes = 16 * 16 + 32;
+QSVD_INLINE int64_t tc_i8_weight_block_bytes(int d) { return static_cast<int64_t>(d) / 16 * kTcI8WeightTileBytes; }
+// Byte offset of code (t, i) in the int8 code blocks.
+QSVD_INLINE int tc_i8_code_index(int t, int i, int code_block_bytes) {
+  return (i >> 4) * code_block_bytes + 16 * t + (i & 15);
+}
+
 // Shared-memory layout of the RoPE tensor-core split kernel: byte offsets,
 // each region 128-byte aligned (wmma needs 32-byte aligned tile pointers).
+// i8_mma: the layout for int8 weights (int8 codes and W_uk chunk in blocks
+// of 16 K values, int32 K~ accumulators), else for fp16/bf16 weights.
 struct RopeTcLayout {
   int64_t codes, w, k, q, xs, ws, tok_scale, tok_slot, mlf, total;
 };
 
-QSVD_INLINE RopeTcLayout rope_tc_layout(int r, int d, int heads_per_cta, int tile_tokens) {
+QSVD_INLINE RopeTcLayout rope_tc_layout(int r, int d, int heads_per_cta, int tile_tokens, bool i8_mma) {
   RopeTcLayout s;
   int64_t at = 0;
-  s.codes = at;      at += round_up(2 * tile_tokens * tc_code_stride(r), 128);           // fp16/bf16 [T, ldc]
-  s.w = at;          at += round_up(2 * static_cast<int64_t>(kTcWeightChunkRows) * (d + 8), 128);  // [64, d + 8]
-  s.k = at;          at += round_up(4 * static_cast<int64_t>(tile_tokens) * (d + 4), 128);         // fp32 [T, d + 4]
+  const int64_t code_bytes = i8_mma ? round_up(r, 16) / 16 * tc_i8_code_block_bytes(tile_tokens)   // int8 blocks
+                                    : 2 * tile_tokens * tc_code_stride(r);                           // [T, ldc]
+  const int64_t w_bytes = i8_mma ? kTcWeightChunkRows / 16 * tc_i8_weight_block_bytes(d)             // int8 blocks
+                                 : 2 * static_cast<int64_t>(kTcWeightChunkRows) * (d + 8);          // [64, d + 8]
+  s.codes = at;      at += round_up(code_bytes, 128);
+  s.w = at;          at += round_up(w_bytes, 128);
+  s.k = at;          at += round_up(4 * static_cast<int64_t>(tile_tokens) * (d + 4), 128);  // fp32 or int32 [T, d + 4]
   s.q = at;          at += round_up(4 * static_cast<int64_t>(heads_per_cta) * d, 128);            // fp32 [HT, d]
   s.xs = at;         at += round_up(4 * static_cast<int64_t>(kMaxHeadsPerCta) * tile_tokens, 128); // [16, T]
   s.ws = at;         at += round_up(4 * static_cast<int64_t>(d), 128);                             // w_uk_scale or 1
@@ -281,11 +309,12 @@ inline const char* plan_latent_attention_tc(LatentAttentionParams& p, int64_t to
   if (p.d % 16 != 0) return "the tensor-core kernel needs d % 16 == 0";
   if (reinterpret_cast<uintptr_t>(p.w_uk) % 16 != 0) return "the tensor-core kernel needs a 16-byte aligned w_uk";
   p.heads_per_cta = plan_heads_per_cta(p);
+  const bool i8_mma = p.weight_type == WeightType::kI8;
   int tile = kTcMaxTileTokens;
-  while (tile > 16 && static_cast<size_t>(rope_tc_layout(p.r, p.d, p.heads_per_cta, tile).total) > smem_limit)
+  while (tile > 16 && static_cast<size_t>(rope_tc_layout(p.r, p.d, p.heads_per_cta, tile, i8_mma).total) > smem_limit)
     tile -= 16;
   p.tile_tokens = tile;
-  p.split_smem = static_cast<size_t>(rope_tc_layout(p.r, p.d, p.heads_per_cta, tile).total);
+  p.split_smem = static_cast<size_t>(rope_tc_layout(p.r, p.d, p.heads_per_cta, tile, i8_mma).total);
   if (p.split_smem > smem_limit) return "the tensor-core kernel needs more shared memory than the device offers";
   plan_splits(p, static_cast<int64_t>(p.B) * p.H_kv * head_tiles(p), token_capacity, sm_count, forced_splits, tile);
   plan_combine(p);

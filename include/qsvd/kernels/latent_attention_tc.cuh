@@ -5,14 +5,19 @@
 // Per CTA (split, kv head x head tile, sequence), per tile of T tokens
 // (T in {16, 32, 48, 64}, a multiple of the wmma tile):
 //   1. token metadata (slot, scale; invalid tokens: zero codes, score -inf);
-//   2. codes of the tile -> shared memory as fp16 (bf16 for bf16 weights):
-//      exact, |code| <= 127. Columns [r, round_up(r, 16)) are zero;
+//   2. codes of the tile -> shared memory as fp16 (bf16 for bf16 weights,
+//      int8 for int8 weights; INT4 unpacked): exact, |code| <= 127. Columns
+//      [r, round_up(r, 16)) are zero;
 //   3. K~ [T, d] = codes [T, r16] x W_uk[kv] [r16, d] on tensor cores
-//      (nvcuda::wmma m16n16k16, fp32 accumulators), W_uk staged through
-//      shared memory 64 rows at a time as fp16/bf16 (int8 weights are exact
-//      in fp16; their per-channel scale multiplies the fp32 result in step
-//      4). Each warp owns up to 2 x 4 accumulator tiles of the [T, d] output;
-//      the result is stored to shared memory as fp32;
+//      (nvcuda::wmma m16n16k16), W_uk staged through shared memory 64 rows
+//      at a time, rows >= r zero. fp16/bf16 weights: fp16/bf16 operands,
+//      fp32 accumulators. int8 weights: int8 operands (codes row-major,
+//      W_uk transposed to column-major while staged, both in blocks of 16 K
+//      values: tc_i8_code_block_bytes), int32 accumulators, exact
+//      (|sum| <= 128 * 128 * 8192 = 2^27), converted to fp32 once; their
+//      per-channel scale multiplies the fp32 result in step 4. Each warp
+//      owns up to 2 x 4 accumulator tiles of the [T, d] output; the result
+//      is stored to shared memory as fp32;
 //   4. on CUDA cores, fp32, as in the CUDA-core kernel: k = K~ w_uk_scale,
 //      RoPE (rotate-half, position = absolute token index), x_t = s_t (q' . k)
 //      for each query head of the tile, one warp per token;
@@ -23,14 +28,18 @@
 //      columns j + 256 a.
 //
 // Numerics: both MMA operands are exact, so the rebuild differs from the
-// CUDA-core kernel's only in how the r products are summed: tensor cores
-// accumulate with truncation rather than round-to-nearest, which the bound
-// latent_attention_error_bound(kernel="cuda_tc") in python_tests/helpers.py
-// accounts for (3 r16 u instead of r u on the score); every later step is
-// the CUDA-core kernel's, operation for operation.
+// CUDA-core kernel's only in how the r products are summed. fp16/bf16
+// weights: tensor cores accumulate in fp32 with truncation rather than
+// round-to-nearest, which the bound latent_attention_error_bound(kernel=
+// "cuda_tc") in python_tests/helpers.py accounts for (3 r16 u instead of
+// r u on the score). int8 weights: the int32 sum is exact and rounds once
+// to fp32 (1 u instead of r u). Every later step is the CUDA-core kernel's,
+// operation for operation.
 #pragma once
 
 #include <mma.h>
+
+#include <type_traits>
 
 #include "qsvd/kernels/latent_attention_kernel.cuh"
 
@@ -39,17 +48,6 @@ namespace latent {
 namespace detail {
 
 namespace wmma = nvcuda::wmma;
-
-// MMA operand type for weights of type W: bf16 weights stay bf16; fp16 and
-// int8 weights (|w| <= 127 is exact in fp16) use fp16.
-template <typename W>
-struct MmaElem {
-  using type = __half;
-};
-template <>
-struct MmaElem<__nv_bfloat16> {
-  using type = __nv_bfloat16;
-};
 
 template <typename E>
 __device__ __forceinline__ uint32_t int_to_elem_bits(int v);
@@ -66,6 +64,13 @@ template <>
 __device__ __forceinline__ float elem_to_float<__half>(__half v) { return __half2float(v); }
 template <>
 __device__ __forceinline__ float elem_to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+// Exact, without I2F (a quarter-rate conversion, and step 6 converts every
+// code once per head): 0x4B400000 is 1.5 * 2^23, where the fp32 spacing is
+// 1, so adding v to its bits gives the float 1.5 * 2^23 + v exactly.
+template <>
+__device__ __forceinline__ float elem_to_float<int8_t>(int8_t v) {
+  return __fsub_rn(__int_as_float(0x4B400000 + static_cast<int>(v)), 12582912.f);
+}
 
 __device__ __forceinline__ int code_byte(uint32_t w, int k) {
   return static_cast<int>(static_cast<int8_t>(static_cast<uint8_t>(w >> (8 * k))));
@@ -146,9 +151,8 @@ __device__ __forceinline__ void load_codes_elems(const LatentAttentionParams& p,
     load_code_rows_elems<kBits, 1, E>(cache, row_bytes, tok_slot, T, codes_s, ldc);
 }
 
-// Eight consecutive weights (16-byte aligned for fp16/bf16, 8-byte aligned
-// for int8) -> eight elements of type E (16 bytes). Exact: E is W itself, or
-// fp16 for int8.
+// Eight consecutive fp16/bf16 weights (16-byte aligned) -> eight MMA
+// operands of the same type (16 bytes).
 template <typename W, typename E>
 __device__ __forceinline__ uint4 weights8_to_elems(const W* src);
 template <>
@@ -159,11 +163,69 @@ template <>
 __device__ __forceinline__ uint4 weights8_to_elems<__nv_bfloat16, __nv_bfloat16>(const __nv_bfloat16* src) {
   return __ldg(reinterpret_cast<const uint4*>(src));
 }
-template <>
-__device__ __forceinline__ uint4 weights8_to_elems<int8_t, __half>(const int8_t* src) {
-  const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
-  const uint2 a = codes4_to_elems<__half>(v.x), b = codes4_to_elems<__half>(v.y);
-  return make_uint4(a.x, a.y, b.x, b.y);
+
+// Codes of the tile's rows -> codes_s as int8 in column blocks of 16
+// (tc_i8_code_index; INT4 unpacked), kVec bytes per global load as in
+// load_code_rows_elems. Invalid rows (slot < 0) become zeros; columns >= r
+// are not written (zeroed once by the caller). A chunk never straddles a
+// block: 16 int8 codes at a multiple of 16 (kVec 16), or 32 INT4 codes, two
+// whole blocks; 4 or 8 codes at a multiple of 4 or 8 (kVec 4, stores 4- and
+// 8-byte aligned); 1 or 2 codes (kVec 1).
+template <int kBits, int kVec>
+__device__ __forceinline__ void load_code_rows_i8_blocks(const uint8_t* __restrict__ cache, int64_t row_bytes,
+                                                         const int64_t* tok_slot, int T, int8_t* codes_s,
+                                                         int code_block) {
+  const int chunks = static_cast<int>(row_bytes / kVec);
+  const int total = T * chunks;
+  constexpr int kCodesPerChunk = kBits == 4 ? 2 * kVec : kVec;
+  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    const int t = idx / chunks;
+    const int c = idx - t * chunks;
+    const int64_t slot = tok_slot[t];
+    int8_t* dst = codes_s + tc_i8_code_index(t, c * kCodesPerChunk, code_block);
+    const uint8_t* src = slot >= 0 ? cache + slot * row_bytes + static_cast<int64_t>(c) * kVec : cache;
+    if constexpr (kVec == 16) {
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (slot >= 0) v = __ldg(reinterpret_cast<const uint4*>(src));
+      if constexpr (kBits == 8) {
+        *reinterpret_cast<uint4*>(dst) = v;
+      } else {
+        const uint2 a = unpack_int4_word(v.x), b = unpack_int4_word(v.y);
+        const uint2 e = unpack_int4_word(v.z), f = unpack_int4_word(v.w);
+        *reinterpret_cast<uint4*>(dst) = make_uint4(a.x, a.y, b.x, b.y);               // codes 32c .. 32c + 15
+        *reinterpret_cast<uint4*>(dst + code_block) = make_uint4(e.x, e.y, f.x, f.y);  // the next block
+      }
+    } else if constexpr (kVec == 4) {
+      uint32_t v = 0u;
+      if (slot >= 0) v = __ldg(reinterpret_cast<const uint32_t*>(src));
+      if constexpr (kBits == 8) {
+        *reinterpret_cast<uint32_t*>(dst) = v;
+      } else {
+        *reinterpret_cast<uint2*>(dst) = unpack_int4_word(v);
+      }
+    } else {
+      const uint8_t v = slot >= 0 ? __ldg(src) : static_cast<uint8_t>(0);
+      if constexpr (kBits == 8) {
+        dst[0] = static_cast<int8_t>(v);
+      } else {
+        dst[0] = static_cast<int8_t>(unpack_int4_lo(v));
+        dst[1] = static_cast<int8_t>(unpack_int4_hi(v));
+      }
+    }
+  }
+}
+
+template <int kBits>
+__device__ __forceinline__ void load_codes_i8_blocks(const LatentAttentionParams& p, int vec, const int64_t* tok_slot,
+                                                     int T, int8_t* codes_s, int code_block) {
+  const uint8_t* cache = static_cast<const uint8_t*>(p.cache);
+  const int64_t row_bytes = kBits == 4 ? p.r / 2 : p.r;
+  if (vec == 16)
+    load_code_rows_i8_blocks<kBits, 16>(cache, row_bytes, tok_slot, T, codes_s, code_block);
+  else if (vec == 4)
+    load_code_rows_i8_blocks<kBits, 4>(cache, row_bytes, tok_slot, T, codes_s, code_block);
+  else
+    load_code_rows_i8_blocks<kBits, 1>(cache, row_bytes, tok_slot, T, codes_s, code_block);
 }
 
 // ---------------------------------------------------------------------------
@@ -171,10 +233,14 @@ __device__ __forceinline__ uint4 weights8_to_elems<int8_t, __half>(const int8_t*
 // (latent_attention_params.h).
 template <int kBits, typename W>
 __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const LatentAttentionParams p, int vec) {
-  using E = typename MmaElem<W>::type;
+  // MMA operands of the weights' own type (codes are exact in fp16, bf16
+  // and int8); int8 weights run INT8 MMA with exact int32 accumulators.
+  using E = W;
+  constexpr bool kI8Mma = std::is_same_v<W, int8_t>;
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::row_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, E,
+                                std::conditional_t<kI8Mma, wmma::col_major, wmma::row_major>>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, std::conditional_t<kI8Mma, int, float>>;
   extern __shared__ __align__(128) unsigned char smem_tc[];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -188,6 +254,8 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const
   const int r = p.r, d = p.d;
   const int rk = static_cast<int>(round_up(r, 16));   // MMA depth: r padded with zero codes / zero weight rows
   const int ldc = static_cast<int>(tc_code_stride(r)), ldw = d + 8, ldk = d + 4;
+  const int code_block = static_cast<int>(tc_i8_code_block_bytes(T));  // int8: bytes per 16-column block of codes_s
+  const int w_block = static_cast<int>(tc_i8_weight_block_bytes(d));   // int8: bytes per 16-row block of w_s
 
   // L clamped to what block_table and the RoPE table can address.
   int64_t L = p.seq_lens[b];
@@ -206,10 +274,10 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const
     return;
   }
 
-  const RopeTcLayout lay = rope_tc_layout(r, d, HT, T);
-  E* codes_s = reinterpret_cast<E*>(smem_tc + lay.codes);      // [T, ldc]
-  E* w_s = reinterpret_cast<E*>(smem_tc + lay.w);              // [64, ldw]
-  float* k_s = reinterpret_cast<float*>(smem_tc + lay.k);      // [T, ldk]
+  const RopeTcLayout lay = rope_tc_layout(r, d, HT, T, kI8Mma);
+  E* codes_s = reinterpret_cast<E*>(smem_tc + lay.codes);      // [T, ldc]; int8: column blocks of code_block bytes
+  E* w_s = reinterpret_cast<E*>(smem_tc + lay.w);              // [64, ldw]; int8: column-major B tiles (w_block)
+  float* k_s = reinterpret_cast<float*>(smem_tc + lay.k);      // [T, ldk]; int8: int32 until converted in place
   float* q_s = reinterpret_cast<float*>(smem_tc + lay.q);      // [HT, d]: q * score_scale
   float* xs = reinterpret_cast<float*>(smem_tc + lay.xs);      // [16, T]: scores, then weights p_t s_t
   float* ws_s = reinterpret_cast<float*>(smem_tc + lay.ws);    // [d]: w_uk_scale[kv], or 1
@@ -228,10 +296,17 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const
   }
   for (int j = tid; j < d; j += kThreads)
     ws_s[j] = p.w_uk_scale != nullptr ? p.w_uk_scale[static_cast<int64_t>(kv) * d + j] : 1.f;
-  uint16_t* code_bits = reinterpret_cast<uint16_t*>(codes_s);  // +0 is all-zero bits in fp16 and bf16
-  for (int idx = tid; idx < T * (ldc - r); idx += kThreads) {
-    const int t = idx / (ldc - r);
-    code_bits[t * ldc + r + (idx - t * (ldc - r))] = 0;
+  if constexpr (kI8Mma) {
+    for (int idx = tid; idx < T * (rk - r); idx += kThreads) {
+      const int t = idx / (rk - r);
+      codes_s[tc_i8_code_index(t, r + (idx - t * (rk - r)), code_block)] = 0;
+    }
+  } else {
+    uint16_t* code_bits = reinterpret_cast<uint16_t*>(codes_s);  // +0 is all-zero bits in fp16 and bf16
+    for (int idx = tid; idx < T * (ldc - r); idx += kThreads) {
+      const int t = idx / (ldc - r);
+      code_bits[t * ldc + r + (idx - t * (ldc - r))] = 0;
+    }
   }
   if (tid < kMaxHeadsPerCta) {
     m_s[tid] = -INFINITY;
@@ -253,7 +328,8 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const
   const int MT = T / 16, NT = d / 16;
   const int WGM = MT >= 2 ? 2 : 1, WGN = kWarps / WGM;
   const int wm = warp % WGM, wn = warp / WGM;
-  const int d8 = d / 8;  // 8-element vectors per weight row
+  const int d8 = d / 8;    // 8-element vectors per weight row (fp16/bf16)
+  const int d4 = d / 4;    // 4-column groups per weight row (int8)
 
   for (int64_t t0 = start; t0 < end; t0 += T) {
     // 1. Token metadata. Every index is guarded: t < L <= max_blocks * block_size.
@@ -273,21 +349,60 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const
     }
     __syncthreads();
     // 2. Codes (the first barrier of step 3 orders them before the MMAs).
-    load_codes_elems<kBits, E>(p, vec, tok_slot, T, codes_s, ldc);
+    if constexpr (kI8Mma)
+      load_codes_i8_blocks<kBits>(p, vec, tok_slot, T, codes_s, code_block);
+    else
+      load_codes_elems<kBits, E>(p, vec, tok_slot, T, codes_s, ldc);
 
     // 3. K~ = codes W_uk on tensor cores, in chunks of kTcWeightChunkRows rows.
     FragC kf[2][4];
 #pragma unroll
     for (int a = 0; a < 2; ++a)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) wmma::fill_fragment(kf[a][c], 0.f);
+      for (int c = 0; c < 4; ++c) wmma::fill_fragment(kf[a][c], 0);
     for (int k0 = 0; k0 < rk; k0 += kTcWeightChunkRows) {
       __syncthreads();  // codes are written; the previous chunk's readers are done
-      for (int idx = tid; idx < kTcWeightChunkRows * d8; idx += kThreads) {
-        const int row = idx / d8, c8 = idx - row * d8;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (k0 + row < r) v = weights8_to_elems<W, E>(w_uk + static_cast<int64_t>(k0 + row) * d + 8 * c8);
-        *reinterpret_cast<uint4*>(w_s + row * ldw + 8 * c8) = v;
+      if constexpr (kI8Mma) {
+        // Transposed to column-major B tiles: thread (ks, nq) reads chunk rows
+        // 16 ks .. 16 ks + 15 of columns 4 nq .. 4 nq + 3 (4-byte loads,
+        // coalesced across nq; d % 16 == 0 and w_uk 16-byte aligned), turns
+        // each 4 x 4 byte block around with byte permutes and writes each
+        // column's 16 weights as one 16-byte store.
+        for (int idx = tid; idx < (kTcWeightChunkRows / 16) * d4; idx += kThreads) {
+          const int ks = idx / d4, nq = idx - ks * d4;
+          uint32_t rows[16];  // rows[kk] byte m: W[k0 + 16 ks + kk, 4 nq + m]; 0 past r
+#pragma unroll
+          for (int kk = 0; kk < 16; ++kk) {
+            const int k = k0 + 16 * ks + kk;
+            rows[kk] = 0u;
+            if (k < r) rows[kk] = __ldg(reinterpret_cast<const uint32_t*>(w_uk + static_cast<int64_t>(k) * d + 4 * nq));
+          }
+          uint32_t cols[4][4];  // cols[m][q] byte j: W[k0 + 16 ks + 4 q + j, 4 nq + m]
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const uint32_t ab_lo = __byte_perm(rows[4 * q], rows[4 * q + 1], 0x5140);      // a0 b0 a1 b1
+            const uint32_t ab_hi = __byte_perm(rows[4 * q], rows[4 * q + 1], 0x7362);      // a2 b2 a3 b3
+            const uint32_t cd_lo = __byte_perm(rows[4 * q + 2], rows[4 * q + 3], 0x5140);  // c0 d0 c1 d1
+            const uint32_t cd_hi = __byte_perm(rows[4 * q + 2], rows[4 * q + 3], 0x7362);  // c2 d2 c3 d3
+            cols[0][q] = __byte_perm(ab_lo, cd_lo, 0x5410);  // a0 b0 c0 d0
+            cols[1][q] = __byte_perm(ab_lo, cd_lo, 0x7632);  // a1 b1 c1 d1
+            cols[2][q] = __byte_perm(ab_hi, cd_hi, 0x5410);  // a2 b2 c2 d2
+            cols[3][q] = __byte_perm(ab_hi, cd_hi, 0x7632);  // a3 b3 c3 d3
+          }
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {
+            const int n = 4 * nq + m;
+            *reinterpret_cast<uint4*>(w_s + ks * w_block + (n >> 4) * kTcI8WeightTileBytes + 16 * (n & 15)) =
+                make_uint4(cols[m][0], cols[m][1], cols[m][2], cols[m][3]);
+          }
+        }
+      } else {
+        for (int idx = tid; idx < kTcWeightChunkRows * d8; idx += kThreads) {
+          const int row = idx / d8, c8 = idx - row * d8;
+          uint4 v = make_uint4(0u, 0u, 0u, 0u);
+          if (k0 + row < r) v = weights8_to_elems<W, E>(w_uk + static_cast<int64_t>(k0 + row) * d + 8 * c8);
+          *reinterpret_cast<uint4*>(w_s + row * ldw + 8 * c8) = v;
+        }
       }
       __syncthreads();
       const int ksteps = min(kTcWeightChunkRows, rk - k0) / 16;
@@ -297,12 +412,20 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const
 #pragma unroll
         for (int a = 0; a < 2; ++a) {
           const int mt = wm + WGM * a;
-          if (mt < MT) wmma::load_matrix_sync(fa[a], codes_s + 16 * mt * ldc + k0 + 16 * ks, ldc);
+          if constexpr (kI8Mma) {  // block k0 / 16 + ks, rows 16 mt ..: 16 bytes a row
+            if (mt < MT) wmma::load_matrix_sync(fa[a], codes_s + (k0 / 16 + ks) * code_block + 256 * mt, 16);
+          } else {
+            if (mt < MT) wmma::load_matrix_sync(fa[a], codes_s + 16 * mt * ldc + k0 + 16 * ks, ldc);
+          }
         }
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int nt = wn + WGN * c;
-          if (nt < NT) wmma::load_matrix_sync(fb[c], w_s + 16 * ks * ldw + 16 * nt, ldw);
+          if constexpr (kI8Mma) {  // k-block ks, column tile nt: 16 bytes a column
+            if (nt < NT) wmma::load_matrix_sync(fb[c], w_s + ks * w_block + nt * kTcI8WeightTileBytes, 16);
+          } else {
+            if (nt < NT) wmma::load_matrix_sync(fb[c], w_s + 16 * ks * ldw + 16 * nt, ldw);
+          }
         }
 #pragma unroll
         for (int a = 0; a < 2; ++a)
@@ -316,8 +439,20 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int mt = wm + WGM * a, nt = wn + WGN * c;
-        if (mt < MT && nt < NT)
-          wmma::store_matrix_sync(k_s + 16 * mt * ldk + 16 * nt, kf[a][c], ldk, wmma::mem_row_major);
+        if (mt < MT && nt < NT) {
+          if constexpr (kI8Mma) {
+            // Exact int32 sums, rounded once to fp32 in place by the warp that stored them.
+            int* k_tile = reinterpret_cast<int*>(k_s + 16 * mt * ldk + 16 * nt);
+            wmma::store_matrix_sync(k_tile, kf[a][c], ldk, wmma::mem_row_major);
+            __syncwarp();
+            for (int e = lane; e < 256; e += 32) {
+              const int at = (e >> 4) * ldk + (e & 15);
+              reinterpret_cast<float*>(k_tile)[at] = __int2float_rn(k_tile[at]);
+            }
+          } else {
+            wmma::store_matrix_sync(k_s + 16 * mt * ldk + 16 * nt, kf[a][c], ldk, wmma::mem_row_major);
+          }
+        }
       }
     __syncthreads();
 
@@ -389,9 +524,10 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const
       const int i = tid + a * kThreads;
       if (a < slots_per_head && g < hc && i < r) {
         const float* w = xs + g * T;
-        const E* col = codes_s + i;
+        const E* col = codes_s + (kI8Mma ? tc_i8_code_index(0, i, code_block) : i);
+        const int code_step = kI8Mma ? 16 : ldc;  // elements from token t to t + 1 in column i
         float v = __fmul_rn(acc[e], f_s[g]);
-        for (int t = 0; t < T; ++t) v = fmaf(w[t], elem_to_float<E>(col[t * ldc]), v);
+        for (int t = 0; t < T; ++t) v = fmaf(w[t], elem_to_float<E>(col[t * code_step]), v);
         acc[e] = v;
       }
     }

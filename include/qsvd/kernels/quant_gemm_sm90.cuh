@@ -173,6 +173,16 @@ cudaError_t run_sm90(const QuantGemmParams& p, cudaStream_t stream, size_t* work
     return cudaSuccess;
   }
   if (needed > p.workspace_bytes) return cudaErrorInvalidValue;
+  // A build without sm_90a code (e.g. "8.0+PTX" run on an H100) would
+  // JIT-compile this kernel from compute_80 PTX, where CUTLASS's wgmma
+  // kernel is an empty body: refuse instead of returning garbage.
+  static const cudaError_t image = [] {
+    cudaFuncAttributes attr{};
+    const cudaError_t e = cudaFuncGetAttributes(&attr, cutlass::device_kernel<GemmKernel>);
+    if (e != cudaSuccess) return e;
+    return attr.ptxVersion >= 90 ? cudaSuccess : cudaErrorNoKernelImageForDevice;
+  }();
+  if (image != cudaSuccess) return image;
   Gemm gemm;
   if (gemm.initialize(args, p.workspace, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
   if (gemm.run(stream) != cutlass::Status::kSuccess) {
