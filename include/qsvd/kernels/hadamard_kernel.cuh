@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "qsvd/hadamard.h"
+#include "qsvd/kernels/element.cuh"
 #include "qsvd/kernels/hadamard_params.h"
 #include "qsvd/numerics.h"
 
@@ -35,41 +36,12 @@ namespace detail {
 // 48 KiB that needs no opt-in on any architecture.
 constexpr int kExchangeFloats = 8192;
 
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Widest access (16, 8, 4, 2 or 1 bytes) that divides a run of kBytes.
 template <int kBytes>
 constexpr int vector_bytes() {
   return kBytes % 16 == 0 ? 16 : kBytes % 8 == 0 ? 8 : kBytes % 4 == 0 ? 4 : kBytes % 2 == 0 ? 2 : 1;
 }
-
-template <int kWidth>
-struct VectorOf;
-template <> struct VectorOf<16> { using type = uint4; };
-template <> struct VectorOf<8> { using type = uint2; };
-template <> struct VectorOf<4> { using type = uint32_t; };
-template <> struct VectorOf<2> { using type = uint16_t; };
-template <> struct VectorOf<1> { using type = uint8_t; };
 
 // Move kN elements between global memory and registers: as kW-byte words
 // when the caller proved the alignment (`vectorized`), else one element at

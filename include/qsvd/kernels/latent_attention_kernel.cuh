@@ -36,6 +36,7 @@
 
 #include <cstdint>
 
+#include "qsvd/kernels/element.cuh"
 #include "qsvd/kernels/latent_attention_params.h"
 #include "qsvd/numerics.h"
 
@@ -46,23 +47,6 @@ namespace detail {
 constexpr int kMaxTokensPerThread = kMaxTileTokens * kMaxHeadDim / 4 / kThreads;  // RoPE rebuild micro-tile: 8
 constexpr float kLn2 = 0.693147180559945309f;
 
-template <typename W>
-__device__ __forceinline__ float weight_to_float(W w);
-template <>
-__device__ __forceinline__ float weight_to_float<__half>(__half w) { return __half2float(w); }
-template <>
-__device__ __forceinline__ float weight_to_float<__nv_bfloat16>(__nv_bfloat16 w) { return __bfloat162float(w); }
-template <>
-__device__ __forceinline__ float weight_to_float<int8_t>(int8_t w) { return static_cast<float>(w); }
-
-template <typename T>
-__device__ __forceinline__ T float_to_out(float v);
-template <>
-__device__ __forceinline__ float float_to_out<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half float_to_out<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 float_to_out<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // 2^e for an integer-valued e <= 0, exactly; 0 below the normal range, for
 // -inf and for NaN (a factor that small leaves no trace in an fp32 sum).
@@ -296,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_kernel(const LatentA
         for (int idx = tid; idx < kWeightChunkRows * dp; idx += kThreads) {
           const int row = idx / dp, col = idx - row * dp;
           float v = 0.f;
-          if (i0 + row < r && col < d) v = weight_to_float<W>(w_uk[static_cast<int64_t>(i0 + row) * d + col]);
+          if (i0 + row < r && col < d) v = to_float<W>(w_uk[static_cast<int64_t>(i0 + row) * d + col]);
           w_s[idx] = v;
         }
         __syncthreads();
@@ -518,7 +502,7 @@ __global__ void __launch_bounds__(kThreads) latent_prologue_kernel(const LatentA
       for (int g = 0; g < kMaxHeadsPerCta; ++g) part[g] = 0.f;
       const W* row = w + static_cast<int64_t>(i) * d;
       for (int j = lane; j < d; j += 32) {
-        const float wf = weight_to_float<W>(row[j]);
+        const float wf = to_float<W>(row[j]);
 #pragma unroll
         for (int g = 0; g < kMaxHeadsPerCta; ++g)
           if (g < nh) part[g] = fmaf(wf, qs[g * d + j], part[g]);
@@ -601,7 +585,7 @@ __global__ void __launch_bounds__(kThreads) latent_combine_kernel(const LatentAt
     const W* w = static_cast<const W*>(p.w_uv) + static_cast<int64_t>(kv) * r * d + j;
     const int ie = min(r, (kg + 1) * per);
     for (int i = kg * per; i < ie; ++i) {
-      const float wf = weight_to_float<W>(w[static_cast<int64_t>(i) * d]);
+      const float wf = to_float<W>(w[static_cast<int64_t>(i) * d]);
 #pragma unroll
       for (int g = 0; g < kMaxCombineHeads; ++g)
         if (g < hc) o[g] = fmaf(acc_s[g * r + i], wf, o[g]);
@@ -622,7 +606,7 @@ __global__ void __launch_bounds__(kThreads) latent_combine_kernel(const LatentAt
       if (p.w_uv_scale != nullptr) v = __fmul_rn(v, p.w_uv_scale[static_cast<int64_t>(kv) * d + jj]);
       v = __fdiv_rn(v, l_s[g]);
     }
-    static_cast<Out*>(p.out)[(h0 + g) * d + jj] = float_to_out<Out>(v);
+    static_cast<Out*>(p.out)[(h0 + g) * d + jj] = from_float<Out>(v);
     if (jj == 0)
       p.lse[h0 + g] = M == -INFINITY ? -INFINITY : __fmul_rn(__fadd_rn(M, log2f(l_s[g])), kLn2);
   }

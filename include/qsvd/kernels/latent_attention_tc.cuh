@@ -58,19 +58,6 @@ __device__ __forceinline__ uint32_t int_to_elem_bits<__nv_bfloat16>(int v) {
   return __bfloat16_as_ushort(__int2bfloat16_rn(v));
 }
 
-template <typename E>
-__device__ __forceinline__ float elem_to_float(E v);
-template <>
-__device__ __forceinline__ float elem_to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float elem_to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-// Exact, without I2F (a quarter-rate conversion, and step 6 converts every
-// code once per head): 0x4B400000 is 1.5 * 2^23, where the fp32 spacing is
-// 1, so adding v to its bits gives the float 1.5 * 2^23 + v exactly.
-template <>
-__device__ __forceinline__ float elem_to_float<int8_t>(int8_t v) {
-  return __fsub_rn(__int_as_float(0x4B400000 + static_cast<int>(v)), 12582912.f);
-}
 
 __device__ __forceinline__ int code_byte(uint32_t w, int k) {
   return static_cast<int>(static_cast<int8_t>(static_cast<uint8_t>(w >> (8 * k))));
@@ -527,7 +514,7 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const
         const E* col = codes_s + (kI8Mma ? tc_i8_code_index(0, i, code_block) : i);
         const int code_step = kI8Mma ? 16 : ldc;  // elements from token t to t + 1 in column i
         float v = __fmul_rn(acc[e], f_s[g]);
-        for (int t = 0; t < T; ++t) v = fmaf(w[t], elem_to_float<E>(col[t * code_step]), v);
+        for (int t = 0; t < T; ++t) v = fmaf(w[t], to_float<E>(col[t * code_step]), v);
         acc[e] = v;
       }
     }

@@ -34,6 +34,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "qsvd/kernels/element.cuh"
 #include "qsvd/kernels/latent_cache_params.h"
 #include "qsvd/numerics.h"
 
@@ -49,29 +50,7 @@ constexpr int64_t kWarpRowMaxRank = 1024;
 // Grid cap of the grid-stride epilogue: plenty of blocks for any GPU.
 constexpr int64_t kMaxEpilogueBlocks = 1 << 16;
 
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <int kBytes>
-struct Word;
-template <> struct Word<16> { using type = uint4; };
-template <> struct Word<8> { using type = uint2; };
-template <> struct Word<4> { using type = uint32_t; };
 
 // kN elements through kBytes-wide words (kBytes divides kN * sizeof(T));
 // the caller proved the alignment. memcpy between registers is a move.
@@ -79,7 +58,7 @@ template <typename T, int kN>
 __device__ __forceinline__ void load_vec(const T* src, T (&dst)[kN]) {
   constexpr int kTotal = kN * static_cast<int>(sizeof(T));
   constexpr int kW = kTotal >= 16 ? 16 : kTotal;
-  using W = typename Word<kW>::type;
+  using W = typename VectorOf<kW>::type;
   W words[kTotal / kW];
 #pragma unroll
   for (int i = 0; i < kTotal / kW; ++i) words[i] = reinterpret_cast<const W*>(src)[i];
@@ -90,7 +69,7 @@ template <typename T, int kN>
 __device__ __forceinline__ void store_vec(T* dst, const T (&src)[kN]) {
   constexpr int kTotal = kN * static_cast<int>(sizeof(T));
   constexpr int kW = kTotal >= 16 ? 16 : kTotal;
-  using W = typename Word<kW>::type;
+  using W = typename VectorOf<kW>::type;
   W words[kTotal / kW];
   memcpy(words, src, kTotal);
 #pragma unroll
