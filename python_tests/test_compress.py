@@ -12,7 +12,7 @@ import torch
 import qsvd_kernels as qk
 from qsvd_kernels import compress as qc
 from qsvd_kernels.compress.allocate import _envelope_items
-from qsvd_kernels.integrations.sites import find_attention_sites
+from qsvd_kernels.model.sites import find_attention_sites
 
 from toy_models import ToyEncoder, pooled, toy_batches
 

@@ -1,5 +1,5 @@
-"""Hugging Face models on the qsvd ops: generation through the latent cache,
-decode against recompute, artefacts, encoders, and the CLI end to end."""
+"""Hugging Face models on the qsvd ops: biases, refused variants, backends,
+artefacts, encoders, and the CLI end to end (generation: test_generation.py)."""
 
 from __future__ import annotations
 
@@ -37,47 +37,6 @@ def _gen(model, prompt, n=16, cache=True):
         return model.generate(prompt, **kw), None
 
 
-def test_full_rank_generation_matches_the_original_token_for_token(llama):
-    model, comp, prompt = llama
-    E, L = model.config.hidden_size, model.config.num_hidden_layers
-    ref, _ = _gen(model, prompt, 24, cache=False)
-    cm = comp.compress(qc.CompressionConfig(qc.Budget("r2", 0.5), ranks=[E] * L))
-    got, cache = _gen(hf.apply_qsvd(copy.deepcopy(model), cm, backend="torch"), prompt, 24)
-    assert torch.equal(got, ref)
-    assert cache.get_seq_length() == prompt.shape[1] + 23
-    # Only the latent is held, never K/V: exactly B * L * r fp32 values per layer.
-    B, Lc = prompt.shape[0], cache.get_seq_length()
-    assert cache.nbytes() == L * B * Lc * E * 4
-    assert all(layer.latent.shape == (B, Lc, E) for layer in cache.layers)
-
-
-@pytest.mark.parametrize("backend", ["ops", "torch"])
-@pytest.mark.parametrize("qname", ["W8A8", "W4A4"])
-def test_decode_through_the_latent_cache_matches_recompute(llama, backend, qname):
-    """Logits of a decode step (latent_attention over the cache) against the
-    same compressed model run on the whole prefix at once (prefill path:
-    latent_reconstruct_kv + SDPA). Both read the same quantized latents, so
-    the gap is fp32 attention rounding."""
-    model, comp, prompt = llama
-    cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), qc.QuantConfig.parse(qname)),
-                       qc.causal_lm_fisher_loss())
-    m = hf.apply_qsvd(copy.deepcopy(model), cm, backend=backend)
-    seq, _ = _gen(m, prompt, 8)
-    with torch.no_grad():
-        full = m(seq).logits
-        cache = hf.QSVDLatentCache(m)
-        steps = [m(seq[:, :6], past_key_values=cache).logits]
-        for t in range(6, seq.shape[1]):
-            steps.append(m(seq[:, t : t + 1], past_key_values=cache).logits)
-    stepped = torch.cat(steps, dim=1)
-    scale = float(full.abs().max())
-    assert torch.allclose(stepped, full, rtol=0, atol=1e-5 * max(scale, 1.0)), float((stepped - full).abs().max())
-    if backend == "ops":
-        bits = cm.layers[0].quant.latent_bits
-        assert cache.token_nbytes() == sum(r * bits / 8 + 4 for r in cm.ranks)
-        assert cache.nbytes() > 0 and cache.fp16_kv_token_nbytes() == 2 * 2 * 32 * 2
-
-
 def test_v_bias_on_the_ops_decoder():
     """A model with a V bias (and a zero K bias, which RoPE would rotate): the
     ops decoder adds b_v after softmax; it must match the torch backend."""
@@ -95,8 +54,8 @@ def test_v_bias_on_the_ops_decoder():
         m = hf.apply_qsvd(copy.deepcopy(model), cm, backend=backend)
         with torch.no_grad():
             cache = hf.QSVDLatentCache(m)
-            m(prompt[:, :-1], past_key_values=cache)
-            outs.append(m(prompt[:, -1:], past_key_values=cache).logits)  # the decode path
+            m(prompt[:, :-1], **{hf.cache_keyword(): cache})
+            outs.append(m(prompt[:, -1:], **{hf.cache_keyword(): cache}).logits)  # the decode path
     assert torch.allclose(outs[0], outs[1], atol=1e-4 * float(outs[1].abs().max()))
     with pytest.raises(NotImplementedError, match="K bias under RoPE"):
         bad = copy.deepcopy(model)
@@ -105,19 +64,6 @@ def test_v_bias_on_the_ops_decoder():
         comp2 = qc.Compressor(bad, M.random_token_batches(256, 16, 32, seed=0), progress=False)
         hf.apply_qsvd(bad, comp2.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32),
                                                                qc.QuantConfig.parse("W8A8"), allocation="uniform")))
-
-
-def test_attention_variants_beyond_llama_are_refused():
-    tr = pytest.importorskip("transformers")
-    if not hasattr(tr, "Qwen3Config"):
-        pytest.skip("this transformers has no Qwen3")
-    cfg = tr.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    model = tr.Qwen3ForCausalLM(cfg).eval()
-    comp = qc.Compressor(model, M.random_token_batches(128, 8, 16, seed=0), progress=False)
-    cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), allocation="uniform"))
-    with pytest.raises(NotImplementedError, match="q_norm"):
-        hf.apply_qsvd(model, cm, backend="torch")
 
 
 def test_ops_and_torch_backends_agree(llama):
@@ -139,28 +85,6 @@ def test_save_load_then_generate(llama, tmp_path):
     a, _ = _gen(hf.apply_qsvd(copy.deepcopy(model), cm), prompt)
     b, _ = _gen(hf.apply_qsvd(copy.deepcopy(model), loaded), prompt)
     assert torch.equal(a, b)
-
-
-def test_cache_misuse_is_refused(llama):
-    model, comp, prompt = llama
-    cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), qc.QuantConfig.parse("W8A8")),
-                       qc.causal_lm_fisher_loss())
-    m = hf.apply_qsvd(copy.deepcopy(model), cm)
-    with pytest.raises(TypeError, match="QSVDLatentCache"):
-        with torch.no_grad():
-            m.generate(prompt, max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(prompt))
-    padded = torch.ones_like(prompt)
-    padded[0, :3] = 0
-    with pytest.raises(NotImplementedError, match="unpadded batches"):
-        with torch.no_grad():
-            hf.generate(m, prompt, max_new_tokens=2, do_sample=False, attention_mask=padded)
-    with pytest.raises(ValueError, match="call apply_qsvd"):
-        hf.QSVDLatentCache(model)
-    with pytest.raises(ValueError, match="already applied"):
-        hf.apply_qsvd(m, cm)
-    with pytest.raises(ValueError, match="quantized weights, activations and latent"):
-        hf.apply_qsvd(copy.deepcopy(model), comp.compress(qc.CompressionConfig(qc.Budget("r2", 0.5), allocation="uniform")),
-                      backend="ops")
 
 
 def test_vision_encoder_runs_on_the_ops():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
+import qsvd_kernels as qk
 from qsvd_kernels import reference as R
 
 from conftest import require_kernel
@@ -59,11 +60,7 @@ def _samples(device):
     return s
 
 
-OPS = ["hadamard_transform", "hadamard_quant", "quant_gemm", "latent_cache_append", "latent_attention",
-       "latent_reconstruct_kv"]
-
-
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", qk.OPS)
 def test_opcheck(device, op):
     require_kernel(op, device)
     for args in _samples(device)[op]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.library import register_fake
 
+from .formats import code_format, reconstruct_out_dtype
+
 __all__: list[str] = []
 
 
@@ -21,8 +23,8 @@ def _hadamard_transform_fake(x, signs=None):
 
 @register_fake("qsvd::hadamard_quant")
 def _hadamard_quant_fake(x, bits, clip_ratio=1.0, signs=None):
-    K = x.shape[-1]
-    codes = x.new_empty((*x.shape[:-1], K // 2 if bits == 4 else K), dtype=torch.uint8 if bits == 4 else torch.int8)
+    fmt = code_format(bits)  # the kernel checks that K is a multiple of codes_per_byte
+    codes = x.new_empty((*x.shape[:-1], x.shape[-1] // fmt.codes_per_byte), dtype=fmt.dtype)
     scale = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return codes, scale
 
@@ -52,8 +54,7 @@ def _latent_reconstruct_kv_fake(
 ):
     # The row count is sum(seq_lens): data-dependent, so an unbacked size.
     total = torch.library.get_ctx().new_dynamic_size()
-    if out_dtype is None:
-        out_dtype = torch.float16 if w_uk.dtype == torch.int8 else w_uk.dtype
+    out_dtype = reconstruct_out_dtype(w_uk.dtype, out_dtype)
     H_kv, _, d = w_uk.shape
     k = cache_scale.new_empty((total, H_kv, d), dtype=out_dtype)
     v = cache_scale.new_empty((total, H_kv, d), dtype=out_dtype)

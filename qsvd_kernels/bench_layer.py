@@ -17,12 +17,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import ops
 from . import reference as R
-from .compress import LayerDims, QuantConfig
+from .compress import QuantConfig
 from .compress.layer import CompressedQKV
 from .compress.svd import JointSVD
 from .compress.whitening import Whitening
+from .model.dims import LayerDims
 
 
 def _sync(device):
@@ -46,7 +46,7 @@ def make_decode_steps(hidden=1024, heads=16, kv_heads=16, rank=384, context=512,
     """Two step functions over a context of ``context`` tokens per sequence:
     (qsvd_step, baseline_step, meta). Each call decodes one more token."""
     from . import has_kernel
-    from .integrations.hf import LatentProjector, QSVDLatentLayer
+    from .integrations.hf import OpsProjector
 
     for name in ("quant_gemm", "latent_cache_append", "latent_attention", "hadamard_quant"):
         if not has_kernel(name, device):
@@ -65,27 +65,37 @@ def make_decode_steps(hidden=1024, heads=16, kv_heads=16, rank=384, context=512,
     W = [U @ V.T[:, lo:hi] for lo, hi in ((0, dims.q_dim), (dims.q_dim, dims.q_dim + dims.kv_dim),
                                          (dims.q_dim + dims.kv_dim, dims.out_dim))]
     W_o = torch.randn(dims.q_dim, hidden, generator=g) / hidden**0.5
-    proj = LatentProjector(layer, "ops").to(device)
+    proj = OpsProjector(layer).to(device)
     total = context + max_steps + 1
     cos, sin = R.rope_tables(total, d, device=device)
-    cache = QSVDLatentLayer(proj)
+    # Sequence b owns blocks [b * blocks, (b + 1) * blocks) of the paged pool.
+    block_size = 16
+    blocks = -(-total // block_size)
+    pool = proj.new_pool(batch * blocks, block_size, device)
+    block_table = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks)
+    filled = {"t": 0}
+
+    def append(c):  # c [batch, n, r]: the latent of n new tokens per sequence
+        t0, n = filled["t"], c.shape[1]
+        t = torch.arange(t0, t0 + n, device=device)
+        slots = (block_table[:, t // block_size].long() * block_size + t % block_size).reshape(-1)
+        rows = proj.store(pool, c.reshape(-1, rank), slots, torch.ones_like(slots, dtype=torch.bool))
+        filled["t"] = t0 + n
+        return rows
+
     for s in range(0, context, 1024):  # the context, written as prefill chunks
-        n = min(1024, context - s)
-        cache.append(torch.randn(batch, n, rank, device=device))
+        append(torch.randn(batch, min(1024, context - s), rank, device=device))
     x = torch.randn(batch, hidden, device=device)
     dt = torch.float16 if device == "cuda" else torch.float32
     W_o_q = W_o.to(device, dt)
 
     def qsvd_step():
-        t = cache.length
-        c = proj.latent(x)
-        rep = cache.append(c[:, None])
-        q = proj.queries(rep).view(batch, H, d)
-        q = R.apply_rope_ref(q, cos[t], sin[t])
-        o, _ = ops.latent_attention(q.to(dt), cache.pool, cache.pool_scale, cache.block_table, cache.seq_lens(),
-                                    proj.wuk, proj.wuk_scale, proj.wuv, proj.wuv_scale, cache.bits, d**-0.5,
-                                    cos[: t + 1], sin[: t + 1])
-        return o.reshape(batch, -1) @ W_o_q
+        t = filled["t"]
+        rows = append(proj.latent(x)[:, None])
+        q = R.apply_rope_ref(proj.queries(rows).view(batch, H, d), cos[t], sin[t])
+        seq_lens = torch.full((batch,), t + 1, dtype=torch.int32, device=device)
+        o = proj.decode(q.to(dt), pool, block_table, seq_lens, cos[: t + 1], sin[: t + 1], d**-0.5)
+        return o.reshape(batch, -1).to(dt) @ W_o_q
 
     W_qkv = torch.cat(W, 1).to(device, dt)  # the uncompressed layer
     kv = torch.zeros(2, batch, H_kv, total, d, device=device, dtype=dt)
@@ -106,7 +116,7 @@ def make_decode_steps(hidden=1024, heads=16, kv_heads=16, rank=384, context=512,
         return o.reshape(batch, -1) @ W_o_q
 
     meta = {"dims": dims, "quant": q_cfg, "baseline_dtype": str(dt),
-            "kv_bytes_per_token_qsvd": rank * q_cfg.latent_bits / 8 + 4,
+            "kv_bytes_per_token_qsvd": float(q_cfg.latent_format.row_bytes(rank)) + 4,
             "kv_bytes_per_token_fp16": 2 * dims.kv_dim * 2}
     return qsvd_step, base_step, meta
 

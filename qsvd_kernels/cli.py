@@ -143,8 +143,8 @@ def cmd_bench(args, out=print) -> int:
 def cmd_demo(args, out=print) -> int:
     from .demo import run_demo
 
-    run_demo(out=out, plot_dir=args.out)
-    return 0
+    report = run_demo(out=out, plot_dir=args.out)
+    return 1 if report["failures"] else 0
 
 
 def cmd_info(args, out=print) -> int:
@@ -201,10 +201,18 @@ def build_parser():
 
     i = sub.add_parser("info", help="what this installation was built with (JSON)")
     i.set_defaults(fn=cmd_info)
+
+    # tune: options and implementation in qsvd_kernels/tuning/tune.py (docs/tuning.md).
+    sub.add_parser("tune", help="time quant_gemm configs on this GPU and write a tuning table", add_help=False)
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tune"]:  # its own argument parser
+        from .tuning.tune import main as tune_main
+
+        return tune_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

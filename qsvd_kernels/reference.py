@@ -25,6 +25,8 @@ from functools import lru_cache
 
 import torch
 
+from .formats import code_format, qmax_for_bits, reconstruct_out_dtype
+
 __all__ = [
     "MAX_HADAMARD_DIM",
     "hadamard_factorize",
@@ -187,12 +189,6 @@ def hadamard_transform_ref(x: torch.Tensor, signs: torch.Tensor | None = None) -
 # ----------------------------------------------------------------------------
 
 
-def _qmax(bits: int) -> int:
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    return 7 if bits == 4 else 127
-
-
 def quantize_rows_ref(v: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric quantization of fp32 ``v`` ([..., K]).
 
@@ -201,7 +197,7 @@ def quantize_rows_ref(v: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tu
     ``code = clamp(round_half_even(v / scale), -qmax, qmax)``; a zero (or
     NaN/Inf) scale gives codes 0. Bit-exact with include/qsvd/numerics.h.
     """
-    qmax = _qmax(bits)
+    qmax = qmax_for_bits(bits)
     v = v.to(torch.float32)
     amax = v.abs().amax(dim=-1) if v.shape[-1] > 0 else v.new_zeros(v.shape[:-1])
     clip = torch.full_like(amax, clip_ratio)  # float32(clip_ratio), like the kernels
@@ -218,27 +214,17 @@ def quantize_rows_ref(v: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> tu
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes in [-8, 7], last dim even -> uint8, element 2i in the low nibble."""
-    if codes.shape[-1] % 2:
-        raise ValueError("pack_int4 needs an even last dimension")
-    c = codes.to(torch.int16)
-    lo = c[..., 0::2] & 0xF
-    hi = c[..., 1::2] & 0xF
-    return (lo | (hi << 4)).to(torch.uint8)
+    return code_format(4).pack(codes)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., K/2] -> int8 [..., K] (two's-complement nibbles)."""
-    p = packed.to(torch.int16)
-    lo = p & 0xF
-    hi = (p >> 4) & 0xF
-    lo = torch.where(lo >= 8, lo - 16, lo)
-    hi = torch.where(hi >= 8, hi - 16, hi)
-    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2).to(torch.int8)
+    return code_format(4).unpack(packed)
 
 
 def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Stored codes (int8, or packed INT4 uint8) -> int8 values."""
-    return unpack_int4(codes) if bits == 4 else codes.to(torch.int8)
+    return code_format(bits).unpack(codes)
 
 
 def dequantize_rows_ref(codes: torch.Tensor, scale: torch.Tensor, bits: int, dtype=torch.float64) -> torch.Tensor:
@@ -252,7 +238,7 @@ def hadamard_quant_ref(
     """Bit-exact spec of ``torch.ops.qsvd.hadamard_quant``: the fp32 rotation
     (not rounded to x's dtype) quantized per row."""
     codes, scale = quantize_rows_ref(_rotate_fp32(x, signs), bits, clip_ratio)
-    return (pack_int4(codes) if bits == 4 else codes), scale
+    return code_format(bits).pack(codes), scale
 
 
 # ----------------------------------------------------------------------------
@@ -301,8 +287,7 @@ def latent_cache_append_ref(
 ) -> None:
     """In-place spec of ``torch.ops.qsvd.latent_cache_append`` (bit-exact)."""
     codes, scale = quantize_rows_ref(c.to(torch.float32), bits, clip_ratio)
-    if bits == 4:
-        codes = pack_int4(codes)
+    codes = code_format(bits).pack(codes)
     flat = cache.view(-1, cache.shape[-1])
     flat_scale = cache_scale.view(-1)
     slots = slot_mapping.to(torch.int64)
@@ -426,8 +411,7 @@ def latent_reconstruct_kv_ref(
     compute_dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K (rotated) and V of every cached token, [sum(seq_lens), H_kv, d]."""
-    if out_dtype is None:
-        out_dtype = torch.float16 if w_uk.dtype == torch.int8 else w_uk.dtype
+    out_dtype = reconstruct_out_dtype(w_uk.dtype, out_dtype)
     H_kv, _, d = w_uk.shape
     w_k = _dequant_weight(w_uk, w_uk_scale, compute_dtype)
     w_v = _dequant_weight(w_uv, w_uv_scale, compute_dtype)

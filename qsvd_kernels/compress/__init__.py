@@ -12,19 +12,15 @@ Typical use::
     cm.save("artefact/")
 """
 
+from ..model.dims import LayerDims
+from ..model.swap import swapped_projections
 from .allocate import allocate_ranks, uniform_ranks
-from .budget import Budget, LayerDims, achieved, cache_bytes_per_token
+from .artefact import CompressedModel
+from .budget import Budget, achieved, cache_bytes_per_token
 from .calibrate import collect_stats, importance_scores
 from .layer import CompressedQKV
 from .losses import causal_lm_fisher_loss, random_projection_loss
-from .pipeline import (
-    CompressedModel,
-    CompressionConfig,
-    Compressor,
-    compress_model,
-    search_beta,
-    swapped_projections,
-)
+from .pipeline import CompressionConfig, Compressor, compress_model, search_beta
 from .plot import plot_allocation
 from .quant import QuantConfig, quantize_weight_rows
 from .svd import JointSVD, joint_svd

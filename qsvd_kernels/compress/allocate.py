@@ -24,7 +24,8 @@ import math
 
 import torch
 
-from .budget import Budget, LayerDims
+from ..model.dims import LayerDims
+from .budget import Budget
 
 
 def _aligned_max(d: LayerDims, align: int) -> int:
@@ -39,6 +40,32 @@ def _check(dims, align, min_rank):
     for i, d in enumerate(dims):
         if _aligned_max(d, align) < min_rank:
             raise ValueError(f"layer {i}: its largest aligned rank {_aligned_max(d, align)} is below min_rank {min_rank}")
+
+
+def _free_layers(budget: Budget, dims, caches) -> list[bool]:
+    """Layers the budget does not count (R2 and a layer without a KV cache):
+    they keep their largest aligned rank."""
+    if budget.kind != "r2" or caches is None:
+        return [False] * len(dims)
+    free = [not c for c in caches]
+    if all(free):
+        raise ValueError("an R2 budget counts only the layers that keep a KV cache, and none of the selected "
+                         "layers does: use an R1 or mean-rank budget")
+    return free
+
+
+def _on_counted_layers(fn, budget, dims, caches, per_layer=(), **kw):
+    """Run ``fn(per_layer..., dims, budget, **kw)`` on the layers the budget
+    counts; the others get their largest aligned rank."""
+    free = _free_layers(budget, dims, caches)
+    if not any(free):
+        return fn(*per_layer, dims, budget, **kw)
+    keep = [i for i, f in enumerate(free) if not f]
+    sub = fn(*[[x[i] for i in keep] for x in per_layer], [dims[i] for i in keep], budget, **kw)
+    out = [_aligned_max(d, kw["align"]) for d in dims]
+    for i, r in zip(keep, sub):
+        out[i] = r
+    return out
 
 
 def _limit_in_blocks(budget, dims, align, min_rank):
@@ -57,16 +84,24 @@ def _limit_in_blocks(budget, dims, align, min_rank):
     return cost, limit - base
 
 
-def check_budget(dims: list[LayerDims], budget: Budget, align: int = 16, min_rank: int | None = None) -> None:
-    """ValueError unless some aligned ranks in [min_rank, max] meet ``budget``."""
+def check_budget(dims: list[LayerDims], budget: Budget, align: int = 16, min_rank: int | None = None,
+                 caches: list[bool] | None = None) -> None:
+    """ValueError unless some aligned ranks in [min_rank, max] meet ``budget``
+    (``caches``: which layers keep a KV cache, for R2; None: all)."""
     min_rank = align if min_rank is None else min_rank
     _check(dims, align, min_rank)
-    _limit_in_blocks(budget, dims, align, min_rank)
+    free = _free_layers(budget, dims, caches)
+    _limit_in_blocks(budget, [d for d, f in zip(dims, free) if not f], align, min_rank)
 
 
-def uniform_ranks(dims: list[LayerDims], budget: Budget, *, align: int = 16, min_rank: int | None = None) -> list[int]:
-    """The same rank for every layer (capped at each layer's largest aligned
-    rank): the largest multiple of ``align`` that fits the budget."""
+def uniform_ranks(dims: list[LayerDims], budget: Budget, *, align: int = 16, min_rank: int | None = None,
+                  caches: list[bool] | None = None) -> list[int]:
+    """The same rank for every layer the budget counts (capped at each
+    layer's largest aligned rank): the largest multiple of ``align`` that
+    fits the budget. Layers an R2 budget does not count (``caches`` False)
+    keep their largest aligned rank."""
+    if caches is not None:
+        return _on_counted_layers(uniform_ranks, budget, dims, caches, align=align, min_rank=min_rank)
     min_rank = align if min_rank is None else min_rank
     _check(dims, align, min_rank)
     cost, room = _limit_in_blocks(budget, dims, align, min_rank)
@@ -97,14 +132,19 @@ def _envelope_items(gains: list[float]) -> list[tuple[int, int, float]]:
 
 
 def allocate_ranks(scores: list[torch.Tensor], dims: list[LayerDims], budget: Budget, *, align: int = 16,
-                   min_rank: int | None = None) -> list[int]:
+                   min_rank: int | None = None, caches: list[bool] | None = None) -> list[int]:
     """Ranks per layer maximising the kept importance under ``budget``.
+    Layers an R2 budget does not count (``caches`` False: no KV cache) keep
+    their largest aligned rank.
 
     scores[l]: the importance of layer l's singular values, in sigma order
     (scores.py), at least as long as the layer's largest aligned rank.
     """
     if len(scores) != len(dims):
         raise ValueError(f"{len(scores)} score vectors for {len(dims)} layers")
+    if caches is not None:
+        return _on_counted_layers(allocate_ranks, budget, dims, caches, per_layer=(scores,), align=align,
+                                  min_rank=min_rank)
     min_rank = align if min_rank is None else min_rank
     _check(dims, align, min_rank)
     cost, room = _limit_in_blocks(budget, dims, align, min_rank)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .budget import Budget, LayerDims
+from ..model.dims import LayerDims
+from .budget import Budget
 from .whitening import Whitening
 
 

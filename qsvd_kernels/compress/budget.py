@@ -11,7 +11,10 @@ out = E_q + 2 E_kv:
               original    2 E_kv values per token
 
     R1 = sum_l r_l (E + out) * w_bits           / sum_l E out * 16
-    R2 = sum_l r_l * latent_bits                / sum_l 2 E_kv * 16
+    R2 = sum_l r_l * latent_bits                / sum_l 2 E_kv * 16   (over the layers that keep a
+                                                                   KV cache: a VLM's decoder, not its
+                                                                   vision tower; every layer when none
+                                                                   does, e.g. an encoder-only model)
 
 With E_q = E_kv = E these are the paper's R1 = 4 r / 3 E and R2 = r / 2 E
 (times bits / 16 when quantized: W8A8 at r = 0.75 E gives R1 = 50 %,
@@ -27,41 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-
-@dataclass(frozen=True)
-class LayerDims:
-    """Shape of one attention layer's Q/K/V projection."""
-
-    hidden: int  # E
-    num_heads: int  # H
-    num_kv_heads: int  # H_kv
-    head_dim: int  # d
-
-    def __post_init__(self):
-        for name in ("hidden", "num_heads", "num_kv_heads", "head_dim"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-
-    @property
-    def kv_dim(self) -> int:  # E_kv
-        return self.num_kv_heads * self.head_dim
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def out_dim(self) -> int:  # columns of [W_q | W_k | W_v]
-        return self.q_dim + 2 * self.kv_dim
-
-    @property
-    def max_rank(self) -> int:
-        return min(self.hidden, self.out_dim)
-
-    def to_dict(self):
-        return asdict(self)
+from ..model.dims import LayerDims  # noqa: F401  (also re-exported from here)
 
 
 @dataclass(frozen=True)
@@ -95,8 +64,10 @@ class Budget:
         return Budget(self.kind, self.value, self.w_bits if self.w_bits is not None else w_bits,
                       self.latent_bits if self.latent_bits is not None else latent_bits)
 
-    def rank_units(self, dims: list[LayerDims]) -> tuple[list[float], float]:
-        """The budget as a linear constraint sum_l cost_l * r_l <= limit."""
+    def rank_units(self, dims: list[LayerDims], caches: list[bool] | None = None) -> tuple[list[float], float]:
+        """The budget as a linear constraint sum_l cost_l * r_l <= limit.
+        ``caches`` marks the layers that keep a KV cache (None: all); R2
+        counts only those, so the others cost 0 under an R2 budget."""
         if self.kind == "mean_rank":
             return [1.0] * len(dims), self.value * len(dims)
         w_bits = self.w_bits or 16
@@ -105,27 +76,42 @@ class Budget:
             cost = [(d.hidden + d.out_dim) * w_bits for d in dims]
             total = sum(d.hidden * d.out_dim * 16 for d in dims)
         else:
-            cost = [float(latent_bits) for _ in dims]
-            total = sum(2 * d.kv_dim * 16 for d in dims)
+            keep = _cache_mask(dims, caches)
+            cost = [float(latent_bits) if k else 0.0 for k in keep]
+            total = sum(2 * d.kv_dim * 16 for d, k in zip(dims, keep) if k)
         return cost, self.value * total
 
     def to_dict(self):
         return asdict(self)
 
 
-def achieved(ranks: list[int], dims: list[LayerDims], w_bits: int = 16, latent_bits: int = 16) -> dict:
-    """R1, R2, mean rank and bytes of an allocation."""
+def _cache_mask(dims: list[LayerDims], caches: list[bool] | None) -> list[bool]:
+    if caches is None:
+        return [True] * len(dims)
+    if len(caches) != len(dims):
+        raise ValueError(f"caches has {len(caches)} flags for {len(dims)} layers")
+    return [bool(c) for c in caches]
+
+
+def achieved(ranks: list[int], dims: list[LayerDims], w_bits: int = 16, latent_bits: int = 16,
+             caches: list[bool] | None = None) -> dict:
+    """R1, R2, mean rank and bytes of an allocation. R1 and the weight bytes
+    count every compressed layer; R2 and the cache bytes only the layers that
+    keep a KV cache (``caches``; None: all, as for a decoder-only or an
+    encoder-only model)."""
+    keep = _cache_mask(dims, caches)
+    cached = [(r, d) for r, d, k in zip(ranks, dims, keep) if k]
     r1 = sum(r * (d.hidden + d.out_dim) for r, d in zip(ranks, dims)) * w_bits / (
         sum(d.hidden * d.out_dim for d in dims) * 16)
-    r2 = sum(ranks) * latent_bits / (sum(2 * d.kv_dim for d in dims) * 16)
+    r2 = sum(r for r, _ in cached) * latent_bits / (sum(2 * d.kv_dim for _, d in cached) * 16) if cached else 0.0
     return {
         "r1": r1,
         "r2": r2,
         "mean_rank": sum(ranks) / len(ranks),
         "weight_bytes": sum(r * (d.hidden + d.out_dim) for r, d in zip(ranks, dims)) * w_bits / 8,
         "original_weight_bytes_fp16": sum(d.hidden * d.out_dim for d in dims) * 2,
-        "cache_bytes_per_token": cache_bytes_per_token(ranks, latent_bits),
-        "original_cache_bytes_per_token_fp16": sum(2 * d.kv_dim for d in dims) * 2,
+        "cache_bytes_per_token": cache_bytes_per_token([r for r, _ in cached], latent_bits),
+        "original_cache_bytes_per_token_fp16": sum(2 * d.kv_dim for _, d in cached) * 2,
     }
 
 

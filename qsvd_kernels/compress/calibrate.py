@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..integrations.sites import AttentionSite
+from ..model.sites import AttentionSite
 from .svd import JointSVD
 from .whitening import LayerStats
 
@@ -125,7 +125,7 @@ def importance_scores(model: nn.Module, sites: list[AttentionSite], svds: list[J
     params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in params]
     try:
-        with _hooks(handles):
+        with _hooks(handles), torch.enable_grad():  # also when the caller is under no_grad
             for p in params:  # gradients must flow through the projections
                 p.requires_grad_(True)
             for batch in tqdm(list(batches), desc="importance scores", disable=not progress):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import reference as R
-from .budget import LayerDims
+from ..model.dims import LayerDims
 from .quant import QuantConfig, fake_quant_rows, quantize_weight_rows, random_orthogonal, random_signs
 from .svd import JointSVD
 
@@ -130,7 +130,7 @@ class CompressedQKV:
         if not (q.w_bits < 16 and q.a_bits < 16 and q.latent_bits < 16):
             raise ValueError(f"the kernels need quantized weights, activations and latent; this layer is {q.name}")
         d = self.dims
-        pack = (lambda t: R.pack_int4(t)) if q.w_bits == 4 else (lambda t: t)
+        pack = q.w_format.pack  # INT4: two codes per byte; INT8: the int8 codes themselves
         out = {"signs": self.signs, "wd": pack(self.wd), "wd_scale": self.wd_scale,
                "wuq": pack(self.wu[: d.q_dim].contiguous()), "wuq_scale": self.wu_scale[: d.q_dim].contiguous()}
         for name, lo in (("wuk", d.q_dim), ("wuv", d.q_dim + d.kv_dim)):

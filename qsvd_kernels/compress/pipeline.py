@@ -1,9 +1,9 @@
-"""The compression pipeline, end to end, and its artefact.
+"""The compression pipeline, end to end (the artefact is in artefact.py).
 
     compressed = compress_model(model, calibration_batches, CompressionConfig(...), loss_fn=...)
-    with swapped_projections(model, compressed):   # the model now runs the compressed Q/K/V
+    with swapped_projections(model, compressed):   # the model now runs the compressed Q/K/V (model.swap)
         ...
-    compressed.save("out/")                        # safetensors + qsvd_config.json
+    compressed.save("out/")                        # safetensors + qsvd_config.json (artefact.py)
     CompressedModel.load("out/")                   # bit-identical
 
 Steps: input statistics (hooks) -> whitening -> joint SVD per layer ->
@@ -15,28 +15,23 @@ H2, H1, weight quantization -> CompressedQKV per layer.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..integrations.sites import find_attention_sites
+from ..model.dims import LayerDims
+from ..model.sites import AttentionSite, find_attention_sites, select_sites
 from .allocate import allocate_ranks, check_budget, uniform_ranks
-from .budget import Budget, LayerDims, achieved
+from .artefact import CompressedModel
+from .budget import Budget, achieved
 from .calibrate import collect_stats, importance_scores, tqdm
 from .layer import CompressedQKV
 from .quant import QuantConfig
 from .svd import JointSVD, joint_svd
 from .whitening import make_whitening
 
-FORMAT_VERSION = 1
-CONFIG_FILE = "qsvd_config.json"
-TENSOR_FILE = "qsvd_layers.safetensors"
 BETA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 LATENT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85)
 
@@ -81,155 +76,6 @@ class CompressionConfig:
         return d
 
 
-@dataclass
-class CompressedModel:
-    site_names: list[str]
-    layers: list[CompressedQKV]
-    info: dict
-
-    @property
-    def ranks(self) -> list[int]:
-        return [l.rank for l in self.layers]
-
-    @property
-    def betas(self) -> list[float]:
-        return [l.beta for l in self.layers]
-
-    # ----------------------------------------------------------- artefact
-    def save(self, directory: str) -> None:
-        """Write ``qsvd_layers.safetensors`` and ``qsvd_config.json`` (with the
-        tensor file's SHA-256, so a corrupt or swapped file is caught on load)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        tensors = {f"layers.{i}.{k}": v.contiguous() for i, l in enumerate(self.layers) for k, v in l.tensors().items()}
-        tmp = os.path.join(directory, TENSOR_FILE + ".tmp")
-        save_file(tensors, tmp)
-        digest = _sha256(tmp)
-        config = {"format": "qsvd-kernels", "format_version": FORMAT_VERSION, "tensor_file": TENSOR_FILE,
-                  "tensor_sha256": digest, "sites": self.site_names, "layers": [l.meta() for l in self.layers],
-                  "info": self.info}
-        with open(os.path.join(directory, CONFIG_FILE + ".tmp"), "w") as f:
-            json.dump(config, f, indent=1)
-        os.replace(tmp, os.path.join(directory, TENSOR_FILE))
-        os.replace(os.path.join(directory, CONFIG_FILE + ".tmp"), os.path.join(directory, CONFIG_FILE))
-
-    @classmethod
-    def load(cls, directory: str) -> "CompressedModel":
-        """Load an artefact; any inconsistency raises ValueError before
-        anything is returned (nothing half-loaded)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        cfg_path = os.path.join(directory, CONFIG_FILE)
-        if not os.path.exists(cfg_path):
-            raise ValueError(f"{directory}: no {CONFIG_FILE}; not a qsvd-kernels artefact")
-        try:
-            with open(cfg_path) as f:
-                config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: corrupt JSON ({e})") from None
-        if config.get("format") != "qsvd-kernels" or config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{cfg_path}: not a qsvd-kernels artefact of format version {FORMAT_VERSION}")
-        tpath = os.path.join(directory, os.path.basename(str(config.get("tensor_file", TENSOR_FILE))))
-        if not os.path.exists(tpath):
-            raise ValueError(f"{directory}: tensor file {os.path.basename(tpath)} is missing")
-        if _sha256(tpath) != config.get("tensor_sha256"):
-            raise ValueError(f"{tpath}: checksum mismatch: the tensor file is corrupt or belongs to another artefact")
-        try:
-            flat = load_file(tpath)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{tpath}: unreadable ({e})") from None
-        sites, metas = config.get("sites"), config.get("layers")
-        if not isinstance(sites, list) or not isinstance(metas, list) or len(sites) != len(metas):
-            raise ValueError(f"{cfg_path}: 'sites' and 'layers' must be lists of the same length")
-        per_layer: list[dict] = [{} for _ in metas]
-        for key, t in flat.items():
-            parts = key.split(".")
-            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= len(metas):
-                raise ValueError(f"{tpath}: unexpected tensor {key!r}")
-            per_layer[int(parts[1])][parts[2]] = t
-        layers = [CompressedQKV.from_saved(m, t, f"{directory}: layer {i} ({sites[i]})")
-                  for i, (m, t) in enumerate(zip(metas, per_layer))]
-        return cls(list(sites), layers, config.get("info", {}))
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------- swapping
-
-
-class SharedProjection(nn.Module):
-    """Computes (q, k, v) once per input for the three projection slots."""
-
-    def __init__(self, projector):
-        super().__init__()
-        self.projector = projector
-        self._last = None
-
-    def outputs(self, x):
-        if self._last is None or self._last[0] is not x:
-            self._last = (x, self.projector.project(x))
-        return self._last[1]
-
-
-class ProjectionSlot(nn.Module):
-    """Stands in for one of the q/k/v nn.Linear modules."""
-
-    def __init__(self, shared: SharedProjection, index: int):
-        super().__init__()
-        self.shared = shared
-        self.index = index
-
-    def forward(self, x):
-        out = self.shared.outputs(x)[self.index]
-        if self.index == 2:
-            self.shared._last = None  # v is the last of the three: drop the reference
-        return out
-
-
-def _resolve_sites(model, names):
-    by_name = {s.name: s for s in find_attention_sites(model)}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise ValueError(f"the model has no attention layers named {missing}: the artefact belongs to another model")
-    return [by_name[n] for n in names]
-
-
-@contextmanager
-def swapped_projections(model: nn.Module, compressed_or_projectors, site_names: list[str] | None = None):
-    """Within the block, the model's Q/K/V projections are replaced by the
-    compressed ones (anything with ``project(x) -> (q, k, v)``)."""
-    if isinstance(compressed_or_projectors, CompressedModel):
-        projectors, site_names = compressed_or_projectors.layers, compressed_or_projectors.site_names
-    else:
-        projectors = list(compressed_or_projectors)
-        if site_names is None or len(site_names) != len(projectors):
-            raise ValueError("pass one site name per projector (e.g. CompressedModel.site_names)")
-    sites = _resolve_sites(model, site_names)
-    for s, p in zip(sites, projectors):
-        if hasattr(p, "dims") and p.dims != s.dims:
-            raise ValueError(f"{s.name}: the compressed layer is {p.dims}, the model's is {s.dims}")
-    saved = []
-    try:
-        for s, p in zip(sites, projectors):
-            shared = SharedProjection(p)
-            saved.append((s, s.linears))
-            for idx, attr in enumerate(s.attrs):
-                setattr(s.module, attr, ProjectionSlot(shared, idx))
-        yield model
-    finally:
-        for s, linears in saved:
-            for attr, lin in zip(s.attrs, linears):
-                setattr(s.module, attr, lin)
-
-
 # ------------------------------------------------------------- pipeline
 
 
@@ -260,14 +106,21 @@ class Compressor:
     and reused across configurations: input statistics and joint SVDs (per
     whitening kind), and importance scores (per loss). ``compress_model`` is
     ``Compressor(model, calibration).compress(config, loss_fn)``.
+
+    ``layers`` chooses the attention layers to compress: "all", "language"
+    (decoder blocks, which keep a cache), "vision" (a vision tower), or a
+    function ``site -> bool`` (model.sites.select_sites). ``sites``: the
+    sites when the caller already selected them.
     """
 
     def __init__(self, model: nn.Module, calibration: Iterable, *, calib_rows: int = 2048, seed: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, layers="all", sites: list[AttentionSite] | None = None):
         self.model = model
         self.calibration = list(calibration)
-        self.sites = find_attention_sites(model)
+        self.layers = layers
+        self.sites = list(sites) if sites is not None else select_sites(model, layers)
         self.dims = [s.dims for s in self.sites]
+        self.caches = cache_flags(self.sites, model)
         self.seed = seed
         self.progress = progress
         self.stats = collect_stats(model, self.sites, self.calibration, keep_rows=calib_rows, seed=seed,
@@ -305,13 +158,14 @@ class Compressor:
                                  f"max ranks {[d.max_rank for d in self.dims]}), got {config.ranks}")
             return [int(r) for r in config.ranks], None
         if config.allocation == "uniform":
-            return uniform_ranks(self.dims, config.budget, align=config.align, min_rank=config.min_rank), None
+            return uniform_ranks(self.dims, config.budget, align=config.align, min_rank=config.min_rank,
+                                 caches=self.caches), None
         if loss_fn is None:
             raise ValueError("allocation='qsvd' scores singular values by gradients: pass loss_fn "
                              "(compress.losses has label-free ones)")
         scores = self.scores(loss_fn, config.whitening, config.alpha)
         return allocate_ranks(scores, self.dims, config.budget, align=config.align,
-                              min_rank=config.min_rank), scores
+                              min_rank=config.min_rank, caches=self.caches), scores
 
     def compress(self, config: CompressionConfig, loss_fn: Callable | None = None) -> CompressedModel:
         svds = self.svds(config.whitening, config.alpha)
@@ -333,8 +187,8 @@ class Compressor:
             "ranks": ranks,
             "betas": [l.beta for l in layers],
             "latent_clips": [l.quant.latent_clip for l in layers],
-            "achieved": achieved(ranks, self.dims, config.quant.w_bits, config.quant.latent_bits),
-            "uniform_ranks": _safe_uniform(self.dims, config),
+            "achieved": achieved(ranks, self.dims, config.quant.w_bits, config.quant.latent_bits, self.caches),
+            "uniform_ranks": _safe_uniform(self.dims, config, self.caches),
             "dims": [d.to_dict() for d in self.dims],
             "spectra": [svd.sigma.tolist() for svd in svds],
             "scores": [s.tolist() for s in scores] if scores is not None else None,
@@ -342,30 +196,53 @@ class Compressor:
             "whitening_jitter": [svd.whitening.jitter for svd in svds],
             "calibration_tokens": [st.count for st in self.stats],
         }
+        if self.caches is not None:  # a VLM: some compressed layers keep no cache (R2 does not count them)
+            info["keeps_cache"] = list(self.caches)
+        if self.layers != "all":
+            info["layers"] = self.layers if isinstance(self.layers, str) else "custom filter"
         return CompressedModel([s.name for s in self.sites], layers, info)
 
 
 def compress_model(model: nn.Module, calibration: Iterable, config: CompressionConfig, *,
                    loss_fn: Callable | None = None, score_batches: Iterable | None = None,
-                   progress: bool = True) -> CompressedModel:
-    """Compress every attention layer of ``model`` (see the module docstring).
+                   progress: bool = True, layers="all") -> CompressedModel:
+    """Compress the attention layers of ``model`` (see the module docstring).
 
+    layers: which ones: "all", "language" (the decoder blocks of a VLM or LLM),
+        "vision" (its vision tower), or a filter ``site -> bool`` (a
+        model.sites.AttentionSite has name, module, family, part, dims).
+        R1 counts every compressed layer; R2 only those that keep a KV cache
+        (every layer of an encoder-only model).
     calibration: batches (dicts of model inputs) for the input statistics and
         the beta search; score_batches (default: the same) for the importance
         scores, which need ``loss_fn(model, batch) -> summed loss`` when
         ``config.allocation == "qsvd"``.
     """
+    sites = select_sites(model, layers)
     if config.ranks is None:  # a budget the ranks cannot meet fails before any calibration work
-        dims = [s.dims for s in find_attention_sites(model)]
-        check_budget(dims, config.budget, config.align, config.min_rank)
-    c = Compressor(model, calibration, calib_rows=config.calib_rows, seed=config.seed, progress=progress)
+        check_budget([s.dims for s in sites], config.budget, config.align, config.min_rank, cache_flags(sites, model))
+    c = Compressor(model, calibration, calib_rows=config.calib_rows, seed=config.seed, progress=progress,
+                   layers=layers, sites=sites)
     if score_batches is not None and config.allocation == "qsvd" and loss_fn is not None:
         c.scores(loss_fn, config.whitening, config.alpha, batches=score_batches)
     return c.compress(config, loss_fn)
 
 
-def _safe_uniform(dims: list[LayerDims], config: CompressionConfig):
+def cache_flags(sites: list[AttentionSite], model: nn.Module) -> list[bool] | None:
+    """Which of the selected layers keep a KV cache, for R2; None when all
+    count: a decoder-only selection, or a model with no decoder at all (an
+    encoder-only model, whose R2 is the paper's cache ratio of its layers).
+    In a VLM the vision tower's layers keep no cache and are not counted."""
+    flags = [s.keeps_cache for s in sites]
+    if all(flags):
+        return None
+    if not any(flags) and not any(s.keeps_cache for s in find_attention_sites(model)):
+        return None
+    return flags
+
+
+def _safe_uniform(dims: list[LayerDims], config: CompressionConfig, caches=None):
     try:
-        return uniform_ranks(dims, config.budget, align=config.align, min_rank=config.min_rank)
+        return uniform_ranks(dims, config.budget, align=config.align, min_rank=config.min_rank, caches=caches)
     except ValueError:
         return None

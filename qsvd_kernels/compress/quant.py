@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import reference as R
+from ..formats import CODE_BITS, CodeFormat, code_format, is_code_bits
 
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 .. 0.5
 
@@ -34,8 +35,9 @@ class QuantConfig:
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits", "latent_bits"):
-            if getattr(self, name) not in (4, 8, 16):
-                raise ValueError(f"{name} must be 4, 8 or 16, got {getattr(self, name)}")
+            bits = getattr(self, name)
+            if not (bits == 16 or is_code_bits(bits)):
+                raise ValueError(f"{name} must be {', '.join(map(str, CODE_BITS))} or 16, got {bits}")
         for name in ("a_clip", "latent_clip"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
@@ -43,6 +45,19 @@ class QuantConfig:
     @property
     def quantized(self) -> bool:
         return min(self.w_bits, self.a_bits, self.latent_bits) < 16
+
+    # The code formats (formats.py) of the quantized parts; ValueError for 16 bits.
+    @property
+    def w_format(self) -> CodeFormat:
+        return code_format(self.w_bits)
+
+    @property
+    def a_format(self) -> CodeFormat:
+        return code_format(self.a_bits)
+
+    @property
+    def latent_format(self) -> CodeFormat:
+        return code_format(self.latent_bits)
 
     @property
     def name(self) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import LayerDims
+from ..model.dims import LayerDims
 from .whitening import Whitening
 
 

@@ -54,7 +54,7 @@ def load_model(name: str, seed: int = 0):
     causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
     cls = tr.AutoModelForCausalLM if causal else tr.AutoModel
     model = cls.from_pretrained(name, dtype=torch.float32).eval()
-    from .sites import find_attention_sites
+    from ..model.sites import find_attention_sites
 
     find_attention_sites(model)  # an unsupported architecture fails here, clearly
     try:

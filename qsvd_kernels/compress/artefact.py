@@ -1,0 +1,104 @@
+"""The compression artefact: ``CompressedModel`` and its on-disk format.
+
+    compressed.save("out/")                # qsvd_layers.safetensors + qsvd_config.json
+    CompressedModel.load("out/")           # bit-identical
+
+``qsvd_config.json`` holds the format name and version, the tensor file's
+name and SHA-256, the attention site names, one meta dict per layer
+(CompressedQKV.meta) and the run's info; ``qsvd_layers.safetensors`` holds
+tensor ``layers.{i}.{name}`` for every CompressedQKV.tensors() entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from .layer import CompressedQKV
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "qsvd_config.json"
+TENSOR_FILE = "qsvd_layers.safetensors"
+
+
+@dataclass
+class CompressedModel:
+    site_names: list[str]
+    layers: list[CompressedQKV]
+    info: dict
+
+    @property
+    def ranks(self) -> list[int]:
+        return [l.rank for l in self.layers]
+
+    @property
+    def betas(self) -> list[float]:
+        return [l.beta for l in self.layers]
+
+    # ----------------------------------------------------------- artefact
+    def save(self, directory: str) -> None:
+        """Write ``qsvd_layers.safetensors`` and ``qsvd_config.json`` (with the
+        tensor file's SHA-256, so a corrupt or swapped file is caught on load)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = {f"layers.{i}.{k}": v.contiguous() for i, l in enumerate(self.layers) for k, v in l.tensors().items()}
+        tmp = os.path.join(directory, TENSOR_FILE + ".tmp")
+        save_file(tensors, tmp)
+        digest = _sha256(tmp)
+        config = {"format": "qsvd-kernels", "format_version": FORMAT_VERSION, "tensor_file": TENSOR_FILE,
+                  "tensor_sha256": digest, "sites": self.site_names, "layers": [l.meta() for l in self.layers],
+                  "info": self.info}
+        with open(os.path.join(directory, CONFIG_FILE + ".tmp"), "w") as f:
+            json.dump(config, f, indent=1)
+        os.replace(tmp, os.path.join(directory, TENSOR_FILE))
+        os.replace(os.path.join(directory, CONFIG_FILE + ".tmp"), os.path.join(directory, CONFIG_FILE))
+
+    @classmethod
+    def load(cls, directory: str) -> "CompressedModel":
+        """Load an artefact; any inconsistency raises ValueError before
+        anything is returned (nothing half-loaded)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        cfg_path = os.path.join(directory, CONFIG_FILE)
+        if not os.path.exists(cfg_path):
+            raise ValueError(f"{directory}: no {CONFIG_FILE}; not a qsvd-kernels artefact")
+        try:
+            with open(cfg_path) as f:
+                config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: corrupt JSON ({e})") from None
+        if config.get("format") != "qsvd-kernels" or config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{cfg_path}: not a qsvd-kernels artefact of format version {FORMAT_VERSION}")
+        tpath = os.path.join(directory, os.path.basename(str(config.get("tensor_file", TENSOR_FILE))))
+        if not os.path.exists(tpath):
+            raise ValueError(f"{directory}: tensor file {os.path.basename(tpath)} is missing")
+        if _sha256(tpath) != config.get("tensor_sha256"):
+            raise ValueError(f"{tpath}: checksum mismatch: the tensor file is corrupt or belongs to another artefact")
+        try:
+            flat = load_file(tpath)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{tpath}: unreadable ({e})") from None
+        sites, metas = config.get("sites"), config.get("layers")
+        if not isinstance(sites, list) or not isinstance(metas, list) or len(sites) != len(metas):
+            raise ValueError(f"{cfg_path}: 'sites' and 'layers' must be lists of the same length")
+        per_layer: list[dict] = [{} for _ in metas]
+        for key, t in flat.items():
+            parts = key.split(".")
+            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= len(metas):
+                raise ValueError(f"{tpath}: unexpected tensor {key!r}")
+            per_layer[int(parts[1])][parts[2]] = t
+        layers = [CompressedQKV.from_saved(m, t, f"{directory}: layer {i} ({sites[i]})")
+                  for i, (m, t) in enumerate(zip(metas, per_layer))]
+        return cls(list(sites), layers, config.get("info", {}))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

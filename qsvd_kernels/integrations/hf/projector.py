@@ -1,0 +1,236 @@
+"""One layer's compressed projections, two ways: on the qsvd ops
+(``OpsProjector``, quantized artefacts) or in plain PyTorch
+(``TorchProjector``, the compression pipeline's float64 simulation; serves
+unquantized artefacts too, e.g. the full-rank parity check).
+
+Both offer the same methods; the "latent rows" they pass between them are
+each class's own type (codes and scales on the ops, dequantized fp32 values
+in torch), so the attention block never looks inside them:
+
+- ``latent(x)``: c = x W_d, fp32 [N, r]
+- ``new_pool(num_blocks, block_size, device)``: the paged latent storage of one layer
+- ``store(pool, c, slots, real)``: write the real rows into the pool, return
+  the latent rows the queries are computed from (read back from the pool:
+  queries see exactly what later steps' keys see)
+- ``queries(rows)``: q = rows W_uq (+ b_q), fp32
+- ``keys_values(pool, block_table, seq_lens, cos, sin)``: K (rotated) and V of
+  every cached token, varlen [sum(seq_lens), H_kv, d] fp32
+- ``decode(q, pool, block_table, seq_lens, cos, sin, scale)``: one new token
+  per sequence attending over its cache, [B, H, d] fp32, or None when this
+  projector has no fused decode (the caller then uses keys_values)
+- ``project(x)``: (q, k, v) for encoders, which keep no cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ... import formats, ops
+from ... import reference as R
+from ...compress.layer import CompressedQKV
+
+
+class LatentPool:
+    """One layer's paged latent: ``tensors`` share their first two dims
+    [num_blocks, block_size]; blocks are allocated by the cache."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+
+    @property
+    def num_blocks(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def grow(self, num_blocks: int) -> None:
+        extra = num_blocks - self.num_blocks
+        if extra > 0:
+            self.tensors = [torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]) for t in self.tensors]
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for t in self.tensors:
+            t[dst] = t[src]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+class _Projector(nn.Module):
+    def __init__(self, layer: CompressedQKV):
+        super().__init__()
+        self.layer, self.dims, self.rank, self.quant = layer, layer.dims, layer.rank, layer.quant
+
+    @property
+    def has_k_bias(self) -> bool:
+        b, d = self.layer.bias, self.dims
+        return b is not None and bool((b[d.q_dim : d.q_dim + d.kv_dim] != 0).any())
+
+    def project(self, x: torch.Tensor):
+        """(q, k, v) in x's dtype, for encoders (no cache)."""
+        shape = x.shape[:-1]
+        rows = self.quantize_latent(self.latent(x.reshape(-1, x.shape[-1])))
+        q = self.queries(rows)
+        k, v = self.encoder_keys_values(rows)
+        return tuple(t.reshape(*shape, -1).to(x.dtype) for t in (q, k, v))
+
+
+class OpsProjector(_Projector):
+    """The layer on torch.ops.qsvd (quantized weights, activations and latent)."""
+
+    backend = "ops"
+
+    def __init__(self, layer: CompressedQKV, encoder: bool = False):
+        super().__init__(layer)
+        for name, t in layer.kernel_tensors().items():  # raises for unquantized artefacts
+            self.register_buffer(name, t, persistent=False)
+        self.code = formats.code_format(self.quant.latent_bits)
+        if encoder:
+            # Encoders take K and V from quant_gemm: W_uk, W_uv as b operands
+            # [E_kv, r] (decoders use the per-head layout, never these).
+            d, wfmt = layer.dims, formats.code_format(self.quant.w_bits)
+            for name, lo in (("wuk_rows", d.q_dim), ("wuv_rows", d.q_dim + d.kv_dim)):
+                self.register_buffer(name, wfmt.pack(layer.wu[lo : lo + d.kv_dim].contiguous()), persistent=False)
+                self.register_buffer(name + "_scale", layer.wu_scale[lo : lo + d.kv_dim].contiguous(),
+                                     persistent=False)
+
+    @property
+    def token_nbytes(self) -> float:
+        """Cache bytes per token: codes plus the per-token fp32 scale."""
+        return self.code.row_bytes(self.rank) + 4
+
+    def latent(self, x2d: torch.Tensor) -> torch.Tensor:
+        q = self.quant
+        codes, scale = ops.hadamard_quant(x2d.contiguous(), q.a_bits, q.a_clip, self.signs)
+        return ops.quant_gemm(codes, scale, self.wd, self.wd_scale, q.a_bits, q.w_bits, torch.float32)
+
+    def new_pool(self, num_blocks: int, block_size: int, device) -> LatentPool:
+        return LatentPool([
+            torch.zeros(num_blocks, block_size, self.code.row_bytes(self.rank), dtype=self.code.dtype, device=device),
+            torch.zeros(num_blocks, block_size, dtype=torch.float32, device=device)])
+
+    def store(self, pool: LatentPool, c: torch.Tensor, slots: torch.Tensor, real: torch.Tensor):
+        codes, scale = pool.tensors
+        ops.latent_cache_append(c, slots, codes, scale, self.quant.latent_bits, self.quant.latent_clip)
+        rows = slots.clamp(min=0)
+        got_codes = codes.view(-1, codes.shape[-1])[rows]
+        got_scale = torch.where(real, scale.view(-1)[rows], torch.zeros((), device=scale.device))
+        return got_codes, got_scale
+
+    def quantize_latent(self, c: torch.Tensor):
+        """The latent's quantized form without a cache (encoders): quantized by
+        latent_cache_append into a transient one-block pool."""
+        N = c.shape[0]
+        pool = self.new_pool(1, max(N, 1), c.device)
+        slots = torch.arange(N, device=c.device)
+        return self.store(pool, c, slots, torch.ones(N, dtype=torch.bool, device=c.device))
+
+    def _up(self, rows, operand: str, bias: str):
+        codes, scale = rows
+        return ops.quant_gemm(codes, scale, getattr(self, operand), getattr(self, operand + "_scale"),
+                              self.quant.latent_bits, self.quant.w_bits, torch.float32, getattr(self, bias, None))
+
+    def queries(self, rows) -> torch.Tensor:
+        return self._up(rows, "wuq", "bq")
+
+    def encoder_keys_values(self, rows):
+        return self._up(rows, "wuk_rows", "bk"), self._up(rows, "wuv_rows", "bv")
+
+    def _v_bias(self) -> torch.Tensor | None:
+        """b_v per query head [H, d]: softmax weights sum to 1, so a V bias is
+        added once after attention (a K bias adds the same q.b_k to every
+        score and cancels; under RoPE it does not, which apply_qsvd refuses)."""
+        bv = getattr(self, "bv", None)
+        if bv is None:
+            return None
+        d = self.dims
+        return bv.view(d.num_kv_heads, 1, d.head_dim).expand(-1, d.num_heads // d.num_kv_heads, -1).reshape(
+            d.num_heads, d.head_dim)
+
+    def keys_values(self, pool, block_table, seq_lens, cos, sin):
+        codes, scale = pool.tensors
+        k, v = ops.latent_reconstruct_kv(codes, scale, block_table, seq_lens, self.wuk, self.wuk_scale, self.wuv,
+                                         self.wuv_scale, self.quant.latent_bits, cos, sin, torch.float32)
+        bv = getattr(self, "bv", None)
+        if bv is not None:
+            v = v + bv.view(1, self.dims.num_kv_heads, self.dims.head_dim)
+        return k, v
+
+    def decode(self, q, pool, block_table, seq_lens, cos, sin, scale: float):
+        """The decode step: latent_attention over the paged cache (K rebuilt
+        and V absorbed inside the op), plus the V bias."""
+        codes, cscale = pool.tensors
+        out, _ = ops.latent_attention(q.contiguous(), codes, cscale, block_table, seq_lens, self.wuk, self.wuk_scale,
+                                      self.wuv, self.wuv_scale, self.quant.latent_bits, scale, cos, sin)
+        bv = self._v_bias()
+        return out if bv is None else out + bv
+
+
+class TorchProjector(_Projector):
+    """The same layer in plain PyTorch (the pipeline's float64 simulation of
+    the kernels); the cache keeps the dequantized latent in fp32."""
+
+    backend = "torch"
+
+    def __init__(self, layer: CompressedQKV, encoder: bool = False):
+        super().__init__(layer)
+
+    @property
+    def token_nbytes(self) -> float:
+        return self.rank * 4
+
+    def latent(self, x2d: torch.Tensor) -> torch.Tensor:
+        return self.layer.latent(x2d).float()
+
+    def new_pool(self, num_blocks: int, block_size: int, device) -> LatentPool:
+        return LatentPool([torch.zeros(num_blocks, block_size, self.rank, dtype=torch.float32, device=device)])
+
+    def quantize_latent(self, c: torch.Tensor) -> torch.Tensor:
+        return self.layer.quantized_latent(c).float()
+
+    def store(self, pool: LatentPool, c: torch.Tensor, slots: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        rows = self.quantize_latent(c)
+        pool.tensors[0].view(-1, self.rank)[slots[real]] = rows[real]
+        return rows
+
+    def _up(self, rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        y = rows.double() @ self.layer.dense_weights(rows.device)[1][lo:hi].T
+        b = self.layer.bias
+        return (y + b[lo:hi].to(y) if b is not None else y).float()
+
+    def queries(self, rows) -> torch.Tensor:
+        return self._up(rows, 0, self.dims.q_dim)
+
+    def encoder_keys_values(self, rows):
+        d = self.dims
+        return self._up(rows, d.q_dim, d.q_dim + d.kv_dim), self._up(rows, d.q_dim + d.kv_dim, d.out_dim)
+
+    def keys_values(self, pool, block_table, seq_lens, cos, sin):
+        bs = pool.tensors[0].shape[1]
+        slots, t = _token_slots(block_table, seq_lens, bs)
+        rows = pool.tensors[0].view(-1, self.rank)[slots]
+        k, v = self.encoder_keys_values(rows)
+        d = self.dims
+        k = k.view(-1, d.num_kv_heads, d.head_dim)
+        k = R.apply_rope_ref(k, cos[t][:, None], sin[t][:, None])
+        return k, v.view(-1, d.num_kv_heads, d.head_dim)
+
+    def decode(self, q, pool, block_table, seq_lens, cos, sin, scale: float):
+        return None
+
+
+def _token_slots(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
+    """Flat pool slots and in-sequence indices of every cached token, in
+    batch order (the varlen layout of latent_reconstruct_kv)."""
+    lens = seq_lens.long()
+    b = torch.repeat_interleave(torch.arange(len(lens), device=lens.device), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    t = torch.arange(int(lens.sum()), device=lens.device) - starts[b]
+    slots = block_table.long()[b, t // block_size] * block_size + t % block_size
+    return slots, t
+
+
+def make_projector(layer: CompressedQKV, backend: str, encoder: bool) -> _Projector:
+    classes = {"ops": OpsProjector, "torch": TorchProjector}
+    if backend not in classes:
+        raise ValueError(f"backend must be one of {tuple(classes)}, got {backend!r}")
+    return classes[backend](layer, encoder=encoder)
