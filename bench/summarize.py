@@ -4,7 +4,8 @@
 
 Each row: the benchmark, its median time, the bytes/flops model it declared,
 achieved GB/s (and TOPS), the fraction of the device's peak, and the ratio
-of the qsvd kernel's time to each baseline measured in the same run.
+of the qsvd kernel's time to each baseline measured in the same run. A last
+section says what each quant_gemm benchmark ran (config, knobs, source).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main(path: str) -> str:
                    f"{fmt(info.get('tops') if info.get('flops') else None, '{:.1f}')} | "
                    f"{fmt(info.get('peak_int8_frac'), '{:.1%}')} | {ratio} | {recorded_ratios(info)} |")
     out += crossover_table(data["benchmarks"])
+    out += explain_table(rows)
     return "\n".join(out) + "\n"
 
 
@@ -60,6 +62,24 @@ def recorded_ratios(info) -> str:
              if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in shown
              and ("ratio" in k or "speedup" in k or "frac" in k)]
     return ", ".join(parts)
+
+
+def explain_table(rows) -> list[str]:
+    """What each benchmark ran (qsvd_kernels.explain, stored by conftest):
+    config, knobs, and where the choice came from."""
+    ran = [(name, info["explain"]) for name, info in rows if isinstance(info.get("explain"), dict)]
+    if not ran:
+        return []
+    out = ["", "## What ran", "", "| benchmark | config | stream-K | splits | raster | source |",
+           "| --- | --- | --- | ---: | --- | --- |"]
+    for name, e in ran:
+        if "error" in e:
+            out.append(f"| {name} | explain failed: {e['error']} | | | | |")
+            continue
+        source = e.get("source", "?") + (f" ({e['table']})" if e.get("table") else "")
+        out.append(f"| {name} | {e.get('config')} | {e.get('streamk_mode')} | {e.get('splits')} | "
+                   f"{e.get('raster')} | {source} |")
+    return out
 
 
 def crossover_table(benchmarks) -> list[str]:

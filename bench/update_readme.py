@@ -5,8 +5,10 @@
 Everything between <!-- perf:begin --> and <!-- perf:end --> is rewritten:
 for each GPU with results in bench/results/<gpu>-<date>.json (the newest
 per GPU), the GPU, date and commit and the summary of bench/summarize.py;
-the CPU-side results (compression fidelity and cost, capacity arithmetic)
-are linked. What has not been measured is said to be not measured.
+the newest CPU kernel benchmark (bench/results/cpu-<date>.md, written by
+bench/test_bench_cpu.py) as a table labelled CPU; the other CPU-side
+results (compression fidelity and cost, capacity arithmetic) are linked.
+What has not been measured is said to be not measured.
 """
 
 from __future__ import annotations
@@ -27,12 +29,22 @@ def gpu_results():
     for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
         name = os.path.basename(path)
         m = re.match(r"(.+)-(\d{4}-\d{2}-\d{2})\.json$", name)
-        if not m or name.startswith(("compress_", "capacity")):
+        if not m or name.startswith(("compress_", "capacity", "cpu-")):
             continue
         gpu, date = m.groups()
         if gpu not in newest or date > newest[gpu][0]:
             newest[gpu] = (date, path)
     return newest
+
+
+def cpu_results():
+    """(date, path of the .md) of the newest bench/results/cpu-<date>.md, or None."""
+    found = []
+    for path in glob.glob(os.path.join(RESULTS, "cpu-*.md")):
+        m = re.match(r"cpu-(\d{4}-\d{2}-\d{2})\.md$", os.path.basename(path))
+        if m:
+            found.append((m.group(1), path))
+    return max(found) if found else None
 
 
 def section() -> str:
@@ -50,6 +62,16 @@ def section() -> str:
     for gpu, (date, path) in sorted(gpus.items()):
         text = summarize(path)
         lines += [f"### {gpu.replace('-', ' ')}, {date}", "", text.split("\n", 1)[1].strip(), ""]
+    cpu = cpu_results()
+    if cpu:
+        date, md = cpu
+        table = [ln for ln in open(md).read().splitlines() if ln.startswith("|")]
+        lines += [f"### CPU kernels, {date}", "",
+                  f"Each qsvd CPU op against its torch baseline in the same run ([{os.path.relpath(md, ROOT)}]"
+                  f"({os.path.relpath(md, ROOT)}); op and byte models in bench/test_bench_cpu.py). Ratio = qsvd time"
+                  " / baseline time.", ""] + table + [""]
+    else:
+        lines += ["### CPU kernels", "", "Not measured yet (`bench/test_bench_cpu.py`).", ""]
     lines += ["CPU-side results (measured here, committed):", ""]
     for name, what in (("compress_minilm.md", "compression fidelity on the real all-MiniLM-L6-v2"),
                        ("compress_cost.md", "time and memory of the joint SVD and scoring at 7B layer shapes"),

@@ -41,7 +41,7 @@ void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
 }
 
 void check_bits(const char* op, const char* name, int64_t bits) {
-  QSVD_CHECK_VALUE(bits == 4 || bits == 8, op, "`", name, "` must be 4 or 8, got ", bits);
+  QSVD_CHECK_VALUE(qsvd::is_code_bits(bits), op, "`", name, "` must be 4 or 8, got ", bits);
 }
 
 void check_clip_ratio(const char* op, double clip_ratio) {
@@ -49,9 +49,11 @@ void check_clip_ratio(const char* op, double clip_ratio) {
                    clip_ratio);
 }
 
-namespace {
+at::ScalarType code_dtype(int64_t bits) {
+  return qsvd::code_format(static_cast<int>(bits)).storage == qsvd::DType::kU8 ? at::kByte : at::kChar;
+}
 
-at::ScalarType code_dtype(int64_t bits) { return bits == 4 ? at::kByte : at::kChar; }
+namespace {
 
 void check_codes(const char* op, const char* name, const at::Tensor& t, int64_t bits, const char* bits_name) {
   QSVD_CHECK(t.scalar_type() == code_dtype(bits), op, "`", name, "` must be ",
@@ -68,7 +70,7 @@ void check_paged_cache(const char* op, const at::Tensor& cache, const at::Tensor
   check_codes(op, "cache", cache, bits, "bits");
   if (bits == 4)
     QSVD_CHECK_VALUE(r % 2 == 0, op, "r = ", r_from, " = ", r, " must be even for bits=4 (two codes per byte)");
-  const int64_t want_last = bits == 4 ? r / 2 : r;
+  const int64_t want_last = qsvd::code_row_bytes(static_cast<int>(bits), r);
   QSVD_CHECK(cache.size(2) == want_last, op, "`cache`.size(2) = ", cache.size(2), " must be ",
              bits == 4 ? "r / 2 = " : "r = ", want_last, " for r = ", r_from, " = ", r, " at bits=", bits);
   check_dim(op, "cache_scale", cache_scale, 2);
@@ -130,8 +132,8 @@ GemmShape check_quant_gemm(const at::Tensor& a, const at::Tensor& a_scale, const
   check_same_device(op, "a", a, "b_scale", b_scale);
   check_optional_same_device(op, "a", a, "bias", bias);
   const int64_t M = a.size(0), N = b.size(0);
-  const int64_t K = a.size(1) * (a_bits == 4 ? 2 : 1);
-  const int64_t Kb = b.size(1) * (b_bits == 4 ? 2 : 1);
+  const int64_t K = a.size(1) * qsvd::code_format(static_cast<int>(a_bits)).codes_per_byte;
+  const int64_t Kb = b.size(1) * qsvd::code_format(static_cast<int>(b_bits)).codes_per_byte;
   QSVD_CHECK(K == Kb, op, "`a` and `b` disagree on K: `a` ", shape_str(a), " at a_bits=", a_bits, " has K = ", K,
              ", `b` ", shape_str(b), " at b_bits=", b_bits, " has K = ", Kb);
   QSVD_CHECK_VALUE(K <= kMaxGemmK, op, "K = ", K, " (from `a`) exceeds ", kMaxGemmK,

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include "qsvd/formats.h"
 #include "qsvd/hadamard.h"
 
 namespace qsvd_torch {
@@ -31,6 +32,8 @@ void check_same_device(const char* op, const char* ref_name, const at::Tensor& r
                        const char* name, const at::Tensor& t);
 void check_contiguous(const char* op, const char* name, const at::Tensor& t);
 void check_bits(const char* op, const char* name, int64_t bits);
+// The torch dtype codes of a bit width are stored in (qsvd::code_format).
+at::ScalarType code_dtype(int64_t bits);
 void check_clip_ratio(const char* op, double clip_ratio);
 
 // hadamard_transform / hadamard_quant

@@ -1,4 +1,5 @@
-"""Test helpers: input builders and error bounds derived from the arithmetic."""
+"""Test helpers: input builders. The error bounds derived from the
+arithmetic live in the shipped ``qsvd_kernels.testing`` (re-exported here)."""
 
 from __future__ import annotations
 
@@ -8,230 +9,20 @@ from dataclasses import dataclass
 import torch
 
 from qsvd_kernels import reference as R
-
-# Relative spacing of each dtype (ulp at 1.0), and the spacing of its
-# subnormals (the absolute error floor of a rounding near zero).
-EPS = {
-    torch.float32: 2.0**-23,
-    torch.float16: 2.0**-10,
-    torch.bfloat16: 2.0**-7,
-}
-TINY = {
-    torch.float32: 2.0**-149,
-    torch.float16: 2.0**-24,
-    torch.bfloat16: 2.0**-133,
-}
-
-
-U32 = 2.0**-24  # unit roundoff of fp32
-U64 = 2.0**-53  # unit roundoff of fp64
-
-# Keyword arguments of the latent ops' error bounds for each backend: the CPU
-# kernels accumulate in float64 (csrc/cpu/latent_attention.cpp), the CUDA
-# kernels in fp32.
-#
-# latent_attention_error_bound:
-# On CUDA the launcher picks the CUDA-core or the tensor-core split kernel
-# per shape (QSVD_LATENT_KERNEL forces one); "cuda_auto" is the larger of the
-# "cuda" and "cuda_tc" bounds, so it holds whichever kernel ran (the
-# tensor-core bound is the looser one except with RoPE and int8 weights).
-LATENT_BOUND = {"cpu": {"u": U64}, "cuda": {"u": U32, "kernel": "cuda_auto"}}
-
-# Keyword arguments for a CUDA split kernel forced with QSVD_LATENT_KERNEL.
-LATENT_KERNEL_BOUND = {"simt": {"u": U32, "kernel": "cuda"}, "tc": {"u": U32, "kernel": "cuda_tc"}}
-
-# latent_reconstruct_error_bound:
-RECONSTRUCT_BOUND = {"cpu": {"u": U64}, "cuda": {"u": U32, "tensor_cores": True}}
-
-# Largest token tile of the tensor-core split kernels (kTcMaxTileTokens).
-TC_MAX_TILE_TOKENS = 64
-
-
-def assert_within(actual, truth, bound, out_dtype, what=""):
-    """|actual - truth| <= bound + the final rounding to out_dtype (one ulp,
-    or a subnormal step), elementwise. NaN/Inf must sit where truth has them."""
-    actual, bound = actual.double(), bound.double()
-    # Where the exact value overflows the output dtype, +-Inf is the answer.
-    truth = torch.where(torch.isfinite(truth.to(out_dtype)), truth.double(), truth.to(out_dtype).double())
-    finite = torch.isfinite(truth)
-    assert torch.equal(torch.isfinite(actual), finite), f"{what}: non-finite pattern differs"
-    assert torch.equal(actual[~finite].nan_to_num(nan=0.5), truth[~finite].nan_to_num(nan=0.5)), \
-        f"{what}: non-finite values differ"
-    err = (actual - truth).abs()[finite]
-    allowed = (bound + EPS[out_dtype] * truth.abs() + TINY[out_dtype])[finite]
-    if err.numel():
-        worst = (err / allowed).max().item()
-        assert worst <= 1.0, f"{what}: error {err.max().item():.3e} exceeds its bound ({worst:.2f}x the allowed error)"
-
-
-def _abs_weight(w, scale):
-    wf = w.double().abs()
-    return wf * scale.double().abs().unsqueeze(1) if scale is not None else wf
-
-
-def _abs_kv(cache, cache_scale, block_table, L, b, bits, w_k, w_v, rope):
-    """Magnitudes |c| |W_k| and |c| |W_v| of one sequence ([L, H_kv, d]);
-    with RoPE, |k cos| + |rot(k) sin| <= |k| + |rot(k)|."""
-    c = R.gather_latent_ref(cache, cache_scale, block_table, L, b, bits).abs()
-    k = torch.einsum("tr,hrd->thd", c, w_k)
-    v = torch.einsum("tr,hrd->thd", c, w_v)
-    if rope:
-        half = k.shape[-1] // 2
-        k = k + torch.cat((k[..., half:], k[..., :half]), dim=-1)
-    return k, v
-
-
-def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale,
-                                 bits, sm_scale, rope_cos=None, rope_sin=None, *, u=U32, kernel="cpu"):
-    """First-order worst-case bound of the evaluation error in arithmetic of
-    unit roundoff u (Higham: a sum of n terms is off by at most n u sum|terms|),
-    before the output rounding.
-
-    A score takes r + d + O(1) roundings on terms bounded by
-    S = |sm_scale| sum_j |q_j| (|c| |W_k|)_j, so |ds| <= (r + d + 4) u max_t S.
-    Score errors move softmax weights by at most 2 |ds| p_t, so the output
-    moves by 2 |ds| max|v|; summing p_t v_t over L tokens and the r-term
-    up-projection add (L + r + 4) u max|v|. lse = max + log(sum) moves by
-    |ds| plus (L + 4) u. Returns (bound_out [B, H, d], bound_lse [B, H]).
-
-    kernel="cuda" counts the CUDA kernel's evaluation order
-    (include/qsvd/kernels/latent_attention_kernel.cuh), in fp32 with a base-2
-    softmax: x_t = score_t log2(e) with an integer running max M, p_t =
-    exp2f(x_t - M), all rescales exact powers of two.
-      - Score: score_scale = fl(sm_scale log2 e) (1 rounding), folded into
-        the query. No RoPE: q'_j = (q_j ws_j) c (2), q_lat = W q' (d),
-        code . q_lat (r), times s_t (1): r + d + 4. RoPE: K~ = codes W (r;
-        int8 x int8 and int8 x fp16 products are exact), times ws (1),
-        rotate-half (2), q c (1), dot (d), times s_t (1): r + d + 6.
-        Counted as r + d + 6 on S.
-      - Weight of token t: x_t - M rounds by u |x_t - M| <= u (2 max|x| + 1)
-        (M <= max x + 1), i.e. 2 u S_max + u ln2 in natural-log units; exp2f
-        is within 2 ulp (<= 4u relative). Together with the score:
-        ds = (r + d + 8) u S_max + 5 u, acting on the weights as a score
-        error does (2 ds max|v| on the output, ds on lse).
-      - Output: acc = sum_t (p_t s_t) code_t: 1 + (depth <= L + 1: a split's
-        sequential sum plus the merge of the non-empty splits); the
-        up-projection r, times ws 1, the division 1: (L + r + 4) u max|v|;
-        the denominator l = sum p_t has its own L + 1 roundings, which move
-        o = acc / l by (L + 1) u |o| <= (L + 1) u max|v|: in all
-        (2 L + r + 8) u max|v|.
-      - lse = (M + log2f(l)) ln2: l's L + 1 roundings, log2f within 1 ulp
-        of log2 l (2 u max(1, log2 L) absolute, i.e. 2 u (1 + ln L) in
-        natural log), and the add, the rounded ln2 and the product, each
-        u |lse| <= u (S_max + ln L + 1): ds + (L + 4 + 2 (1 + ln L)) u
-        + 3 u (S_max + ln L + 1).
-
-    kernel="cuda_tc" counts the tensor-core split kernels
-    (include/qsvd/kernels/latent_attention_tc.cuh). Tensor cores do not
-    accumulate with round-to-nearest: products of fp16/bf16 operands are
-    exact, but each mma sums a group of k >= 4 products and the accumulator
-    after aligning them to the largest exponent and truncating (no guard
-    bits assumed), then truncates the sum (Fasi, Higham, Mikaitis, Pranesh,
-    "Numerical behavior of NVIDIA tensor cores", 2021). With A_j <= the sum of
-    all |terms| so far, a group loses < (k + 1) 2u A_j to the alignment and
-    < 2u A_j to the final truncation: (2 + 4/k) u <= 3u per product, so a
-    tensor-core dot of n terms is off by at most 3 n u sum|terms| (n counts
-    the zero padding to a multiple of 16: r16 = round_up(r, 16)).
-      - RoPE, fp16/bf16 weights: K~ = codes W_uk on tensor cores with exact
-        operands (codes are exact in fp16/bf16): 3 r16 u in place of r u;
-        every later step is the CUDA-core kernel's. ds = (3 r16 + d + 8) u
-        S_max + 5u.
-      - RoPE, int8 weights: K~ on INT8 tensor cores, an exact int32 sum
-        (|K~| <= 128^2 r <= 2^27) rounded once to fp32 (|error| <= u |K~|
-        <= u sum_i |c_i| |W_ij|): 1 u in place of r u. ds = (d + 9) u S_max
-        + 5u, below the CUDA-core kernel's.
-      - No RoPE: q_lat 2^e = hi + lo in fp16 (a power-of-two pre-scale puts
-        max |q_lat| in [2^14, 2^15)): |q_lat - (hi + lo) 2^-e| <= 2^-22 |q_lat|
-        + 2^-25 2^-e, and 2^-e <= 2^-14 max_i |q_lat_i|. Then two MMAs over
-        r16 (2 r16 products, |hi| + |lo| <= (1 + 2^-10) |q_lat|): 6 r16 (1 + 2^-9)
-        u; the fixed-order sum of <= 8 warp partials: 7u; 2^-e exact. With
-        the CUDA-core count (score_scale 1, q' 2, prologue d, s_t 1, weight
-        step 2): ds = (6 r16 (1 + 2^-9) + d + 17) u S_max + 5u + F_s,
-        F_s = 2^-38 |sm_scale| max_i (|W_uk| |q|)_i max_t sum_i |c_t,i| (the
-        2^-25 floor, in natural-log units, with slack for the first-order
-        factors).
-        Output: w_t = p_t s_t (1), its split (2^-22 = 4u, plus a floor of
-        2^-25 2^-f with 2^-f <= 2^-14 max_t s_t), two MMAs over T <= 64
-        tokens (6 T (1 + 2^-9) u), then acc = acc 2^(M_old - M_new) + V 2^-f
-        in fp32 (powers of two exact; one add per tile, depth <= L + 1 with
-        the merge): (2 L + r + 6 T (1 + 2^-9) + 9) u max|v| + F_v, F_v =
-        2^-37 L max_t s_t qmax sum_i |W_uv|_i (the floor summed over L tokens,
-        divided by l >= 1/2; qmax = 127 or 7 bounds |code|).
-
-    kernel="cuda_auto" is the elementwise larger of "cuda" and "cuda_tc":
-    the bound when the launcher chooses the split kernel.
-    """
-    if kernel == "cuda_auto":
-        args = (q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, sm_scale,
-                rope_cos, rope_sin)
-        simt = latent_attention_error_bound(*args, u=u, kernel="cuda")
-        tc = latent_attention_error_bound(*args, u=u, kernel="cuda_tc")
-        return torch.maximum(simt[0], tc[0]), torch.maximum(simt[1], tc[1])
-    B, H, d = q.shape
-    H_kv, r, _ = w_uk.shape
-    w_k, w_v = _abs_weight(w_uk, w_uk_scale), _abs_weight(w_uv, w_uv_scale)
-    bound_out = torch.zeros(B, H, d, dtype=torch.float64)
-    bound_lse = torch.zeros(B, H, dtype=torch.float64)
-    for b in range(B):
-        L = int(seq_lens[b])
-        if L == 0:
-            continue
-        k, v = _abs_kv(cache, cache_scale, block_table, L, b, bits, w_k, w_v, rope_cos is not None)
-        k = k.repeat_interleave(H // H_kv, dim=1)
-        v_max = v.repeat_interleave(H // H_kv, dim=1).amax(dim=0)  # [H, d]
-        s_abs = abs(sm_scale) * torch.einsum("hd,thd->ht", q[b].double().abs(), k)
-        s_max = s_abs.amax(dim=-1)  # [H]
-        if kernel in ("cuda", "cuda_tc"):
-            rope = rope_cos is not None
-            r16 = -(-r // 16) * 16
-            score_terms, out_terms, floor_s, floor_v = r + d + 8, 2 * L + r + 8, 0.0, 0.0
-            if kernel == "cuda_tc" and rope:
-                score_terms = d + 9 if w_uk.dtype == torch.int8 else 3 * r16 + d + 8
-            elif kernel == "cuda_tc":
-                score_terms = 6 * r16 * (1 + 2.0**-9) + d + 17
-                out_terms = 2 * L + r + 6 * TC_MAX_TILE_TOKENS * (1 + 2.0**-9) + 9
-                q_lat_abs = torch.einsum("hrd,hd->hr", w_k.repeat_interleave(H // H_kv, dim=0), q[b].double().abs())
-                c_abs = R.gather_latent_ref(cache, cache_scale, block_table, L, b, bits).abs()
-                floor_s = 2.0**-38 * abs(sm_scale) * q_lat_abs.amax(dim=-1) * c_abs.sum(dim=-1).max()
-                t = torch.arange(L)
-                scales = cache_scale[block_table[b].long()[t // cache.shape[1]], t % cache.shape[1]]
-                w_v_rows = w_v.sum(dim=1).repeat_interleave(H // H_kv, dim=0)  # [H, d]
-                qmax = 7 if bits == 4 else 127
-                floor_v = 2.0**-37 * L * scales.double().abs().max() * qmax * w_v_rows
-            ds = score_terms * u * s_max + 5 * u + floor_s
-            bound_out[b] = 2 * ds[:, None] * v_max + out_terms * u * v_max + floor_v
-            bound_lse[b] = ds + (L + 6 + 2 * math.log(L)) * u + 3 * u * (s_max + math.log(L) + 1)
-        else:
-            ds = (r + d + 4) * u * s_max
-            bound_out[b] = 2 * ds[:, None] * v_max + (L + r + 4) * u * v_max
-            bound_lse[b] = ds + (L + 4) * u
-    return bound_out, bound_lse
-
-
-def latent_reconstruct_error_bound(cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale,
-                                   bits, rope_cos=None, rope_sin=None, *, u=U32, tensor_cores=False):
-    """k = RoPE(c W_k), v = c W_v: (r + 4) u times the magnitudes.
-
-    A sum of r exact products (r - 1 roundings, any order), then the token
-    scale and the int8 weight scale (2), then RoPE's products and sum (2, on
-    |k| + |rotate_half(k)|): r + 3 roundings. tensor_cores=True is the CUDA
-    kernel (include/qsvd/kernels/latent_cache_kernel.cuh), whose GEMM runs
-    on tensor cores through cuBLAS: they align and truncate instead of
-    rounding to nearest, at most 3u per product (the derivation is in
-    latent_attention_error_bound, kernel="cuda_tc"), so the sum counts 3 r."""
-    H_kv, r, d = w_uk.shape
-    w_k, w_v = _abs_weight(w_uk, w_uk_scale), _abs_weight(w_uv, w_uv_scale)
-    ks, vs = [], []
-    for b in range(block_table.shape[0]):
-        L = int(seq_lens[b])
-        if L:
-            k, v = _abs_kv(cache, cache_scale, block_table, L, b, bits, w_k, w_v, rope_cos is not None)
-            ks.append(k)
-            vs.append(v)
-    if not ks:
-        return torch.zeros(0, H_kv, d, dtype=torch.float64), torch.zeros(0, H_kv, d, dtype=torch.float64)
-    n = (3 * r if tensor_cores else r) + 4
-    return n * u * torch.cat(ks), n * u * torch.cat(vs)
+from qsvd_kernels.testing import (  # noqa: F401  (re-exported for the tests)
+    EPS,
+    TINY,
+    U32,
+    U64,
+    LATENT_BOUND,
+    LATENT_KERNEL_BOUND,
+    RECONSTRUCT_BOUND,
+    CPU_TILE_TOKENS,
+    TC_MAX_TILE_TOKENS,
+    assert_within,
+    latent_attention_error_bound,
+    latent_reconstruct_error_bound,
+)
 
 
 def random_codes(shape, bits, generator=None):

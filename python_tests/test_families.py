@@ -123,3 +123,54 @@ def test_an_unsupported_decoder_feature_is_refused_naming_the_family():
     cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), allocation="uniform"))
     with pytest.raises(NotImplementedError, match=r"duck-typed \(Qwen3Attention\)\) uses q_norm"):
         hf.apply_qsvd(model, cm, backend="torch")
+
+
+def test_a_duck_typed_decoder_needs_an_opt_in():
+    from qsvd_kernels import compress as qc
+    from qsvd_kernels.integrations import hf
+    from qsvd_kernels.integrations import models as M
+
+    # LLaMA attention under a class the table does not know (a custom model's block)
+    my_attention = type("MyAttention", (nn.Module,), {"forward": tr.models.llama.modeling_llama.LlamaAttention.forward})
+    model = tr.LlamaForCausalLM(tr.LlamaConfig(**TEXT)).eval()
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = my_attention
+    comp = qc.Compressor(model, M.random_token_batches(128, 8, 16, seed=0), progress=False)
+    assert all(s.family.duck_typed for s in comp.sites)
+    cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), allocation="uniform"))
+    with pytest.raises(NotImplementedError, match="not in the model-family table"):
+        hf.apply_qsvd(model, cm, backend="torch")
+    hf.apply_qsvd(model, cm, backend="torch", allow_duck_typed=True)
+    assert model(torch.ones(1, 4, dtype=torch.long)).logits.shape == (1, 4, 128)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tr.MistralForCausalLM(tr.MistralConfig(**TEXT, sliding_window=4)),  # window on the config
+    lambda: tr.Qwen2ForCausalLM(tr.Qwen2Config(**TEXT, sliding_window=4, use_sliding_window=True,
+                                               max_window_layers=0)),  # window on the module
+])
+def test_a_context_past_the_sliding_window_is_refused(make):
+    from qsvd_kernels import compress as qc
+    from qsvd_kernels.integrations import hf
+    from qsvd_kernels.integrations import models as M
+
+    torch.manual_seed(0)
+    model = make().eval()
+    comp = qc.Compressor(model, M.random_token_batches(128, 8, 16, seed=0), progress=False)
+    cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), allocation="uniform"))
+    hf.apply_qsvd(model, cm, backend="torch")
+    with torch.no_grad():
+        model(torch.ones(1, 4, dtype=torch.long))  # within the window: served
+        with pytest.raises(NotImplementedError, match="sliding window"):
+            model(torch.ones(1, 5, dtype=torch.long))
+
+
+def test_dual_encoder_text_and_vision_towers_are_told_apart():
+    cfg = tr.CLIPConfig(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    model = tr.CLIPModel(cfg)
+    parts = {s.name: s.part for s in find_attention_sites(model)}
+    assert sorted(parts.values()) == ["text", "vision"]
+    assert [s.name for s in select_sites(model, "vision")] == [n for n, p in parts.items() if p == "vision"]

@@ -75,7 +75,9 @@ def test_greedy_full_rank_matches_the_original_token_for_token(llama, full_rank)
     # Only the latent is held, never K/V: r fp32 values per token and layer, in whole blocks.
     E, L = model.config.hidden_size, model.config.num_hidden_layers
     assert all(l.pool.tensors[0].shape[1:] == (cache.block_size, E) for l in cache.layers)
-    assert cache.nbytes() == L * cache.num_blocks * cache.block_size * E * 4 + cache.block_table.numel() * 4
+    bookkeeping = sum(t.numel() * t.element_size() for t in (cache.block_table, cache.refcount, cache.seq_lens,
+                                                              cache.rope_cos, cache.rope_sin))
+    assert cache.nbytes() == L * cache.num_blocks * cache.block_size * E * 4 + bookkeeping
     # A plain model.generate() gets a latent cache made by the model itself.
     assert torch.equal(full_rank.generate(prompt, **kw), ref)
 
@@ -118,8 +120,12 @@ def test_beam_search_matches_and_copies_at_most_a_block_per_beam(llama, full_ran
     L, beams = model.config.num_hidden_layers, 2 * 3
     assert copies and all(n == 1 for n in copies)
     assert len(copies) <= 10 * beams * L
-    # and the pool stays far below one copy of every sequence per step
-    assert cache.num_blocks * cache.block_size < 10 * beams * (9 + 10)
+    # beams share their common prefix: fewer live blocks than unshared beams would need
+    live = int((cache.refcount > 0).sum())
+    assert live < beams * -(-(9 + 9) // 4), live
+    assert torch.equal(cache.refcount, torch.bincount(
+        cache.block_table[torch.arange(cache.block_table.shape[1])[None, :] < cache._blocks_used(
+            cache.seq_lens)[:, None]].long(), minlength=cache.num_blocks))
 
 
 @torch.no_grad()
@@ -155,7 +161,16 @@ def test_use_cache_false_recomputes_and_matches(llama, full_rank):
     model, _ = llama
     prompt = _prompt(2, 6, seed=19)
     kw = dict(max_new_tokens=6, do_sample=False, use_cache=False, attention_mask=torch.ones_like(prompt))
-    assert torch.equal(full_rank.generate(prompt, **kw), model.generate(prompt, **kw))
+    ref = model.generate(prompt, **kw)
+    assert torch.equal(full_rank.generate(prompt, **kw), ref)
+    got, cache = hf.generate(full_rank, prompt, **kw)
+    assert torch.equal(got, ref) and cache is None
+    # a cache the caller passes is used whatever use_cache says, as transformers does
+    cache = hf.QSVDLatentCache(full_rank)
+    full_rank(prompt[:, :-1], **{hf.cache_keyword(): cache})
+    step = full_rank(prompt[:, -1:], use_cache=False, **{hf.cache_keyword(): cache}).logits
+    assert torch.allclose(step[:, -1], model(prompt).logits[:, -1], atol=1e-5)
+    assert cache.get_seq_length() == 6
 
 
 @pytest.mark.parametrize("backend", ["ops", "torch"])
@@ -214,6 +229,50 @@ def test_a_block_that_cannot_find_the_cache_raises_instead_of_computing(llama, q
 
 
 @torch.no_grad()
+def test_a_failed_step_is_abandoned_and_frees_its_blocks(llama, full_rank, monkeypatch):
+    model, _ = llama
+    prompt = _prompt(2, 8, seed=29)
+    cache = hf.QSVDLatentCache(full_rank, block_size=2)
+    kw = {hf.cache_keyword(): cache}
+    full_rank(prompt[:, :4], **kw)
+    live = int((cache.refcount > 0).sum())
+    layer1 = full_rank.model.layers[1].self_attn
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(layer1.projector, "latent", boom)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="injected"):
+            full_rank(prompt[:, 4:8], **kw)
+    monkeypatch.undo()
+    assert int((cache.refcount > 0).sum()) == live and cache.step is None and cache.get_seq_length() == 4
+    step = full_rank(prompt[:, 4:8], **kw).logits
+    assert torch.allclose(step, model(prompt).logits[:, 4:8], atol=1e-5)
+
+
+def test_training_with_gradient_checkpointing_is_refused(llama, full_rank):
+    m = copy.deepcopy(full_rank)
+    if hasattr(m, "activation_checkpointing_enable"):  # transformers 5.2x's name
+        m.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.train()
+    with pytest.raises(NotImplementedError, match="gradient checkpointing"):
+        m(_prompt(1, 4))
+
+
+@torch.no_grad()
+def test_casting_the_model_keeps_the_ops_operands_fp32(llama, quantized):
+    model, _ = llama
+    m = hf.apply_qsvd(copy.deepcopy(model), quantized["W8A8"]).to(torch.bfloat16)
+    proj = m.model.layers[0].self_attn.projector
+    assert proj.signs.dtype == proj.wd_scale.dtype == torch.float32 and proj.wd.dtype == torch.int8
+    got, _ = hf.generate(m, _prompt(1, 5), max_new_tokens=3, do_sample=False)
+    assert got.shape == (1, 8)
+
+
+@torch.no_grad()
 def test_cache_misuse_is_refused(llama, quantized):
     from transformers import DynamicCache
 
@@ -231,6 +290,19 @@ def test_cache_misuse_is_refused(llama, quantized):
     mask[0, :2] = 0
     with pytest.raises(ValueError, match="position_ids"):
         m(prompt, attention_mask=mask)
+    # a padded history, then a step without its mask
+    padded = hf.QSVDLatentCache(m)
+    m(prompt, attention_mask=mask, position_ids=_positions(mask), **{hf.cache_keyword(): padded})
+    with pytest.raises(ValueError, match="attention_mask is required"):
+        m(prompt[:, -1:], **{hf.cache_keyword(): padded})
+    # right padding: the prefill is representable, the next column's position is not
+    right = torch.ones_like(prompt)
+    right[0, -2:] = 0
+    rcache = {hf.cache_keyword(): hf.QSVDLatentCache(m)}
+    m(prompt, attention_mask=right, position_ids=torch.arange(6).expand(2, 6), **rcache)
+    with pytest.raises(ValueError, match="position_ids"):
+        m(prompt[:, -1:], attention_mask=torch.cat([right, torch.ones(2, 1, dtype=right.dtype)], 1),
+          position_ids=torch.tensor([[6], [6]]), **rcache)
     # a 4D mask
     with pytest.raises(NotImplementedError, match="2D attention_mask"):
         m(prompt, attention_mask=torch.ones(2, 1, 6, 6, dtype=torch.bool))

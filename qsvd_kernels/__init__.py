@@ -20,6 +20,7 @@ except ImportError as e:  # pragma: no cover - message for users
     ) from e
 
 from . import _fake, reference  # noqa: E402,F401  (_fake registers the fake kernels)
+from . import ops as _ops  # noqa: E402
 from .ops import (  # noqa: E402
     hadamard_quant,
     hadamard_transform,
@@ -29,14 +30,10 @@ from .ops import (  # noqa: E402
     quant_gemm,
 )
 
-OPS = (
-    "hadamard_transform",
-    "hadamard_quant",
-    "quant_gemm",
-    "latent_cache_append",
-    "latent_attention",
-    "latent_reconstruct_kv",
-)
+from . import tuning  # noqa: E402
+from .tuning import explain  # noqa: E402
+
+OPS = tuple(_ops.__all__)  # the list of ops, written once (ops.py)
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
@@ -65,16 +62,9 @@ def build_info() -> dict:
     return info
 
 
-__all__ = [
-    "__version__",
-    "OPS",
-    "build_info",
-    "has_kernel",
-    "hadamard_transform",
-    "hadamard_quant",
-    "quant_gemm",
-    "latent_cache_append",
-    "latent_attention",
-    "latent_reconstruct_kv",
-    "reference",
-]
+__all__ = ["__version__", "OPS", "build_info", "explain", "has_kernel", "reference", *OPS]
+
+# Per-GPU tuning tables (docs/tuning.md): installed at import when a CUDA
+# device is visible and a table folder holds any table (so a plain install,
+# which ships none, never initialises CUDA here). QSVD_TUNING=off disables it.
+tuning.install_if_tables()

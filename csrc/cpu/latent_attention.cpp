@@ -1,15 +1,37 @@
-// CPU latent_attention (decode) and latent_reconstruct_kv (prefill).
+// CPU latent_attention (decode) and latent_reconstruct_kv (prefill), built on
+// torch's GEMMs: oneDNN int8 (at::_int_mm, exact int32 sums) and MKL /
+// oneDNN fp32 (at::mm, at::bmm, at::addmm). The element-wise parts (scales,
+// RoPE, online softmax) are plain fp32 loops.
 //
-// Per (sequence, kv head) task: the latent rows of the sequence are read
-// through block_table, dequantized as code * token_scale, and up-projected
-// with the kv head's W_uk / W_uv. The query heads of a GQA group share the
-// task, so each latent row is unpacked once per group.
+// latent_attention, one task per (sequence, token split), each a sequence of
+// token tiles (flash-decoding on the CPU):
+//   1. gather the tile's codes through block_table into int8 [T, r] (INT4
+//      unpacked) and its token scales s_t;
+//   2. scores, in log2 units (score_scale = fl(sm_scale log2 e) is folded
+//      into the query):
+//      RoPE: K~ = codes x W_uk for every kv head at once, one GEMM
+//        [T, r] x [r, H_kv d]: int8 x int8 -> exact int32 (at::_int_mm) for
+//        int8 weights, fp32 (at::mm; codes and weights are exact in fp32)
+//        otherwise; k = RoPE((K~ * w_uk_scale) * s_t); x = q' . k (at::bmm
+//        over kv heads);
+//      no RoPE: x = (c_t . q_lat) * s_t with q_lat = W_uk q' computed once
+//        per call (at::mm over [T, r] x [r, H], all heads share the latent);
+//   3. online softmax in base 2 with an integer running max M, so every
+//      rescale is an exact power of two (as the CUDA kernels);
+//   4. V absorbed in latent space: acc[H, r] += (p_t s_t)[H, T] x codes[T, r]
+//      (at::addmm).
+// The splits of a sequence are merged (powers of two again), then
+// out = ((acc x W_uv) * w_uv_scale) / l per kv head (at::mm) and
+// lse = (M + log2 l) ln 2.
 //
-// All arithmetic after the integer codes is float64, rounded once to the
-// output dtype: the CPU kernels are the accurate implementation that the
-// tests hold to one output ulp of the exact result, and the yardstick the
-// CUDA kernels (fp32 / tensor-core accumulation) are compared with.
-#include <ATen/Parallel.h>
+// Threads: tasks run on at::parallel_for (torch's OpenMP team);
+// the GEMMs inside a task run on its thread. A sequence is split into
+// about 2 x threads / B parts, so one long sequence uses every core.
+//
+// Numerics: fp32 arithmetic with round-to-nearest; the error bound of every
+// output, derived from this evaluation order, is in docs/ops.md and
+// qsvd_kernels/testing.py (latent_attention_error_bound, kernel="cpu").
+#include <ATen/ATen.h>
 
 #include <cmath>
 #include <limits>
@@ -17,17 +39,30 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include <ATen/Parallel.h>
+#include "qsvd/cpu/simd.h"
+#include "qsvd/formats.h"
 #include "qsvd/numerics.h"
 
 namespace qsvd_torch {
 namespace {
 
-// float64 [H_kv, r, d]: w, times its per-(kv head, channel) scale for int8
-// (exact: an int8 times an fp32 fits a double).
-at::Tensor dequantize_weight(const at::Tensor& w, const std::optional<at::Tensor>& scale) {
-  at::Tensor wf = w.to(at::kDouble);
-  if (scale.has_value()) wf = wf * scale->to(at::kDouble).unsqueeze(1);
-  return wf.contiguous();
+// Token tiles: the RoPE path rebuilds [T, H_kv d] per tile (1 MiB at
+// H_kv d = 4096), the absorbed path keeps [T, r] fp32 codes in cache.
+// qsvd_kernels/testing.py (CPU_TILE_TOKENS) uses these in the error bound.
+constexpr int64_t kTileRope = 64;
+constexpr int64_t kTileAbsorbed = 256;
+
+// Whether at::_int_mm sums full-range int8 products exactly (quant_gemm.cpp).
+bool int_mm_exact() {
+  static const bool exact = [] {
+    const int64_t K = 256;
+    at::Tensor a = at::full({4, K}, 127, at::kChar), b = at::full({8, K}, 127, at::kChar);
+    a.select(0, 1).fill_(-127);
+    b.select(0, 2).fill_(-127);
+    return at::equal(at::_int_mm(a, b.t()).to(at::kLong), at::mm(a.to(at::kLong), b.to(at::kLong).t()));
+  }();
+  return exact;
 }
 
 // Read access to one sequence's latent rows in the paged cache.
@@ -38,53 +73,31 @@ struct LatentRows {
   int64_t block_size, code_row, r;
   int bits;
 
-  // Unpacks token t's codes into `codes` and returns its scale.
-  double load(int64_t t, int8_t* codes) const {
-    const int64_t slot = static_cast<int64_t>(block_row[t / block_size]) * block_size + t % block_size;
-    qsvd::unpack_codes_host(cache + slot * code_row, r, bits, codes);
-    return cache_scale[slot];
+  // Tokens [t0, t0 + T) -> int8 codes [T, r] and scales [T].
+  void gather(int64_t t0, int64_t T, int8_t* codes, float* scales) const {
+    for (int64_t i = 0; i < T; ++i) {
+      const int64_t t = t0 + i;
+      const int64_t slot = static_cast<int64_t>(block_row[t / block_size]) * block_size + t % block_size;
+      qsvd::cpu::unpack_codes_row(cache + slot * code_row, r, bits, codes + i * r);
+      scales[i] = cache_scale[slot];
+    }
   }
 };
 
-// k[j] = scale * sum_i codes[i] * W[i, j] for W [r, d] row-major.
-inline void up_project(const int8_t* codes, double scale, const double* W, int64_t r, int64_t d, double* k) {
-  for (int64_t j = 0; j < d; ++j) k[j] = 0.0;
-  for (int64_t i = 0; i < r; ++i) {
-    const double ci = codes[i];
-    if (ci == 0.0) continue;
-    const double* w = W + i * d;
-    for (int64_t j = 0; j < d; ++j) k[j] += ci * w[j];
-  }
-  for (int64_t j = 0; j < d; ++j) k[j] *= scale;
-}
-
-// Hugging Face LLaMA rotate-half RoPE at one position, in place.
-inline void apply_rope(double* k, const float* cos, const float* sin, int64_t d, double* tmp) {
-  const int64_t half = d / 2;
-  for (int64_t j = 0; j < d; ++j) tmp[j] = k[j];
-  for (int64_t j = 0; j < half; ++j) k[j] = tmp[j] * cos[j] - tmp[j + half] * sin[j];
-  for (int64_t j = half; j < d; ++j) k[j] = tmp[j] * cos[j] + tmp[j - half] * sin[j];
-}
-
-struct PreparedLatent {
-  at::Tensor cache, cache_scale, block_table, seq_lens, wk, wv, cos, sin;
+struct Prepared {
+  at::Tensor cache, cache_scale, block_table, seq_lens, cos, sin;
   int64_t total_tokens;
 };
 
-PreparedLatent prepare(const char* op, const LatentShape& s, const at::Tensor& cache, const at::Tensor& cache_scale,
-                       const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& w_uk,
-                       const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
-                       const std::optional<at::Tensor>& w_uv_scale, const std::optional<at::Tensor>& rope_cos,
-                       const std::optional<at::Tensor>& rope_sin) {
-  PreparedLatent p;
+Prepared prepare(const char* op, const LatentShape& s, const at::Tensor& cache, const at::Tensor& cache_scale,
+                 const at::Tensor& block_table, const at::Tensor& seq_lens, const std::optional<at::Tensor>& rope_cos,
+                 const std::optional<at::Tensor>& rope_sin) {
+  Prepared p;
   p.block_table = block_table.contiguous();
   p.seq_lens = seq_lens.contiguous();
-  p.total_tokens =
-      check_paged_indices_host(op, p.seq_lens, p.block_table, s, s.rope ? rope_cos->size(0) : 0);
+  p.total_tokens = check_paged_indices_host(op, p.seq_lens, p.block_table, s, s.rope ? rope_cos->size(0) : 0);
   p.cache = cache.contiguous();
   p.cache_scale = cache_scale.contiguous();
-  p.wk = dequantize_weight(w_uk, w_uk_scale);
-  p.wv = dequantize_weight(w_uv, w_uv_scale);
   if (s.rope) {
     p.cos = rope_cos->contiguous();
     p.sin = rope_sin->contiguous();
@@ -92,15 +105,83 @@ PreparedLatent prepare(const char* op, const LatentShape& s, const at::Tensor& c
   return p;
 }
 
-LatentRows rows_of(const PreparedLatent& p, const LatentShape& s, int64_t b, int64_t bits) {
+LatentRows rows_of(const Prepared& p, const LatentShape& s, int64_t b, int64_t bits) {
   return {static_cast<const uint8_t*>(p.cache.data_ptr()),
           p.cache_scale.data_ptr<float>(),
           p.block_table.data_ptr<int32_t>() + b * s.max_blocks,
           s.block_size,
-          bits == 4 ? s.r / 2 : s.r,
+          qsvd::code_row_bytes(static_cast<int>(bits), s.r),
           s.r,
           static_cast<int>(bits)};
 }
+
+// The up-projection of every kv head as one GEMM operand [r, H_kv d]:
+// int8 (exact int32 GEMM) when the weights are int8 and at::_int_mm is
+// exact, fp32 (exact copies of fp16/bf16/int8 values) otherwise.
+struct Rebuild {
+  at::Tensor w;      // [r, H_kv d]
+  at::Tensor scale;  // fp32 [H_kv d] (int8 weights) or undefined
+  bool int8_gemm;
+};
+
+Rebuild rebuild_operand(const at::Tensor& w_in, const std::optional<at::Tensor>& scale) {
+  const int64_t H_kv = w_in.size(0), r = w_in.size(1), d = w_in.size(2);
+  Rebuild rb;
+  rb.int8_gemm = w_in.scalar_type() == at::kChar && int_mm_exact();
+  rb.w = at::empty({r, H_kv, d}, w_in.options().dtype(rb.int8_gemm ? at::kChar : at::kFloat));
+  rb.w.copy_(w_in.permute({1, 0, 2}));
+  rb.w = rb.w.view({r, H_kv * d});
+  if (scale.has_value()) rb.scale = scale->to(at::kFloat).contiguous().view({H_kv * d});
+  return rb;
+}
+
+// out[T, E] (fp32, row stride E) = (codes x W) (* scale per column): the
+// exact int32 sum rounded once, then the weight scale; or an fp32 GEMM.
+void rebuild_tile(const Rebuild& rb, const at::Tensor& codes /* int8 [T, r] */, const at::Tensor& codes_f,
+                  at::Tensor& out /* fp32 [T, E] */) {
+  const int64_t T = codes.size(0), E = rb.w.size(1);
+  if (rb.int8_gemm) {
+    const at::Tensor acc = at::_int_mm(codes, rb.w);
+    const int32_t* a = acc.data_ptr<int32_t>();
+    const float* ws = rb.scale.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t e = 0; e < E; ++e) o[t * E + e] = static_cast<float>(a[t * E + e]) * ws[e];
+    return;
+  }
+  at::mm_out(out, codes_f, rb.w);
+  if (rb.scale.defined()) {  // int8 weights on the fp32 GEMM (no exact int8 GEMM on this CPU)
+    const float* ws = rb.scale.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t e = 0; e < E; ++e) o[t * E + e] = o[t * E + e] * ws[e];
+  }
+}
+
+// In place on k [E = H_kv d] of one token: k * s_t, then rotate-half RoPE
+// per head: k_j cos_j - k_{j+d/2} sin_j (j < d/2), k_j cos_j + k_{j-d/2} sin_j.
+inline void scale_and_rope(float* k, int64_t H_kv, int64_t d, float s_t, const float* cos, const float* sin,
+                           float* tmp) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < H_kv; ++h) {
+    float* kh = k + h * d;
+    for (int64_t j = 0; j < d; ++j) tmp[j] = kh[j] * s_t;
+    if (cos == nullptr) {
+      for (int64_t j = 0; j < d; ++j) kh[j] = tmp[j];
+      continue;
+    }
+    for (int64_t j = 0; j < half; ++j) kh[j] = tmp[j] * cos[j] - tmp[j + half] * sin[j];
+    for (int64_t j = half; j < d; ++j) kh[j] = tmp[j] * cos[j] + tmp[j - half] * sin[j];
+  }
+}
+
+// fp32 copy of one kv head's weights [r, d] (exact for fp16/bf16/int8).
+void head_weights_f32(const at::Tensor& w, int64_t hk, at::Tensor& buf) { buf.copy_(w.select(0, hk)); }
+
+// A task: tokens [t0, t1) of sequence b.
+struct Task {
+  int64_t b, t0, t1;
+};
 
 }  // namespace
 
@@ -113,110 +194,211 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   int64_t H = 0;
   const LatentShape s = check_latent_attention(q_in, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale,
                                                w_uv, w_uv_scale, bits, sm_scale_d, rope_cos, rope_sin, &H);
-  const PreparedLatent p = prepare(op, s, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv,
-                                   w_uv_scale, rope_cos, rope_sin);
-  const at::Tensor q = q_in.to(at::kDouble).contiguous();
-  at::Tensor out = at::empty({s.B, H, s.d}, q.options());
-  at::Tensor lse = at::empty({s.B, H}, q.options());
-  const int64_t group = H / s.H_kv, r = s.r, d = s.d;
-  const double sm_scale = sm_scale_d;
-  const double* qp = q.data_ptr<double>();
-  const double* wk = p.wk.data_ptr<double>();
-  const double* wv = p.wv.data_ptr<double>();
-  const float* cosp = s.rope ? p.cos.data_ptr<float>() : nullptr;
-  const float* sinp = s.rope ? p.sin.data_ptr<float>() : nullptr;
+  const Prepared p = prepare(op, s, cache, cache_scale, block_table, seq_lens, rope_cos, rope_sin);
+  const int64_t B = s.B, H_kv = s.H_kv, G = H / H_kv, r = s.r, d = s.d, E = H_kv * d;
+  const auto f32 = q_in.options().dtype(at::kFloat);
+  at::Tensor out = at::zeros({B, H, d}, f32);
+  at::Tensor lse = at::full({B, H}, -std::numeric_limits<float>::infinity(), f32);
+  if (B == 0) return {out.to(q_in.scalar_type()), lse};
   const int32_t* lens = p.seq_lens.data_ptr<int32_t>();
-  double* outp = out.data_ptr<double>();
-  double* lsep = lse.data_ptr<double>();
 
-  at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int8_t> codes(r);
-    std::vector<double> q_lat(s.rope ? 0 : group * r), k(d), tmp(d), acc(group * r), o(d), scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / s.H_kv, hk = task % s.H_kv, h0 = hk * group;
-      const int64_t L = lens[b];
-      if (L == 0) {
-        for (int64_t g = 0; g < group; ++g) {
-          for (int64_t j = 0; j < d; ++j) outp[(b * H + h0 + g) * d + j] = 0.0;
-          lsep[b * H + h0 + g] = -std::numeric_limits<double>::infinity();
-        }
-        continue;
+  // q' = q * score_scale (then * w_uk_scale per channel without RoPE and
+  // int8 weights): fp32, each product rounded once.
+  const float score_scale = static_cast<float>(sm_scale_d * 1.4426950408889634073599);
+  const at::Tensor q = q_in.to(at::kFloat).mul(at::scalar_tensor(score_scale, f32)).contiguous();  // [B, H, d]
+
+  // The plan: tasks of whole tiles, about 2 x threads per batch.
+  const int64_t tile = s.rope ? kTileRope : kTileAbsorbed;
+  const int64_t threads = at::get_num_threads();
+  int64_t nonempty = 0;
+  for (int64_t b = 0; b < B; ++b) nonempty += lens[b] > 0;
+  const int64_t splits_target = std::max<int64_t>(1, (2 * threads + std::max<int64_t>(nonempty, 1) - 1) /
+                                                         std::max<int64_t>(nonempty, 1));
+  std::vector<Task> tasks;
+  std::vector<int64_t> first_task(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    first_task[b] = static_cast<int64_t>(tasks.size());
+    const int64_t L = lens[b];
+    if (L == 0) continue;
+    const int64_t tiles = (L + tile - 1) / tile;
+    const int64_t S = std::min(tiles, splits_target);
+    for (int64_t k = 0; k < S; ++k) {
+      const int64_t t0 = (tiles * k / S) * tile, t1 = std::min(L, (tiles * (k + 1) / S) * tile);
+      tasks.push_back({b, t0, t1});
+    }
+  }
+  first_task[B] = static_cast<int64_t>(tasks.size());
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+
+  // Without RoPE: q_lat[b, h] = W_uk[kv] q'[b, h] ([B, H, r]), per kv head.
+  at::Tensor q_lat;
+  if (!s.rope) {
+    q_lat = at::empty({B, H_kv, G, r}, f32);
+    at::Tensor qk = q.view({B, H_kv, G, d});
+    if (w_uk_scale.has_value()) qk = qk.mul(w_uk_scale->to(at::kFloat).view({1, H_kv, 1, d}));
+    at::parallel_for(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
+      at::Tensor wf = at::empty({r, d}, f32);
+      for (int64_t hk = h0; hk < h1; ++hk) {
+        head_weights_f32(w_uk, hk, wf);
+        const at::Tensor qh = qk.select(1, hk).reshape({B * G, d});
+        q_lat.select(1, hk).copy_(at::mm(qh, wf.t()).view({B, G, r}));
       }
-      const double* Wk = wk + hk * r * d;
-      const double* Wv = wv + hk * r * d;
-      const LatentRows rows = rows_of(p, s, b, bits);
-      scores.assign(group * L, 0.0);
-      if (!s.rope) {
-        // K absorbed: q_lat = W_uk q, then scores are dot products with the latent.
-        for (int64_t g = 0; g < group; ++g) {
-          const double* qh = qp + (b * H + h0 + g) * d;
-          for (int64_t i = 0; i < r; ++i) {
-            double a = 0.0;
-            for (int64_t j = 0; j < d; ++j) a += Wk[i * d + j] * qh[j];
-            q_lat[g * r + i] = a;
-          }
-        }
-      }
-      // Pass 1: scores.
-      for (int64_t t = 0; t < L; ++t) {
-        const double cs = rows.load(t, codes.data());
-        if (!s.rope) {
-          for (int64_t g = 0; g < group; ++g) {
-            const double* ql = q_lat.data() + g * r;
-            double a = 0.0;
-            for (int64_t i = 0; i < r; ++i) a += static_cast<double>(codes[i]) * ql[i];
-            scores[g * L + t] = sm_scale * (cs * a);
-          }
+    });
+    q_lat = q_lat.view({B, H, r});
+  }
+  const Rebuild rb = s.rope ? rebuild_operand(w_uk, w_uk_scale) : Rebuild{};
+
+  // Per-task partial state: M (integer running max, log2 units), l, acc.
+  at::Tensor m_all = at::empty({std::max<int64_t>(n_tasks, 1), H}, f32);
+  at::Tensor l_all = at::empty({std::max<int64_t>(n_tasks, 1), H}, f32);
+  at::Tensor acc_all = at::empty({std::max<int64_t>(n_tasks, 1), H, r}, f32);
+
+  at::parallel_for(0, n_tasks, 1, [&](int64_t task0, int64_t task1) {
+    at::Tensor codes = at::empty({tile, r}, f32.dtype(at::kChar));
+    at::Tensor codes_f = at::empty({tile, r}, f32);
+    at::Tensor k_buf = s.rope ? at::empty({tile, E}, f32) : at::Tensor();
+    std::vector<float> scales(tile), tmp(d), factor(H);
+    at::Tensor pw = at::empty({H, tile}, f32);  // p_t s_t
+    for (int64_t ti = task0; ti < task1; ++ti) {
+      const Task task = tasks[ti];
+      const LatentRows rows = rows_of(p, s, task.b, bits);
+      float* m = m_all.data_ptr<float>() + ti * H;
+      float* l = l_all.data_ptr<float>() + ti * H;
+      at::Tensor acc = acc_all.narrow(0, ti, 1).view({H, r});
+      acc.zero_();
+      const at::Tensor q_b = s.rope ? q.narrow(0, task.b, 1).view({H_kv, G, d}) : q_lat.narrow(0, task.b, 1).view({H, r});
+      for (int64_t h = 0; h < H; ++h) m[h] = -std::numeric_limits<float>::infinity(), l[h] = 0.f;
+      for (int64_t t0 = task.t0; t0 < task.t1; t0 += tile) {
+        const int64_t T = std::min(tile, task.t1 - t0);
+        at::Tensor c = codes.narrow(0, 0, T), cf = codes_f.narrow(0, 0, T);
+        rows.gather(t0, T, c.data_ptr<int8_t>(), scales.data());
+        qsvd::cpu::int8_to_float(c.data_ptr<int8_t>(), T * r, cf.data_ptr<float>());
+
+        // Scores x [H, T] in log2 units.
+        at::Tensor x;
+        if (s.rope) {
+          at::Tensor kt = k_buf.narrow(0, 0, T);
+          rebuild_tile(rb, c, cf, kt);
+          float* kp = kt.data_ptr<float>();
+          const float* cosp = p.cos.data_ptr<float>();
+          const float* sinp = p.sin.data_ptr<float>();
+          for (int64_t i = 0; i < T; ++i)
+            scale_and_rope(kp + i * E, H_kv, d, scales[i], cosp + (t0 + i) * d, sinp + (t0 + i) * d, tmp.data());
+          // [H_kv, G, d] x [H_kv, d, T]
+          x = at::bmm(q_b, kt.view({T, H_kv, d}).permute({1, 2, 0})).view({H, T});
+          x = x.contiguous();
         } else {
-          up_project(codes.data(), cs, Wk, r, d, k.data());
-          apply_rope(k.data(), cosp + t * d, sinp + t * d, d, tmp.data());
-          for (int64_t g = 0; g < group; ++g) {
-            const double* qh = qp + (b * H + h0 + g) * d;
-            double a = 0.0;
-            for (int64_t j = 0; j < d; ++j) a += qh[j] * k[j];
-            scores[g * L + t] = sm_scale * a;
+          x = at::mm(q_b, cf.t()).contiguous();  // [H, T]
+          float* xp = x.data_ptr<float>();
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t i = 0; i < T; ++i) xp[h * T + i] = xp[h * T + i] * scales[i];
+        }
+
+        // Online softmax, base 2, integer running max (exact rescales).
+        const float* xp = x.data_ptr<float>();
+        at::Tensor pwt = pw.narrow(1, 0, T);
+        float* pp = pw.data_ptr<float>();
+        for (int64_t h = 0; h < H; ++h) {
+          const float* xh = xp + h * T;
+          float mx = -std::numeric_limits<float>::infinity();
+          bool nan = false;
+          for (int64_t i = 0; i < T; ++i) {
+            mx = xh[i] > mx ? xh[i] : mx;
+            nan |= xh[i] != xh[i];
           }
+          float m_new = std::max(m[h], std::ceil(mx));
+          // A NaN score with no finite max so far must still reach the
+          // output: a finite max keeps this partial in the merge, and its
+          // l and acc turn NaN below.
+          if (m_new == -std::numeric_limits<float>::infinity() && nan) m_new = 0.f;
+          float sum = 0.f, f = 1.f;
+          float* ph = pp + h * tile;
+          if (m_new != -std::numeric_limits<float>::infinity()) {
+            f = m[h] == m_new ? 1.f : std::exp2(m[h] - m_new);
+            for (int64_t i = 0; i < T; ++i) {
+              const float prob = std::exp2(xh[i] - m_new);
+              sum = sum + prob;
+              ph[i] = prob * scales[i];
+            }
+          } else {
+            for (int64_t i = 0; i < T; ++i) ph[i] = 0.f;
+          }
+          l[h] = l[h] * f + sum;
+          m[h] = m_new;
+          factor[h] = f;
         }
-      }
-      // Softmax per head; scores become probabilities (unnormalised).
-      std::vector<double> row_max(group), row_sum(group);
-      for (int64_t g = 0; g < group; ++g) {
-        double* sc = scores.data() + g * L;
-        double mx = -std::numeric_limits<double>::infinity();
-        for (int64_t t = 0; t < L; ++t) mx = std::max(mx, sc[t]);
-        double sum = 0.0;
-        for (int64_t t = 0; t < L; ++t) {
-          sc[t] = std::exp(sc[t] - mx);
-          sum += sc[t];
-        }
-        row_max[g] = mx;
-        row_sum[g] = sum;
-      }
-      // Pass 2: V absorbed. acc = sum_t p_t c_t in latent space, then W_uv once.
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t t = 0; t < L; ++t) {
-        const double cs = rows.load(t, codes.data());
-        for (int64_t g = 0; g < group; ++g) {
-          const double w = scores[g * L + t] * cs;
-          double* a = acc.data() + g * r;
-          for (int64_t i = 0; i < r; ++i) a[i] += w * static_cast<double>(codes[i]);
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        std::fill(o.begin(), o.end(), 0.0);
-        const double* a = acc.data() + g * r;
-        for (int64_t i = 0; i < r; ++i) {
-          const double ai = a[i];
-          const double* w = Wv + i * d;
-          for (int64_t j = 0; j < d; ++j) o[j] += ai * w[j];
-        }
-        double* dst = outp + (b * H + h0 + g) * d;
-        for (int64_t j = 0; j < d; ++j) dst[j] = o[j] / row_sum[g];
-        lsep[b * H + h0 + g] = row_max[g] + std::log(row_sum[g]);
+        // acc = acc * factor + (p s)[H, T] x codes[T, r]
+        bool rescale = false;
+        for (int64_t h = 0; h < H; ++h) rescale |= factor[h] != 1.f;
+        if (rescale) acc.mul_(at::from_blob(factor.data(), {H, 1}, f32));
+        acc.addmm_(pwt, cf);
       }
     }
   });
-  return {out.to(q_in.scalar_type()), lse.to(at::kFloat)};
+
+  // Per kv head (one parallel region): merge the splits of each sequence
+  // for the head's query heads, then o = (acc W_uv) * ws for all sequences
+  // at once; the division by l and lse follow.
+  at::Tensor acc_b = at::zeros({B, H, r}, f32);
+  at::Tensor l_b = at::zeros({B, H}, f32);
+  at::Tensor m_b = at::full({B, H}, -std::numeric_limits<float>::infinity(), f32);
+  at::Tensor o = at::empty({B, H_kv, G, d}, f32);
+  {
+    float* accb = acc_b.data_ptr<float>();
+    float* lbw = l_b.data_ptr<float>();
+    float* mbw = m_b.data_ptr<float>();
+    const float* acca = acc_all.data_ptr<float>();
+    const float* ma = m_all.data_ptr<float>();
+    const float* la = l_all.data_ptr<float>();
+    const at::Tensor acc_kv = acc_b.view({B, H_kv, G, r});
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    at::parallel_for(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
+      at::Tensor wf = at::empty({r, d}, f32);
+      for (int64_t hk = h0; hk < h1; ++hk) {
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+            const int64_t i = b * H + h;
+            const int64_t k0 = first_task[b], k1 = first_task[b + 1];
+            float mx = kNegInf;
+            for (int64_t k = k0; k < k1; ++k) mx = std::max(mx, ma[k * H + h]);
+            if (mx == kNegInf) continue;  // no tokens, or every score -inf
+            float* dst = accb + i * r;
+            float lsum = 0.f;
+            for (int64_t k = k0; k < k1; ++k) {
+              const float mk = ma[k * H + h];
+              if (mk == kNegInf) continue;
+              const float f = mk == mx ? 1.f : std::exp2(mk - mx);  // a power of two
+              const float* src = acca + (k * H + h) * r;
+              for (int64_t j = 0; j < r; ++j) dst[j] = dst[j] + src[j] * f;
+              lsum = lsum + la[k * H + h] * f;
+            }
+            lbw[i] = lsum;
+            mbw[i] = mx;
+          }
+        head_weights_f32(w_uv, hk, wf);
+        at::Tensor oh = at::mm(acc_kv.select(1, hk).reshape({B * G, r}), wf);  // [B G, d]
+        if (w_uv_scale.has_value()) oh.mul_(w_uv_scale->select(0, hk).to(at::kFloat).view({1, d}));
+        o.select(1, hk).copy_(oh.view({B, G, d}));
+      }
+    });
+  }
+  {
+    const float* lb = l_b.data_ptr<float>();
+    const float* mb = m_b.data_ptr<float>();
+    float* op = o.data_ptr<float>();
+    float* outp = out.data_ptr<float>();
+    float* lsep = lse.data_ptr<float>();
+    const float ln2 = static_cast<float>(0.6931471805599453094);
+    for (int64_t b = 0; b < B; ++b) {
+      if (lens[b] == 0) continue;
+      for (int64_t h = 0; h < H; ++h) {
+        const float lh = lb[b * H + h];
+        for (int64_t j = 0; j < d; ++j) outp[(b * H + h) * d + j] = op[(b * H + h) * d + j] / lh;
+        lsep[b * H + h] = (mb[b * H + h] + std::log2(lh)) * ln2;
+      }
+    }
+  }
+  return {out.to(q_in.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
@@ -229,38 +411,50 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
   const LatentShape s = check_latent_cache_and_weights(op, cache, cache_scale, block_table, seq_lens, w_uk,
                                                        w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin);
   const at::ScalarType out_dtype = reconstruct_out_dtype(op, w_uk, out_dtype_opt);
-  const PreparedLatent p = prepare(op, s, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv,
-                                   w_uv_scale, rope_cos, rope_sin);
-  const int64_t r = s.r, d = s.d, H_kv = s.H_kv;
-  at::Tensor k = at::empty({p.total_tokens, H_kv, d}, cache_scale.options().dtype(at::kDouble));
-  at::Tensor v = at::empty({p.total_tokens, H_kv, d}, cache_scale.options().dtype(at::kDouble));
+  const Prepared p = prepare(op, s, cache, cache_scale, block_table, seq_lens, rope_cos, rope_sin);
+  const int64_t r = s.r, d = s.d, H_kv = s.H_kv, E = H_kv * d;
+  const auto f32 = cache_scale.options().dtype(at::kFloat);
+  at::Tensor k = at::empty({p.total_tokens, H_kv, d}, f32.dtype(out_dtype));
+  at::Tensor v = at::empty({p.total_tokens, H_kv, d}, f32.dtype(out_dtype));
+  if (p.total_tokens == 0) return {k, v};
   const int32_t* lens = p.seq_lens.data_ptr<int32_t>();
   std::vector<int64_t> offset(s.B + 1, 0);
   for (int64_t b = 0; b < s.B; ++b) offset[b + 1] = offset[b] + lens[b];
-  const double* wk = p.wk.data_ptr<double>();
-  const double* wv = p.wv.data_ptr<double>();
-  const float* cosp = s.rope ? p.cos.data_ptr<float>() : nullptr;
-  const float* sinp = s.rope ? p.sin.data_ptr<float>() : nullptr;
-  double* kp = k.data_ptr<double>();
-  double* vp = v.data_ptr<double>();
+  const Rebuild rk = rebuild_operand(w_uk, w_uk_scale), rv = rebuild_operand(w_uv, w_uv_scale);
+  constexpr int64_t tile = kTileRope;
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t t0 = 0; t0 < lens[b]; t0 += tile) tasks.push_back({b, t0, std::min<int64_t>(lens[b], t0 + tile)});
 
-  at::parallel_for(0, s.B * H_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int8_t> codes(r);
-    std::vector<double> tmp(d);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / H_kv, hk = task % H_kv;
-      const LatentRows rows = rows_of(p, s, b, bits);
-      for (int64_t t = 0; t < lens[b]; ++t) {
-        const double cs = rows.load(t, codes.data());
-        double* kr = kp + ((offset[b] + t) * H_kv + hk) * d;
-        double* vr = vp + ((offset[b] + t) * H_kv + hk) * d;
-        up_project(codes.data(), cs, wk + hk * r * d, r, d, kr);
-        if (s.rope) apply_rope(kr, cosp + t * d, sinp + t * d, d, tmp.data());
-        up_project(codes.data(), cs, wv + hk * r * d, r, d, vr);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t task0, int64_t task1) {
+    at::Tensor codes = at::empty({tile, r}, f32.dtype(at::kChar));
+    at::Tensor codes_f = at::empty({tile, r}, f32);
+    at::Tensor kb = at::empty({tile, E}, f32), vb = at::empty({tile, E}, f32);
+    std::vector<float> scales(tile), tmp(d);
+    for (int64_t ti = task0; ti < task1; ++ti) {
+      const Task task = tasks[ti];
+      const int64_t T = task.t1 - task.t0;
+      const LatentRows rows = rows_of(p, s, task.b, bits);
+      at::Tensor c = codes.narrow(0, 0, T), cf = codes_f.narrow(0, 0, T);
+      at::Tensor kt = kb.narrow(0, 0, T), vt = vb.narrow(0, 0, T);
+      rows.gather(task.t0, T, c.data_ptr<int8_t>(), scales.data());
+      qsvd::cpu::int8_to_float(c.data_ptr<int8_t>(), T * r, cf.data_ptr<float>());
+      rebuild_tile(rk, c, cf, kt);
+      rebuild_tile(rv, c, cf, vt);
+      float* kp = kt.data_ptr<float>();
+      float* vp = vt.data_ptr<float>();
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t t = task.t0 + i;
+        scale_and_rope(kp + i * E, H_kv, d, scales[i], s.rope ? p.cos.data_ptr<float>() + t * d : nullptr,
+                       s.rope ? p.sin.data_ptr<float>() + t * d : nullptr, tmp.data());
+        for (int64_t e = 0; e < E; ++e) vp[i * E + e] = vp[i * E + e] * scales[i];
       }
+      const int64_t row0 = offset[task.b] + task.t0;
+      k.view({-1, E}).narrow(0, row0, T).copy_(kt);
+      v.view({-1, E}).narrow(0, row0, T).copy_(vt);
     }
   });
-  return {k.to(out_dtype), v.to(out_dtype)};
+  return {k, v};
 }
 
 }  // namespace qsvd_torch

@@ -1,5 +1,7 @@
 // CPU latent_cache_append: per-token quantization of new latent rows into
-// the paged cache. Every slot is validated before the first write.
+// the paged cache. Every slot is validated before the first write. The
+// quantization is qsvd::cpu::quantize_row (vectorised, bit-exact with
+// qsvd/numerics.h and reference.py).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -7,6 +9,9 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include <ATen/Parallel.h>
+#include "qsvd/cpu/simd.h"
+#include "qsvd/formats.h"
 #include "qsvd/numerics.h"
 
 namespace qsvd_torch {
@@ -19,7 +24,7 @@ void latent_cache_append_cpu(const at::Tensor& c_in, const at::Tensor& slot_mapp
   check_slot_mapping_host(slots, s);
   const int64_t* sp = slots.data_ptr<int64_t>();
   const at::Tensor c = c_in.contiguous();
-  const int64_t code_row = bits == 4 ? s.r / 2 : s.r;
+  const int64_t code_row = qsvd::code_row_bytes(static_cast<int>(bits), s.r);
   uint8_t* cache_p = static_cast<uint8_t*>(cache.data_ptr());
   float* scale_p = cache_scale.data_ptr<float>();
   const float clip = static_cast<float>(clip_ratio);
@@ -31,7 +36,7 @@ void latent_cache_append_cpu(const at::Tensor& c_in, const at::Tensor& slot_mapp
         const int64_t slot = sp[i];
         if (slot < 0) continue;  // padding
         for (int64_t j = 0; j < s.r; ++j) buf[j] = static_cast<float>(cp[i * s.r + j]);
-        scale_p[slot] = qsvd::quantize_row_host(buf.data(), s.r, static_cast<int>(bits), clip,
+        scale_p[slot] = qsvd::cpu::quantize_row(buf.data(), s.r, static_cast<int>(bits), clip,
                                                 cache_p + slot * code_row);
       }
     });

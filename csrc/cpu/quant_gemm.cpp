@@ -1,5 +1,21 @@
-// CPU quant_gemm: exact int32 sums of INT8/INT4 products, dequantized in
-// fp32 as out = acc * a_scale[m] * b_scale[n] (+ bias[n]).
+// CPU quant_gemm: exact int32 sums of INT8/INT4 products from torch's int8
+// GEMM (at::_int_mm: oneDNN, VNNI / AMX where the CPU has them), then the
+// fp32 epilogue out = ((float(acc) * a_scale[m]) * b_scale[n]) (+ bias[n]),
+// each step rounded, none fused: the CUDA kernels are tested bit for bit
+// against this order.
+//
+// W8A8 is one at::_int_mm over the whole problem. An INT4 operand is
+// unpacked to int8 one tile at a time (never the whole matrix): tasks of
+// (M tile, N tile) unpack what they need into thread-local buffers and run
+// a single-threaded at::_int_mm on the tile.
+//
+// Exactness: oneDNN sums int8 products in int32 with wrap-around
+// arithmetic on CPUs with VNNI or AMX, which is exact whenever the true sum
+// fits int32 (K <= 131072 guarantees it). Older CPUs without VNNI multiply
+// through saturating 16-bit pairs, which is not exact for full-range codes;
+// a probe at the first call detects that and the kernel then uses the
+// exact scalar int32 loop instead, with a warning (never wrong numbers).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -7,66 +23,142 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include <ATen/Parallel.h>
+#include "store.h"
+#include "qsvd/cpu/simd.h"
+#include "qsvd/formats.h"
 #include "qsvd/numerics.h"
 
 namespace qsvd_torch {
 namespace {
 
-// Unpacks [rows, K] codes (INT8, or INT4 packed [rows, K/2]) to int8.
-at::Tensor unpack_to_int8(const at::Tensor& codes, int64_t bits, int64_t K) {
-  if (bits == 8) return codes.contiguous();
-  const at::Tensor packed = codes.contiguous();
-  const int64_t rows = packed.size(0);
-  at::Tensor out = at::empty({rows, K}, packed.options().dtype(at::kChar));
-  const uint8_t* in = packed.data_ptr<uint8_t>();
-  int8_t* op = out.data_ptr<int8_t>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) qsvd::unpack_codes_host(in + r * (K / 2), K, 4, op + r * K);
-  });
-  return out;
+// Whether at::_int_mm returns exact int32 sums for full-range codes:
+// 127 * 127 pairs are where a saturating 16-bit pair sum (pmaddubsw after
+// the s8 -> u8 shift, 255 * 127 * 2 > 32767) would clip.
+bool int_mm_is_exact() {
+  static const bool exact = [] {
+    const int64_t M = 4, N = 8, K = 256;
+    at::Tensor a = at::full({M, K}, 127, at::kChar);
+    at::Tensor b = at::full({N, K}, 127, at::kChar);
+    a.select(0, 1).fill_(-127);
+    b.select(0, 2).fill_(-127);
+    a.select(0, 3).narrow(0, 0, K / 2).fill_(-127);
+    const at::Tensor got = at::_int_mm(a, b.t()).to(at::kLong);
+    const at::Tensor want = at::mm(a.to(at::kLong), b.to(at::kLong).t());
+    const bool ok = at::equal(got, want);
+    if (!ok)
+      TORCH_WARN("qsvd.quant_gemm: torch's int8 GEMM (oneDNN) does not return exact int32 sums on this CPU ",
+                 "(no VNNI/AMX); using the exact scalar loop, which is much slower");
+    return ok;
+  }();
+  return exact;
 }
 
-// Written so that GCC vectorizes it (-O3: widening multiply-add).
+// Exact fallback: int32 dot products (GCC vectorizes the widening loop).
 inline int32_t dot_int8(const int8_t* __restrict a, const int8_t* __restrict b, int64_t K) {
   int32_t acc = 0;
   for (int64_t k = 0; k < K; ++k) acc += static_cast<int32_t>(a[k]) * static_cast<int32_t>(b[k]);
   return acc;
 }
 
+// acc [m1 - m0, N-tile] int32 (row stride ld) -> out rows m0..m1, columns
+// n0..n1: fp32 row in `row` (at least n1 - n0 floats), then one rounding to
+// the output dtype.
+template <typename scalar_t>
+void epilogue(const int32_t* acc, int64_t ld, int64_t m0, int64_t m1, int64_t n0, int64_t n1, const float* sa,
+              const float* sb, const scalar_t* bias, scalar_t* out, int64_t N, float* row) {
+  const int64_t w = n1 - n0;
+  const float* sbn = sb + n0;
+  for (int64_t m = m0; m < m1; ++m) {
+    const int32_t* a = acc + (m - m0) * ld;
+    const float s = sa[m];
+    for (int64_t n = 0; n < w; ++n) row[n] = qsvd::mul_rn(qsvd::mul_rn(static_cast<float>(a[n]), s), sbn[n]);
+    if (bias != nullptr)
+      for (int64_t n = 0; n < w; ++n) row[n] = row[n] + static_cast<float>(bias[n0 + n]);
+    cpu::store_row(row, w, out + m * N + n0);
+  }
+}
+
+// Rows [r0, r1) of stored codes as an int8 [r1 - r0, K] tensor: a view for
+// INT8, an unpacked copy for INT4.
+at::Tensor int8_rows(const at::Tensor& codes, int64_t bits, int64_t r0, int64_t r1, int64_t K) {
+  if (bits == 8) return codes.narrow(0, r0, r1 - r0);
+  at::Tensor out = at::empty({r1 - r0, K}, codes.options().dtype(at::kChar));
+  const uint8_t* in = codes.data_ptr<uint8_t>();
+  int8_t* op = out.data_ptr<int8_t>();
+  const int64_t row = qsvd::code_row_bytes(4, K);
+  for (int64_t r = r0; r < r1; ++r) qsvd::cpu::unpack_int4_row(in + r * row, K, op + (r - r0) * K);
+  return out;
+}
+
 }  // namespace
 
-at::Tensor quant_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+at::Tensor quant_gemm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale, const at::Tensor& b_in,
                           const at::Tensor& b_scale, int64_t a_bits, int64_t b_bits, at::ScalarType out_dtype,
                           const std::optional<at::Tensor>& bias_in) {
-  const GemmShape s = check_quant_gemm(a, a_scale, b, b_scale, a_bits, b_bits, out_dtype, bias_in);
-  at::Tensor out = at::empty({s.M, s.N}, a.options().dtype(out_dtype));
+  const GemmShape s = check_quant_gemm(a_in, a_scale, b_in, b_scale, a_bits, b_bits, out_dtype, bias_in);
+  at::Tensor out = at::empty({s.M, s.N}, a_in.options().dtype(out_dtype));
   if (s.M == 0 || s.N == 0) return out;
-  const at::Tensor A = unpack_to_int8(a, a_bits, s.K);
-  const at::Tensor B = unpack_to_int8(b, b_bits, s.K);
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const at::Tensor sa = a_scale.contiguous(), sb = b_scale.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  // Tiles of 8 rows x 64 columns keep a tile of B hot in cache.
-  constexpr int64_t kTileM = 8, kTileN = 64;
-  const int64_t tiles_m = (s.M + kTileM - 1) / kTileM, tiles_n = (s.N + kTileN - 1) / kTileN;
+  const int64_t M = s.M, N = s.N, K = s.K;
+  const bool exact_mm = K == 0 || int_mm_is_exact();
+
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "quant_gemm_cpu", [&] {
-    const int8_t* ap = A.data_ptr<int8_t>();
-    const int8_t* bp = B.data_ptr<int8_t>();
     const float* sap = sa.data_ptr<float>();
     const float* sbp = sb.data_ptr<float>();
     const scalar_t* biasp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(kTileM * kTileN * s.K, 1));
-    at::parallel_for(0, tiles_m * tiles_n, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t m0 = (tile / tiles_n) * kTileM, n0 = (tile % tiles_n) * kTileN;
-        const int64_t m1 = std::min(m0 + kTileM, s.M), n1 = std::min(n0 + kTileN, s.N);
-        for (int64_t m = m0; m < m1; ++m)
-          for (int64_t n = n0; n < n1; ++n) {
-            const int32_t acc = dot_int8(ap + m * s.K, bp + n * s.K, s.K);
-            float v = qsvd::mul_rn(qsvd::mul_rn(static_cast<float>(acc), sap[m]), sbp[n]);
-            if (biasp != nullptr) v = v + static_cast<float>(biasp[n]);
-            op[m * s.N + n] = static_cast<scalar_t>(v);
-          }
+
+    if (K == 0) {  // an empty sum is 0; the bias still lands
+      const std::vector<int32_t> zeros(N, 0);
+      std::vector<float> row(N);
+      for (int64_t m = 0; m < M; ++m) epilogue(zeros.data(), 0, m, m + 1, 0, N, sap, sbp, biasp, op, N, row.data());
+      return;
+    }
+
+    if (!exact_mm) {
+      const at::Tensor A = int8_rows(a, a_bits, 0, M, K), B = int8_rows(b, b_bits, 0, N, K);
+      const int8_t* ap = A.data_ptr<int8_t>();
+      const int8_t* bp = B.data_ptr<int8_t>();
+      at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+        std::vector<int32_t> acc(N);
+        std::vector<float> row(N);
+        for (int64_t m = m0; m < m1; ++m) {
+          for (int64_t n = 0; n < N; ++n) acc[n] = dot_int8(ap + m * K, bp + n * K, K);
+          epilogue(acc.data(), 0, m, m + 1, 0, N, sap, sbp, biasp, op, N, row.data());
+        }
+      });
+      return;
+    }
+
+    if (a_bits == 8 && b_bits == 8) {
+      // One oneDNN GEMM (threaded inside), then the epilogue over rows.
+      const at::Tensor acc = at::_int_mm(a, b.t());
+      const int32_t* accp = acc.data_ptr<int32_t>();
+      const int64_t grain = std::max<int64_t>(1, 32768 / N);
+      at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+        std::vector<float> row(N);
+        epilogue(accp + m0 * N, N, m0, m1, 0, N, sap, sbp, biasp, op, N, row.data());
+      });
+      return;
+    }
+
+    // An INT4 operand: tiles of about 1 MiB of unpacked int8 of b (4 MiB of a).
+    const int64_t tile_n = std::clamp<int64_t>(((int64_t{1} << 20) / K) / 16 * 16, 16, 1024);
+    const int64_t tile_m = a_bits == 4 ? std::clamp<int64_t>(((int64_t{1} << 22) / K) / 16 * 16, 16, 1024)
+                                       : std::max<int64_t>(M, 1);
+    const int64_t tiles_m = (M + tile_m - 1) / tile_m, tiles_n = (N + tile_n - 1) / tile_n;
+    at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t m0 = (t / tiles_n) * tile_m, n0 = (t % tiles_n) * tile_n;
+        const int64_t m1 = std::min(m0 + tile_m, M), n1 = std::min(n0 + tile_n, N);
+        const at::Tensor At = int8_rows(a, a_bits, m0, m1, K);
+        const at::Tensor Bt = int8_rows(b, b_bits, n0, n1, K);
+        const at::Tensor acc = at::_int_mm(At, Bt.t());  // single-threaded inside the parallel region
+        std::vector<float> row(n1 - n0);
+        epilogue(acc.data_ptr<int32_t>(), n1 - n0, m0, m1, n0, n1, sap, sbp, biasp, op, N, row.data());
       }
     });
   });

@@ -7,18 +7,12 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include "../tuning.h"
+#include "launch.h"
 #include "qsvd/kernels/hadamard_params.h"
 
 namespace qsvd_torch {
 namespace {
-
-qsvd::hadamard::ElementType element_type(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return qsvd::hadamard::ElementType::kF16;
-    case at::kBFloat16: return qsvd::hadamard::ElementType::kBF16;
-    default: return qsvd::hadamard::ElementType::kF32;
-  }
-}
 
 // x as [rows, K] with unit column stride: a view when possible, else a copy.
 at::Tensor as_rows(const at::Tensor& x, int64_t K) {
@@ -32,7 +26,7 @@ void run(const char* op, const at::Tensor& x2, const std::optional<at::Tensor>& 
   qsvd::hadamard::HadamardParams p;
   p.x = x2.data_ptr();
   p.x_row_stride = x2.size(0) > 1 ? x2.stride(0) : s.K;
-  p.x_type = element_type(x2.scalar_type());
+  p.x_type = to_dtype(op, x2.scalar_type());
   at::Tensor signs_c = signs.has_value() ? signs->contiguous() : at::Tensor();
   p.signs = signs_c.defined() ? signs_c.data_ptr<float>() : nullptr;
   p.out = out;
@@ -42,8 +36,8 @@ void run(const char* op, const at::Tensor& x2, const std::optional<at::Tensor>& 
   p.norm = qsvd::hadamard::norm_factor(s.K);
   p.clip_ratio = static_cast<float>(clip_ratio);
   p.kind = kind;
-  const cudaError_t err = qsvd::hadamard::launch_hadamard(p, at::cuda::getCurrentCUDAStream());
-  QSVD_CHECK(err == cudaSuccess, op, "CUDA kernel launch failed: ", cudaGetErrorString(err));
+  p.min_elems_per_thread = hadamard_variant(x2.get_device());  // tuning.force("hadamard", ...); 0 = built-in
+  check_launch(op, qsvd::hadamard::launch_hadamard(p, at::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace
@@ -64,8 +58,8 @@ std::tuple<at::Tensor, at::Tensor> hadamard_quant_cuda(const at::Tensor& x, int6
   const HadamardShape s = check_hadamard_quant(x, bits, clip_ratio, signs);
   const c10::cuda::CUDAGuard guard(x.device());
   auto code_sizes = x.sizes().vec();
-  code_sizes.back() = bits == 4 ? s.K / 2 : s.K;
-  at::Tensor codes = at::empty(code_sizes, x.options().dtype(bits == 4 ? at::kByte : at::kChar));
+  code_sizes.back() = qsvd::code_row_bytes(static_cast<int>(bits), s.K);
+  at::Tensor codes = at::empty(code_sizes, x.options().dtype(code_dtype(bits)));
   auto scale_sizes = x.sizes().vec();
   scale_sizes.pop_back();
   at::Tensor scale = at::empty(scale_sizes, x.options().dtype(at::kFloat));

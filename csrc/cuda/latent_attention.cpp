@@ -14,28 +14,14 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include "../tuning.h"
+#include "launch.h"
 #include "qsvd/kernels/latent_attention_params.h"
 
 namespace qsvd_torch {
 namespace {
 
 namespace lat = qsvd::latent;
-
-lat::WeightType weight_type(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return lat::WeightType::kF16;
-    case at::kBFloat16: return lat::WeightType::kBF16;
-    default: return lat::WeightType::kI8;
-  }
-}
-
-lat::OutType out_type(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return lat::OutType::kF16;
-    case at::kBFloat16: return lat::OutType::kBF16;
-    default: return lat::OutType::kF32;
-  }
-}
 
 // QSVD_LATENT_SPLITS=n forces n KV splits per sequence (capped at one split
 // per 32 tokens of capacity, per token tile of the tensor-core kernel): for
@@ -50,7 +36,7 @@ int forced_splits() {
 // QSVD_LATENT_KERNEL=simt|tc forces the CUDA-core or the tensor-core split
 // kernel, so the two can be compared on one GPU; unset, empty or "auto"
 // lets the launcher pick. Read at every call.
-enum class KernelChoice { kAuto, kSimt, kTensorCore };
+using KernelChoice = lat::KernelChoice;
 
 KernelChoice kernel_choice(const char* op) {
   const char* v = std::getenv("QSVD_LATENT_KERNEL");
@@ -123,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   p.max_blocks = s.max_blocks;
   // One rounding of the exact sm_scale * log2(e): softmax runs in base 2.
   p.score_scale = static_cast<float>(sm_scale * 1.4426950408889634073599);
-  p.weight_type = weight_type(w_uk.scalar_type());
-  p.out_type = out_type(q_in.scalar_type());
+  p.weight_type = to_dtype(op, w_uk.scalar_type());
+  p.out_type = to_dtype(op, q_in.scalar_type());
 
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   int64_t capacity = s.max_blocks * s.block_size;
@@ -136,22 +122,23 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   // r ~ 1950 on an H100, ~ 1300 on an A100; with RoPE, at d = 128, up to
   // r ~ 6300 and ~ 4300; with int8 weights, whose operands take half the
   // bytes, every r <= 8192 on an H100 and r ~ 8100 on an A100).
-  const KernelChoice choice = kernel_choice(op);
+  // Plan knobs: forced ones (qsvd_kernels.tuning.force("latent_attention",
+  // ...)) first, else QSVD_LATENT_KERNEL / QSVD_LATENT_SPLITS, else automatic.
+  KernelChoice choice = KernelChoice::kAuto;
+  lat::LatentPlanKnobs knobs;
+  const bool forced = forced_latent_plan(q_in.get_device(), &choice, &knobs);
+  if (!forced) {
+    choice = kernel_choice(op);
+    knobs.splits = forced_splits();
+  }
   const int sms = prop->multiProcessorCount;
   const size_t smem_limit = prop->sharedMemPerBlockOptin;
-  if (choice != KernelChoice::kSimt) {
-    lat::LatentAttentionParams tc = p;
-    const char* why_tc = lat::plan_latent_attention_tc(tc, capacity, sms, smem_limit, forced_splits());
-    if (why_tc[0] == '\0')
-      p = tc;
-    else
-      QSVD_CHECK(choice != KernelChoice::kTensorCore, op, "QSVD_LATENT_KERNEL=tc, but ", why_tc, " (got r = ", s.r,
-                 ", d = ", s.d, ", H / H_kv = ", H / s.H_kv, ", rope = ", s.rope, ")");
-  }
-  if (p.split_kernel == lat::SplitKernel::kSimt) {
-    const char* why = lat::plan_latent_attention(p, capacity, sms, smem_limit, forced_splits());
-    QSVD_CHECK(why[0] == '\0', op, why, " (got r = ", s.r, ", d = ", s.d, ", H / H_kv = ", H / s.H_kv, ")");
-  }
+  const char* why = lat::plan_latent_attention_auto(p, capacity, sms, smem_limit, knobs, choice);
+  const char* prefix = choice != KernelChoice::kTensorCore ? (forced ? "forced plan: " : "")
+                       : forced                            ? "forced plan with the tensor-core kernel, but "
+                                                           : "QSVD_LATENT_KERNEL=tc, but ";
+  QSVD_CHECK(why[0] == '\0', op, prefix, why, " (got r = ", s.r, ", d = ", s.d, ", H / H_kv = ", H / s.H_kv,
+             ", rope = ", s.rope, ")");
 
   const auto f32 = q.options();
   at::Tensor q_lat = s.rope ? at::Tensor() : at::empty({s.B, H, s.r}, f32);
@@ -161,8 +148,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   p.part_acc = part_acc.data_ptr<float>();
   p.part_ml = part_ml.data_ptr<float>();
 
-  const cudaError_t err = lat::launch_latent_attention(p, at::cuda::getCurrentCUDAStream());
-  QSVD_CHECK(err == cudaSuccess, op, "CUDA kernel launch failed: ", cudaGetErrorString(err));
+  check_launch(op, lat::launch_latent_attention(p, at::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }
 

@@ -11,6 +11,7 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include "launch.h"
 #include "qsvd/kernels/latent_cache_params.h"
 
 namespace qsvd_torch {
@@ -18,19 +19,7 @@ namespace {
 
 namespace lc = qsvd::latent_cache;
 
-lc::ElementType element_type(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return lc::ElementType::kF16;
-    case at::kBFloat16: return lc::ElementType::kBF16;
-    default: return lc::ElementType::kF32;
-  }
-}
-
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-void check_launch(const char* op, cudaError_t err) {
-  QSVD_CHECK(err == cudaSuccess, op, "CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
 
 // Device workspace of one reconstruct chunk (dense codes + the fp32 GEMM
 // output of K and V): long prefills run in row chunks of this size instead
@@ -54,7 +43,7 @@ void latent_cache_append_cuda(const at::Tensor& c_in, const at::Tensor& slot_map
   lc::CacheAppendParams p;
   p.c = c.data_ptr();
   p.c_row_stride = c.stride(0);
-  p.c_type = element_type(c.scalar_type());
+  p.c_type = to_dtype(op, c.scalar_type());
   p.slot_mapping = slots.data_ptr();
   p.slot_is_int64 = slots.scalar_type() == at::kLong;
   p.cache = cache.data_ptr();
@@ -154,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   g.r = s.r;
   g.bits = static_cast<int>(bits);
   g.codes = codes.data_ptr();
-  g.codes_type = element_type(gemm_dtype);
+  g.codes_type = to_dtype(op, gemm_dtype);
   g.token_scale = token_scale.data_ptr<float>();
   g.position = position.data_ptr<int32_t>();
   g.vectorized = s.r % 8 == 0 && aligned(g.cache, bits == 8 ? 8 : 4);
@@ -163,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   e.acc_row_stride = 2 * N1;
   e.token_scale = g.token_scale;
   e.position = g.position;
-  e.out_type = element_type(out_dtype);
+  e.out_type = to_dtype(op, out_dtype);
   e.H_kv = s.H_kv;
   e.d = s.d;
   float* acc_p = acc.data_ptr<float>();

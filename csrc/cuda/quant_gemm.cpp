@@ -7,20 +7,14 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include "../tuning.h"
+#include "launch.h"
 #include "qsvd/kernels/quant_gemm_params.h"
 
 namespace qsvd_torch {
 namespace {
 
 namespace qg = qsvd::gemm;
-
-qg::OutType out_type(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return qg::OutType::kF16;
-    case at::kBFloat16: return qg::OutType::kBF16;
-    default: return qg::OutType::kF32;
-  }
-}
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -39,7 +33,7 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
 // (both A and B, the weights included), only for such K.
 at::Tensor padded_codes(const at::Tensor& codes, int64_t bits, int64_t K, int64_t Kp) {
   if (Kp == K) return aligned_contiguous(codes);
-  const int64_t cols = bits == 4 ? Kp / 2 : Kp;
+  const int64_t cols = qsvd::code_row_bytes(static_cast<int>(bits), Kp);
   at::Tensor padded = at::zeros({codes.size(0), cols}, codes.options());
   padded.narrow(1, 0, codes.size(1)).copy_(codes);
   return padded;
@@ -81,10 +75,10 @@ at::Tensor quant_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const
   const int device = a.get_device();
   qg::DeviceInfo info;
   cudaError_t err = qg::get_device_info(device, &info);
-  QSVD_CHECK(err == cudaSuccess, op, "cannot query CUDA device ", device, ": ", cudaGetErrorString(err));
+  check_launch(op, err, "cannot query CUDA device ", device);
   check_cc(op, device, info.cc);
 
-  const qg::OutType ot = out_type(out_dtype);
+  const qsvd::DType ot = to_dtype(op, out_dtype);
   const int64_t Kp = round_up(s.K, qg::k_alignment(static_cast<int>(a_bits), static_cast<int>(b_bits)));
   const int64_t ldo = round_up(s.N, qg::out_alignment(ot));
   const at::Tensor A = padded_codes(a, a_bits, s.K, Kp);
@@ -112,23 +106,39 @@ at::Tensor quant_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const
   p.a_bits = static_cast<int>(a_bits);
   p.b_bits = static_cast<int>(b_bits);
   p.out_type = ot;
-  p.config = qg::select_config(info.cc, s.M, p.a_bits, p.b_bits);
   p.device = device;
   p.sm_count = info.sm_count;
+  // Config and knobs: the installed tuning table's rule for this shape, or
+  // the built-in choice (csrc/tuning.h). A rule that cannot serve the call
+  // (not compiled in, wrong bit pair or arch, or a kernel that refuses the
+  // shape or knobs) falls back to the built-in choice: tuning never makes a
+  // call fail.
+  const qg::GemmDecision decision = decide_gemm(device, info.cc, s.M, s.N, s.K, p.a_bits, p.b_bits, nullptr);
+  p.config = decision.choice.config;
+  p.streamk_mode = decision.choice.mode;
+  p.splits = decision.choice.splits;
+  p.raster = decision.choice.raster;
 
   size_t workspace_bytes = 0;
   err = qg::quant_gemm_workspace_size(p, &workspace_bytes);
-  QSVD_CHECK(err == cudaSuccess, op, "kernel ", qg::config_name(p.config), " cannot serve M=", s.M, ", N=", s.N,
-             ", K=", s.K, ": ", cudaGetErrorString(err));
+  const bool tuned = decision.source == qg::ChoiceSource::kTable || decision.source == qg::ChoiceSource::kForced;
+  if (err != cudaSuccess && tuned) {
+    (void)cudaGetLastError();
+    p.config = qg::select_config(info.cc, s.M, p.a_bits, p.b_bits);
+    p.streamk_mode = qg::StreamKMode::kHeuristic;
+    p.splits = 1;
+    p.raster = qg::Raster::kHeuristic;
+    err = qg::quant_gemm_workspace_size(p, &workspace_bytes);
+  }
+  check_launch(op, err, "kernel ", qg::config_name(p.config), " cannot serve M=", s.M, ", N=", s.N, ", K=", s.K);
   at::Tensor workspace;
   if (workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, a.options().dtype(at::kByte));
     p.workspace = workspace.data_ptr();
     p.workspace_bytes = workspace_bytes;
   }
-  err = qg::launch_quant_gemm(p, at::cuda::getCurrentCUDAStream());
-  QSVD_CHECK(err == cudaSuccess, op, "CUDA kernel ", qg::config_name(p.config), " failed to launch: ",
-             cudaGetErrorString(err));
+  check_launch(op, qg::launch_quant_gemm(p, at::cuda::getCurrentCUDAStream()), "CUDA kernel ",
+               qg::config_name(p.config), " failed to launch");
   return ldo == s.N ? out_buf : out_buf.narrow(1, 0, s.N).contiguous();
 }
 

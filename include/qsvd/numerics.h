@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "qsvd/config.h"
+#include "qsvd/formats.h"
 
 // Fast math flushes denormals and fuses operations even inside __fmul_rn /
 // __fdiv_rn; the bit-exact CPU/GPU contract would silently break.
@@ -19,9 +20,6 @@
 #endif
 
 namespace qsvd {
-
-// Symmetric code range [-qmax, qmax]. -128 (INT8) and -8 (INT4) are never produced.
-constexpr QSVD_HOST_DEVICE int qmax_for_bits(int bits) { return bits == 4 ? 7 : 127; }
 
 // Multiply and divide rounded to nearest even, never fused. nvcc contracts
 // a*b+c into an FMA by default; the host build uses -ffp-contract=off.

@@ -65,6 +65,8 @@ def _llama_unsupported(module: nn.Module) -> list[str]:
     found = [n for n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm") if getattr(module, n, None) is not None]
     cfg = getattr(module, "config", None)
     if cfg is not None:
+        if getattr(cfg, "clip_qkv", None):
+            found.append("q/k/v clipping (clip_qkv)")
         if getattr(cfg, "attn_logit_softcapping", None):
             found.append("attention logit soft-capping")
         if getattr(cfg, "partial_rotary_factor", 1.0) not in (None, 1.0):
@@ -96,8 +98,20 @@ class AttentionFamily:
 
     def sliding_window(self, module: nn.Module) -> int | None:
         """A decoder's sliding window, if it has one (enforced at run time:
-        the QSVD block attends to the whole context, so a longer context raises)."""
-        w = getattr(module, "sliding_window", None)
+        the QSVD block attends to the whole context, so a longer context
+        raises). Read from the module (Qwen2 sets it per layer) or, as
+        Mistral does, from its config, honouring ``use_sliding_window`` and
+        per-layer ``layer_types``."""
+        if hasattr(module, "sliding_window"):
+            w = module.sliding_window
+        else:
+            cfg = getattr(module, "config", None)
+            w = getattr(cfg, "sliding_window", None)
+            if getattr(cfg, "use_sliding_window", True) is False:
+                w = None
+            types, idx = getattr(cfg, "layer_types", None), getattr(module, "layer_idx", None)
+            if types is not None and idx is not None and idx < len(types) and types[idx] != "sliding_attention":
+                w = None
         return int(w) if w else None
 
 
@@ -128,6 +142,8 @@ class MultimodalFamily:
 
 
 MULTIMODAL: tuple[MultimodalFamily, ...] = (
+    # dual encoders: their text towers use the same attention classes as the vision towers
+    MultimodalFamily("clip", ("CLIPModel", "SiglipModel"), {"vision": "vision_model", "text": "text_model"}),
     MultimodalFamily("llava", ("LlavaForConditionalGeneration",),
                      {"vision": "model.vision_tower", "language": "model.language_model"}),
     MultimodalFamily("llava", ("LlavaModel",), {"vision": "vision_tower", "language": "language_model"}),

@@ -367,36 +367,43 @@ cudaError_t launch_hadamard_impl(const HadamardParams& p, cudaStream_t stream) {
   if (p.kind == OutputKind::kInt4 && (p.K & 1)) return cudaErrorInvalidValue;
   if (p.rows == 0) return cudaSuccess;
   const int n = 1 << f.log_n;
+  // Compiled variants (M, elements per thread): the first that serves n with
+  // at least p.min_elems_per_thread elements per thread (a run-time knob; 0 =
+  // the smallest, the built-in choice); if none does, the built-in choice.
+  for (int min_ept = p.min_elems_per_thread > 0 ? p.min_elems_per_thread : 0;; min_ept = 0) {
 #define QSVD_HADAMARD_TRY(M, EPT) \
-  if (n <= config_max_n<M, EPT>()) return launch_config<T, M, EPT>(p, f.log_n, stream)
-  switch (f.m) {
-    case 1:
-      QSVD_HADAMARD_TRY(1, 1);
-      QSVD_HADAMARD_TRY(1, 2);
-      QSVD_HADAMARD_TRY(1, 4);
-      QSVD_HADAMARD_TRY(1, 8);
-      QSVD_HADAMARD_TRY(1, 32);
-      break;
-    case 12:
-      QSVD_HADAMARD_TRY(12, 1);
-      QSVD_HADAMARD_TRY(12, 2);
-      QSVD_HADAMARD_TRY(12, 4);
-      break;
-    case 20:
-      QSVD_HADAMARD_TRY(20, 1);
-      QSVD_HADAMARD_TRY(20, 2);
-      break;
-    case 28:
-      QSVD_HADAMARD_TRY(28, 1);
-      QSVD_HADAMARD_TRY(28, 2);
-      break;
-    case 36:
-      QSVD_HADAMARD_TRY(36, 1);
-      break;
-    default:
-      break;
-  }
+  if ((EPT) >= min_ept && n >= (EPT) && n <= config_max_n<M, EPT>()) \
+  return launch_config<T, M, EPT>(p, f.log_n, stream)
+    switch (f.m) {
+      case 1:
+        QSVD_HADAMARD_TRY(1, 1);
+        QSVD_HADAMARD_TRY(1, 2);
+        QSVD_HADAMARD_TRY(1, 4);
+        QSVD_HADAMARD_TRY(1, 8);
+        QSVD_HADAMARD_TRY(1, 32);
+        break;
+      case 12:
+        QSVD_HADAMARD_TRY(12, 1);
+        QSVD_HADAMARD_TRY(12, 2);
+        QSVD_HADAMARD_TRY(12, 4);
+        break;
+      case 20:
+        QSVD_HADAMARD_TRY(20, 1);
+        QSVD_HADAMARD_TRY(20, 2);
+        break;
+      case 28:
+        QSVD_HADAMARD_TRY(28, 1);
+        QSVD_HADAMARD_TRY(28, 2);
+        break;
+      case 36:
+        QSVD_HADAMARD_TRY(36, 1);
+        break;
+      default:
+        break;
+    }
 #undef QSVD_HADAMARD_TRY
+    if (min_ept == 0) break;
+  }
   return cudaErrorInvalidValue;
 }
 

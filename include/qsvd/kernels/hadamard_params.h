@@ -7,10 +7,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include "qsvd/formats.h"
+
 namespace qsvd {
 namespace hadamard {
-
-enum class ElementType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 // What the kernel writes after the rotation.
 enum class OutputKind : int {
@@ -22,7 +22,7 @@ enum class OutputKind : int {
 struct HadamardParams {
   const void* x = nullptr;       // [rows, K], row stride x_row_stride elements, unit column stride
   int64_t x_row_stride = 0;
-  ElementType x_type = ElementType::kF32;
+  DType x_type = DType::kF32;        // kF32, kF16 or kBF16
   const float* signs = nullptr;  // [K] or nullptr: multiplies x before the rotation
   void* out = nullptr;           // contiguous, see OutputKind
   float* scale = nullptr;        // [rows] (quantizing kinds only)
@@ -31,6 +31,10 @@ struct HadamardParams {
   float norm = 0.f;              // qsvd::hadamard::norm_factor(K)
   float clip_ratio = 1.f;        // (0, 1]
   OutputKind kind = OutputKind::kRotated;
+  // Run-time knob: the compiled variant with at least this many elements per
+  // thread (1, 2, 4, 8 or 32) that serves K; 0 or none serving K: the
+  // built-in choice (the fewest elements per thread).
+  int min_elems_per_thread = 0;
 };
 
 // One definition per element type, each in its own translation unit
@@ -43,9 +47,10 @@ cudaError_t launch_hadamard_bf16(const HadamardParams& p, cudaStream_t stream);
 // callers validate arguments first and report them by name.
 inline cudaError_t launch_hadamard(const HadamardParams& p, cudaStream_t stream) {
   switch (p.x_type) {
-    case ElementType::kF32: return launch_hadamard_f32(p, stream);
-    case ElementType::kF16: return launch_hadamard_f16(p, stream);
-    case ElementType::kBF16: return launch_hadamard_bf16(p, stream);
+    case DType::kF32: return launch_hadamard_f32(p, stream);
+    case DType::kF16: return launch_hadamard_f16(p, stream);
+    case DType::kBF16: return launch_hadamard_bf16(p, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }

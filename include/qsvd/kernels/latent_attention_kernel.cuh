@@ -26,7 +26,7 @@
 // thread (heads * ceil(r / 256) <= 32); a larger group is tiled across CTAs
 // (the latent rows are then re-read from L2 by each head tile).
 //
-// Numerics: the evaluation order counted in python_tests/helpers.py
+// Numerics: the evaluation order counted in qsvd_kernels/testing.py
 // (latent_attention_error_bound, kernel="cuda").
 #pragma once
 
@@ -38,6 +38,7 @@
 
 #include "qsvd/kernels/element.cuh"
 #include "qsvd/kernels/latent_attention_params.h"
+#include "qsvd/kernels/launch_util.cuh"
 #include "qsvd/numerics.h"
 
 namespace qsvd {
@@ -126,7 +127,7 @@ template <int kBits>
 __device__ __forceinline__ void load_codes(const LatentAttentionParams& p, int vec, const int64_t* tok_slot, int T,
                                            int8_t* codes_s, int rp) {
   const uint8_t* cache = static_cast<const uint8_t*>(p.cache);
-  const int64_t row_bytes = kBits == 4 ? p.r / 2 : p.r;
+  const int64_t row_bytes = code_row_bytes(kBits, p.r);
   if (vec == 16)
     load_code_rows<kBits, 16>(cache, row_bytes, tok_slot, T, codes_s, rp);
   else if (vec == 4)
@@ -137,7 +138,7 @@ __device__ __forceinline__ void load_codes(const LatentAttentionParams& p, int v
 
 // Widest load (16, 4 or 1 bytes) that divides a cache row and the base address.
 inline int code_vector_bytes(const LatentAttentionParams& p) {
-  const int64_t row_bytes = p.bits == 4 ? p.r / 2 : p.r;
+  const int64_t row_bytes = code_row_bytes(p.bits, p.r);
   const uintptr_t base = reinterpret_cast<uintptr_t>(p.cache);
   if (row_bytes % 16 == 0 && base % 16 == 0) return 16;
   if (row_bytes % 4 == 0 && base % 4 == 0) return 4;
@@ -460,8 +461,7 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_kernel(const LatentA
 template <int kBits, bool kRope, typename W>
 cudaError_t launch_split(const LatentAttentionParams& p, cudaStream_t stream) {
   auto kernel = latent_split_kernel<kBits, kRope, W>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(p.split_smem));
+  const cudaError_t err = allow_dynamic_smem(kernel, p.split_smem);  // launch_util.cuh
   if (err != cudaSuccess) return err;
   const dim3 grid(p.splits, p.H_kv * head_tiles(p), p.B);
   kernel<<<grid, kThreads, p.split_smem, stream>>>(p, code_vector_bytes(p));
@@ -617,9 +617,10 @@ cudaError_t launch_combine(const LatentAttentionParams& p, cudaStream_t stream) 
   const dim3 grid(p.B, p.H_kv * combine_tiles(p));
   const size_t smem = p.combine_smem;
   switch (p.out_type) {
-    case OutType::kF32: latent_combine_kernel<W, float><<<grid, kThreads, smem, stream>>>(p); break;
-    case OutType::kF16: latent_combine_kernel<W, __half><<<grid, kThreads, smem, stream>>>(p); break;
-    case OutType::kBF16: latent_combine_kernel<W, __nv_bfloat16><<<grid, kThreads, smem, stream>>>(p); break;
+    case DType::kF32: latent_combine_kernel<W, float><<<grid, kThreads, smem, stream>>>(p); break;
+    case DType::kF16: latent_combine_kernel<W, __half><<<grid, kThreads, smem, stream>>>(p); break;
+    case DType::kBF16: latent_combine_kernel<W, __nv_bfloat16><<<grid, kThreads, smem, stream>>>(p); break;
+    default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }

@@ -31,7 +31,7 @@
 // CUDA-core kernel's only in how the r products are summed. fp16/bf16
 // weights: tensor cores accumulate in fp32 with truncation rather than
 // round-to-nearest, which the bound latent_attention_error_bound(kernel=
-// "cuda_tc") in python_tests/helpers.py accounts for (3 r16 u instead of
+// "cuda_tc") in qsvd_kernels/testing.py accounts for (3 r16 u instead of
 // r u on the score). int8 weights: the int32 sum is exact and rounds once
 // to fp32 (1 u instead of r u). Every later step is the CUDA-core kernel's,
 // operation for operation.
@@ -41,6 +41,7 @@
 
 #include <type_traits>
 
+#include "qsvd/kernels/launch_util.cuh"
 #include "qsvd/kernels/latent_attention_kernel.cuh"
 
 namespace qsvd {
@@ -129,7 +130,7 @@ template <int kBits, typename E>
 __device__ __forceinline__ void load_codes_elems(const LatentAttentionParams& p, int vec, const int64_t* tok_slot,
                                                  int T, E* codes_s, int ldc) {
   const uint8_t* cache = static_cast<const uint8_t*>(p.cache);
-  const int64_t row_bytes = kBits == 4 ? p.r / 2 : p.r;
+  const int64_t row_bytes = code_row_bytes(kBits, p.r);
   if (vec == 16)
     load_code_rows_elems<kBits, 16, E>(cache, row_bytes, tok_slot, T, codes_s, ldc);
   else if (vec == 4)
@@ -206,7 +207,7 @@ template <int kBits>
 __device__ __forceinline__ void load_codes_i8_blocks(const LatentAttentionParams& p, int vec, const int64_t* tok_slot,
                                                      int T, int8_t* codes_s, int code_block) {
   const uint8_t* cache = static_cast<const uint8_t*>(p.cache);
-  const int64_t row_bytes = kBits == 4 ? p.r / 2 : p.r;
+  const int64_t row_bytes = code_row_bytes(kBits, p.r);
   if (vec == 16)
     load_code_rows_i8_blocks<kBits, 16>(cache, row_bytes, tok_slot, T, codes_s, code_block);
   else if (vec == 4)
@@ -538,8 +539,7 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const
 template <int kBits, typename W>
 cudaError_t launch_split_rope_tc(const LatentAttentionParams& p, cudaStream_t stream) {
   auto kernel = latent_split_rope_tc_kernel<kBits, W>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(p.split_smem));
+  const cudaError_t err = allow_dynamic_smem(kernel, p.split_smem);  // launch_util.cuh
   if (err != cudaSuccess) return err;
   const dim3 grid(p.splits, p.H_kv * head_tiles(p), p.B);
   kernel<<<grid, kThreads, p.split_smem, stream>>>(p, code_vector_bytes(p));
@@ -574,7 +574,7 @@ cudaError_t launch_split_rope_tc_bits(const LatentAttentionParams& p, cudaStream
 // A split x = hi + lo of an fp32 x with |x| < 2^15 is within 2^-22 |x| + 2^-25
 // of x (fp16 keeps 11 bits of x, then 11 of the remainder; 2^-25 is half the
 // fp16 subnormal spacing). The bound that counts all of it:
-// latent_attention_error_bound(kernel="cuda_tc") in python_tests/helpers.py.
+// latent_attention_error_bound(kernel="cuda_tc") in qsvd_kernels/testing.py.
 
 // fp16 hi + lo of v; a non-finite hi gets lo = 0 (so inf stays inf).
 __device__ __forceinline__ void split_hi_lo(float v, __half* hi, __half* lo) {
@@ -821,8 +821,7 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_norope_tc_kernel(con
 template <int kBits>
 cudaError_t launch_split_norope_tc(const LatentAttentionParams& p, cudaStream_t stream) {
   auto kernel = latent_split_norope_tc_kernel<kBits>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(p.split_smem));
+  const cudaError_t err = allow_dynamic_smem(kernel, p.split_smem);  // launch_util.cuh
   if (err != cudaSuccess) return err;
   const dim3 grid(p.splits, norope_tc_head_tiles(p) * p.r_slices, p.B);
   kernel<<<grid, kThreads, p.split_smem, stream>>>(p, code_vector_bytes(p));

@@ -289,8 +289,8 @@ inline cudaError_t launch_gather_codes_impl(const GatherCodesParams& p, cudaStre
       (p.vectorized && p.r % kChunk != 0))
     return cudaErrorInvalidValue;
   switch (p.codes_type) {
-    case ElementType::kF16: return launch_gather_codes_typed<__half>(p, stream);
-    case ElementType::kBF16: return launch_gather_codes_typed<__nv_bfloat16>(p, stream);
+    case DType::kF16: return launch_gather_codes_typed<__half>(p, stream);
+    case DType::kBF16: return launch_gather_codes_typed<__nv_bfloat16>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -335,7 +335,7 @@ __device__ __forceinline__ void store_out(TO* dst, const float (&v)[kV]) {
 // weight-scale products add u M_j each: |dk_j| <= (r + 1) u M_j. RoPE's two
 // products and one sum (|cos|, |sin| <= 1) add 2 u (M_j + M_j'), j' the
 // rotate-half partner: |dk_j| <= (r + 3) u (M_j + M_j'). Both sit inside the
-// (r + 4) u bound of python_tests/helpers.py latent_reconstruct_error_bound,
+// (r + 4) u bound of qsvd_kernels/testing.py latent_reconstruct_error_bound,
 // before the final rounding to the output dtype. (First order in u; the
 // bound assumes round-to-nearest accumulation, see the launcher.)
 template <typename TO, int kV, bool kRope>
@@ -414,9 +414,10 @@ inline cudaError_t launch_kv_epilogue_impl(const KvEpilogueParams& p, cudaStream
       (p.vectorized && p.d % 8 != 0))
     return cudaErrorInvalidValue;
   switch (p.out_type) {
-    case ElementType::kF32: return launch_kv_epilogue_typed<float>(p, stream);
-    case ElementType::kF16: return launch_kv_epilogue_typed<__half>(p, stream);
-    case ElementType::kBF16: return launch_kv_epilogue_typed<__nv_bfloat16>(p, stream);
+    case DType::kF32: return launch_kv_epilogue_typed<float>(p, stream);
+    case DType::kF16: return launch_kv_epilogue_typed<__half>(p, stream);
+    case DType::kBF16: return launch_kv_epilogue_typed<__nv_bfloat16>(p, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }

@@ -13,15 +13,15 @@
 
 #include <cuda_runtime_api.h>
 
+#include "qsvd/formats.h"
+
 namespace qsvd {
 namespace latent_cache {
-
-enum class ElementType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 struct CacheAppendParams {
   const void* c = nullptr;              // [T, r], row stride c_row_stride elements, unit column stride
   int64_t c_row_stride = 0;
-  ElementType c_type = ElementType::kF32;
+  DType c_type = DType::kF32;
   const void* slot_mapping = nullptr;   // [T] int64 (slot_is_int64) or int32
   bool slot_is_int64 = true;
   void* cache = nullptr;                // [num_slots, r] int8 or [num_slots, r/2] packed uint8, contiguous
@@ -43,9 +43,10 @@ cudaError_t launch_cache_append_bf16(const CacheAppendParams& p, cudaStream_t st
 
 inline cudaError_t launch_cache_append(const CacheAppendParams& p, cudaStream_t stream) {
   switch (p.c_type) {
-    case ElementType::kF32: return launch_cache_append_f32(p, stream);
-    case ElementType::kF16: return launch_cache_append_f16(p, stream);
-    case ElementType::kBF16: return launch_cache_append_bf16(p, stream);
+    case DType::kF32: return launch_cache_append_f32(p, stream);
+    case DType::kF16: return launch_cache_append_f16(p, stream);
+    case DType::kBF16: return launch_cache_append_bf16(p, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }
@@ -62,7 +63,7 @@ struct GatherCodesParams {
   int bits = 8;
   int64_t row_begin = 0, rows = 0;      // row_begin + rows <= cu_seqlens[B]
   void* codes = nullptr;                // [rows, r] of codes_type (kF16 or kBF16), contiguous
-  ElementType codes_type = ElementType::kF16;
+  DType codes_type = DType::kF16;
   float* token_scale = nullptr;         // [rows]
   int32_t* position = nullptr;          // [rows]
   // 8-byte (int8) / 4-byte (int4) loads of codes and 16-byte stores:
@@ -81,7 +82,7 @@ struct KvEpilogueParams {
   const float* rope_cos = nullptr;      // [max_position, d] or nullptr (no RoPE); d even with RoPE
   const float* rope_sin = nullptr;
   void* out = nullptr;                  // [rows, H_kv, d] of out_type, contiguous
-  ElementType out_type = ElementType::kF16;
+  DType out_type = DType::kF16;
   int64_t rows = 0, H_kv = 0, d = 0;
   // Four consecutive channels per thread with 16-byte fp32 loads: d % 8 == 0,
   // acc_row_stride % 4 == 0 and acc / rope / w_scale 16-byte aligned.

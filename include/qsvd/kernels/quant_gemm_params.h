@@ -2,7 +2,8 @@
 // stream, a cudaError_t. Host code (the torch launcher, a C++ benchmark)
 // includes only this; the CUTLASS kernels live in quant_gemm_sm80.cuh
 // (CUTLASS 2.x, mma.sync) and quant_gemm_sm90.cuh (CUTLASS 3.x, wgmma), the
-// dispatch in csrc/cuda/quant_gemm_dispatch.cpp.
+// dispatch in csrc/cuda/quant_gemm_dispatch.cpp, the menu of configurations
+// (and the built-in choice among them) in quant_gemm_menu.h.
 //
 //   out[m, n] = ((float)sum_k a[m,k] b[n,k] * a_scale[m]) * b_scale[n] + bias[n]
 //
@@ -15,21 +16,14 @@
 
 #include <cuda_runtime_api.h>
 
+#include "qsvd/formats.h"
+#include "qsvd/kernels/quant_gemm_menu.h"
+
 namespace qsvd {
 namespace gemm {
 
-enum class OutType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
-
-// The compiled kernel configurations (tile shapes: quant_gemm_sm80.cuh,
-// quant_gemm_sm90.cuh). select_config() picks one per call.
-enum class GemmConfig : int {
-  kSm80Decode = 0,   // CUTLASS 2.x, M <= kSm80DecodeMaxM: 32-row tiles, stream-K
-  kSm80Prefill = 1,  // CUTLASS 2.x, larger M: 128x128 tiles, stream-K
-  kSm90Decode = 2,   // CUTLASS 3.x W8A8, M <= kSm90DecodeMaxM: 128x64 tiles, stream-K
-  kSm90Prefill = 3,  // CUTLASS 3.x W8A8, larger M: 128x128 tiles, 2x1 cluster, stream-K
-};
-constexpr int64_t kSm80DecodeMaxM = 32;
-constexpr int64_t kSm90DecodeMaxM = 64;
+// GemmConfig, kGemmConfigs, select_config(), config_name() and the
+// run-time knobs (StreamKMode, Raster): quant_gemm_menu.h.
 
 struct QuantGemmParams {
   const void* a = nullptr;        // [M, K] int8, or [M, K/2] packed INT4 (a_bits 4); rows contiguous, row stride K
@@ -41,8 +35,12 @@ struct QuantGemmParams {
   int64_t M = 0, N = 0, K = 0;    // all > 0; K % k_alignment(a_bits, b_bits) == 0
   int64_t ldo = 0;                // >= N, multiple of out_alignment(out_type)
   int a_bits = 8, b_bits = 8;     // 8 or 4
-  OutType out_type = OutType::kF32;
-  GemmConfig config = GemmConfig::kSm80Prefill;  // from select_config()
+  DType out_type = DType::kF32;   // kF16, kBF16 or kF32
+  GemmConfig config = GemmConfig::kSm80Prefill;  // select_config() or a tuning table; must be compiled
+  // Run-time knobs (valid_knobs()); the defaults are the built-in behaviour.
+  StreamKMode streamk_mode = StreamKMode::kHeuristic;
+  int splits = 1;
+  Raster raster = Raster::kHeuristic;     // sm90 configs only
   int device = 0;                 // CUDA ordinal of the current device
   int sm_count = 0;               // its multiprocessor count (DeviceInfo)
   void* workspace = nullptr;      // quant_gemm_workspace_size() bytes, 16-byte aligned
@@ -60,7 +58,7 @@ constexpr int64_t k_alignment(int a_bits, int b_bits) { return (a_bits == 4 || b
 // Row stride granularity of out: 16 bytes (TMA store on sm_90; the 2.x
 // epilogue stores 4-element vectors, which 16 bytes also covers). The
 // broadcast loads of b_scale / bias read whole vectors too, hence [ldo].
-constexpr int64_t out_alignment(OutType t) { return t == OutType::kF32 ? 4 : 8; }
+constexpr int64_t out_alignment(DType t) { return t == DType::kF32 ? 4 : 8; }
 
 struct DeviceInfo {
   int cc = 0;        // compute capability, 10 * major + minor
@@ -74,28 +72,23 @@ cudaError_t get_device_info(int device, DeviceInfo* info);
 // binary compatible across 8.x) and 9.0 (sm_90a).
 constexpr bool is_supported_cc(int cc) { return (cc >= 80 && cc < 90) || cc == 90; }
 
-// The kernel configuration for a call (cc must be supported).
-GemmConfig select_config(int cc, int64_t M, int a_bits, int b_bits);
-
-// A stable name of the configuration, for tests and benchmarks.
-const char* config_name(GemmConfig config);
-
 // Workspace the call needs (stream-K partial sums and flags); 0 is common.
 cudaError_t quant_gemm_workspace_size(const QuantGemmParams& p, size_t* bytes);
 
 // Launches the GEMM of p.config on stream. cudaErrorInvalidValue for
 // parameters that break the rules above or a config that does not serve
-// (a_bits, b_bits); callers validate arguments first and report them by name.
+// (a_bits, b_bits), is not compiled in, or knobs that are not valid_knobs();
+// callers validate arguments first and report them by name.
 cudaError_t launch_quant_gemm(const QuantGemmParams& p, cudaStream_t stream);
 
-// One entry point per compiled kernel, explicitly instantiated in
-// csrc/cuda/quant_gemm_sm80_*.cu (CUTLASS 2.x, kSm80* configs, every bit
-// pair) and csrc/cuda/quant_gemm_sm90_*.cu (CUTLASS 3.x, kSm90* configs,
-// W8A8). With workspace_bytes non-null they only report the workspace size;
-// otherwise they launch.
-template <GemmConfig kConfig, int kABits, int kBBits, OutType kOut>
+// One entry point per compiled kernel, explicitly instantiated in the files
+// setup.py generates from the menu (build/generated/quant_gemm/*.cu: sm80
+// entries per bit pair, sm90 entries, W8A8, per output type). With
+// workspace_bytes non-null they only report the workspace size; otherwise
+// they launch. On failure they clear the runtime's last error.
+template <GemmConfig kConfig, int kABits, int kBBits, DType kOut>
 cudaError_t run_sm80(const QuantGemmParams& p, cudaStream_t stream, size_t* workspace_bytes);
-template <GemmConfig kConfig, OutType kOut>
+template <GemmConfig kConfig, DType kOut>
 cudaError_t run_sm90(const QuantGemmParams& p, cudaStream_t stream, size_t* workspace_bytes);
 
 }  // namespace gemm

@@ -21,6 +21,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 // Include order matters: the visitor headers expect the GEMM headers first.
 #include "cutlass/cutlass.h"
@@ -46,91 +47,48 @@ struct OperandOf<4> {
   using type = cutlass::int4b_t;
 };
 
-template <OutType kOut>
+template <DType kOut>
 struct OutElementOf {
   using type = float;
 };
 template <>
-struct OutElementOf<OutType::kF16> {
+struct OutElementOf<DType::kF16> {
   using type = cutlass::half_t;
 };
 template <>
-struct OutElementOf<OutType::kBF16> {
+struct OutElementOf<DType::kBF16> {
   using type = cutlass::bfloat16_t;
 };
 
 using cutlass::gemm::GemmShape;
 
-// Tile shapes (M x N x K in elements). Every mainloop stage loads 128 bytes
-// of K per row of the wider operand; warp tiles cover the whole K of the
-// tile (no sliced-K).
+// Tile shapes (M x N x K in elements) of a menu entry (quant_gemm_menu.h,
+// generated from qsvd_kernels/tuning/gemm_menu.py). The menu's tile K counts
+// INT8 elements, i.e. bytes of the INT8 operand per stage; int4 x int4 doubles
+// it (m16n8k64), so every stage loads the same bytes. Warp tiles cover the
+// whole K of the tile (no sliced-K). The default entries:
 //   decode : 32 x 64 threadblock, 4 warps of 16 x 32, 5 stages. M <= 32
 //            calls are bound by reading B; small N tiles and stream-K give
 //            enough CTAs to stream B from every SM.
 //   prefill: 128 x 128 threadblock, 4 warps of 64 x 64, 4 stages (the
 //            shapes of CUTLASS's own sm80 int8/int4/mixed-input tests).
+// Mixed int4 / int8 pairs upcast the INT4 operand in registers and run int8 mma.
 template <GemmConfig kConfig, int kABits, int kBBits>
-struct Tiles;
+struct Tiles {
+  static constexpr GemmConfigInfo kInfo = kGemmConfigs[static_cast<int>(kConfig)];
+  static_assert(kInfo.arch == GemmArch::kSm80, "not a CUTLASS 2.x menu entry");
+  static constexpr bool kInt4 = kABits == 4 && kBBits == 4;
+  static constexpr bool kMixed = kABits != kBBits;
+  static constexpr int kK = kInfo.tile_k * (kInt4 ? 2 : 1);
+  using Threadblock = GemmShape<kInfo.tile_m, kInfo.tile_n, kK>;
+  using Warp = GemmShape<kInfo.warp_m, kInfo.warp_n, kK>;
+  using Instruction = GemmShape<16, 8, kInt4 ? 64 : 32>;
+  static constexpr int kStages = kInfo.stages;
+  using Operator = std::conditional_t<kMixed, cutlass::arch::OpMultiplyAddMixedInputUpcast,
+                                      cutlass::arch::OpMultiplyAddSaturate>;
+};
 
-// int8 x int8
-template <>
-struct Tiles<GemmConfig::kSm80Decode, 8, 8> {
-  using Threadblock = GemmShape<32, 64, 128>;
-  using Warp = GemmShape<16, 32, 128>;
-  using Instruction = GemmShape<16, 8, 32>;
-  static constexpr int kStages = 5;
-  using Operator = cutlass::arch::OpMultiplyAddSaturate;
-};
-template <>
-struct Tiles<GemmConfig::kSm80Prefill, 8, 8> {
-  using Threadblock = GemmShape<128, 128, 64>;
-  using Warp = GemmShape<64, 64, 64>;
-  using Instruction = GemmShape<16, 8, 32>;
-  static constexpr int kStages = 4;
-  using Operator = cutlass::arch::OpMultiplyAddSaturate;
-};
-// int4 x int4
-template <>
-struct Tiles<GemmConfig::kSm80Decode, 4, 4> {
-  using Threadblock = GemmShape<32, 64, 256>;
-  using Warp = GemmShape<16, 32, 256>;
-  using Instruction = GemmShape<16, 8, 64>;
-  static constexpr int kStages = 5;
-  using Operator = cutlass::arch::OpMultiplyAddSaturate;
-};
-template <>
-struct Tiles<GemmConfig::kSm80Prefill, 4, 4> {
-  using Threadblock = GemmShape<128, 128, 128>;
-  using Warp = GemmShape<64, 64, 128>;
-  using Instruction = GemmShape<16, 8, 64>;
-  static constexpr int kStages = 4;
-  using Operator = cutlass::arch::OpMultiplyAddSaturate;
-};
-// Mixed int4 / int8: upcast in registers, int8 mma.
-template <GemmConfig kConfig>
-struct MixedTiles;
-template <>
-struct MixedTiles<GemmConfig::kSm80Decode> {
-  using Threadblock = GemmShape<32, 64, 128>;
-  using Warp = GemmShape<16, 32, 128>;
-  using Instruction = GemmShape<16, 8, 32>;
-  static constexpr int kStages = 5;
-  using Operator = cutlass::arch::OpMultiplyAddMixedInputUpcast;
-};
-template <>
-struct MixedTiles<GemmConfig::kSm80Prefill> {
-  using Threadblock = GemmShape<128, 128, 64>;
-  using Warp = GemmShape<64, 64, 64>;
-  using Instruction = GemmShape<16, 8, 32>;
-  static constexpr int kStages = 4;
-  using Operator = cutlass::arch::OpMultiplyAddMixedInputUpcast;
-};
-template <GemmConfig kConfig>
-struct Tiles<kConfig, 4, 8> : MixedTiles<kConfig> {};
-template <GemmConfig kConfig>
-struct Tiles<kConfig, 8, 4> : MixedTiles<kConfig> {};
-
-template <GemmConfig kConfig, int kABits, int kBBits, OutType kOut>
+template <GemmConfig kConfig, int kABits, int kBBits, DType kOut>
 struct Kernel {
   using T = Tiles<kConfig, kABits, kBBits>;
   using ElementA = typename OperandOf<kABits>::type;
@@ -192,9 +150,24 @@ __global__ void __launch_bounds__(GemmKernel::kThreadCount) quant_gemm_sm80_kern
   }
 }
 
-// CTAs per SM of a kernel (stream-K sizes its grid with it), after opting
-// in to its shared memory; cached per device, since function attributes
-// are per context.
+// Opts the kernel in to its shared memory (>= 48 KB needs it). Called before
+// every occupancy query and launch: function attributes belong to the
+// context, so a value set once per device would be lost by a context reset
+// (cudaDeviceReset) and the >= 48 KB tiles would then fail to launch. The
+// value is a compile-time constant of the kernel, so concurrent callers never
+// race different values into it.
+template <class GemmKernel, bool kUsedOnSm90>
+cudaError_t opt_in_smem() {
+  constexpr int kSmem = static_cast<int>(sizeof(typename GemmKernel::SharedStorage));
+  if constexpr (kSmem >= (48 << 10)) {
+    void (*fn)(typename GemmKernel::Params) = quant_gemm_sm80_kernel<GemmKernel, kUsedOnSm90>;
+    return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  }
+  return cudaSuccess;
+}
+
+// CTAs per SM of a kernel (stream-K sizes its grid with it), cached per
+// device (a property of the device and the kernel, not of the context).
 template <class GemmKernel, bool kUsedOnSm90>
 cudaError_t kernel_occupancy(int device, int* occupancy) {
   constexpr int kMaxCachedDevices = 64;
@@ -208,10 +181,6 @@ cudaError_t kernel_occupancy(int device, int* occupancy) {
   }
   void (*fn)(typename GemmKernel::Params) = quant_gemm_sm80_kernel<GemmKernel, kUsedOnSm90>;
   constexpr int kSmem = static_cast<int>(sizeof(typename GemmKernel::SharedStorage));
-  if (kSmem >= (48 << 10)) {
-    const cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-  }
   int occ = 0;
   const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(
       &occ, fn, GemmKernel::kThreadCount, kSmem, cudaOccupancyDisableCachingOverride);
@@ -222,11 +191,20 @@ cudaError_t kernel_occupancy(int device, int* occupancy) {
   return cudaSuccess;
 }
 
+// Returns err after clearing the runtime's last error, which a failed
+// attribute call, occupancy query or launch leaves set (the next unrelated
+// CUDA call would otherwise report it).
+inline cudaError_t failed(cudaError_t err) {
+  (void)cudaGetLastError();
+  return err;
+}
+
 }  // namespace sm80
 
 // Definition of the entry point declared in quant_gemm_params.h; explicitly
-// instantiated in csrc/cuda/quant_gemm_sm80_*.cu.
-template <GemmConfig kConfig, int kABits, int kBBits, OutType kOut>
+// instantiated in the files setup.py generates from the menu
+// (build/generated/quant_gemm/quant_gemm_sm80_*.cu).
+template <GemmConfig kConfig, int kABits, int kBBits, DType kOut>
 cudaError_t run_sm80(const QuantGemmParams& p, cudaStream_t stream, size_t* workspace_bytes) {
   using Kern = sm80::Kernel<kConfig, kABits, kBBits, kOut>;
   using GemmKernel = typename Kern::GemmKernel;
@@ -250,17 +228,26 @@ cudaError_t run_sm80(const QuantGemmParams& p, cudaStream_t stream, size_t* work
       },
       {static_cast<ElementOut*>(p.out), {p.ldo, cute::_1{}, p.ldo * p.M}}  // Store
   };
-  typename GemmKernel::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm, {M, N, K}, /*split=*/1, callbacks,
+  // Stream-K knobs: avail_sms -1 lets CUTLASS choose per call (heuristic),
+  // 1 means classic data-parallel tiles; split > 1 in kGemm mode emulates
+  // split-K through the stream-K fixup (int32 partials, exact). There is no
+  // raster knob in CUTLASS 2.x's stream-K swizzle: p.raster is ignored here.
+  const int split = p.streamk_mode == StreamKMode::kSplitK ? p.splits : 1;
+  const int avail_sms = p.streamk_mode == StreamKMode::kDataParallel ? 1 : -1;
+  typename GemmKernel::Arguments args(cutlass::gemm::GemmUniversalMode::kGemm, {M, N, K}, split, callbacks,
                                       p.a, p.b, /*ptr_C=*/nullptr, /*ptr_D=*/nullptr,
                                       /*batch strides*/ 0, 0, 0, 0,
-                                      /*lda=*/p.K, /*ldb=*/p.K, /*ldc=*/0, /*ldd=*/0, /*avail_sms=*/-1);
+                                      /*lda=*/p.K, /*ldb=*/p.K, /*ldc=*/0, /*ldd=*/0, avail_sms);
   // No GemmKernel::can_implement(): besides the K alignment checked above it
   // demands N % 4 == 0 for the base epilogue's C/D iterators, which the EVT
   // epilogue does not use; its stores and broadcasts stay inside [M, ldo]
   // and [ldo] as explained above.
+  if (!valid_knobs(p.streamk_mode, p.splits, p.raster)) return cudaErrorInvalidValue;
+  cudaError_t err = sm80::opt_in_smem<GemmKernel, Kern::kUsedOnSm90>();
+  if (err != cudaSuccess) return sm80::failed(err);
   int occupancy = 0;
-  cudaError_t err = sm80::kernel_occupancy<GemmKernel, Kern::kUsedOnSm90>(p.device, &occupancy);
-  if (err != cudaSuccess) return err;
+  err = sm80::kernel_occupancy<GemmKernel, Kern::kUsedOnSm90>(p.device, &occupancy);
+  if (err != cudaSuccess) return sm80::failed(err);
   typename GemmKernel::Params params(args, p.sm_count, occupancy);
   const size_t needed = params.get_workspace_size();
   if (workspace_bytes != nullptr) {
@@ -268,7 +255,8 @@ cudaError_t run_sm80(const QuantGemmParams& p, cudaStream_t stream, size_t* work
     return cudaSuccess;
   }
   if (needed > p.workspace_bytes) return cudaErrorInvalidValue;
-  if (params.init_workspace(p.workspace, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  if (params.init_workspace(p.workspace, stream) != cutlass::Status::kSuccess)
+    return sm80::failed(cudaErrorInvalidValue);
   const dim3 grid = params.get_grid_dims();
   const dim3 block(GemmKernel::kThreadCount, 1, 1);
   constexpr int kSmem = static_cast<int>(sizeof(typename GemmKernel::SharedStorage));

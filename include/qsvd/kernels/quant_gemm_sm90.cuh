@@ -24,6 +24,11 @@
 // would compile CUTLASS's wgmma kernels to a body that only printf()s an
 // error and returns, leaving the output unwritten while the launch
 // "succeeds": refuse to build that instead.
+//
+// This guard needs the explicit form -gencode=arch=compute_90a,code=sm_90a
+// (what torch's "9.0a" produces). nvcc 13's shorthand -arch=sm_90a also runs
+// a generic compute_90 pass, where __CUDA_ARCH_FEAT_SM90_ALL is not defined,
+// and this #error fires there.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "quant_gemm's Hopper kernels need the arch-specific target sm_90a: use TORCH_CUDA_ARCH_LIST=9.0a, not 9.0"
 #endif
@@ -49,33 +54,31 @@ namespace qsvd {
 namespace gemm {
 namespace sm90 {
 
-template <OutType kOut>
+template <DType kOut>
 struct OutElementOf {
   using type = float;
 };
 template <>
-struct OutElementOf<OutType::kF16> {
+struct OutElementOf<DType::kF16> {
   using type = cutlass::half_t;
 };
 template <>
-struct OutElementOf<OutType::kBF16> {
+struct OutElementOf<DType::kBF16> {
   using type = cutlass::bfloat16_t;
 };
 
+// Tile and cluster of a menu entry (quant_gemm_menu.h, generated from
+// qsvd_kernels/tuning/gemm_menu.py).
 template <GemmConfig kConfig>
-struct Tiles;
-template <>
-struct Tiles<GemmConfig::kSm90Decode> {
-  using Tile = cute::Shape<cute::_128, cute::_64, cute::_128>;
-  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;
-};
-template <>
-struct Tiles<GemmConfig::kSm90Prefill> {
-  using Tile = cute::Shape<cute::_128, cute::_128, cute::_128>;
-  using Cluster = cute::Shape<cute::_2, cute::_1, cute::_1>;
+struct Tiles {
+  static constexpr GemmConfigInfo kInfo = kGemmConfigs[static_cast<int>(kConfig)];
+  static_assert(kInfo.arch == GemmArch::kSm90, "not a CUTLASS 3.x menu entry");
+  static_assert(kInfo.schedule == GemmSchedule::kCooperativeStreamK, "sm90 entries are cooperative + stream-K");
+  using Tile = cute::Shape<cute::Int<kInfo.tile_m>, cute::Int<kInfo.tile_n>, cute::Int<kInfo.tile_k>>;
+  using Cluster = cute::Shape<cute::Int<kInfo.cluster_m>, cute::Int<kInfo.cluster_n>, cute::_1>;
 };
 
-template <GemmConfig kConfig, OutType kOut>
+template <GemmConfig kConfig, DType kOut>
 struct Kernel {
   using Tile = typename Tiles<kConfig>::Tile;
   using Cluster = typename Tiles<kConfig>::Cluster;
@@ -123,8 +126,9 @@ struct Kernel {
 }  // namespace sm90
 
 // Definition of the entry point declared in quant_gemm_params.h; explicitly
-// instantiated in csrc/cuda/quant_gemm_sm90_*.cu.
-template <GemmConfig kConfig, OutType kOut>
+// instantiated in the files setup.py generates from the menu
+// (build/generated/quant_gemm/quant_gemm_sm90_*.cu).
+template <GemmConfig kConfig, DType kOut>
 cudaError_t run_sm90(const QuantGemmParams& p, cudaStream_t stream, size_t* workspace_bytes) {
   using Kern = sm90::Kernel<kConfig, kOut>;
   using Gemm = typename Kern::Gemm;
@@ -161,6 +165,16 @@ cudaError_t run_sm90(const QuantGemmParams& p, cudaStream_t stream, size_t* work
   args.epilogue = {fusion, nullptr, {}, static_cast<ElementOut*>(p.out), stride_d};
   args.hw_info.device_id = p.device;
   args.hw_info.sm_count = p.sm_count;
+  if (!valid_knobs(p.streamk_mode, p.splits, p.raster)) return cudaErrorInvalidValue;
+  using Decomposition = cutlass::gemm::kernel::detail::DecompositionMode;
+  using RasterOrder = cutlass::gemm::kernel::detail::RasterOrderOptions;
+  args.scheduler.decomposition_mode = p.streamk_mode == StreamKMode::kDataParallel ? Decomposition::DataParallel
+                                      : p.streamk_mode == StreamKMode::kSplitK     ? Decomposition::SplitK
+                                                                                   : Decomposition::Heuristic;
+  args.scheduler.splits = p.streamk_mode == StreamKMode::kSplitK ? p.splits : 1;
+  args.scheduler.raster_order = p.raster == Raster::kAlongM   ? RasterOrder::AlongM
+                                : p.raster == Raster::kAlongN ? RasterOrder::AlongN
+                                                              : RasterOrder::Heuristic;
 
   // No Gemm::can_implement(): it demands N % kAlignOut == 0 for D, which
   // TMA does not need (the tensor map has extent N and row stride ldo, a
@@ -179,12 +193,21 @@ cudaError_t run_sm90(const QuantGemmParams& p, cudaStream_t stream, size_t* work
   static const cudaError_t image = [] {
     cudaFuncAttributes attr{};
     const cudaError_t e = cudaFuncGetAttributes(&attr, cutlass::device_kernel<GemmKernel>);
-    if (e != cudaSuccess) return e;
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      return e;
+    }
     return attr.ptxVersion >= 90 ? cudaSuccess : cudaErrorNoKernelImageForDevice;
   }();
   if (image != cudaSuccess) return image;
   Gemm gemm;
-  if (gemm.initialize(args, p.workspace, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  // initialize() also sets the kernel's shared-memory attribute (a
+  // compile-time constant of the kernel, so concurrent callers agree); a
+  // failure there leaves the runtime's last error set: clear it.
+  if (gemm.initialize(args, p.workspace, stream) != cutlass::Status::kSuccess) {
+    (void)cudaGetLastError();
+    return cudaErrorInvalidValue;
+  }
   if (gemm.run(stream) != cutlass::Status::kSuccess) {
     const cudaError_t err = cudaGetLastError();
     return err != cudaSuccess ? err : cudaErrorLaunchFailure;

@@ -60,7 +60,8 @@ def _decoder_stack(model: nn.Module, block_name: str) -> str:
                               "cache) holds this block, so a latent cache cannot be attached")
 
 
-def apply_qsvd(model: nn.Module, compressed: CompressedModel, backend: str = "ops") -> nn.Module:
+def apply_qsvd(model: nn.Module, compressed: CompressedModel, backend: str = "ops",
+               allow_duck_typed: bool = False) -> nn.Module:
     """Run ``model``'s attention on the compressed layers, in place.
 
     Decoder blocks become QSVDDecoderAttention, with a latent cache attached
@@ -68,6 +69,12 @@ def apply_qsvd(model: nn.Module, compressed: CompressedModel, backend: str = "op
     ``generate`` below); encoder blocks get compressed q/k/v projections.
     Which layers are compressed was chosen at compression time
     (``compress_model(..., layers=...)``); this applies exactly the artefact's.
+
+    A decoder block whose class is not in the model-family table
+    (model/families.py) is recognised by duck typing only, which cannot
+    vouch that its attention is LLaMA's: it is refused unless
+    ``allow_duck_typed=True`` (encoders keep the model's own attention and
+    need no opt-in).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -87,6 +94,12 @@ def apply_qsvd(model: nn.Module, compressed: CompressedModel, backend: str = "op
                 raise NotImplementedError(f"{site.name} ({type(site.module).__name__}, family {family.name}) uses "
                                           f"{', '.join(missing)}, which the QSVD decoder attention does not "
                                           "implement yet")
+            if family.duck_typed and not allow_duck_typed:
+                raise NotImplementedError(
+                    f"{site.name}: {type(site.module).__name__} is not in the model-family table "
+                    f"(qsvd_kernels/model/families.py), so its attention is only {family.name}; the QSVD decoder "
+                    "computes LLaMA attention and cannot tell what else this block does. Add a family entry, or "
+                    "pass allow_duck_typed=True once you have checked it")
             decoders.append((site, projector, family))
         else:
             shared = SharedProjection(projector)
@@ -118,7 +131,7 @@ def _attach_decoders(model: nn.Module, decoders: list) -> None:
     for site, projector, family in decoders:
         set_submodule(model, site.name, QSVDDecoderAttention(site.module, projector, family, stack))
     stack_module.register_forward_pre_hook(stack.pre_hook, with_kwargs=True)
-    stack_module.register_forward_hook(stack.post_hook, with_kwargs=True)
+    stack_module.register_forward_hook(stack.post_hook, with_kwargs=True, always_call=True)
     model._qsvd_stack = stack
 
 
@@ -135,7 +148,12 @@ def generate(model: nn.Module, input_ids=None, block_size: int = 16, **kwargs):
     """``model.generate`` with a fresh QSVDLatentCache; returns (output, cache).
     Every generate() option works that keeps or reorders a cache (greedy,
     sampling, beam search, num_return_sequences, padded batches); other
-    inputs (``pixel_values`` for VLMs, ``attention_mask``) pass through."""
+    inputs (``pixel_values`` for VLMs, ``attention_mask``) pass through. With
+    ``use_cache=False`` nothing is cached (every step recomputes the prefix)
+    and the cache returned is None."""
+    if kwargs.get("use_cache") is False:
+        out = model.generate(input_ids, **kwargs) if input_ids is not None else model.generate(**kwargs)
+        return out, None
     cache = QSVDLatentCache(model, block_size)
     kwargs[cache_keyword()] = cache
     out = model.generate(input_ids, **kwargs) if input_ids is not None else model.generate(**kwargs)

@@ -67,6 +67,10 @@ class DecoderStack:
         return named
 
     def pre_hook(self, module, args, kwargs):
+        if module.training and getattr(module, "gradient_checkpointing", False):
+            raise NotImplementedError("gradient checkpointing recomputes the decoder blocks in backward, which "
+                                      "would append their latents to the cache twice; the QSVD decoder does not "
+                                      "support it (disable it, or train the uncompressed model)")
         named = self._named(module, args, kwargs)
         found_key = next((k for k, v in named.items() if isinstance(v, Cache)), None)
         found = named.pop(found_key) if found_key is not None else None
@@ -76,7 +80,8 @@ class DecoderStack:
         use_cache = named.get("use_cache")
         if use_cache is None:
             use_cache = bool(getattr(self.config, "use_cache", True))
-        if isinstance(found, QSVDLatentCache):
+        passed = isinstance(found, QSVDLatentCache)
+        if passed:
             if found.stack is not self:
                 raise ValueError("this QSVDLatentCache was made for another model")
             cache = found
@@ -94,14 +99,21 @@ class DecoderStack:
         B, T = x.shape[0], x.shape[1]
         cache.begin_step(B, T, named.get("attention_mask"), named.get("position_ids"), x.device)
         self.current = cache
-        if use_cache:
+        # A cache the caller passed is used whatever use_cache says (as
+        # transformers does); one made here is returned only with use_cache.
+        if passed or use_cache:
             named[self.cache_param] = cache
         return (), named
 
     def post_hook(self, module, args, kwargs, output):
+        """Commits the step; registered with always_call, so a forward that
+        raised (output None) abandons it instead."""
         cache, self.current = self.current, None
         if cache is not None and cache.step is not None:
-            cache.end_step()
+            if output is None:
+                cache.abandon_step()
+            else:
+                cache.end_step()
         return output
 
 

@@ -33,7 +33,8 @@ except ImportError:  # pragma: no cover - transformers is an optional extra
 class StepPlan:
     """Where the T new columns of a forward go, per sequence."""
 
-    def __init__(self, real, idx, slots, seq_lens, max_len):
+    def __init__(self, real, idx, slots, seq_lens, max_len, allocated):
+        self.allocated = allocated  # [(sequence, first block index, block ids)] taken by this step
         self.real = real  # [B, T] bool: the column is a real token (not padding)
         self.idx = idx  # [B, T] long: its index in its sequence (valid where real)
         self.slots = slots  # [B * T] long: its pool slot, -1 for padding
@@ -91,8 +92,8 @@ class QSVDLatentCache(Cache):
         stack = model if hasattr(model, "pre_hook") else getattr(model, "_qsvd_stack", None)
         if stack is None:
             raise ValueError("this model has no QSVD decoder attention: call apply_qsvd(model, compressed) first")
-        if block_size < 1:
-            raise ValueError(f"block_size must be at least 1, got {block_size}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         self.stack = stack
         layers = [QSVDLatentLayer(self, p) for p in stack.projectors]
         super().__init__(layers=layers)
@@ -147,9 +148,11 @@ class QSVDLatentCache(Cache):
 
     # ------------------------------------------------------------ accounting
     def nbytes(self) -> int:
-        """Bytes the cache holds now: every layer's pool, plus the block table."""
-        table = 0 if self.block_table is None else self.block_table.numel() * 4
-        return sum(l.nbytes() for l in self.layers) + table
+        """Bytes the cache holds now: every layer's pool, plus the block
+        table, reference counts, lengths and the RoPE tables."""
+        extra = sum(t.numel() * t.element_size() for t in (self.block_table, self.refcount, self.seq_lens,
+                                                            self.rope_cos, self.rope_sin) if t is not None)
+        return sum(l.nbytes() for l in self.layers) + extra
 
     def token_nbytes(self) -> float:
         """Cache bytes per token over all layers (codes + scales)."""
@@ -189,7 +192,8 @@ class QSVDLatentCache(Cache):
     def _blocks_used(self, lens: torch.Tensor) -> torch.Tensor:
         return (lens.long() + self.block_size - 1) // self.block_size
 
-    def _ensure_blocks(self, new_lens: torch.Tensor) -> None:
+    def _ensure_blocks(self, new_lens: torch.Tensor) -> list:
+        """Allocate the blocks the new lengths need; returns what it took."""
         need = self._blocks_used(new_lens)
         width = int(need.max()) if need.numel() else 0
         if width > self.block_table.shape[1]:
@@ -197,9 +201,13 @@ class QSVDLatentCache(Cache):
                               dtype=torch.int32, device=self.device)
             self.block_table = torch.cat([self.block_table, pad], 1)
         have = self._blocks_used(self.seq_lens)
+        taken = []
         for b in (need > have).nonzero().flatten().tolist():
             lo, hi = int(have[b]), int(need[b])
-            self.block_table[b, lo:hi] = self._allocate(hi - lo).to(torch.int32)
+            got = self._allocate(hi - lo)
+            self.block_table[b, lo:hi] = got.to(torch.int32)
+            taken.append(got)
+        return taken
 
     def _remap(self, rows: torch.Tensor) -> None:
         """Sequence b becomes a continuation of sequence rows[b]: share its
@@ -248,8 +256,14 @@ class QSVDLatentCache(Cache):
         elif B != self.batch:
             raise ValueError(f"the QSVD latent cache holds {self.batch} sequences, this step has {B}: pass a fresh "
                              "cache for a new batch")
+        if T < 1:
+            raise ValueError(f"this step has no new columns; the cache already holds {self.length} (pass only the "
+                             "tokens after them)")
         total = self.length + T
         if attention_mask is None:
+            if self.length and bool((self.seq_lens != self.length).any()):
+                raise ValueError("attention_mask is required: the cache holds a padded batch (sequences of "
+                                 f"{self.seq_lens.tolist()} tokens in {self.length} columns)")
             real = torch.ones(B, T, dtype=torch.bool, device=self.device)
             padded_history = False
         else:
@@ -271,18 +285,19 @@ class QSVDLatentCache(Cache):
         if position_ids is not None:
             pos = position_ids.to(self.device).expand(B, T)
             if not torch.equal(pos[real], idx[real]):
-                raise ValueError("QSVD latent cache stores each sequence's tokens at positions 0, 1, 2, ... of its "
-                                 "real (unpadded) tokens; these position_ids differ (pass position_ids = "
-                                 "attention_mask.cumsum(-1) - 1, as generate() does)")
+                raise ValueError("position_ids: the QSVD latent cache stores each sequence's tokens at positions "
+                                 "0, 1, 2, ... of its real tokens, and these position_ids differ (left padding "
+                                 "with position_ids = attention_mask.cumsum(-1) - 1 is served; right padding "
+                                 "or offset positions are not)")
         elif padded_history:
             raise ValueError("a padded batch needs position_ids (attention_mask.cumsum(-1) - 1, as generate() "
                              "passes): without them the model would rotate padding positions")
         new_lens = self.seq_lens + n_new
-        self._ensure_blocks(new_lens)
+        taken = self._ensure_blocks(new_lens)
         blk = self.block_table.long().gather(1, (idx.clamp(min=0) // self.block_size))
         slots = torch.where(real, blk * self.block_size + idx.clamp(min=0) % self.block_size,
                             torch.full_like(idx, -1)).reshape(-1)
-        self.step = StepPlan(real, idx, slots, new_lens, int(new_lens.max()) if B else 0)
+        self.step = StepPlan(real, idx, slots, new_lens, int(new_lens.max()) if B else 0, taken)
         self._pending = (T, new_lens)
         return self.step
 
@@ -290,12 +305,17 @@ class QSVDLatentCache(Cache):
         T, new_lens = self._pending
         self.length += T
         self.seq_lens = new_lens
-        self._pending = None
+        self.step, self._pending = None, None
 
     def abandon_step(self) -> None:
-        """A forward failed: the planned columns were not taken (their blocks
-        stay allocated to their sequences and are overwritten later)."""
+        """A forward failed: the planned columns were not taken, and the
+        blocks the step allocated go back to the free list."""
+        if self.step is not None:
+            for got in self.step.allocated:
+                self.refcount[got] -= 1
         self.step, self._pending = None, None
+        if self.length == 0:  # nothing committed yet: the next step may bring another batch size
+            self.batch = self.seq_lens = self.block_table = None
 
     def record_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Keep the rotary tables of this step's real tokens, from the model's

@@ -60,6 +60,15 @@ class _Projector(nn.Module):
         super().__init__()
         self.layer, self.dims, self.rank, self.quant = layer, layer.dims, layer.rank, layer.quant
 
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) casts floating buffers; the ops take signs and scales
+        # in fp32 whatever the model's dtype, so they stay fp32.
+        super()._apply(fn, recurse)
+        for name, b in self._buffers.items():
+            if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                self._buffers[name] = b.float()
+        return self
+
     @property
     def has_k_bias(self) -> bool:
         b, d = self.layer.bias, self.dims

@@ -1,0 +1,257 @@
+// Vectorised element-wise helpers of the CPU kernels, torch-free.
+//
+// The library is built for the baseline x86-64 ISA (setup.py passes no
+// -march), so the loops that carry the element-wise work are compiled
+// three times with GCC's target_clones (AVX-512, AVX2, baseline) and picked
+// once at load time by the CPU's features. Everything here is plain IEEE
+// arithmetic with FMA contraction off (-ffp-contract=off; the clones do not
+// change that), so every clone returns the same bits as the scalar
+// definitions in qsvd/numerics.h and qsvd/hadamard.h.
+//
+// The GEMMs are not here: the CPU kernels take them from torch (oneDNN
+// int8, MKL / oneDNN fp32).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "qsvd/formats.h"
+#include "qsvd/hadamard.h"
+#include "qsvd/numerics.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define QSVD_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QSVD_CPU_CLONES
+#endif
+
+namespace qsvd {
+namespace cpu {
+namespace {
+
+// 16 floats, unaligned access allowed. GCC lowers the operations to one
+// zmm, two ymm or four xmm instructions depending on the clone.
+typedef float v16f __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+
+inline __attribute__((always_inline)) v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline __attribute__((always_inline)) void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+
+// One radix-2 stage with span h < 16 inside a block of 16 lanes:
+//   lane i without bit h: v[i] + v[i + h];  lane i with bit h: v[i - h] - v[i]
+// which is exactly row[j] = x + y, row[j + h] = x - y of the scalar spec.
+template <int H>
+inline __attribute__((always_inline)) v16f stage_in_register(v16f v) {
+  constexpr v16i partner = {0 ^ H, 1 ^ H, 2 ^ H, 3 ^ H, 4 ^ H, 5 ^ H, 6 ^ H, 7 ^ H,
+                            8 ^ H, 9 ^ H, 10 ^ H, 11 ^ H, 12 ^ H, 13 ^ H, 14 ^ H, 15 ^ H};
+  constexpr v16i has_bit = {(0 & H) ? -1 : 0,  (1 & H) ? -1 : 0,  (2 & H) ? -1 : 0,  (3 & H) ? -1 : 0,
+                            (4 & H) ? -1 : 0,  (5 & H) ? -1 : 0,  (6 & H) ? -1 : 0,  (7 & H) ? -1 : 0,
+                            (8 & H) ? -1 : 0,  (9 & H) ? -1 : 0,  (10 & H) ? -1 : 0, (11 & H) ? -1 : 0,
+                            (12 & H) ? -1 : 0, (13 & H) ? -1 : 0, (14 & H) ? -1 : 0, (15 & H) ? -1 : 0};
+  const v16f p = __builtin_shuffle(v, partner);
+  const v16f sum = v + p, diff = p - v;
+  return has_bit ? diff : sum;
+}
+
+// The whole spec of qsvd/hadamard.h on one row of K = m * 2^log_n values,
+// bit-identical to step 1 + hadamard::transform_row_host (the same fp32
+// operations on the same operands, several at a time):
+//   in (fp32 K values; `signs` may be null) -> dst (fp32 K values; may be v).
+// v is a K-float work row. Step 1 is fused into the first pass (stages
+// h = 1, 2, 4, 8 inside registers), step 4 (the norm) into the last one, and
+// the other stages run two per pass, so a row of 4096 is read and written
+// five times, in L1.
+QSVD_CPU_CLONES void hadamard_row(const float* in, const float* signs, float* v, float* dst,
+                                  hadamard::Factorization f, float norm, float* scratch) {
+  const int64_t n = int64_t{1} << f.log_n;
+  const int64_t K = f.m * n;
+  if (n < 16) {
+    if (signs != nullptr) {
+      for (int64_t i = 0; i < K; ++i) v[i] = in[i] * signs[i];
+    } else {
+      for (int64_t i = 0; i < K; ++i) v[i] = in[i];
+    }
+    hadamard::transform_row_host(v, f, norm, scratch);
+    if (dst != v) std::memcpy(dst, v, K * sizeof(float));
+    return;
+  }
+  const v16f normv = v16f{} + norm;
+  // Radix-4 passes for h = 16, 64, ... while 4h <= n, then one radix-2 pass
+  // if a stage is left. `last_pass` is the one that writes dst with the norm
+  // (only when m == 1; otherwise the base transform does).
+  int radix4 = 0;
+  int64_t h_end = 16;
+  while (4 * h_end <= n) h_end *= 4, ++radix4;
+  const bool radix2 = h_end < n;
+  const int passes = radix4 + (radix2 ? 1 : 0);
+  for (int a = 0; a < f.m; ++a) {
+    const float* x = in + a * n;
+    const float* sg = signs != nullptr ? signs + a * n : nullptr;
+    float* row = v + a * n;
+    float* out = dst + a * n;
+    const bool block_last = f.m == 1 && passes == 0;
+    for (int64_t i = 0; i < n; i += 16) {
+      v16f y = load16(x + i);
+      if (sg != nullptr) y = y * load16(sg + i);
+      y = stage_in_register<1>(y);
+      y = stage_in_register<2>(y);
+      y = stage_in_register<4>(y);
+      y = stage_in_register<8>(y);
+      if (block_last)
+        store16(out + i, y * normv);
+      else
+        store16(row + i, y);
+    }
+    int pass = 0;
+    int64_t h = 16;
+    for (; 4 * h <= n; h *= 4) {
+      const bool last = f.m == 1 && ++pass == passes;
+      float* o = last ? out : row;
+      for (int64_t i = 0; i < n; i += 4 * h)
+        for (int64_t j = i; j < i + h; j += 16) {
+          const v16f x0 = load16(row + j), x1 = load16(row + j + h);
+          const v16f x2 = load16(row + j + 2 * h), x3 = load16(row + j + 3 * h);
+          const v16f y0 = x0 + x1, y1 = x0 - x1, y2 = x2 + x3, y3 = x2 - x3;  // stage h
+          v16f z0 = y0 + y2, z2 = y0 - y2, z1 = y1 + y3, z3 = y1 - y3;        // stage 2h
+          if (last) z0 = z0 * normv, z1 = z1 * normv, z2 = z2 * normv, z3 = z3 * normv;
+          store16(o + j, z0);
+          store16(o + j + 2 * h, z2);
+          store16(o + j + h, z1);
+          store16(o + j + 3 * h, z3);
+        }
+    }
+    if (radix2) {
+      const bool last = f.m == 1;
+      float* o = last ? out : row;
+      for (int64_t j = 0; j < h; j += 16) {
+        const v16f x0 = load16(row + j), x1 = load16(row + j + h);
+        v16f z0 = x0 + x1, z1 = x0 - x1;
+        if (last) z0 = z0 * normv, z1 = z1 * normv;
+        store16(o + j, z0);
+        store16(o + j + h, z1);
+      }
+    }
+  }
+  if (f.m > 1) {
+    // The m-point base transform, summed left to right, 16 columns at a
+    // time, then the norm.
+    const int8_t* Hm = hadamard::base_matrix_host(f.m);
+    for (int64_t b = 0; b < n; b += 16) {
+      v16f col[36];
+      for (int a = 0; a < f.m; ++a) col[a] = load16(v + a * n + b);
+      for (int a = 0; a < f.m; ++a) {
+        v16f acc = {};
+        for (int ap = 0; ap < f.m; ++ap) acc = Hm[ap * f.m + a] > 0 ? acc + col[ap] : acc - col[ap];
+        store16(dst + a * n + b, acc * normv);
+      }
+    }
+  }
+}
+
+// Per-row quantization, as qsvd::quantize_row_host (same operations, in
+// the same order per element; the max is order-independent).
+QSVD_CPU_CLONES float quantize_row(const float* v, int64_t n, int bits, float clip_ratio, void* codes) {
+  float amax = 0.f;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = v[i] < 0.f ? -v[i] : v[i];
+    nan |= a != a;
+    amax = a > amax ? a : amax;
+  }
+  if (nan) amax = __builtin_nanf("");
+  // A NaN in the row makes the scale NaN (its payload is not specified).
+  const int qmax = qmax_for_bits(bits);
+  const float scale = quant_scale(amax, clip_ratio, qmax);
+  if (!(scale > 0.f) || scale == __builtin_inff()) {
+    std::memset(codes, 0, code_row_bytes(bits, n));
+    return scale;
+  }
+  const float hi = static_cast<float>(qmax);
+  if (bits == 8) {
+    int8_t* out = static_cast<int8_t*>(codes);
+    for (int64_t i = 0; i < n; ++i) {
+      float q = __builtin_nearbyintf(v[i] / scale);
+      q = q != q ? 0.f : q;  // NaN quotient: code 0
+      q = q < -hi ? -hi : q;
+      q = q > hi ? hi : q;
+      out[i] = static_cast<int8_t>(static_cast<int>(q));
+    }
+  } else {
+    uint8_t* out = static_cast<uint8_t*>(codes);
+    for (int64_t i = 0; i < n / 2; ++i) {
+      float q0 = __builtin_nearbyintf(v[2 * i] / scale), q1 = __builtin_nearbyintf(v[2 * i + 1] / scale);
+      q0 = q0 != q0 ? 0.f : q0;
+      q1 = q1 != q1 ? 0.f : q1;
+      q0 = q0 < -hi ? -hi : (q0 > hi ? hi : q0);
+      q1 = q1 < -hi ? -hi : (q1 > hi ? hi : q1);
+      out[i] = pack_int4(static_cast<int>(q0), static_cast<int>(q1));
+    }
+  }
+  return scale;
+}
+
+// INT4 (two's-complement nibbles, element 2i low) -> int8, n even.
+QSVD_CPU_CLONES void unpack_int4_row(const uint8_t* in, int64_t n, int8_t* out) {
+  for (int64_t i = 0; i < n / 2; ++i) {
+    const uint8_t b = in[i];
+    out[2 * i] = static_cast<int8_t>(static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4);
+    out[2 * i + 1] = static_cast<int8_t>(static_cast<int8_t>(b) >> 4);
+  }
+}
+
+// Stored codes of a row (INT8, or packed INT4) -> int8 values.
+inline void unpack_codes_row(const void* codes, int64_t n, int bits, int8_t* out) {
+  if (bits == 8)
+    std::memcpy(out, codes, n);
+  else
+    unpack_int4_row(static_cast<const uint8_t*>(codes), n, out);
+}
+
+// out[i] = float(in[i]) for int8 codes.
+QSVD_CPU_CLONES void int8_to_float(const int8_t* in, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+// fp32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16).
+QSVD_CPU_CLONES void float_to_bf16_row(const float* in, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, in + i, 4);
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    out[i] = in[i] != in[i] ? static_cast<uint16_t>(0x7FC0) : rounded;
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// fp32 -> fp16 bits with F16C (round to nearest even, as c10::Half; a NaN
+// keeps a quiet NaN, its payload may differ). Returns false when the CPU has
+// no F16C: the caller converts with c10 then.
+__attribute__((target("avx,f16c"))) inline void float_to_half_f16c(const float* in, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+  for (; i < n; ++i) out[i] = _cvtss_sh(in[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline bool float_to_half_row(const float* in, int64_t n, uint16_t* out) {
+  static const bool f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  if (!f16c) return false;
+  float_to_half_f16c(in, n, out);
+  return true;
+}
+#else
+inline bool float_to_half_row(const float*, int64_t, uint16_t*) { return false; }
+#endif
+
+}  // namespace
+}  // namespace cpu
+}  // namespace qsvd

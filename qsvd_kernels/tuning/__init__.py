@@ -1,0 +1,275 @@
+"""Tuning for a new GPU: the quant_gemm menu, per-GPU tables as data, what a
+call would run (``explain``), and the ``tune`` command.
+
+Layering: this package sits at the ops level. It imports qsvd_kernels._C and
+nothing from model, compress or integrations.
+
+  gemm_menu.py   the one list of quant_gemm kernel configs (setup.py generates
+                 the C++ enum, table, dispatch and instantiations from it)
+  tables.py      JSON tables: schema, validation, device matching
+  tables/        tables shipped with the package (none measured yet)
+  defaults/      the built-in choice written as tables (golden tests, and the
+                 template the tuner starts from); never installed
+  tune.py        python -m qsvd_kernels tune
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+from . import gemm_menu, tables
+
+__all__ = ["install", "install_if_tables", "installed", "force", "clear", "explain", "explain_quant_gemm", "explain_latent_attention", "compiled_configs", "gemm_menu", "tables"]
+
+_lock = threading.Lock()
+_installed: dict = {}  # device ordinal -> {"source": "table"|"forced", "path": str, "rules": int}
+_done = False
+
+
+def _C():
+    from .. import _C as ext
+
+    return ext
+
+
+def compiled_configs() -> set:
+    """Names of the quant_gemm configs compiled into this build."""
+    return {e["name"] for e in _C().gemm_menu() if e["compiled"]}
+
+
+def _device_key(index: int):
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    return props.name, props.multi_processor_count, f"{props.major}.{props.minor}"
+
+
+def install(devices=None, dirs=None) -> dict:
+    """Finds the table of every CUDA device (``tables.match_table``) and installs
+    its rules; devices with no table keep the built-in choice. Never raises for
+    a tuning problem: it warns and carries on. Returns what is installed now."""
+    global _done
+    import torch
+
+    with _lock:
+        _done = True
+        if os.environ.get("QSVD_TUNING", "").lower() in ("0", "off", "false", "no"):
+            return dict(_installed)
+        if not torch.cuda.is_available():
+            return dict(_installed)
+        found, _ = tables.load_tables(dirs)
+        compiled = compiled_configs()
+        for index in range(torch.cuda.device_count()) if devices is None else devices:
+            name, sms, cc = _device_key(index)
+            table = tables.match_table(found, name, sms, cc)
+            if table is None:
+                continue
+            rules = tables.compiled_rules(table, "quant_gemm", compiled)
+            try:
+                _C().set_quant_gemm_rules(index, [r.as_c_tuple() for r in rules], "table", table.path)
+            except RuntimeError as e:  # never let a table break the library
+                warnings.warn(f"qsvd tuning: cannot install {table.path}: {e}", RuntimeWarning, stacklevel=2)
+                continue
+            _installed[index] = {"source": "table", "path": table.path, "rules": len(rules)}
+        return dict(_installed)
+
+
+def install_if_tables() -> None:
+    """install(), but only when a table folder holds a *.json (cheap: no CUDA
+    call otherwise). Never raises."""
+    try:
+        if os.environ.get("QSVD_TUNING", "").lower() in ("0", "off", "false", "no"):
+            return
+        if not any(os.path.isdir(d) and any(f.endswith(".json") for f in os.listdir(d)) for d in tables.search_dirs()):
+            return
+        import torch
+
+        if torch.cuda.is_available():
+            install()
+    except Exception as e:  # noqa: BLE001 - a tuning problem never breaks the import
+        warnings.warn(f"qsvd tuning: tables not installed: {e}", RuntimeWarning, stacklevel=2)
+
+
+def installed() -> dict:
+    """{device: {"source", "path", "rules"}} of the installed tables and forced rules."""
+    with _lock:
+        return dict(_installed)
+
+
+_LATENT_FORCED: dict = {}
+
+
+def force(op: str = "quant_gemm", *, config: str | None = None, streamk_mode: str = "heuristic", splits: int | None = None,
+          raster: str = "heuristic", kernel: str = "auto", tile_tokens: int = 0, heads_per_cta: int = 0,
+          ctas_per_sm: int = 2, elems_per_thread: int = 0, device: int = -1) -> None:
+    """Forces what every call on device (-1: all) runs, for experiments and the
+    tuner. Raises ValueError for a bad argument (an explicit request, not a table).
+
+    quant_gemm: ``config`` (a compiled menu name), ``streamk_mode``, ``splits``
+    (split_k: 2..64), ``raster``. latent_attention: ``kernel`` (auto | simt |
+    tc), ``splits``, ``tile_tokens``, ``heads_per_cta``, ``ctas_per_sm`` (0 /
+    2 = choose); a knob that a shape cannot honour makes that call raise with
+    the reason (check with ``explain``). hadamard: ``elems_per_thread`` (1, 2,
+    4, 8, 32: the compiled variant with at least that many elements per thread
+    that serves K, else the built-in one; 0 = built-in)."""
+    if op == "hadamard":
+        try:
+            _C().set_hadamard_variant(device, elems_per_thread)
+        except RuntimeError as e:
+            raise ValueError(f"force: {e}") from None
+        return
+    if op == "latent_attention":
+        if kernel not in ("auto", "simt", "tc"):
+            raise ValueError(f"force: kernel is auto, simt or tc, got {kernel!r}")
+        knobs = dict(kernel=kernel, splits=splits or 0, tile_tokens=tile_tokens, heads_per_cta=heads_per_cta,
+                     ctas_per_sm=ctas_per_sm)
+        try:
+            _C().set_latent_plan(device, True, **knobs)
+        except RuntimeError as e:
+            raise ValueError(f"force: {e}") from None
+        with _lock:
+            _LATENT_FORCED[device] = knobs
+        return
+    if op != "quant_gemm":
+        raise ValueError(f"force: quant_gemm, latent_attention or hadamard, got {op!r}")
+    if config is None:
+        raise ValueError("force('quant_gemm', ...) needs config=")
+    splits = 1 if splits is None else splits
+    if config not in compiled_configs():
+        raise ValueError(f"force: {config!r} is not compiled into this build; compiled: {sorted(compiled_configs())}")
+    rule = tables._rule("force", {"m": [1, None], "config": config, "streamk_mode": streamk_mode, "splits": splits,
+                                  "raster": raster}, {config})
+    _C().set_quant_gemm_rules(device, [rule.as_c_tuple()], "forced", "forced")
+    with _lock:
+        targets = [device] if device >= 0 else ["all"]
+        for d in targets:
+            _installed[d] = {"source": "forced", "path": "forced", "rules": 1, "config": config}
+
+
+def clear(device: int = -1) -> None:
+    """Removes installed tables and forced rules and plans: the built-in choice again."""
+    _C().set_quant_gemm_rules(device, [], "table", "")
+    _C().set_latent_plan(device, False)
+    _C().set_hadamard_variant(device, 0)
+    with _lock:
+        if device < 0:
+            _LATENT_FORCED.clear()
+        else:
+            _LATENT_FORCED.pop(device, None)
+        if device < 0:
+            _installed.clear()
+        else:
+            _installed.pop(device, None)
+
+
+def _device_cc(device):
+    import torch
+
+    index = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return index, 10 * major + minor
+
+
+def explain(op: str, **kwargs) -> dict:
+    """What a call of op would run on a CUDA device, and where the choice came
+    from: ``explain("quant_gemm", M=, N=, K=, a_bits=, b_bits=)`` (config and
+    stream-K knobs; see explain_quant_gemm) or ``explain("latent_attention",
+    B=, H=, H_kv=, r=, d=, token_capacity=, ...)`` (the plan; see
+    explain_latent_attention)."""
+    if op == "quant_gemm":
+        return explain_quant_gemm(**kwargs)
+    if op == "latent_attention":
+        return explain_latent_attention(**kwargs)
+    if op == "hadamard":
+        device = kwargs.pop("device", "cuda")
+        if kwargs:
+            raise ValueError(f"explain('hadamard') takes only device, got {sorted(kwargs)}")
+        import torch
+
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None and torch.cuda.is_available() else (index or 0)
+        ept = _C().hadamard_variant(index)
+        return {"op": "hadamard", "min_elems_per_thread": ept, "source": "forced" if ept else "default",
+                "device": index}
+    raise ValueError(f"explain: quant_gemm, latent_attention or hadamard, got {op!r}")
+
+
+def explain_quant_gemm(*, M: int | None = None, N: int | None = None, K: int | None = None, a_bits: int = 8,
+                       b_bits: int = 8, device="cuda", cc: int | None = None) -> dict:
+    """What quant_gemm would run on a CUDA device, and where the choice came from.
+
+    ``explain("quant_gemm", M=, N=, K=, a_bits=, b_bits=)`` returns
+    {op, config, streamk_mode, splits, raster, source ("table" | "forced" |
+    "default" | "fallback"), table (its path or None), rule (index or -1),
+    compiled (the config is in this build), device, cc}. ``cc`` (10 * major +
+    minor) with ``device=None`` asks about a device that is not here (no table
+    is installed for it: the built-in choice).
+    """
+    if M is None or N is None or K is None:
+        raise ValueError("explain('quant_gemm', ...) needs M, N and K")
+    if device is None:
+        if cc is None:
+            raise ValueError("explain: give a device, or cc for a device that is not here")
+        index = -2  # no rules for an absent device
+    else:
+        if not _done:
+            install()
+        index, dev_cc = _device_cc(device)
+        cc = dev_cc if cc is None else cc
+    d = dict(_C().quant_gemm_decide(index, cc, M, N, K, a_bits, b_bits))
+    d["table"] = d.pop("label") or None
+    d["compiled"] = d["config"] in compiled_configs()
+    d.update(op="quant_gemm", device=None if index < 0 else index, cc=cc)
+    return d
+
+
+def explain_latent_attention(*, B: int, H: int, H_kv: int, r: int, d: int, bits: int = 8, rope: bool = True,
+                             weight_dtype: str = "f16", token_capacity: int, device="cuda", sm_count: int | None = None,
+                             smem_limit: int | None = None, kernel: str | None = None, splits: int | None = None,
+                             tile_tokens: int | None = None, heads_per_cta: int | None = None,
+                             ctas_per_sm: int | None = None) -> dict:
+    """The CUDA latent_attention plan for a shape: split kernel, splits, token
+    tile, heads per CTA, shared memory, and its source ("forced" by
+    tuning.force, "env" from QSVD_LATENT_KERNEL / QSVD_LATENT_SPLITS, or
+    "default"). token_capacity = max_blocks * block_size (capped by the RoPE
+    table). ``device=None`` with sm_count and smem_limit plans for a device
+    that is not here (plain C++, no GPU needed). Knobs given here (kernel,
+    splits, tile_tokens, heads_per_cta, ctas_per_sm) ask "what if" (source
+    "given"); ok=False and the reason when the plan cannot honour them."""
+    knobs = {"kernel": "auto", "splits": 0, "tile_tokens": 0, "heads_per_cta": 0, "ctas_per_sm": 2}
+    source = "default"
+    index = -1
+    if device is not None:
+        import torch
+
+        index = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        sm_count = props.multi_processor_count if sm_count is None else sm_count
+        if smem_limit is None:
+            smem_limit = getattr(props, "shared_memory_per_block_optin", None)
+            if smem_limit is None:
+                raise ValueError("explain_latent_attention: this torch does not report the opt-in shared memory; "
+                                 "pass smem_limit")
+    if sm_count is None or smem_limit is None:
+        raise ValueError("explain_latent_attention: give a device, or sm_count and smem_limit")
+    with _lock:
+        forced = _LATENT_FORCED.get(index, _LATENT_FORCED.get(-1)) if device is not None else None
+    if forced is not None:
+        knobs, source = dict(forced), "forced"
+    else:
+        env_kernel = os.environ.get("QSVD_LATENT_KERNEL", "") or "auto"
+        env_splits = os.environ.get("QSVD_LATENT_SPLITS", "")
+        if env_kernel != "auto" or (env_splits.strip() not in ("", "0")):
+            knobs["kernel"] = env_kernel
+            knobs["splits"] = max(0, int(env_splits)) if env_splits.strip().isdigit() else 0
+            source = "env"
+    given = {k: v for k, v in dict(kernel=kernel, splits=splits, tile_tokens=tile_tokens, heads_per_cta=heads_per_cta,
+                                   ctas_per_sm=ctas_per_sm).items() if v is not None}
+    if given:
+        knobs, source = {**knobs, **given}, "given"
+    plan = dict(_C().latent_attention_plan(B, H, H_kv, r, d, bits, rope, weight_dtype, token_capacity, sm_count,
+                                           smem_limit, **knobs))
+    plan.update(op="latent_attention", source=source, knobs=knobs, sm_count=sm_count, smem_limit=smem_limit)
+    return plan

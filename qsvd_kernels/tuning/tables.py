@@ -1,0 +1,296 @@
+"""Per-GPU tuning tables: JSON data, validated here, installed into the
+extension (``_C.set_quant_gemm_rules``) per device.
+
+Where tables are looked for, in this order: ``$QSVD_TUNING_DIR`` (if set),
+then ``qsvd_kernels/tuning/tables/`` (shipped with the package). For each CUDA
+device the most specific match wins:
+  1. ``match.gpu_name`` + ``match.sm_count`` equal the device's;
+  2. ``match.cc`` lists its compute capability ("8.9");
+  3. no table: the built-in choice (``quant_gemm_menu.h: select_config``).
+Within one level ``$QSVD_TUNING_DIR`` comes first, then files in name order.
+
+A table (schema 1)::
+
+    {"schema": 1,
+     "match": {"gpu_name": "NVIDIA L40S", "sm_count": 142} | {"cc": ["8.9"]},
+     "recorded": {"library_commit": "...", "cutlass_version": "4.2.0", "archs": "8.9",
+                  "menu": "tune", "measured": true, "gain_over_default": "...", "note": "..."},
+     "ops": {"quant_gemm": [rule, ..., catch-all]}}
+
+A quant_gemm rule: ``m: [lo, hi]`` (an M bucket; hi null = unbounded),
+optional ``n``, ``k`` ranges, optional ``bits: [a_bits, b_bits]``, then
+``config`` (a menu name) and knobs ``streamk_mode`` (heuristic |
+data_parallel | split_k), ``splits`` (2..64 with split_k, else 1) and
+``raster`` (heuristic | along_m | along_n). Rules are tried in order and the
+first match wins; within the rules of one selector (same bits, n, k) the M
+buckets must ascend without overlap, and the last rule must be a catch-all
+(``m: [1, null]``, no n, k or bits).
+
+Problems never make a call fail: a malformed table is skipped with one
+warning (TableError says why); a rule naming a config that is in the menu but
+not compiled into this build is dropped with one warning; a rule whose config
+cannot serve a call (wrong arch or bit pair) gives the built-in choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+
+from . import gemm_menu
+
+SCHEMA = 1
+TABLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tables")
+DEFAULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "defaults")
+INT_MAX = 2**63 - 1
+MODES = {"heuristic": 0, "data_parallel": 1, "split_k": 2}
+RASTERS = {"heuristic": 0, "along_m": 1, "along_n": 2}
+MAX_SPLITS = 64
+OPS = ("quant_gemm",)
+_RULE_KEYS = {"m", "n", "k", "bits", "config", "streamk_mode", "splits", "raster", "note"}
+
+
+class TableError(ValueError):
+    """A table that cannot be used; the message names the file and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmRule:
+    m: tuple
+    n: tuple
+    k: tuple
+    bits: tuple | None
+    config: str
+    streamk_mode: str = "heuristic"
+    splits: int = 1
+    raster: str = "heuristic"
+
+    def matches(self, M: int, N: int, K: int, a_bits: int, b_bits: int) -> bool:
+        return (
+            self.m[0] <= M <= self.m[1]
+            and self.n[0] <= N <= self.n[1]
+            and self.k[0] <= K <= self.k[1]
+            and (self.bits is None or tuple(self.bits) == (a_bits, b_bits))
+        )
+
+    @property
+    def is_catch_all(self) -> bool:
+        return self.m == (1, INT_MAX) and self.n == (1, INT_MAX) and self.k == (1, INT_MAX) and self.bits is None
+
+    def as_c_tuple(self) -> tuple:
+        a, b = self.bits if self.bits is not None else (0, 0)
+        return (*self.m, *self.n, *self.k, a, b, self.config, MODES[self.streamk_mode], self.splits,
+                RASTERS[self.raster])
+
+    def as_json(self) -> dict:
+        d = {"m": [self.m[0], None if self.m[1] == INT_MAX else self.m[1]]}
+        for key in ("n", "k"):
+            lo, hi = getattr(self, key)
+            if (lo, hi) != (1, INT_MAX):
+                d[key] = [lo, None if hi == INT_MAX else hi]
+        if self.bits is not None:
+            d["bits"] = list(self.bits)
+        d.update(config=self.config, streamk_mode=self.streamk_mode, splits=self.splits, raster=self.raster)
+        return d
+
+
+@dataclasses.dataclass
+class Table:
+    path: str
+    match: dict
+    recorded: dict
+    rules: dict  # op -> [GemmRule]
+
+    def specificity(self) -> int:
+        return 1 if "gpu_name" in self.match else 2
+
+
+def _range(where, v):
+    if not (isinstance(v, list) and len(v) == 2):
+        raise TableError(f"{where}: a range is [lo, hi] (hi null = unbounded), got {v!r}")
+    lo, hi = v
+    hi = INT_MAX if hi is None else hi
+    if not (isinstance(lo, int) and isinstance(hi, int)) or isinstance(lo, bool) or lo < 1 or hi < lo:
+        raise TableError(f"{where}: a range needs integers 1 <= lo <= hi, got {v!r}")
+    return (lo, hi)
+
+
+def _rule(where, d, menu_names) -> GemmRule:
+    if not isinstance(d, dict):
+        raise TableError(f"{where}: a rule is an object")
+    extra = set(d) - _RULE_KEYS
+    if extra:
+        raise TableError(f"{where}: unknown keys {sorted(extra)}")
+    if "m" not in d or "config" not in d:
+        raise TableError(f"{where}: a rule needs 'm' (an M bucket) and 'config'")
+    m = _range(f"{where}.m", d["m"])
+    n = _range(f"{where}.n", d["n"]) if "n" in d else (1, INT_MAX)
+    k = _range(f"{where}.k", d["k"]) if "k" in d else (1, INT_MAX)
+    bits = d.get("bits")
+    if bits is not None:
+        if not (isinstance(bits, list) and tuple(bits) in gemm_menu.PAIR_BITS):
+            raise TableError(f"{where}.bits: one of {[list(p) for p in gemm_menu.PAIRS_ALL]}, got {bits!r}")
+        bits = tuple(bits)
+    config = d["config"]
+    if config not in menu_names:
+        raise TableError(f"{where}.config: {config!r} is not in the quant_gemm menu")
+    mode = d.get("streamk_mode", "heuristic")
+    if mode not in MODES:
+        raise TableError(f"{where}.streamk_mode: one of {sorted(MODES)}, got {mode!r}")
+    splits = d.get("splits", 1)
+    if not isinstance(splits, int) or isinstance(splits, bool):
+        raise TableError(f"{where}.splits: an integer, got {splits!r}")
+    if mode == "split_k" and not 2 <= splits <= MAX_SPLITS:
+        raise TableError(f"{where}.splits: split_k needs 2..{MAX_SPLITS} splits, got {splits}")
+    if mode != "split_k" and splits != 1:
+        raise TableError(f"{where}.splits: only split_k takes splits, got {splits} with {mode}")
+    raster = d.get("raster", "heuristic")
+    if raster not in RASTERS:
+        raise TableError(f"{where}.raster: one of {sorted(RASTERS)}, got {raster!r}")
+    return GemmRule(m, n, k, bits, config, mode, splits, raster)
+
+
+def check_rules(where: str, rules: list) -> None:
+    """Sorted, non-overlapping M buckets per selector, and a final catch-all."""
+    if not rules:
+        raise TableError(f"{where}: no rules")
+    if not rules[-1].is_catch_all:
+        raise TableError(f"{where}: the last rule must be a catch-all (m [1, null], no n, k or bits)")
+    groups: dict = {}
+    for i, r in enumerate(rules):
+        groups.setdefault((r.n, r.k, r.bits), []).append((i, r))
+    for sel, members in groups.items():
+        prev = None
+        for i, r in members:
+            if prev is not None:
+                if r.m[0] <= prev.m[0]:
+                    raise TableError(f"{where}[{i}]: M buckets of one selector must ascend (m {list(r.m)} after "
+                                     f"{list(prev.m)})")
+                if r.m[0] <= prev.m[1]:
+                    raise TableError(f"{where}[{i}]: M bucket {list(r.m)} overlaps {list(prev.m)}")
+            prev = r
+
+
+def parse_table(path: str, data=None, menu_names=None) -> Table:
+    """Validates one table; raises TableError (never anything else) when unusable."""
+    if menu_names is None:
+        menu_names = {e.name for e in gemm_menu.MENU}
+    name = os.path.basename(path)
+    if data is None:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise TableError(f"{name}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TableError(f"{name}: a table is a JSON object")
+    if data.get("schema") != SCHEMA:
+        raise TableError(f"{name}: schema must be {SCHEMA}, got {data.get('schema')!r}")
+    match = data.get("match")
+    if not isinstance(match, dict):
+        raise TableError(f"{name}: 'match' is an object")
+    if "gpu_name" in match or "sm_count" in match:
+        if not (isinstance(match.get("gpu_name"), str) and isinstance(match.get("sm_count"), int)
+                and set(match) == {"gpu_name", "sm_count"}):
+            raise TableError(f"{name}: match by device is {{'gpu_name': str, 'sm_count': int}}")
+    elif "cc" in match:
+        cc = match["cc"]
+        if set(match) != {"cc"} or not (isinstance(cc, list) and cc and all(isinstance(c, str) for c in cc)):
+            raise TableError(f"{name}: match by compute capability is {{'cc': ['8.9', ...]}}")
+    else:
+        raise TableError(f"{name}: match needs gpu_name + sm_count, or cc")
+    recorded = data.get("recorded")
+    need = ("library_commit", "cutlass_version", "archs", "menu")
+    if not isinstance(recorded, dict) or any(k not in recorded for k in need):
+        raise TableError(f"{name}: 'recorded' must give {list(need)}")
+    ops = data.get("ops")
+    if not isinstance(ops, dict) or not ops:
+        raise TableError(f"{name}: 'ops' maps an op to its rules")
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise TableError(f"{name}: no tuning rules for ops {sorted(unknown)} (known: {list(OPS)})")
+    rules = {}
+    for op, lst in ops.items():
+        if not isinstance(lst, list):
+            raise TableError(f"{name}: ops.{op} is a list of rules")
+        parsed = [_rule(f"{name}: ops.{op}[{i}]", d, menu_names) for i, d in enumerate(lst)]
+        check_rules(f"{name}: ops.{op}", parsed)
+        rules[op] = parsed
+    return Table(path=path, match=match, recorded=recorded, rules=rules)
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.lower().split())
+
+
+def search_dirs() -> list:
+    dirs = []
+    env = os.environ.get("QSVD_TUNING_DIR")
+    if env:
+        dirs.append(env)
+    dirs.append(TABLES_DIR)
+    return dirs
+
+
+def load_tables(dirs=None, warn=True) -> tuple:
+    """(valid tables in search order, [(path, TableError)]) of every *.json."""
+    tables, problems = [], []
+    for d in search_dirs() if dirs is None else dirs:
+        if not os.path.isdir(d):
+            continue
+        for fname in sorted(os.listdir(d)):
+            if not fname.endswith(".json"):
+                continue
+            path = os.path.join(d, fname)
+            try:
+                tables.append(parse_table(path))
+            except TableError as e:
+                problems.append((path, e))
+                if warn:
+                    warnings.warn(f"qsvd tuning: skipping table {path}: {e}", RuntimeWarning, stacklevel=2)
+    return tables, problems
+
+
+def match_table(tables: list, gpu_name: str, sm_count: int, cc: str):
+    """The table for a device (most specific level first, then search order), or None."""
+    for t in tables:
+        if "gpu_name" in t.match and _norm(t.match["gpu_name"]) == _norm(gpu_name) and t.match["sm_count"] == sm_count:
+            return t
+    for t in tables:
+        if "cc" in t.match and cc in t.match["cc"]:
+            return t
+    return None
+
+
+def compiled_rules(table: Table, op: str, compiled: set, warn=True) -> list:
+    """The table's rules for op minus those naming a config not compiled in
+    (one warning per table). The catch-all may go too: then the built-in choice
+    serves what no remaining rule matches."""
+    rules = table.rules.get(op, [])
+    kept = [r for r in rules if r.config in compiled]
+    dropped = sorted({r.config for r in rules if r.config not in compiled})
+    if dropped and warn:
+        warnings.warn(
+            f"qsvd tuning: {table.path}: dropping {op} rules naming configs not compiled into this build "
+            f"{dropped} (build with QSVD_GEMM_MENU=tune or QSVD_GEMM_MENU={','.join(dropped)})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return kept
+
+
+def builtin_choice(cc: int, M: int, a_bits: int, b_bits: int) -> str:
+    """Python mirror of select_config (quant_gemm_menu.h), for tests and the tuner."""
+    if cc == 90 and (a_bits, b_bits) == (8, 8):
+        return "sm90_decode_128x64_cluster1x1_streamk" if M <= 64 else "sm90_prefill_128x128_cluster2x1_streamk"
+    return "sm80_decode_32x64_streamk" if M <= 32 else "sm80_prefill_128x128_streamk"
+
+
+def evaluate(rules: list, M: int, N: int, K: int, a_bits: int, b_bits: int):
+    """(index, rule) of the first matching rule, or (-1, None)."""
+    for i, r in enumerate(rules):
+        if r.matches(M, N, K, a_bits, b_bits):
+            return i, r
+    return -1, None
