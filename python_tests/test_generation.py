@@ -290,6 +290,12 @@ def test_cache_misuse_is_refused(llama, quantized):
     mask[0, :2] = 0
     with pytest.raises(ValueError, match="position_ids"):
         m(prompt, attention_mask=mask)
+    # a refused first step leaves the cache usable for another batch
+    fresh = hf.QSVDLatentCache(m)
+    with pytest.raises(ValueError, match="position_ids"):
+        m(prompt, attention_mask=mask, **{hf.cache_keyword(): fresh})
+    m(prompt[:1], **{hf.cache_keyword(): fresh})
+    assert fresh.batch_size == 1 and fresh.get_seq_length() == 6
     # a padded history, then a step without its mask
     padded = hf.QSVDLatentCache(m)
     m(prompt, attention_mask=mask, position_ids=_positions(mask), **{hf.cache_keyword(): padded})

@@ -575,3 +575,26 @@ def test_cuda_every_compiled_entry_and_knob_is_bit_exact():
                         assert torch.equal(got.cpu(), want), (e.name, a_bits, b_bits, out, mode, splits)
     finally:
         tuning.clear()
+
+
+def test_tune_reads_a_compressed_models_shapes(tmp_path):
+    """`tune --artefact DIR`: every layer's down-projection (N = r, K = E) and
+    query up-projection (N = E_q, K = r) at each token count, with the
+    layer's bit pairs."""
+    pytest.importorskip("transformers")
+    from qsvd_kernels import cli
+    from qsvd_kernels import compress as qc
+    from qsvd_kernels.integrations import models as M
+
+    model, _, _ = M.tiny_llama(seed=0)
+    comp = qc.Compressor(model, M.random_token_batches(256, 8, 16, seed=0), progress=False)
+    cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), qc.QuantConfig.parse("W8A4"),
+                                            allocation="uniform"))
+    cm.save(str(tmp_path / "a"))
+    argv = cli.artefact_gemm_args(["--dry-run", "--artefact", str(tmp_path / "a"), "--tokens", "1,64"])
+    assert "--artefact" not in argv and "--tokens" not in argv
+    shapes = argv[argv.index("--shapes") + 1].split(",")
+    assert shapes == ["1x32x64", "1x64x32", "64x32x64", "64x64x32"]  # r = 32, E = E_q = 64, deduplicated
+    bits = [argv[i + 1] for i, a in enumerate(argv) if a == "--bits"]
+    assert bits == ["4,8"]  # W8A4: activations and latent at 4 bits, weights at 8 (one pair, deduplicated)
+    assert cli.main(["tune", "--artefact", str(tmp_path / "missing")]) == 2

@@ -207,12 +207,58 @@ def build_parser():
     return p
 
 
+def artefact_gemm_args(argv: list) -> list:
+    """``tune --artefact DIR [--tokens 1,16,512]``: the quant_gemm shapes and
+    bit pairs of a compressed model's layers, as ``--shapes`` / ``--bits``
+    (the tuner sits below the compression layer and does not read artefacts).
+    Per layer and token count M: the down-projection x -> c (N = r, K = E,
+    activation x weight bits) and the query up-projection c -> q (N = E_q,
+    K = r, latent x weight bits)."""
+    if "--artefact" not in argv:
+        return argv
+    from .compress.artefact import CompressedModel
+
+    argv = list(argv)
+    i = argv.index("--artefact")
+    if i + 1 >= len(argv):
+        raise ValueError("--artefact needs a directory")
+    directory = argv[i + 1]
+    del argv[i : i + 2]
+    tokens = "1,16,512"
+    if "--tokens" in argv:
+        j = argv.index("--tokens")
+        tokens = argv[j + 1] if j + 1 < len(argv) else ""
+        del argv[j : j + 2]
+    ms = [int(t) for t in tokens.split(",") if t.strip()]
+    if not ms or min(ms) < 1:
+        raise ValueError(f"--tokens must be positive token counts, got {tokens!r}")
+    cm = CompressedModel.load(directory)
+    shapes, bits = [], []
+    for layer in cm.layers:
+        q, d = layer.quant, layer.dims
+        if not (q.w_bits < 16 and q.a_bits < 16 and q.latent_bits < 16):
+            raise ValueError(f"{directory}: layer quantization {q.name} does not run on quant_gemm")
+        for m in ms:
+            shapes += [(m, layer.rank, d.hidden), (m, d.q_dim, layer.rank)]
+        bits += [(q.a_bits, q.w_bits), (q.latent_bits, q.w_bits)]
+    if "--shapes" not in argv:
+        argv += ["--shapes", ",".join(f"{m}x{n}x{k}" for m, n, k in dict.fromkeys(shapes))]
+    if "--bits" not in argv:
+        for a, b in dict.fromkeys(bits):
+            argv += ["--bits", f"{a},{b}"]
+    return argv
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["tune"]:  # its own argument parser
         from .tuning.tune import main as tune_main
 
-        return tune_main(argv[1:])
+        try:
+            return tune_main(artefact_gemm_args(argv[1:]))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

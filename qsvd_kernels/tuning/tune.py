@@ -22,8 +22,11 @@ the GPU steps: candidates come from the menu for that compute capability
 (compiled or not), the check and the timing are read from the fake-timings
 file ({"times": [{"config", "M", "N", "K", "bits", "streamk_mode", "splits",
 "raster", "time_s"}], "fail": [same keys without time_s]}); candidates with
-no fake time are recorded as skipped. Model shapes from an artefact are not
-read yet: pass --shapes.
+no fake time are recorded as skipped.
+
+A compressed model's shapes: ``python -m qsvd_kernels tune --artefact DIR
+[--tokens 1,16,512]`` (the CLI turns the artefact's layers into --shapes and
+--bits; cli.artefact_gemm_args).
 """
 
 from __future__ import annotations

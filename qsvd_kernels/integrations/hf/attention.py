@@ -97,7 +97,11 @@ class DecoderStack:
         if x is None:
             raise ValueError("QSVD decoder stack: neither input_ids nor inputs_embeds given")
         B, T = x.shape[0], x.shape[1]
-        cache.begin_step(B, T, named.get("attention_mask"), named.get("position_ids"), x.device)
+        try:
+            cache.begin_step(B, T, named.get("attention_mask"), named.get("position_ids"), x.device)
+        except Exception:
+            cache.abandon_step()  # a refused first step leaves the cache as new
+            raise
         self.current = cache
         # A cache the caller passed is used whatever use_cache says (as
         # transformers does); one made here is returned only with use_cache.
