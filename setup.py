@@ -31,10 +31,10 @@ DEFAULT_ARCHS = "8.0;9.0a"
 
 
 def _supported_ranges():
-    """The frameworks' supported ranges (requirements-ranges.txt, which CI's
+    """The frameworks' supported ranges (supported-ranges.txt, which CI's
     newest-release pass also reads), as {name: requirement}."""
     ranges = {}
-    with open(os.path.join(ROOT, "requirements-ranges.txt")) as f:
+    with open(os.path.join(ROOT, "supported-ranges.txt")) as f:
         for line in f:
             req = line.split("#", 1)[0].strip()
             if req:
