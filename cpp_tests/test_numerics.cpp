@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "qsvd/hadamard.h"
+#include "qsvd/latent_cache_layout.h"
 #include "qsvd/numerics.h"
 
 namespace {
@@ -215,6 +216,32 @@ void test_transform_every_order() {
 
 }  // namespace
 
+// Both latent cache layouts address the same slot's codes and scale where
+// docs/ops.md says: separate (codes stride row_bytes, scales stride 4) and
+// packed rows (both strides row_bytes + 4, scale right after the codes).
+void test_latent_cache_layout() {
+  CHECK(qsvd::packed_row_bytes(8, 512) == 516, "got %lld", static_cast<long long>(qsvd::packed_row_bytes(8, 512)));
+  CHECK(qsvd::packed_row_bytes(4, 512) == 260, "got %lld", static_cast<long long>(qsvd::packed_row_bytes(4, 512)));
+  static_assert(qsvd::packed_row_bytes(8, 16) == 20, "packed_row_bytes is constexpr");
+  for (int bits : {8, 4}) {
+    const int64_t r = 96, row_bytes = qsvd::code_row_bytes(bits, r), slots = 7;
+    std::vector<uint8_t> codes(slots * row_bytes), packed(slots * (row_bytes + 4));
+    std::vector<float> scales(slots);
+    const qsvd::LatentCacheLayout sep = qsvd::separate_latent_layout(codes.data(), scales.data(), bits, r);
+    const qsvd::LatentCacheLayout pk = qsvd::packed_latent_layout(packed.data(), bits, r);
+    CHECK(sep.code_stride == row_bytes && sep.scale_stride == 4, "bits %d", bits);
+    CHECK(pk.code_stride == row_bytes + 4 && pk.scale_stride == row_bytes + 4, "bits %d", bits);
+    for (int64_t s = 0; s < slots; ++s) {
+      CHECK(sep.codes_of(s) == codes.data() + s * row_bytes, "bits %d slot %lld", bits, static_cast<long long>(s));
+      CHECK(sep.scale_of(s) == scales.data() + s, "bits %d slot %lld", bits, static_cast<long long>(s));
+      CHECK(pk.codes_of(s) == packed.data() + s * (row_bytes + 4), "bits %d slot %lld", bits,
+            static_cast<long long>(s));
+      CHECK(reinterpret_cast<uint8_t*>(pk.scale_of(s)) == packed.data() + s * (row_bytes + 4) + row_bytes,
+            "bits %d slot %lld", bits, static_cast<long long>(s));
+    }
+  }
+}
+
 int main() {
   test_int4_pack_unpack();
   test_round_half_even();
@@ -223,6 +250,7 @@ int main() {
   test_factorize();
   test_base_matrices();
   test_transform_every_order();
+  test_latent_cache_layout();
   if (g_failures) {
     std::fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;

@@ -61,23 +61,50 @@ void check_codes(const char* op, const char* name, const at::Tensor& t, int64_t 
              t.scalar_type());
 }
 
-// The paged latent cache: codes [num_blocks, block_size, r or r/2] in the
-// dtype of `bits`, scales [num_blocks, block_size] fp32. `r_from` names where
-// r came from, for the messages.
-void check_paged_cache(const char* op, const at::Tensor& cache, const at::Tensor& cache_scale, int64_t bits,
-                       int64_t r, const char* r_from) {
+// The paged latent cache. Separate layout (`cache_scale` given): codes
+// [num_blocks, block_size, r or r/2] in the dtype of `bits`, scales
+// [num_blocks, block_size] fp32. Packed rows (`cache_scale` None): one uint8
+// tensor [num_blocks, block_size, row_bytes + 4], each row its codes then its
+// fp32 scale; row_bytes % 4 == 0 (aligned scales), contiguous, 4-byte aligned
+// start. `r_from` names where r came from, for the messages.
+void check_paged_cache(const char* op, const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
+                       int64_t bits, int64_t r, const char* r_from) {
   check_dim(op, "cache", cache, 3);
-  check_codes(op, "cache", cache, bits, "bits");
+  if (!cache_scale.has_value()) {
+    QSVD_CHECK(cache.scalar_type() == at::kByte, op,
+               "`cache` must be uint8 (packed rows: each token's codes, then its fp32 scale) when `cache_scale` "
+               "is None, got ",
+               cache.scalar_type());
+  } else {
+    check_codes(op, "cache", cache, bits, "bits");
+  }
   if (bits == 4)
     QSVD_CHECK_VALUE(r % 2 == 0, op, "r = ", r_from, " = ", r, " must be even for bits=4 (two codes per byte)");
-  const int64_t want_last = qsvd::code_row_bytes(static_cast<int>(bits), r);
-  QSVD_CHECK(cache.size(2) == want_last, op, "`cache`.size(2) = ", cache.size(2), " must be ",
-             bits == 4 ? "r / 2 = " : "r = ", want_last, " for r = ", r_from, " = ", r, " at bits=", bits);
-  check_dim(op, "cache_scale", cache_scale, 2);
-  check_dtype_in(op, "cache_scale", cache_scale, {at::kFloat});
-  QSVD_CHECK(cache_scale.size(0) == cache.size(0) && cache_scale.size(1) == cache.size(1), op,
+  const int64_t row_bytes = qsvd::code_row_bytes(static_cast<int>(bits), r);
+  if (!cache_scale.has_value()) {
+    QSVD_CHECK(row_bytes % qsvd::kLatentScaleBytes == 0, op, "`cache` with packed rows (`cache_scale` None) needs ",
+               bits == 4 ? "r / 2 = " : "r = ", row_bytes, " code bytes per row to be a multiple of 4, so that ",
+               "each row's fp32 scale is 4-byte aligned; r = ", r_from, " = ", r, " at bits=", bits,
+               " (use the separate layout with a `cache_scale` tensor)");
+    const int64_t want = qsvd::packed_row_bytes(static_cast<int>(bits), r);
+    QSVD_CHECK(cache.size(2) == want, op, "`cache`.size(2) = ", cache.size(2), " must be ",
+               bits == 4 ? "r / 2 + 4 = " : "r + 4 = ", want, " (packed rows: ", row_bytes,
+               " code bytes, then the fp32 scale) for r = ", r_from, " = ", r, " at bits=", bits);
+    QSVD_CHECK(cache.is_contiguous(), op, "`cache` with packed rows (`cache_scale` None) must be contiguous, got ",
+               "strides ", cache.strides());
+    QSVD_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % qsvd::kLatentScaleBytes == 0, op,
+               "`cache` with packed rows (`cache_scale` None) must start at a 4-byte aligned address (its fp32 "
+               "scales are read in place)");
+    return;
+  }
+  QSVD_CHECK(cache.size(2) == row_bytes, op, "`cache`.size(2) = ", cache.size(2), " must be ",
+             bits == 4 ? "r / 2 = " : "r = ", row_bytes, " for r = ", r_from, " = ", r, " at bits=", bits);
+  const at::Tensor& scale = *cache_scale;
+  check_dim(op, "cache_scale", scale, 2);
+  check_dtype_in(op, "cache_scale", scale, {at::kFloat});
+  QSVD_CHECK(scale.size(0) == cache.size(0) && scale.size(1) == cache.size(1), op,
              "`cache_scale` must have shape [num_blocks, block_size] = [", cache.size(0), ", ", cache.size(1),
-             "], got ", shape_str(cache_scale));
+             "], got ", shape_str(scale));
 }
 
 void check_optional_same_device(const char* op, const char* ref_name, const at::Tensor& ref, const char* name,
@@ -86,6 +113,13 @@ void check_optional_same_device(const char* op, const char* ref_name, const at::
 }
 
 }  // namespace
+
+qsvd::LatentCacheLayout latent_cache_layout(const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
+                                            int64_t bits, int64_t r) {
+  if (cache_scale.has_value())
+    return qsvd::separate_latent_layout(cache.data_ptr(), cache_scale->data_ptr(), static_cast<int>(bits), r);
+  return qsvd::packed_latent_layout(cache.data_ptr(), static_cast<int>(bits), r);
+}
 
 HadamardShape check_hadamard(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& signs) {
   check_dtype_in(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
@@ -156,7 +190,7 @@ GemmShape check_quant_gemm(const at::Tensor& a, const at::Tensor& a_scale, const
 }
 
 CacheAppendShape check_latent_cache_append(const at::Tensor& c, const at::Tensor& slot_mapping,
-                                           const at::Tensor& cache, const at::Tensor& cache_scale,
+                                           const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
                                            int64_t bits, double clip_ratio) {
   const char* op = "latent_cache_append";
   check_bits(op, "bits", bits);
@@ -165,7 +199,7 @@ CacheAppendShape check_latent_cache_append(const at::Tensor& c, const at::Tensor
   check_dtype_in(op, "c", c, {at::kFloat, at::kHalf, at::kBFloat16});
   check_same_device(op, "c", c, "slot_mapping", slot_mapping);
   check_same_device(op, "c", c, "cache", cache);
-  check_same_device(op, "c", c, "cache_scale", cache_scale);
+  check_optional_same_device(op, "c", c, "cache_scale", cache_scale);
   const int64_t T = c.size(0), r = c.size(1);
   check_dim(op, "slot_mapping", slot_mapping, 1);
   check_dtype_in(op, "slot_mapping", slot_mapping, {at::kLong, at::kInt});
@@ -173,8 +207,8 @@ CacheAppendShape check_latent_cache_append(const at::Tensor& c, const at::Tensor
              shape_str(slot_mapping));
   check_paged_cache(op, cache, cache_scale, bits, r, "`c`.size(1)");
   check_contiguous(op, "cache", cache);
-  check_contiguous(op, "cache_scale", cache_scale);
-  return {T, r, cache.size(0), cache.size(1)};
+  if (cache_scale.has_value()) check_contiguous(op, "cache_scale", *cache_scale);
+  return {T, r, cache.size(0), cache.size(1), !cache_scale.has_value()};
 }
 
 void check_slot_mapping_host(const at::Tensor& slots_cpu, const CacheAppendShape& s) {
@@ -187,14 +221,14 @@ void check_slot_mapping_host(const at::Tensor& slots_cpu, const CacheAppendShape
 }
 
 LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cache,
-                                           const at::Tensor& cache_scale, const at::Tensor& block_table,
+                                           const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
                                            const at::Tensor& seq_lens, const at::Tensor& w_uk,
                                            const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
                                            const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
                                            const std::optional<at::Tensor>& rope_cos,
                                            const std::optional<at::Tensor>& rope_sin) {
   check_bits(op, "bits", bits);
-  check_same_device(op, "cache", cache, "cache_scale", cache_scale);
+  check_optional_same_device(op, "cache", cache, "cache_scale", cache_scale);
   check_same_device(op, "cache", cache, "block_table", block_table);
   check_same_device(op, "cache", cache, "seq_lens", seq_lens);
   check_same_device(op, "cache", cache, "w_uk", w_uk);
@@ -252,10 +286,11 @@ LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cac
                " and `rope_sin` ", shape_str(*rope_sin), " must have the same shape");
   }
   return {block_table.size(0), H_kv,          r, d, cache.size(0), cache.size(1), block_table.size(1),
-          rope_cos.has_value(), int8_weights};
+          rope_cos.has_value(), int8_weights, !cache_scale.has_value()};
 }
 
-LatentShape check_latent_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& cache_scale,
+LatentShape check_latent_attention(const at::Tensor& q, const at::Tensor& cache,
+                                   const std::optional<at::Tensor>& cache_scale,
                                    const at::Tensor& block_table, const at::Tensor& seq_lens,
                                    const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
                                    const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale,

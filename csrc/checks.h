@@ -14,6 +14,7 @@
 
 #include "qsvd/formats.h"
 #include "qsvd/hadamard.h"
+#include "qsvd/latent_cache_layout.h"
 
 namespace qsvd_torch {
 
@@ -56,12 +57,24 @@ GemmShape check_quant_gemm(const at::Tensor& a, const at::Tensor& a_scale, const
                            const at::Tensor& b_scale, int64_t a_bits, int64_t b_bits,
                            at::ScalarType out_dtype, const std::optional<at::Tensor>& bias);
 
+// The paged latent cache comes in two layouts (docs/ops.md, "The latent
+// cache layouts"): separate (`cache` codes + `cache_scale` fp32) or packed
+// rows (`cache_scale` None; `cache` uint8 [num_blocks, block_size,
+// row_bytes + 4], each row its codes then its fp32 scale). The checks below
+// validate either; latent_cache_layout() then says where a slot's codes and
+// scale are (qsvd/latent_cache_layout.h), for the CPU and CUDA kernels.
+//
+// `cache` (and `cache_scale` when given) must already be contiguous.
+qsvd::LatentCacheLayout latent_cache_layout(const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
+                                            int64_t bits, int64_t r);
+
 // latent_cache_append
 struct CacheAppendShape {
   int64_t T, r, num_blocks, block_size;
+  bool packed;  // cache_scale is None: packed rows
 };
 CacheAppendShape check_latent_cache_append(const at::Tensor& c, const at::Tensor& slot_mapping,
-                                           const at::Tensor& cache, const at::Tensor& cache_scale,
+                                           const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
                                            int64_t bits, double clip_ratio);
 // Value check of a CPU int64 copy of slot_mapping: every slot is below
 // num_blocks * block_size (negative slots are padding).
@@ -72,16 +85,18 @@ struct LatentShape {
   int64_t B, H_kv, r, d, num_blocks, block_size, max_blocks;
   bool rope;
   bool int8_weights;
+  bool packed;  // cache_scale is None: packed rows (cache contiguous)
 };
 LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cache,
-                                           const at::Tensor& cache_scale, const at::Tensor& block_table,
+                                           const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
                                            const at::Tensor& seq_lens, const at::Tensor& w_uk,
                                            const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
                                            const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
                                            const std::optional<at::Tensor>& rope_cos,
                                            const std::optional<at::Tensor>& rope_sin);
 // Adds the q checks; returns H through *num_heads.
-LatentShape check_latent_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& cache_scale,
+LatentShape check_latent_attention(const at::Tensor& q, const at::Tensor& cache,
+                                   const std::optional<at::Tensor>& cache_scale,
                                    const at::Tensor& block_table, const at::Tensor& seq_lens,
                                    const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
                                    const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale,

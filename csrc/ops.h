@@ -17,14 +17,15 @@ at::Tensor quant_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const 
                           const at::Tensor& b_scale, int64_t a_bits, int64_t b_bits, at::ScalarType out_dtype,
                           const std::optional<at::Tensor>& bias);
 void latent_cache_append_cpu(const at::Tensor& c, const at::Tensor& slot_mapping, at::Tensor& cache,
-                             at::Tensor& cache_scale, int64_t bits, double clip_ratio);
+                             const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio);
 std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
-    const at::Tensor& q, const at::Tensor& cache, const at::Tensor& cache_scale, const at::Tensor& block_table,
+    const at::Tensor& q, const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
+    const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin);
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
-    const at::Tensor& cache, const at::Tensor& cache_scale, const at::Tensor& block_table,
+    const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
@@ -41,16 +42,17 @@ at::Tensor quant_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const
                            const std::optional<at::Tensor>& bias);
 // csrc/cuda/latent_cache.cpp
 void latent_cache_append_cuda(const at::Tensor& c, const at::Tensor& slot_mapping, at::Tensor& cache,
-                              at::Tensor& cache_scale, int64_t bits, double clip_ratio);
+                              const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio);
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
-    const at::Tensor& cache, const at::Tensor& cache_scale, const at::Tensor& block_table,
+    const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
     std::optional<at::ScalarType> out_dtype);
 // csrc/cuda/latent_attention.cpp
 std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
-    const at::Tensor& q, const at::Tensor& cache, const at::Tensor& cache_scale, const at::Tensor& block_table,
+    const at::Tensor& q, const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
+    const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin);

@@ -34,8 +34,12 @@ TORCH_LIBRARY(qsvd, m) {
   // Quantizes each latent row c[i] per token and writes it (codes + scale)
   // to flat slot slot_mapping[i] of the paged cache; negative slots are
   // padding. Mutates cache and cache_scale only, so the schema marks them.
+  // cache_scale None: `cache` holds packed rows (uint8 [num_blocks,
+  // block_size, row_bytes + 4]: each token's codes, then its fp32 scale), so
+  // one tensor is written (two aliasing mutable arguments could not be
+  // annotated); docs/ops.md, "The latent cache layouts".
   m.def(
-      "latent_cache_append(Tensor c, Tensor slot_mapping, Tensor(a!) cache, Tensor(b!) cache_scale, int bits, "
+      "latent_cache_append(Tensor c, Tensor slot_mapping, Tensor(a!) cache, Tensor(b!)? cache_scale, int bits, "
       "float clip_ratio=1.0) -> ()");
 
   // Decode attention over the quantized latent cache with the per-head
@@ -43,8 +47,9 @@ TORCH_LIBRARY(qsvd, m) {
   // [H_kv, d] scale). RoPE tables given: K is rebuilt and rotated per token;
   // absent: K is absorbed into the query. V is always absorbed.
   // Returns out [B, H, d] (q's dtype) and the natural-log lse [B, H] fp32.
+  // cache_scale None: packed rows, as in latent_cache_append.
   m.def(
-      "latent_attention(Tensor q, Tensor cache, Tensor cache_scale, Tensor block_table, Tensor seq_lens, "
+      "latent_attention(Tensor q, Tensor cache, Tensor? cache_scale, Tensor block_table, Tensor seq_lens, "
       "Tensor w_uk, Tensor? w_uk_scale, Tensor w_uv, Tensor? w_uv_scale, int bits, float sm_scale, "
       "Tensor? rope_cos=None, Tensor? rope_sin=None) -> (Tensor out, Tensor lse)");
 
@@ -53,8 +58,9 @@ TORCH_LIBRARY(qsvd, m) {
   // out_dtype (not in the first design): int8 weights have no natural
   // output dtype, so the caller may name one; default fp16 for int8 weights,
   // the weights' dtype otherwise. The row count depends on seq_lens' values.
+  // cache_scale None: packed rows, as in latent_cache_append.
   m.def(
-      "latent_reconstruct_kv(Tensor cache, Tensor cache_scale, Tensor block_table, Tensor seq_lens, "
+      "latent_reconstruct_kv(Tensor cache, Tensor? cache_scale, Tensor block_table, Tensor seq_lens, "
       "Tensor w_uk, Tensor? w_uk_scale, Tensor w_uv, Tensor? w_uv_scale, int bits, Tensor? rope_cos=None, "
       "Tensor? rope_sin=None, ScalarType? out_dtype=None) -> (Tensor k, Tensor v)");
 }

@@ -13,6 +13,7 @@ import torch
 
 import qsvd_kernels as qk
 from qsvd_kernels import reference as R
+from qsvd_kernels.formats import pack_latent_rows
 
 from conftest import DEVICES
 from helpers import make_paged_cache, make_weights
@@ -148,6 +149,51 @@ for op in ("latent_attention", "latent_reconstruct_kv"):
         (op, "rope short", lambda a: a.update(rope_cos=a["rope_cos"][:10], rope_sin=a["rope_sin"][:10]), VE, r"exceeds the RoPE table length `rope_cos`.size\(0\) = 10"),
         (op, "rope dtype", _set("rope_sin", lambda a: a["rope_sin"].double()), RE, "`rope_sin` must have dtype"),
     ]
+
+
+# Packed rows (cache_scale None): each case turns the valid separate cache
+# into packed rows and breaks one thing; the message names `cache`.
+def _packed(a):
+    return pack_latent_rows(a["cache"], a["cache_scale"])
+
+
+def _to_packed(cache):
+    def f(a):
+        a["cache"] = cache(a)
+        a["cache_scale"] = None
+    return f
+
+
+PACKED_CASES = [
+    ("packed int8", lambda a: _packed(a).view(torch.int8), RE, r"`cache` must be uint8 \(packed rows"),
+    ("packed scale None with int8 cache", lambda a: a["cache"], RE, r"`cache` must be uint8 \(packed rows"),
+    ("packed width", lambda a: _packed(a)[..., :-2].contiguous(), RE, r"`cache`.size\(2\) = 34 must be r \+ 4 = 36"),
+    ("packed separate width", lambda a: a["cache"].view(torch.uint8), RE, r"`cache`.size\(2\) = 32 must be r \+ 4 = 36"),
+    ("packed strided", lambda a: torch.cat([_packed(a), _packed(a)], dim=1)[:, ::2], RE,
+     r"`cache` with packed rows \(`cache_scale` None\) must be contiguous"),
+]
+CASES += [
+    ("latent_cache_append", what, _to_packed(cache), exc, pattern) for what, cache, exc, pattern in PACKED_CASES
+]
+for op in ("latent_attention", "latent_reconstruct_kv"):
+    CASES += [(op, what, _to_packed(cache), exc, pattern) for what, cache, exc, pattern in PACKED_CASES]
+    # r = 30: 30 code bytes per row leave the scale unaligned.
+    CASES.append((op, "packed misaligned rows", lambda a: a.update(
+        w_uk=a["w_uk"][:, :30], w_uv=a["w_uv"][:, :30], cache=torch.zeros(a["cache"].shape[0], 16, 34, dtype=torch.uint8),
+        cache_scale=None), RE, r"`cache` with packed rows \(`cache_scale` None\) needs r = 30 code bytes per row to be a multiple of 4"))
+CASES += [
+    ("latent_cache_append", "packed misaligned rows", lambda a: a.update(
+        c=torch.randn(3, 30), cache=torch.zeros(2, 16, 34, dtype=torch.uint8), cache_scale=None), RE,
+     r"`cache` with packed rows \(`cache_scale` None\) needs r = 30 code bytes per row to be a multiple of 4"),
+    ("latent_cache_append", "packed int4 misaligned rows", lambda a: a.update(
+        c=torch.randn(3, 12), bits=4, cache=torch.zeros(2, 16, 10, dtype=torch.uint8), cache_scale=None), RE,
+     r"`cache` with packed rows \(`cache_scale` None\) needs r / 2 = 6 code bytes per row"),
+    ("latent_cache_append", "packed int4 width", lambda a: a.update(
+        c=torch.randn(3, 16), bits=4, cache=torch.zeros(2, 16, 16, dtype=torch.uint8), cache_scale=None), RE,
+     r"`cache`.size\(2\) = 16 must be r / 2 \+ 4 = 12"),
+    ("latent_cache_append", "packed strided (written in place)", lambda a: a.update(
+        cache=torch.zeros(2, 32, 36, dtype=torch.uint8)[:, ::2], cache_scale=None), RE, "`cache`.* must be contiguous"),
+]
 CASES += [
     ("latent_attention", "q 2-D", _set("q", lambda a: a["q"][0]), RE, "`q` must be 3-D"),
     ("latent_attention", "q int", _set("q", lambda a: a["q"].to(torch.int8)), RE, "`q` must have dtype"),
@@ -168,7 +214,7 @@ def test_bad_input_raises_naming_the_argument(device, op, what, mutate, exc, pat
     call(op, dict(args), device)  # the valid arguments work
     mutate(args)
     dev_args = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    mutable = {k: v.clone() for k, v in dev_args.items() if k in ("cache", "cache_scale")}
+    mutable = {k: v.clone() for k, v in dev_args.items() if k in ("cache", "cache_scale") and v is not None}
     with pytest.raises(exc, match=f"qsvd.{op}: .*{pattern}"):
         getattr(qk, op)(**dev_args)
     for k, before in mutable.items():
@@ -180,3 +226,26 @@ def test_mixed_devices_are_refused():
     x = torch.randn(2, 64, device="cuda")
     with pytest.raises(RuntimeError, match="`signs` is on cpu but `x` is on cuda"):
         qk.hadamard_transform(x, torch.ones(64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["latent_cache_append", "latent_attention", "latent_reconstruct_kv"])
+def test_packed_cache_at_an_unaligned_address_is_refused(device, op):
+    """Packed rows read and write their fp32 scales in place: a cache that
+    starts off a 4-byte boundary (a view into a byte buffer) is refused
+    (on the device itself: moving it there would realign it)."""
+    if device == "cuda" and not qk.has_kernel(op, "cuda"):
+        pytest.skip(f"qsvd.{op} has no cuda kernel in this build")
+    args = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in valid_args(op, device).items()}
+    packed = _packed(args)
+    buf = torch.zeros(packed.numel() + 1, dtype=torch.uint8, device=device)
+    cache = buf[1:].view(packed.shape)
+    cache.copy_(packed)
+    args.update(cache=cache, cache_scale=None)
+    before = buf.clone()
+    with pytest.raises(RuntimeError, match=f"qsvd.{op}: `cache` with packed rows .* 4-byte aligned address"):
+        getattr(qk, op)(**args)
+    assert torch.equal(buf, before)
+    # The same rows at an aligned address are accepted.
+    args["cache"] = packed
+    getattr(qk, op)(**args)

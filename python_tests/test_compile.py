@@ -7,6 +7,7 @@ import torch
 
 import qsvd_kernels as qk
 from qsvd_kernels import reference as R
+from qsvd_kernels.formats import pack_latent_rows
 
 from conftest import require_kernel
 from helpers import make_paged_cache, make_weights
@@ -25,8 +26,9 @@ def decode_step(x, signs, w_d, w_d_scale, slots, cache, cache_scale, block_table
     return out, lse, k, v
 
 
+@pytest.mark.parametrize("layout", ["separate", "packed"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compile_fullgraph(device, backend):
+def test_compile_fullgraph(device, backend, layout):
     for op in qk.OPS:
         require_kernel(op, device)
     if backend == "inductor" and device == "cpu":
@@ -43,13 +45,19 @@ def test_compile_fullgraph(device, backend):
     seq_lens = pc.seq_lens + 1
     q = torch.randn(2, 4, d, generator=g)
     cos, sin = R.rope_tables(64, d)
-    args = [x, signs, w_d, w_d_scale, slots, pc.cache, pc.cache_scale, pc.block_table, seq_lens, w[0], w[2], q, cos,
-            sin]
-    args = [a.to(device) for a in args]
-    eager_cache = [a.clone() for a in args]
+    # Packed rows: one uint8 cache tensor, cache_scale None.
+    cache = [pack_latent_rows(pc.cache, pc.cache_scale), None] if layout == "packed" else [pc.cache, pc.cache_scale]
+    args = [x, signs, w_d, w_d_scale, slots, *cache, pc.block_table, seq_lens, w[0], w[2], q, cos, sin]
+    args = [a.to(device) if a is not None else None for a in args]
+    eager_cache = [a.clone() if a is not None else None for a in args]
     compiled = torch.compile(decode_step, fullgraph=True, backend=backend)
     got = compiled(*args)
     want = decode_step(*eager_cache)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-    assert torch.equal(args[5], eager_cache[5]) and torch.equal(args[6], eager_cache[6])  # same cache writes
+    assert torch.equal(args[5], eager_cache[5])  # same cache writes
+    if layout == "separate":
+        assert torch.equal(args[6], eager_cache[6])
+    else:
+        assert args[6] is None
+        assert not torch.equal(args[5], pack_latent_rows(pc.cache, pc.cache_scale).to(device))  # the append landed

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import qsvd_kernels as qk
 from qsvd_kernels import reference as R
+from qsvd_kernels.formats import pack_latent_rows, packed_row_bytes
 
 from conftest import DEVICES, require_kernel
 from helpers import (
@@ -181,6 +182,48 @@ def test_fuzz_latent_cache_append(device, T, half_r, num_blocks, block_size, bit
     assert _unchanged([cd, sd], snap)
 
 
+@given(device=devices, T=st.integers(0, 12), eighth_r=st.integers(1, 20), num_blocks=st.integers(1, 5),
+       block_size=st.sampled_from([1, 3, 16, 32]), bits=st.sampled_from([4, 8]), dtype=FLOATS,
+       clip=st.floats(0.1, 1.0), bad_slot=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_latent_cache_append_packed(device, T, eighth_r, num_blocks, block_size, bits, dtype, clip, bad_slot,
+                                         seed):
+    """Packed rows (cache_scale None): the whole buffer, guard blocks around
+    the cache included, equals the reference's bytes after the append."""
+    require_kernel("latent_cache_append", device)
+    g = torch.Generator().manual_seed(seed)
+    r = 8 * eighth_r  # code bytes per row a multiple of 4 for both widths
+    n_slots = num_blocks * block_size
+    T = min(T, n_slots)
+    slots = torch.randperm(n_slots, generator=g)[:T]
+    if T:
+        slots[torch.rand(T, generator=g) < 0.25] = -1
+    if bad_slot and T:
+        slots[int(torch.randint(0, T, (1,), generator=g))] = n_slots + int(torch.randint(0, 5, (1,), generator=g))
+    c = (torch.randn(T, r, generator=g) * 3).to(dtype)
+    buf = torch.randint(0, 256, (num_blocks + 2, block_size, packed_row_bytes(bits, r)), dtype=torch.uint8,
+                        generator=g)
+    want = buf.clone()
+    buf = buf.to(device)
+    before = buf.clone()
+    cache = buf[1:-1]
+    assert cache.is_contiguous()
+    cd, sd = c.to(device), slots.to(device)
+    snap = _snapshot([cd, sd])
+    if bad_slot and T:
+        try:
+            qk.latent_cache_append(cd, sd, cache, None, bits, clip)
+        except ValueError as e:
+            assert "`slot_mapping`" in str(e)
+        else:
+            raise AssertionError("a slot past the cache was accepted")
+        assert torch.equal(buf, before)
+        return
+    qk.latent_cache_append(cd, sd, cache, None, bits, clip)
+    R.latent_cache_append_ref(c, slots, want[1:-1], None, bits, clip)
+    assert torch.equal(buf.cpu(), want)
+    assert _unchanged([cd, sd], snap)
+
+
 @st.composite
 def latent_problems(draw):
     B = draw(st.integers(1, 4))
@@ -196,11 +239,15 @@ def latent_problems(draw):
     q_dtype = draw(FLOATS)
     corrupt = draw(st.sampled_from([None, None, None, "seq_len", "block", "negative"]))
     seed = draw(st.integers(0, 2**31 - 1))
-    return B, block_size, seq_lens, H_kv, group, bits, r, rope, d, wdtype, q_dtype, corrupt, seed
+    # Packed rows (cache_scale None) need a multiple of 4 code bytes per row.
+    packed = draw(st.booleans())
+    if packed:
+        r = -(-r // 8) * 8
+    return B, block_size, seq_lens, H_kv, group, bits, r, rope, d, wdtype, q_dtype, packed, corrupt, seed
 
 
 def _latent_inputs(p, device):
-    B, block_size, seq_lens, H_kv, group, bits, r, rope, d, wdtype, q_dtype, corrupt, seed = p
+    B, block_size, seq_lens, H_kv, group, bits, r, rope, d, wdtype, q_dtype, packed, corrupt, seed = p
     g = torch.Generator().manual_seed(seed)
     pc = make_paged_cache(seq_lens, r, bits, block_size, generator=g)
     w = make_weights(H_kv, r, d, wdtype, generator=g)
@@ -213,7 +260,8 @@ def _latent_inputs(p, device):
         pc.block_table[0, 0] = pc.cache.shape[0] + 3
     elif corrupt == "negative":
         pc.seq_lens[0] = -1
-    common = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, bits]
+    cache = [pack_latent_rows(pc.cache, pc.cache_scale), None] if packed else [pc.cache, pc.cache_scale]
+    common = [*cache, pc.block_table, pc.seq_lens, *w, bits]
     return q, common, (cos, sin), d
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import qsvd_kernels as qk
 from qsvd_kernels import reference as R
+from qsvd_kernels.formats import code_row_bytes, pack_latent_rows, packed_row_bytes
 
 from conftest import require_kernel
 from helpers import (
@@ -257,3 +258,134 @@ def test_reconstruct_empty_batch(device):
                                     *[x.to(device) if x is not None else None for x in w], 8)
     assert k.shape == (0, 2, 64) and v.shape == (0, 2, 64)
     assert k.dtype == torch.bfloat16 and k.device.type == device
+
+
+# ---------------------------------------------------------------------------
+# Packed rows (cache_scale None): the same data in one uint8 tensor gives the
+# separate layout's result bit for bit on the CPU (same arithmetic, only the
+# addressing differs), and stays within the derived bounds on every device.
+# ---------------------------------------------------------------------------
+
+def _packed_rank(r, bits):
+    """r, or the next multiple of 8, so that the code bytes of a row are a
+    multiple of 4 (what packed rows require)."""
+    return r if code_row_bytes(bits, r) % 4 == 0 else -(-r // 8) * 8
+
+
+def _packed(pc):
+    """pc's cache as packed rows (NaN-poisoned unused scales included)."""
+    packed = pack_latent_rows(pc.cache, pc.cache_scale)
+    assert packed.shape[-1] == pc.cache.shape[-1] + 4 and packed.is_contiguous()
+    return packed
+
+
+@pytest.mark.parametrize("bits,wdtype,rope,H,H_kv,block_size,q_dtype,r,d", CASES)
+def test_attention_packed_equals_separate(device, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d):
+    require_kernel("latent_attention", device)
+    r = _packed_rank(r, bits)
+    g = torch.Generator().manual_seed(21)
+    pc = make_paged_cache(SEQ_LENS, r, bits, block_size, generator=g)
+    w = make_weights(H_kv, r, d, wdtype, generator=g)
+    q = torch.randn(len(SEQ_LENS), H, d, generator=g).to(q_dtype)
+    cos, sin = R.rope_tables(max(SEQ_LENS) + 5, d) if rope else (None, None)
+    sm_scale = 1.0 / math.sqrt(d)
+    rest = [pc.block_table, pc.seq_lens, *w, bits, sm_scale, cos, sin]
+    sep = [pc.cache, pc.cache_scale, *rest]
+    packed = [_packed(pc), None, *rest]
+    to_dev = lambda args: [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]  # noqa: E731
+    out_s, lse_s = qk.latent_attention(q.to(device), *to_dev(sep))
+    out_p, lse_p = qk.latent_attention(q.to(device), *to_dev(packed))
+    truth = R.latent_attention_ref(q.double(), *packed)
+    assert torch.equal(truth[0], R.latent_attention_ref(q.double(), *sep)[0])  # the reference reads both layouts alike
+    bound = latent_attention_error_bound(q, *packed, **LATENT_BOUND[device])
+    _check(out_p.cpu(), lse_p.cpu(), truth, bound, q_dtype, "packed")
+    if device == "cpu":
+        assert torch.equal(out_p, out_s) and torch.equal(lse_p, lse_s)
+    assert bool((out_p[1] == 0).all()) and bool(torch.isneginf(lse_p[1]).all().cpu())
+
+
+@pytest.mark.parametrize("bits,wdtype,rope,out_dtype,r,d", RAGGED,
+                         ids=[f"b{c[0]}-{str(c[1])[6:]}-{'rope' if c[2] else 'norope'}-r{c[4]}-d{c[5]}" for c in RAGGED])
+def test_reconstruct_packed_equals_separate(device, bits, wdtype, rope, out_dtype, r, d):
+    require_kernel("latent_reconstruct_kv", device)
+    r = _packed_rank(r, bits)
+    g = torch.Generator().manual_seed(22)
+    seq_lens = [0, 1, 63, 64, 65, 0, 300]
+    pc = make_paged_cache(seq_lens, r, bits, 64, generator=g, zero_rows=True)
+    w = make_weights(3, r, d, wdtype, generator=g)
+    cos, sin = R.rope_tables(max(seq_lens), d) if rope else (None, None)
+    rest = [pc.block_table, pc.seq_lens, *w, bits, cos, sin]
+    sep = [pc.cache, pc.cache_scale, *rest]
+    packed = [_packed(pc), None, *rest]
+    to_dev = lambda args: [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]  # noqa: E731
+    k_s, v_s = qk.latent_reconstruct_kv(*to_dev(sep), out_dtype=out_dtype)
+    k_p, v_p = qk.latent_reconstruct_kv(*to_dev(packed), out_dtype=out_dtype)
+    want_dtype = out_dtype or (torch.float16 if wdtype == torch.int8 else wdtype)
+    assert k_p.dtype == want_dtype and k_p.shape == (sum(seq_lens), 3, d) and v_p.shape == k_p.shape
+    tk, tv = R.latent_reconstruct_kv_ref(*packed, out_dtype=torch.float64)
+    bk, bv = latent_reconstruct_error_bound(*packed, **RECONSTRUCT_BOUND[device])
+    assert_within(k_p.cpu(), tk, bk, want_dtype, "k")
+    assert_within(v_p.cpu(), tv, bv, want_dtype, "v")
+    if device == "cpu":
+        assert torch.equal(k_p, k_s) and torch.equal(v_p, v_s)
+
+
+def test_packed_cache_written_by_append_is_read_by_attention(device):
+    """The two ops agree on the layout: append into a packed cache, then
+    attention over it equals attention over the separate cache appended the
+    same way (bit for bit on the CPU), within the bound of the reference."""
+    require_kernel("latent_cache_append", device)
+    require_kernel("latent_attention", device)
+    g = torch.Generator().manual_seed(23)
+    bits, r, d, H, H_kv, bs = 4, 64, 64, 4, 2, 16
+    seq_lens = [30, 7]
+    table = torch.tensor([[3, 0], [2, 1]], dtype=torch.int32)
+    slots = torch.cat([(table[b].long()[torch.arange(L) // bs] * bs + torch.arange(L) % bs)
+                       for b, L in enumerate(seq_lens)])
+    c = torch.randn(len(slots), r, generator=g).to(device)
+    packed = torch.zeros(4, bs, packed_row_bytes(bits, r), dtype=torch.uint8, device=device)
+    sep = (torch.zeros(4, bs, r // 2, dtype=torch.uint8, device=device), torch.zeros(4, bs, device=device))
+    qk.latent_cache_append(c, slots.to(device), packed, None, bits)
+    qk.latent_cache_append(c, slots.to(device), *sep, bits)
+    w = make_weights(H_kv, r, d, torch.bfloat16, generator=g)
+    cos, sin = R.rope_tables(32, d)
+    q = torch.randn(2, H, d, generator=g)
+    rest = [table, torch.tensor(seq_lens, dtype=torch.int32), *w, bits, 0.125, cos, sin]
+    dev = [a.to(device) if isinstance(a, torch.Tensor) else a for a in rest]
+    out_p, lse_p = qk.latent_attention(q.to(device), packed, None, *dev)
+    out_s, lse_s = qk.latent_attention(q.to(device), *sep, *dev)
+    host = [packed.cpu(), None, *rest]
+    truth = R.latent_attention_ref(q.double(), *host)
+    _check(out_p.cpu(), lse_p.cpu(), truth, latent_attention_error_bound(q, *host, **LATENT_BOUND[device]),
+           torch.float32)
+    if device == "cpu":
+        assert torch.equal(out_p, out_s) and torch.equal(lse_p, lse_s)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_ops_run_under_inference_mode_on_several_threads(device, rope):
+    """Serving engines (vLLM) run models under torch.inference_mode. The CPU
+    kernels' tasks run on torch's OpenMP threads, which do not inherit that
+    mode: each task must re-enter it, or a tensor op on an output made under
+    inference mode raises. Same results in and out of inference mode."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        g = torch.Generator().manual_seed(3)
+        seq_lens = [300, 70, 1, 129]
+        pc = make_paged_cache(seq_lens, 64, 8, 16, generator=g)
+        w = make_weights(4, 64, 32, torch.int8, generator=g)
+        q = torch.randn(len(seq_lens), 8, 32, generator=g)
+        cos, sin = R.rope_tables(310, 32) if rope else (None, None)
+        args = [a.to(device) if isinstance(a, torch.Tensor) else a
+                for a in (pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 8)]
+        rope_args = [t.to(device) if t is not None else None for t in (cos, sin)]
+        want = qk.latent_attention(q.to(device), *args, 0.2, *rope_args)
+        want_kv = qk.latent_reconstruct_kv(*args, *rope_args, out_dtype=torch.float32)
+        with torch.inference_mode():
+            got = qk.latent_attention(q.to(device), *args, 0.2, *rope_args)
+            got_kv = qk.latent_reconstruct_kv(*args, *rope_args, out_dtype=torch.float32)
+        for a, b in zip((*got, *got_kv), (*want, *want_kv)):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)

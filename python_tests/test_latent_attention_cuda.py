@@ -449,3 +449,42 @@ def test_cuda_unsupported_shape_raises():
     with pytest.raises(RuntimeError, match=r"qsvd.latent_attention: the CUDA kernel serves head dims d <= 256"):
         qk.latent_attention(q, pc.cache.cuda(), pc.cache_scale.cuda(), pc.block_table.cuda(), pc.seq_lens.cuda(),
                             *w, 8, 0.1)
+
+
+# Packed rows (cache_scale None): each token's codes then its fp32 scale in
+# one uint8 row of row_bytes + 4 bytes. The loaders read codes as wide as the
+# row stride allows (4-byte loads at stride r + 4 instead of 16-byte loads),
+# into the same shared-memory tiles: the same arithmetic, so the output must
+# equal the separate layout's bit for bit, and stay within the bound.
+PACKED_CASES = [
+    pytest.param(8, F16, False, 32, 8, 16, F16, 512, 128, RAGGED, id="b8-f16-norope-r512"),
+    pytest.param(4, BF16, True, 32, 8, 1, BF16, 136, 64, RAGGED, id="b4-bf16-rope-bs1-r136"),
+    pytest.param(8, I8, True, 8, 8, 256, F32, 1000, 128, SHORT, id="b8-i8-rope-r1000"),
+    pytest.param(4, I8, False, 16, 1, 16, F16, 4096, 64, SHORT, id="b4-i8-norope-r4096"),
+    pytest.param(8, BF16, True, 4, 2, 16, F32, 8, 16, SHORT, id="b8-bf16-rope-r8-d16"),
+]
+
+
+@pytest.mark.parametrize("bits,wdtype,rope,H,H_kv,block_size,q_dtype,r,d,seq_lens", PACKED_CASES)
+def test_cuda_packed_rows_equal_separate(kernel, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d, seq_lens):
+    require_kernel("latent_attention", "cuda")
+    from qsvd_kernels.formats import pack_latent_rows
+
+    g = torch.Generator().manual_seed(31)
+    pc = make_paged_cache(seq_lens, r, bits, block_size, generator=g)
+    w = make_weights(H_kv, r, d, wdtype, generator=g)
+    q = torch.randn(len(seq_lens), H, d, generator=g).to(q_dtype)
+    cos, sin = R.rope_tables(max(max(seq_lens), 1) + 3, d) if rope else (None, None)
+    rest = [pc.block_table, pc.seq_lens, *w, bits, 1.0 / math.sqrt(d), cos, sin]
+    sep = [pc.cache, pc.cache_scale, *rest]
+    packed = [pack_latent_rows(pc.cache, pc.cache_scale), None, *rest]
+    to_dev = lambda args: [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]  # noqa: E731
+    try:
+        out_s, lse_s = qk.latent_attention(q.cuda(), *to_dev(sep))
+    except RuntimeError as e:
+        if kernel == "tc" and "the tensor-core kernel needs more shared memory" in str(e):
+            pytest.skip(f"too large for this device's shared memory: {e}")
+        raise
+    out_p, lse_p = qk.latent_attention(q.cuda(), *to_dev(packed))
+    _check(out_p.cpu(), lse_p.cpu(), q, packed, "packed", kernel=kernel)
+    assert torch.equal(out_p, out_s) and torch.equal(lse_p, lse_s)

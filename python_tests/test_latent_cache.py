@@ -11,6 +11,7 @@ import torch
 
 import qsvd_kernels as qk
 from qsvd_kernels import reference as R
+from qsvd_kernels.formats import pack_latent_rows, packed_row_bytes, split_latent_rows
 
 from conftest import require_kernel
 
@@ -288,3 +289,127 @@ def test_cuda_unchecked_bad_indices_stay_in_bounds():
     out = subprocess.run([sys.executable, "-c", _UNCHECKED_SCRIPT, here], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0 and "unchecked ok" in out.stdout, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------------
+# Packed rows (cache_scale None): one uint8 tensor [num_blocks, block_size,
+# row_bytes + 4], each row its codes then its fp32 scale. Bit-exact with the
+# separate layout and the reference, on every device.
+# ---------------------------------------------------------------------------
+
+def _packed_in_guarded_buffer(num_blocks, block_size, r, bits, device, generator):
+    """A packed cache [num_blocks, block_size, row_bytes + 4] (contiguous) in
+    the middle of a buffer with one guard block on each side, every byte
+    random: any stray write, or any write of a skipped row, shows.
+    Returns (buf, cache)."""
+    width = packed_row_bytes(bits, r)
+    buf = torch.randint(0, 256, (num_blocks + 2, block_size, width), dtype=torch.uint8, generator=generator)
+    buf = buf.to(device)
+    cache = buf[1:-1]
+    assert cache.is_contiguous()
+    return buf, cache
+
+
+PACKED_RANKS = [(8, 4), (8, 96), (8, 1000), (8, 1536), (4, 8), (4, 96), (4, 520), (4, 1024)]
+
+
+@pytest.mark.parametrize("bits,r", PACKED_RANKS, ids=[f"b{b}-r{r}" for b, r in PACKED_RANKS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_packed_append_bit_exact_with_separate_and_reference(device, bits, r, dtype, block_size):
+    require_kernel("latent_cache_append", device)
+    g = torch.Generator().manual_seed(r * 5 + bits + block_size)
+    T = 11
+    num_blocks = max(4, 2 * T // block_size)
+    c = _special_rows(T, r, dtype, g)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
+    slots[4], slots[7] = -1, -9  # padding: skipped
+    buf, cache = _packed_in_guarded_buffer(num_blocks, block_size, r, bits, device, g)
+    want_buf, orig = buf.cpu().clone(), buf.cpu().clone()
+    sep_cache, sep_scale = _empty_cache(num_blocks, block_size, r, bits, device)
+    for slot_dtype in (torch.int64, torch.int32):
+        qk.latent_cache_append(c.to(device), slots.to(slot_dtype).to(device), cache, None, bits, 0.9)
+        qk.latent_cache_append(c.to(device), slots.to(slot_dtype).to(device), sep_cache, sep_scale, bits, 0.9)
+    # The reference on the packed layout itself: every byte of the buffer
+    # (guard blocks, unwritten rows, padding rows) must match.
+    R.latent_cache_append_ref(c, slots, want_buf[1:-1], None, bits, 0.9)
+    assert _same_bits(buf, want_buf)
+    # The written rows hold exactly the separate layout's codes and scales.
+    codes, scale = split_latent_rows(cache.cpu(), bits, r)
+    keep = slots[slots >= 0]
+    flat_codes, flat_scale = codes.reshape(-1, codes.shape[-1]), scale.reshape(-1)
+    assert _same_bits(flat_codes[keep], sep_cache.cpu().view(-1, sep_cache.shape[-1])[keep])
+    assert _same_bits(flat_scale[keep], sep_scale.cpu().view(-1)[keep])
+    # Everything but the written rows keeps its random bytes (guards included).
+    untouched = torch.ones(num_blocks + 2, block_size, dtype=torch.bool)
+    untouched[1:-1].view(-1)[keep] = False
+    assert torch.equal(buf.cpu()[untouched], orig[untouched])
+    assert not torch.equal(buf.cpu()[~untouched], orig[~untouched])
+    # pack_latent_rows of the separate layout reproduces the written rows.
+    repacked = pack_latent_rows(sep_cache.cpu(), sep_scale.cpu()).view(num_blocks * block_size, -1)
+    assert torch.equal(cache.cpu().view(num_blocks * block_size, -1)[keep], repacked[keep])
+
+
+def test_packed_out_of_range_slot_raises_before_any_write(device):
+    require_kernel("latent_cache_append", device)
+    g = torch.Generator().manual_seed(3)
+    for bits in (8, 4):
+        buf, cache = _packed_in_guarded_buffer(2, 16, 64, bits, device, g)
+        before = buf.clone()
+        c = torch.randn(3, 64, device=device)
+        with pytest.raises(ValueError, match=r"`slot_mapping`\[2\] = 32 is past the end of the cache"):
+            qk.latent_cache_append(c, torch.tensor([0, 1, 32], device=device), cache, None, bits)
+        assert torch.equal(buf, before)
+
+
+def test_packed_roundtrip_and_helpers(device):
+    """split_latent_rows gives views (writes land in the packed tensor) and
+    pack_latent_rows inverts it; the appended rows dequantize within half a step."""
+    require_kernel("latent_cache_append", device)
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(32, 256, generator=g)
+    for bits in (8, 4):
+        assert packed_row_bytes(bits, 256) == (256 if bits == 8 else 128) + 4
+        cache = torch.zeros(2, 16, packed_row_bytes(bits, 256), dtype=torch.uint8, device=device)
+        qk.latent_cache_append(c.to(device), torch.arange(32, device=device), cache, None, bits)
+        codes, scale = split_latent_rows(cache, bits, 256)
+        assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8) and scale.dtype == torch.float32
+        assert codes.data_ptr() == cache.data_ptr() and scale.data_ptr() == cache.data_ptr() + codes.shape[-1]
+        assert torch.equal(pack_latent_rows(codes, scale), cache)
+        deq = R.dequantize_rows_ref(codes.cpu().reshape(32, -1), scale.cpu().reshape(32), bits)
+        assert bool(((deq - c.double()).abs() <= scale.cpu().reshape(32, 1).double() / 2 * (1 + 1e-6)).all())
+        scale[0, 0] = 2.5  # a view: the write lands in the packed row's last 4 bytes
+        assert torch.equal(cache[0, 0, -4:].cpu(), torch.tensor([2.5]).view(torch.uint8))
+
+
+PACKED_CUDA_RANKS = [(8, 8), (8, 96), (8, 1000), (8, 1024), (8, 1032), (8, 4096), (4, 8), (4, 136), (4, 1024),
+                     (4, 1032), (4, 6144)]
+
+
+@CUDA
+@pytest.mark.parametrize("bits,r", PACKED_CUDA_RANKS, ids=[f"b{b}-r{r}" for b, r in PACKED_CUDA_RANKS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_packed_append_bit_exact_with_cpu(bits, r, dtype):
+    """Packed rows on the GPU (warp- and block-per-row kernels; vector paths
+    with 4-byte code stores at the stride r + 4, scalar paths for strided or
+    shifted c): every byte of the buffer, guard blocks included, equals the
+    CPU kernel's (NaN payloads aside)."""
+    require_kernel("latent_cache_append", "cuda")
+    require_kernel("latent_cache_append", "cpu")
+    g = torch.Generator().manual_seed(r * 3 + bits + 1)
+    T, num_blocks, block_size = 23, 4, 16
+    c = _special_rows(T, r, dtype, g)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]
+    slots[2], slots[10], slots[11] = -1, -1, -7
+    for slot_dtype in (torch.int64, torch.int32):
+        for layout in ("contiguous", "strided_rows", "shifted"):
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            got = _packed_in_guarded_buffer(num_blocks, block_size, r, bits, "cuda", torch.Generator().manual_seed(seed))
+            want = _packed_in_guarded_buffer(num_blocks, block_size, r, bits, "cpu", torch.Generator().manual_seed(seed))
+            qk.latent_cache_append(_c_layout(c.cuda(), layout), slots.to(slot_dtype).cuda(), got[1], None, bits, 0.9)
+            qk.latent_cache_append(c, slots.to(slot_dtype), want[1], None, bits, 0.9)
+            got_codes, got_scale = split_latent_rows(got[0].cpu(), bits, r)
+            want_codes, want_scale = split_latent_rows(want[0], bits, r)
+            what = f"{slot_dtype} {layout}"
+            assert _same_bits(got_codes, want_codes), f"codes or guard bytes differ ({what})"
+            assert _same_bits(got_scale, want_scale), f"scales or guard scales differ ({what})"

@@ -9,6 +9,7 @@ from torch.library import opcheck
 
 import qsvd_kernels as qk
 from qsvd_kernels import reference as R
+from qsvd_kernels.formats import pack_latent_rows, packed_row_bytes
 
 from conftest import require_kernel
 from helpers import make_paged_cache, make_weights
@@ -43,6 +44,11 @@ def _samples(device):
     s["latent_cache_append"] = [
         (c, torch.tensor([0, 3, -1, 17, 63], device=device), cache, scale, 8, 1.0),
         (c.half(), torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32, device=device), cache4, scale.clone(), 4, 0.9),
+        # Packed rows: cache_scale None, one mutable uint8 tensor.
+        (c, torch.tensor([0, 3, -1, 17, 63], device=device),
+         torch.zeros(4, 16, packed_row_bytes(8, 32), dtype=torch.uint8, device=device), None, 8, 1.0),
+        (c.bfloat16(), torch.tensor([5, 4, 3, 2, 1], dtype=torch.int32, device=device),
+         torch.zeros(4, 16, packed_row_bytes(4, 32), dtype=torch.uint8, device=device), None, 4, 0.9),
     ]
     attn, recon = [], []
     for bits, wdtype, rope in ((8, torch.float16, False), (4, torch.int8, True), (8, torch.bfloat16, True)):
@@ -55,6 +61,10 @@ def _samples(device):
         q = torch.randn(3, 4, 64, generator=g).to(device)
         attn.append((q, *common, bits, 0.125, *rope_args))
         recon.append((*common, bits, *rope_args, None))
+        # The same cache as packed rows (cache_scale None).
+        packed = [pack_latent_rows(pc.cache, pc.cache_scale).to(device), None, *common[2:]]
+        attn.append((q, *packed, bits, 0.125, *rope_args))
+        recon.append((*packed, bits, *rope_args, torch.float32))
     s["latent_attention"] = attn
     s["latent_reconstruct_kv"] = recon
     return s

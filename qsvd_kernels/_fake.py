@@ -36,6 +36,7 @@ def _quant_gemm_fake(a, a_scale, b, b_scale, a_bits, b_bits, out_dtype, bias=Non
 
 @register_fake("qsvd::latent_cache_append")
 def _latent_cache_append_fake(c, slot_mapping, cache, cache_scale, bits, clip_ratio=1.0):
+    # cache_scale may be None (packed rows): nothing is returned either way.
     return None
 
 
@@ -56,6 +57,7 @@ def _latent_reconstruct_kv_fake(
     total = torch.library.get_ctx().new_dynamic_size()
     out_dtype = reconstruct_out_dtype(w_uk.dtype, out_dtype)
     H_kv, _, d = w_uk.shape
-    k = cache_scale.new_empty((total, H_kv, d), dtype=out_dtype)
-    v = cache_scale.new_empty((total, H_kv, d), dtype=out_dtype)
+    # cache_scale is None with packed rows: allocate from cache (same device).
+    k = cache.new_empty((total, H_kv, d), dtype=out_dtype)
+    v = cache.new_empty((total, H_kv, d), dtype=out_dtype)
     return k, v

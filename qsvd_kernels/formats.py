@@ -13,6 +13,16 @@ byte i (uint8 storage), so a row of n codes takes n / 2 bytes.
 
 Adding a bit width is an entry in ``_FORMATS`` (and in formats.h) plus the
 kernel instantiations.
+
+The paged latent cache has two layouts (docs/ops.md, "The latent cache
+layouts"; ``include/qsvd/latent_cache_layout.h`` is the C++ twin):
+separate (``cache`` codes ``[num_blocks, block_size, row_bytes]`` plus
+``cache_scale`` fp32 ``[num_blocks, block_size]``) and packed rows
+(``cache_scale`` None; ``cache`` uint8 ``[num_blocks, block_size, row_bytes + 4]``,
+each row its codes followed by its fp32 scale in native byte order)::
+
+    packed = pack_latent_rows(cache, cache_scale)        # uint8 [..., row_bytes + 4]
+    codes, scale = split_latent_rows(packed, bits, r)    # views into packed
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ __all__ = [
     "is_code_bits",
     "qmax_for_bits",
     "code_row_bytes",
+    "packed_row_bytes",
+    "pack_latent_rows",
+    "split_latent_rows",
     "reconstruct_out_dtype",
 ]
 
@@ -100,6 +113,55 @@ def qmax_for_bits(bits: int) -> int:
 def code_row_bytes(bits: int, n: int) -> int:
     """Bytes that a row of ``n`` codes of ``bits`` bits occupies."""
     return code_format(bits).row_bytes(n)
+
+
+LATENT_SCALE_BYTES = 4  # one fp32 scale per packed row
+
+
+def packed_row_bytes(bits: int, r: int) -> int:
+    """Bytes of one packed latent-cache row: ``code_row_bytes(bits, r)`` code
+    bytes, then the fp32 scale (4 bytes). The kernels require the code bytes
+    to be a multiple of 4 (an aligned scale)."""
+    return code_row_bytes(bits, r) + LATENT_SCALE_BYTES
+
+
+def pack_latent_rows(codes_stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Stored codes ``[..., row_bytes]`` (int8, or uint8 INT4 nibbles) and
+    their fp32 scales ``[...]`` -> packed rows, a new contiguous uint8 tensor
+    ``[..., row_bytes + 4]``: each row its code bytes, then its scale's bytes
+    (native byte order)."""
+    if codes_stored.dtype not in (torch.int8, torch.uint8):
+        raise ValueError(f"codes must be int8 or uint8 (stored codes), got {codes_stored.dtype}")
+    if scale.shape != codes_stored.shape[:-1]:
+        raise ValueError(f"scale must have shape {tuple(codes_stored.shape[:-1])} (one per row of codes), "
+                         f"got {tuple(scale.shape)}")
+    code_bytes = codes_stored.view(torch.uint8)
+    scale_bytes = scale.to(torch.float32).contiguous().unsqueeze(-1).view(torch.uint8)  # [..., 4]
+    return torch.cat((code_bytes, scale_bytes), dim=-1).contiguous()
+
+
+def split_latent_rows(packed: torch.Tensor, bits: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows uint8 ``[..., row_bytes + 4]`` -> ``(codes_stored, scale)``:
+    the stored codes ``[..., row_bytes]`` in the dtype of ``bits`` (int8, or
+    uint8 INT4 nibbles) and the fp32 scales ``[...]``. Both are views into
+    ``packed`` (writes through them land in it) when the scales are 4-byte
+    aligned (``row_bytes % 4 == 0``, ``packed`` with unit last stride and an
+    aligned start), copies otherwise."""
+    fmt = code_format(bits)
+    row_bytes = fmt.row_bytes(r)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed latent rows must be uint8, got {packed.dtype}")
+    if packed.dim() < 1 or packed.shape[-1] != row_bytes + LATENT_SCALE_BYTES:
+        raise ValueError(f"packed rows of r = {r} {bits}-bit codes have {row_bytes + LATENT_SCALE_BYTES} bytes "
+                         f"({row_bytes} code bytes + a 4-byte scale), got shape {tuple(packed.shape)}")
+    codes = packed[..., :row_bytes]
+    codes = codes.view(fmt.dtype) if fmt.dtype != torch.uint8 else codes
+    raw = packed[..., row_bytes:]
+    try:
+        scale = raw.view(torch.float32).squeeze(-1)
+    except RuntimeError:  # unaligned rows: no float view exists
+        scale = raw.contiguous().view(torch.float32).squeeze(-1)
+    return codes, scale
 
 
 def reconstruct_out_dtype(w_dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> torch.dtype:

@@ -92,7 +92,7 @@ def latent_cache_append(
     c: torch.Tensor,
     slot_mapping: torch.Tensor,
     cache: torch.Tensor,
-    cache_scale: torch.Tensor,
+    cache_scale: torch.Tensor | None,
     bits: int,
     clip_ratio: float = 1.0,
 ) -> None:
@@ -103,9 +103,18 @@ def latent_cache_append(
         slot_mapping: ``[T]`` int64 or int32 flat slots
             (``block * block_size + offset``); negative slots are skipped.
             A slot past the cache raises before anything is written.
-        cache: ``[num_blocks, block_size, r]`` int8 (``bits=8``) or
-            ``[num_blocks, block_size, r/2]`` uint8 (``bits=4``), contiguous.
-        cache_scale: ``[num_blocks, block_size]`` float32, contiguous.
+        cache: the paged latent cache, contiguous, in one of two layouts.
+            Separate (``cache_scale`` given): ``[num_blocks, block_size, r]``
+            int8 (``bits=8``) or ``[num_blocks, block_size, r/2]`` uint8
+            (``bits=4``). Packed rows (``cache_scale`` None): uint8
+            ``[num_blocks, block_size, row_bytes + 4]`` with ``row_bytes =
+            r`` (``bits=8``) or ``r/2`` (``bits=4``), a multiple of 4; each
+            token's row is its code bytes, then its float32 scale (native
+            byte order) at byte ``row_bytes``
+            (:func:`qsvd_kernels.formats.pack_latent_rows`,
+            :func:`qsvd_kernels.formats.split_latent_rows`).
+        cache_scale: ``[num_blocks, block_size]`` float32, contiguous; or
+            None for a packed-rows ``cache``.
         bits: 8 or 4.
         clip_ratio: in (0, 1].
 
@@ -117,7 +126,7 @@ def latent_cache_append(
 def latent_attention(
     q: torch.Tensor,
     cache: torch.Tensor,
-    cache_scale: torch.Tensor,
+    cache_scale: torch.Tensor | None,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     w_uk: torch.Tensor,
@@ -134,8 +143,9 @@ def latent_attention(
     Args:
         q: ``[B, H, d]`` float16 / bfloat16 / float32, already rotated for its
             own position.
-        cache, cache_scale: the paged latent cache (see
-            :func:`latent_cache_append`).
+        cache, cache_scale: the paged latent cache in either layout (see
+            :func:`latent_cache_append`): ``cache_scale`` None means
+            ``cache`` holds packed rows (then it must be contiguous).
         block_table: ``[B, max_blocks]`` int32; sequence ``b``'s token ``t``
             is at block ``block_table[b, t // block_size]``.
         seq_lens: ``[B]`` int32, tokens per sequence (0 allowed).
@@ -161,7 +171,7 @@ def latent_attention(
 
 def latent_reconstruct_kv(
     cache: torch.Tensor,
-    cache_scale: torch.Tensor,
+    cache_scale: torch.Tensor | None,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     w_uk: torch.Tensor,
@@ -175,8 +185,9 @@ def latent_reconstruct_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Materialise K (RoPE-rotated when tables are given) and V from the latent cache.
 
-    Arguments as in :func:`latent_attention`. ``out_dtype`` defaults to the
-    weights' dtype, or float16 for int8 weights.
+    Arguments as in :func:`latent_attention` (``cache_scale`` None: a
+    packed-rows ``cache``). ``out_dtype`` defaults to the weights' dtype, or
+    float16 for int8 weights.
 
     Returns:
         ``k``, ``v``: ``[sum(seq_lens), H_kv, d]``, sequences packed in

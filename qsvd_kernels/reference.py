@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import torch
 
-from .formats import code_format, qmax_for_bits, reconstruct_out_dtype
+from .formats import LATENT_SCALE_BYTES, code_format, qmax_for_bits, reconstruct_out_dtype, split_latent_rows
 
 __all__ = [
     "MAX_HADAMARD_DIM",
@@ -41,6 +41,7 @@ __all__ = [
     "unpack_codes",
     "quant_gemm_ref",
     "latent_cache_append_ref",
+    "latent_cache_parts",
     "gather_latent_ref",
     "rope_tables",
     "apply_rope_ref",
@@ -277,15 +278,38 @@ def quant_gemm_ref(
 # ----------------------------------------------------------------------------
 
 
+def latent_cache_parts(
+    cache: torch.Tensor, cache_scale: torch.Tensor | None, bits: int, r: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paged cache in the separate layout: ``(codes, scale)``.
+
+    With ``cache_scale`` given, that is ``(cache, cache_scale)``. With
+    ``cache_scale`` None, ``cache`` holds packed rows (uint8
+    ``[num_blocks, block_size, row_bytes + 4]``) and the result is
+    :func:`qsvd_kernels.formats.split_latent_rows` of it: views into ``cache``
+    (writes through them land in it). ``r`` defaults to what the row width
+    implies."""
+    if cache_scale is not None:
+        return cache, cache_scale
+    if r is None:
+        r = (cache.shape[-1] - LATENT_SCALE_BYTES) * code_format(bits).codes_per_byte
+    return split_latent_rows(cache, bits, r)
+
+
 def latent_cache_append_ref(
     c: torch.Tensor,
     slot_mapping: torch.Tensor,
     cache: torch.Tensor,
-    cache_scale: torch.Tensor,
+    cache_scale: torch.Tensor | None,
     bits: int,
     clip_ratio: float = 1.0,
 ) -> None:
-    """In-place spec of ``torch.ops.qsvd.latent_cache_append`` (bit-exact)."""
+    """In-place spec of ``torch.ops.qsvd.latent_cache_append`` (bit-exact).
+    ``cache_scale`` None: ``cache`` holds packed rows (:func:`latent_cache_parts`)."""
+    packed = cache_scale is None
+    cache, cache_scale = latent_cache_parts(cache, cache_scale, bits, c.shape[-1])
+    if packed and cache_scale.untyped_storage().data_ptr() != cache.untyped_storage().data_ptr():
+        raise ValueError("packed rows need 4-byte aligned scales (code bytes per row a multiple of 4)")
     codes, scale = quantize_rows_ref(c.to(torch.float32), bits, clip_ratio)
     codes = code_format(bits).pack(codes)
     flat = cache.view(-1, cache.shape[-1])
@@ -300,14 +324,16 @@ def latent_cache_append_ref(
 
 def gather_latent_ref(
     cache: torch.Tensor,
-    cache_scale: torch.Tensor,
+    cache_scale: torch.Tensor | None,
     block_table: torch.Tensor,
     seq_len: int,
     b: int,
     bits: int,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """The dequantized latent rows [seq_len, r] of sequence ``b``."""
+    """The dequantized latent rows [seq_len, r] of sequence ``b`` (either
+    cache layout: :func:`latent_cache_parts`)."""
+    cache, cache_scale = latent_cache_parts(cache, cache_scale, bits)
     block_size = cache.shape[1]
     t = torch.arange(seq_len, device=cache.device)
     blocks = block_table[b].to(torch.int64)[t // block_size]
@@ -353,7 +379,7 @@ def _kv_for_sequence(cache, cache_scale, block_table, L, b, w_k, w_v, bits, rope
 def latent_attention_ref(
     q: torch.Tensor,
     cache: torch.Tensor,
-    cache_scale: torch.Tensor,
+    cache_scale: torch.Tensor | None,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     w_uk: torch.Tensor,
@@ -371,9 +397,11 @@ def latent_attention_ref(
     ``k_t = RoPE_t(c_t W_uk)``, ``v_t = c_t W_uv``, query head h reads kv head
     ``h // (H / H_kv)``; ``out = softmax(sm_scale q.k) v``, ``lse`` the
     natural-log sum of exp of the scaled scores. An empty sequence gives
-    zeros and ``lse = -inf``. Returns (out in q's dtype, lse fp32); a
+    zeros and ``lse = -inf``. ``cache_scale`` None: ``cache`` holds packed
+    rows (:func:`latent_cache_parts`). Returns (out in q's dtype, lse fp32); a
     float64 ``q`` returns both unrounded in float64 (the exact result).
     """
+    cache, cache_scale = latent_cache_parts(cache, cache_scale, bits, w_uk.shape[1])
     B, H, d = q.shape
     H_kv = w_uk.shape[0]
     group = H // H_kv
@@ -397,7 +425,7 @@ def latent_attention_ref(
 
 def latent_reconstruct_kv_ref(
     cache: torch.Tensor,
-    cache_scale: torch.Tensor,
+    cache_scale: torch.Tensor | None,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     w_uk: torch.Tensor,
@@ -410,7 +438,9 @@ def latent_reconstruct_kv_ref(
     out_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K (rotated) and V of every cached token, [sum(seq_lens), H_kv, d]."""
+    """K (rotated) and V of every cached token, [sum(seq_lens), H_kv, d].
+    ``cache_scale`` None: ``cache`` holds packed rows (:func:`latent_cache_parts`)."""
+    cache, cache_scale = latent_cache_parts(cache, cache_scale, bits, w_uk.shape[1])
     out_dtype = reconstruct_out_dtype(w_uk.dtype, out_dtype)
     H_kv, _, d = w_uk.shape
     w_k = _dequant_weight(w_uk, w_uk_scale, compute_dtype)

@@ -202,6 +202,7 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
         the rounded ln2 and the product 3u (S_max + ln L + 1):
         ds + (n_l + 2 + 2 ln L) u + 3u (S_max + ln L + 1).
     """
+    cache, cache_scale = R.latent_cache_parts(cache, cache_scale, bits, w_uk.shape[1])  # either layout
     if kernel == "cuda_auto":
         args = (q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, sm_scale,
                 rope_cos, rope_sin)
@@ -264,6 +265,7 @@ def latent_reconstruct_error_bound(cache, cache_scale, block_table, seq_lens, w_
     on tensor cores through cuBLAS: they align and truncate instead of
     rounding to nearest, at most 3u per product (the derivation is in
     latent_attention_error_bound, kernel="cuda_tc"), so the sum counts 3 r."""
+    cache, cache_scale = R.latent_cache_parts(cache, cache_scale, bits, w_uk.shape[1])  # either layout
     H_kv, r, d = w_uk.shape
     w_k, w_v = _abs_weight(w_uk, w_uk_scale), _abs_weight(w_uv, w_uv_scale)
     ks, vs = [], []

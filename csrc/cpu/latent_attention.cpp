@@ -34,18 +34,36 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "../checks.h"
 #include "../ops.h"
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include "qsvd/cpu/simd.h"
 #include "qsvd/formats.h"
+#include "qsvd/latent_cache_layout.h"
 #include "qsvd/numerics.h"
 
 namespace qsvd_torch {
 namespace {
+
+// at::parallel_for's OpenMP threads start without the caller's thread-local
+// dispatch state: a tensor op inside a task on a tensor made under
+// torch.inference_mode (vLLM runs its models so) would raise "Inplace update
+// to inference tensor outside InferenceMode". Each task re-enters the
+// caller's mode.
+template <class F>
+void parallel_tasks(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    c10::InferenceMode guard(inference);
+    f(b, e);
+  });
+}
+
 
 // Token tiles: the RoPE path rebuilds [T, H_kv d] per tile (1 MiB at
 // H_kv d = 4096), the absorbed path keeps [T, r] fp32 codes in cache.
@@ -65,12 +83,12 @@ bool int_mm_exact() {
   return exact;
 }
 
-// Read access to one sequence's latent rows in the paged cache.
+// Read access to one sequence's latent rows in the paged cache (either
+// layout: qsvd/latent_cache_layout.h).
 struct LatentRows {
-  const uint8_t* cache;
-  const float* cache_scale;
+  qsvd::LatentCacheLayout layout;
   const int32_t* block_row;  // block_table[b]
-  int64_t block_size, code_row, r;
+  int64_t block_size, r;
   int bits;
 
   // Tokens [t0, t0 + T) -> int8 codes [T, r] and scales [T].
@@ -78,26 +96,30 @@ struct LatentRows {
     for (int64_t i = 0; i < T; ++i) {
       const int64_t t = t0 + i;
       const int64_t slot = static_cast<int64_t>(block_row[t / block_size]) * block_size + t % block_size;
-      qsvd::cpu::unpack_codes_row(cache + slot * code_row, r, bits, codes + i * r);
-      scales[i] = cache_scale[slot];
+      qsvd::cpu::unpack_codes_row(layout.codes_of(slot), r, bits, codes + i * r);
+      std::memcpy(scales + i, layout.scale_of(slot), sizeof(float));
     }
   }
 };
 
 struct Prepared {
-  at::Tensor cache, cache_scale, block_table, seq_lens, cos, sin;
+  at::Tensor cache, block_table, seq_lens, cos, sin;
+  std::optional<at::Tensor> cache_scale;
+  qsvd::LatentCacheLayout layout;
   int64_t total_tokens;
 };
 
-Prepared prepare(const char* op, const LatentShape& s, const at::Tensor& cache, const at::Tensor& cache_scale,
+Prepared prepare(const char* op, const LatentShape& s, int64_t bits, const at::Tensor& cache,
+                 const std::optional<at::Tensor>& cache_scale,
                  const at::Tensor& block_table, const at::Tensor& seq_lens, const std::optional<at::Tensor>& rope_cos,
                  const std::optional<at::Tensor>& rope_sin) {
   Prepared p;
   p.block_table = block_table.contiguous();
   p.seq_lens = seq_lens.contiguous();
   p.total_tokens = check_paged_indices_host(op, p.seq_lens, p.block_table, s, s.rope ? rope_cos->size(0) : 0);
-  p.cache = cache.contiguous();
-  p.cache_scale = cache_scale.contiguous();
+  p.cache = cache.contiguous();  // packed rows are contiguous already (checked)
+  if (cache_scale.has_value()) p.cache_scale = cache_scale->contiguous();
+  p.layout = latent_cache_layout(p.cache, p.cache_scale, bits, s.r);
   if (s.rope) {
     p.cos = rope_cos->contiguous();
     p.sin = rope_sin->contiguous();
@@ -106,12 +128,7 @@ Prepared prepare(const char* op, const LatentShape& s, const at::Tensor& cache, 
 }
 
 LatentRows rows_of(const Prepared& p, const LatentShape& s, int64_t b, int64_t bits) {
-  return {static_cast<const uint8_t*>(p.cache.data_ptr()),
-          p.cache_scale.data_ptr<float>(),
-          p.block_table.data_ptr<int32_t>() + b * s.max_blocks,
-          s.block_size,
-          qsvd::code_row_bytes(static_cast<int>(bits), s.r),
-          s.r,
+  return {p.layout, p.block_table.data_ptr<int32_t>() + b * s.max_blocks, s.block_size, s.r,
           static_cast<int>(bits)};
 }
 
@@ -186,7 +203,8 @@ struct Task {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
-    const at::Tensor& q_in, const at::Tensor& cache, const at::Tensor& cache_scale, const at::Tensor& block_table,
+    const at::Tensor& q_in, const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
+    const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale_d,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin) {
@@ -194,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   int64_t H = 0;
   const LatentShape s = check_latent_attention(q_in, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale,
                                                w_uv, w_uv_scale, bits, sm_scale_d, rope_cos, rope_sin, &H);
-  const Prepared p = prepare(op, s, cache, cache_scale, block_table, seq_lens, rope_cos, rope_sin);
+  const Prepared p = prepare(op, s, bits, cache, cache_scale, block_table, seq_lens, rope_cos, rope_sin);
   const int64_t B = s.B, H_kv = s.H_kv, G = H / H_kv, r = s.r, d = s.d, E = H_kv * d;
   const auto f32 = q_in.options().dtype(at::kFloat);
   at::Tensor out = at::zeros({B, H, d}, f32);
@@ -236,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     q_lat = at::empty({B, H_kv, G, r}, f32);
     at::Tensor qk = q.view({B, H_kv, G, d});
     if (w_uk_scale.has_value()) qk = qk.mul(w_uk_scale->to(at::kFloat).view({1, H_kv, 1, d}));
-    at::parallel_for(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
+    parallel_tasks(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
       at::Tensor wf = at::empty({r, d}, f32);
       for (int64_t hk = h0; hk < h1; ++hk) {
         head_weights_f32(w_uk, hk, wf);
@@ -253,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   at::Tensor l_all = at::empty({std::max<int64_t>(n_tasks, 1), H}, f32);
   at::Tensor acc_all = at::empty({std::max<int64_t>(n_tasks, 1), H, r}, f32);
 
-  at::parallel_for(0, n_tasks, 1, [&](int64_t task0, int64_t task1) {
+  parallel_tasks(0, n_tasks, 1, [&](int64_t task0, int64_t task1) {
     at::Tensor codes = at::empty({tile, r}, f32.dtype(at::kChar));
     at::Tensor codes_f = at::empty({tile, r}, f32);
     at::Tensor k_buf = s.rope ? at::empty({tile, E}, f32) : at::Tensor();
@@ -352,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     const float* la = l_all.data_ptr<float>();
     const at::Tensor acc_kv = acc_b.view({B, H_kv, G, r});
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-    at::parallel_for(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
+    parallel_tasks(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
       at::Tensor wf = at::empty({r, d}, f32);
       for (int64_t hk = h0; hk < h1; ++hk) {
         for (int64_t b = 0; b < B; ++b)
@@ -402,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
-    const at::Tensor& cache, const at::Tensor& cache_scale, const at::Tensor& block_table,
+    const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
@@ -411,9 +429,9 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
   const LatentShape s = check_latent_cache_and_weights(op, cache, cache_scale, block_table, seq_lens, w_uk,
                                                        w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin);
   const at::ScalarType out_dtype = reconstruct_out_dtype(op, w_uk, out_dtype_opt);
-  const Prepared p = prepare(op, s, cache, cache_scale, block_table, seq_lens, rope_cos, rope_sin);
+  const Prepared p = prepare(op, s, bits, cache, cache_scale, block_table, seq_lens, rope_cos, rope_sin);
   const int64_t r = s.r, d = s.d, H_kv = s.H_kv, E = H_kv * d;
-  const auto f32 = cache_scale.options().dtype(at::kFloat);
+  const auto f32 = cache.options().dtype(at::kFloat);
   at::Tensor k = at::empty({p.total_tokens, H_kv, d}, f32.dtype(out_dtype));
   at::Tensor v = at::empty({p.total_tokens, H_kv, d}, f32.dtype(out_dtype));
   if (p.total_tokens == 0) return {k, v};
@@ -426,7 +444,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
   for (int64_t b = 0; b < s.B; ++b)
     for (int64_t t0 = 0; t0 < lens[b]; t0 += tile) tasks.push_back({b, t0, std::min<int64_t>(lens[b], t0 + tile)});
 
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t task0, int64_t task1) {
+  parallel_tasks(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t task0, int64_t task1) {
     at::Tensor codes = at::empty({tile, r}, f32.dtype(at::kChar));
     at::Tensor codes_f = at::empty({tile, r}, f32);
     at::Tensor kb = at::empty({tile, E}, f32), vb = at::empty({tile, E}, f32);

@@ -50,7 +50,7 @@ KernelChoice kernel_choice(const char* op) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
-    const at::Tensor& q_in, const at::Tensor& cache_in, const at::Tensor& cache_scale_in,
+    const at::Tensor& q_in, const at::Tensor& cache_in, const std::optional<at::Tensor>& cache_scale_in,
     const at::Tensor& block_table_in, const at::Tensor& seq_lens_in, const at::Tensor& w_uk_in,
     const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv_in,
     const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
@@ -74,8 +74,9 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
              s.B, ", H = ", H);
 
   const at::Tensor q = q_in.to(at::kFloat).contiguous();
-  const at::Tensor cache = cache_in.contiguous();
-  const at::Tensor cache_scale = cache_scale_in.contiguous();
+  const at::Tensor cache = cache_in.contiguous();  // packed rows: contiguous already (checked)
+  const std::optional<at::Tensor> cache_scale =
+      cache_scale_in.has_value() ? std::optional<at::Tensor>(cache_scale_in->contiguous()) : std::nullopt;
   const at::Tensor w_uk = w_uk_in.contiguous();
   const at::Tensor w_uv = w_uv_in.contiguous();
   const at::Tensor wk_scale = w_uk_scale.has_value() ? w_uk_scale->contiguous() : at::Tensor();
@@ -85,8 +86,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
 
   lat::LatentAttentionParams p;
   p.q = q.data_ptr<float>();
-  p.cache = cache.data_ptr();
-  p.cache_scale = cache_scale.data_ptr<float>();
+  p.cache = latent_cache_layout(cache, cache_scale, bits, s.r);  // either layout
   p.block_table = block_table.data_ptr<int32_t>();
   p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.w_uk = w_uk.data_ptr();

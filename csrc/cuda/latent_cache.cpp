@@ -29,7 +29,7 @@ constexpr int64_t kReconstructWorkspaceBytes = int64_t{256} << 20;
 }  // namespace
 
 void latent_cache_append_cuda(const at::Tensor& c_in, const at::Tensor& slot_mapping, at::Tensor& cache,
-                              at::Tensor& cache_scale, int64_t bits, double clip_ratio) {
+                              const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio) {
   const char* op = "latent_cache_append";
   const CacheAppendShape s = check_latent_cache_append(c_in, slot_mapping, cache, cache_scale, bits, clip_ratio);
   const c10::cuda::CUDAGuard guard(c_in.device());
@@ -46,17 +46,18 @@ void latent_cache_append_cuda(const at::Tensor& c_in, const at::Tensor& slot_map
   p.c_type = to_dtype(op, c.scalar_type());
   p.slot_mapping = slots.data_ptr();
   p.slot_is_int64 = slots.scalar_type() == at::kLong;
-  p.cache = cache.data_ptr();
-  p.cache_scale = cache_scale.data_ptr<float>();
+  p.cache = latent_cache_layout(cache, cache_scale, bits, s.r);  // either layout
   p.T = s.T;
   p.r = s.r;
   p.num_slots = s.num_blocks * s.block_size;
   p.bits = static_cast<int>(bits);
   p.clip_ratio = static_cast<float>(clip_ratio);
   // Row starts c + i * stride at 16 bytes, code rows (r or r/2 bytes, r % 8
-  // == 0) at 8 / 4 bytes: the vector widths the kernel uses.
+  // == 0; base and row stride: r, r/2, or + 4 for packed rows) at 4 bytes,
+  // and at 8 bytes for the 8-byte int8 stores: the vector widths the kernel uses.
   p.vectorized = s.r % 8 == 0 && aligned(p.c, 16) && (p.c_row_stride * c.element_size()) % 16 == 0 &&
-                 aligned(p.cache, bits == 8 ? 8 : 4);
+                 aligned(p.cache.codes, 4) && p.cache.code_stride % 4 == 0;
+  p.codes_8byte = p.vectorized && aligned(p.cache.codes, 8) && p.cache.code_stride % 8 == 0;
   check_launch(op, lc::launch_cache_append(p, at::cuda::getCurrentCUDAStream()));
 }
 
@@ -73,7 +74,7 @@ void latent_cache_append_cuda(const at::Tensor& c_in, const at::Tensor& slot_map
 // which can at worst double the per-addition error of step 2. Random data
 // stay far below either bound; the tests use the round-to-nearest one.
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
-    const at::Tensor& cache, const at::Tensor& cache_scale, const at::Tensor& block_table,
+    const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
@@ -114,8 +115,9 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   };
   const at::Tensor w_cat = at::cat({gemm_operand(w_uk), gemm_operand(w_uv)}, 1);  // [r, 2 N1]
   const at::Tensor cu_dev = at::tensor(cu_seqlens, at::TensorOptions().dtype(at::kLong)).to(cache.device());
-  const at::Tensor cache_c = cache.contiguous();
-  const at::Tensor cache_scale_c = cache_scale.contiguous();
+  const at::Tensor cache_c = cache.contiguous();  // packed rows: contiguous already (checked)
+  const std::optional<at::Tensor> cache_scale_c =
+      cache_scale.has_value() ? std::optional<at::Tensor>(cache_scale->contiguous()) : std::nullopt;
   const at::Tensor table_c = block_table.contiguous();
   const at::Tensor cos_c = s.rope ? rope_cos->contiguous() : at::Tensor();
   const at::Tensor sin_c = s.rope ? rope_sin->contiguous() : at::Tensor();
@@ -132,8 +134,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   lc::GatherCodesParams g;
-  g.cache = cache_c.data_ptr();
-  g.cache_scale = cache_scale_c.data_ptr<float>();
+  g.cache = latent_cache_layout(cache_c, cache_scale_c, bits, s.r);  // either layout
   g.block_table = table_c.data_ptr<int32_t>();
   g.cu_seqlens = cu_dev.data_ptr<int64_t>();
   g.B = s.B;
@@ -146,7 +147,9 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   g.codes_type = to_dtype(op, gemm_dtype);
   g.token_scale = token_scale.data_ptr<float>();
   g.position = position.data_ptr<int32_t>();
-  g.vectorized = s.r % 8 == 0 && aligned(g.cache, bits == 8 ? 8 : 4);
+  // Code rows (base and stride) at 4 bytes; 8 for the 8-byte int8 loads.
+  g.vectorized = s.r % 8 == 0 && aligned(g.cache.codes, 4) && g.cache.code_stride % 4 == 0;
+  g.codes_8byte = g.vectorized && aligned(g.cache.codes, 8) && g.cache.code_stride % 8 == 0;
 
   lc::KvEpilogueParams e;
   e.acc_row_stride = 2 * N1;

@@ -78,11 +78,13 @@ __device__ __forceinline__ uint2 unpack_int4_word(uint32_t w) {
 }
 
 // Codes of the tile's rows -> codes_s [T, rp] int8, kVec bytes per load
-// (row_bytes % kVec == 0 and the cache base aligned to kVec: checked by the
-// caller). Invalid rows become zeros. Columns [r, rp) are zeroed once.
+// (row_bytes and the row stride code_stride multiples of kVec, the cache
+// base aligned to kVec: checked by the caller). Invalid rows become zeros.
+// Columns [r, rp) are zeroed once.
 template <int kBits, int kVec>
-__device__ __forceinline__ void load_code_rows(const uint8_t* __restrict__ cache, int64_t row_bytes,
-                                               const int64_t* tok_slot, int T, int8_t* codes_s, int rp) {
+__device__ __forceinline__ void load_code_rows(const uint8_t* __restrict__ cache, int64_t code_stride,
+                                               int64_t row_bytes, const int64_t* tok_slot, int T, int8_t* codes_s,
+                                               int rp) {
   const int chunks = static_cast<int>(row_bytes / kVec);
   const int total = T * chunks;
   constexpr int kCodesPerChunk = kBits == 4 ? 2 * kVec : kVec;
@@ -91,7 +93,7 @@ __device__ __forceinline__ void load_code_rows(const uint8_t* __restrict__ cache
     const int c = idx - t * chunks;
     const int64_t slot = tok_slot[t];
     int8_t* dst = codes_s + t * rp + c * kCodesPerChunk;
-    const uint8_t* src = slot >= 0 ? cache + slot * row_bytes + static_cast<int64_t>(c) * kVec : cache;
+    const uint8_t* src = slot >= 0 ? cache + slot * code_stride + static_cast<int64_t>(c) * kVec : cache;
     if constexpr (kVec == 16) {
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (slot >= 0) v = __ldg(reinterpret_cast<const uint4*>(src));
@@ -126,22 +128,25 @@ __device__ __forceinline__ void load_code_rows(const uint8_t* __restrict__ cache
 template <int kBits>
 __device__ __forceinline__ void load_codes(const LatentAttentionParams& p, int vec, const int64_t* tok_slot, int T,
                                            int8_t* codes_s, int rp) {
-  const uint8_t* cache = static_cast<const uint8_t*>(p.cache);
+  const uint8_t* cache = p.cache.codes;
+  const int64_t stride = p.cache.code_stride;
   const int64_t row_bytes = code_row_bytes(kBits, p.r);
   if (vec == 16)
-    load_code_rows<kBits, 16>(cache, row_bytes, tok_slot, T, codes_s, rp);
+    load_code_rows<kBits, 16>(cache, stride, row_bytes, tok_slot, T, codes_s, rp);
   else if (vec == 4)
-    load_code_rows<kBits, 4>(cache, row_bytes, tok_slot, T, codes_s, rp);
+    load_code_rows<kBits, 4>(cache, stride, row_bytes, tok_slot, T, codes_s, rp);
   else
-    load_code_rows<kBits, 1>(cache, row_bytes, tok_slot, T, codes_s, rp);
+    load_code_rows<kBits, 1>(cache, stride, row_bytes, tok_slot, T, codes_s, rp);
 }
 
-// Widest load (16, 4 or 1 bytes) that divides a cache row and the base address.
+// Widest load (16, 4 or 1 bytes) that divides a row's code bytes, the row
+// stride (row_bytes, or row_bytes + 4 for packed rows) and the base address.
 inline int code_vector_bytes(const LatentAttentionParams& p) {
   const int64_t row_bytes = code_row_bytes(p.bits, p.r);
-  const uintptr_t base = reinterpret_cast<uintptr_t>(p.cache);
-  if (row_bytes % 16 == 0 && base % 16 == 0) return 16;
-  if (row_bytes % 4 == 0 && base % 4 == 0) return 4;
+  const int64_t stride = p.cache.code_stride;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(p.cache.codes);
+  if (row_bytes % 16 == 0 && stride % 16 == 0 && base % 16 == 0) return 16;
+  if (row_bytes % 4 == 0 && stride % 4 == 0 && base % 4 == 0) return 4;
   return 1;
 }
 
@@ -255,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_kernel(const LatentA
         const int64_t blk = block_row[t / p.block_size];
         if (blk >= 0 && blk < p.num_blocks) {
           slot = blk * p.block_size + t % p.block_size;
-          scale = p.cache_scale[slot];
+          scale = *p.cache.scale_of(slot);
         }
       }
       tok_slot[tid] = slot;

@@ -11,6 +11,7 @@
 
 #include "qsvd/config.h"
 #include "qsvd/formats.h"
+#include "qsvd/latent_cache_layout.h"
 
 namespace qsvd {
 namespace latent {
@@ -35,8 +36,10 @@ QSVD_INLINE int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 struct LatentAttentionParams {
   // Inputs (contiguous).
   const float* q = nullptr;             // [B, H, d] fp32
-  const void* cache = nullptr;          // [num_blocks, block_size, r] int8 or [.., r/2] packed INT4
-  const float* cache_scale = nullptr;   // [num_blocks, block_size]
+  // The paged cache, either layout (qsvd/latent_cache_layout.h): slot s's
+  // codes (r int8 or r/2 packed INT4 bytes) at cache.codes + s *
+  // cache.code_stride, its fp32 scale at cache.scales + s * cache.scale_stride.
+  LatentCacheLayout cache;
   const int32_t* block_table = nullptr; // [B, max_blocks]
   const int32_t* seq_lens = nullptr;    // [B]
   const void* w_uk = nullptr;           // [H_kv, r, d]

@@ -73,13 +73,14 @@ __device__ __forceinline__ uint2 codes4_to_elems(uint32_t w) {
 }
 
 // Codes of the tile's rows -> codes_s [T, ldc] of type E, kVec bytes per
-// global load (row_bytes % kVec == 0 and the cache base aligned to kVec:
-// code_vector_bytes). Invalid rows (slot < 0) become zeros; columns >= r are
+// global load (row_bytes and the row stride code_stride multiples of kVec,
+// the cache base aligned to kVec: code_vector_bytes). Invalid rows (slot < 0) become zeros; columns >= r are
 // not written (zeroed once by the caller). Stores are 8-byte aligned: ldc is
 // a multiple of 8 elements and each chunk starts at a multiple of 4 codes.
 template <int kBits, int kVec, typename E>
-__device__ __forceinline__ void load_code_rows_elems(const uint8_t* __restrict__ cache, int64_t row_bytes,
-                                                     const int64_t* tok_slot, int T, E* codes_s, int ldc) {
+__device__ __forceinline__ void load_code_rows_elems(const uint8_t* __restrict__ cache, int64_t code_stride,
+                                                     int64_t row_bytes, const int64_t* tok_slot, int T, E* codes_s,
+                                                     int ldc) {
   const int chunks = static_cast<int>(row_bytes / kVec);
   const int total = T * chunks;
   constexpr int kCodesPerChunk = kBits == 4 ? 2 * kVec : kVec;
@@ -88,7 +89,7 @@ __device__ __forceinline__ void load_code_rows_elems(const uint8_t* __restrict__
     const int c = idx - t * chunks;
     const int64_t slot = tok_slot[t];
     E* dst = codes_s + t * ldc + c * kCodesPerChunk;
-    const uint8_t* src = slot >= 0 ? cache + slot * row_bytes + static_cast<int64_t>(c) * kVec : cache;
+    const uint8_t* src = slot >= 0 ? cache + slot * code_stride + static_cast<int64_t>(c) * kVec : cache;
     if constexpr (kVec == 16) {
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (slot >= 0) v = __ldg(reinterpret_cast<const uint4*>(src));
@@ -129,14 +130,15 @@ __device__ __forceinline__ void load_code_rows_elems(const uint8_t* __restrict__
 template <int kBits, typename E>
 __device__ __forceinline__ void load_codes_elems(const LatentAttentionParams& p, int vec, const int64_t* tok_slot,
                                                  int T, E* codes_s, int ldc) {
-  const uint8_t* cache = static_cast<const uint8_t*>(p.cache);
+  const uint8_t* cache = p.cache.codes;
+  const int64_t stride = p.cache.code_stride;
   const int64_t row_bytes = code_row_bytes(kBits, p.r);
   if (vec == 16)
-    load_code_rows_elems<kBits, 16, E>(cache, row_bytes, tok_slot, T, codes_s, ldc);
+    load_code_rows_elems<kBits, 16, E>(cache, stride, row_bytes, tok_slot, T, codes_s, ldc);
   else if (vec == 4)
-    load_code_rows_elems<kBits, 4, E>(cache, row_bytes, tok_slot, T, codes_s, ldc);
+    load_code_rows_elems<kBits, 4, E>(cache, stride, row_bytes, tok_slot, T, codes_s, ldc);
   else
-    load_code_rows_elems<kBits, 1, E>(cache, row_bytes, tok_slot, T, codes_s, ldc);
+    load_code_rows_elems<kBits, 1, E>(cache, stride, row_bytes, tok_slot, T, codes_s, ldc);
 }
 
 // Eight consecutive fp16/bf16 weights (16-byte aligned) -> eight MMA
@@ -160,9 +162,9 @@ __device__ __forceinline__ uint4 weights8_to_elems<__nv_bfloat16, __nv_bfloat16>
 // whole blocks; 4 or 8 codes at a multiple of 4 or 8 (kVec 4, stores 4- and
 // 8-byte aligned); 1 or 2 codes (kVec 1).
 template <int kBits, int kVec>
-__device__ __forceinline__ void load_code_rows_i8_blocks(const uint8_t* __restrict__ cache, int64_t row_bytes,
-                                                         const int64_t* tok_slot, int T, int8_t* codes_s,
-                                                         int code_block) {
+__device__ __forceinline__ void load_code_rows_i8_blocks(const uint8_t* __restrict__ cache, int64_t code_stride,
+                                                         int64_t row_bytes, const int64_t* tok_slot, int T,
+                                                         int8_t* codes_s, int code_block) {
   const int chunks = static_cast<int>(row_bytes / kVec);
   const int total = T * chunks;
   constexpr int kCodesPerChunk = kBits == 4 ? 2 * kVec : kVec;
@@ -171,7 +173,7 @@ __device__ __forceinline__ void load_code_rows_i8_blocks(const uint8_t* __restri
     const int c = idx - t * chunks;
     const int64_t slot = tok_slot[t];
     int8_t* dst = codes_s + tc_i8_code_index(t, c * kCodesPerChunk, code_block);
-    const uint8_t* src = slot >= 0 ? cache + slot * row_bytes + static_cast<int64_t>(c) * kVec : cache;
+    const uint8_t* src = slot >= 0 ? cache + slot * code_stride + static_cast<int64_t>(c) * kVec : cache;
     if constexpr (kVec == 16) {
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (slot >= 0) v = __ldg(reinterpret_cast<const uint4*>(src));
@@ -206,14 +208,15 @@ __device__ __forceinline__ void load_code_rows_i8_blocks(const uint8_t* __restri
 template <int kBits>
 __device__ __forceinline__ void load_codes_i8_blocks(const LatentAttentionParams& p, int vec, const int64_t* tok_slot,
                                                      int T, int8_t* codes_s, int code_block) {
-  const uint8_t* cache = static_cast<const uint8_t*>(p.cache);
+  const uint8_t* cache = p.cache.codes;
+  const int64_t stride = p.cache.code_stride;
   const int64_t row_bytes = code_row_bytes(kBits, p.r);
   if (vec == 16)
-    load_code_rows_i8_blocks<kBits, 16>(cache, row_bytes, tok_slot, T, codes_s, code_block);
+    load_code_rows_i8_blocks<kBits, 16>(cache, stride, row_bytes, tok_slot, T, codes_s, code_block);
   else if (vec == 4)
-    load_code_rows_i8_blocks<kBits, 4>(cache, row_bytes, tok_slot, T, codes_s, code_block);
+    load_code_rows_i8_blocks<kBits, 4>(cache, stride, row_bytes, tok_slot, T, codes_s, code_block);
   else
-    load_code_rows_i8_blocks<kBits, 1>(cache, row_bytes, tok_slot, T, codes_s, code_block);
+    load_code_rows_i8_blocks<kBits, 1>(cache, stride, row_bytes, tok_slot, T, codes_s, code_block);
 }
 
 // ---------------------------------------------------------------------------
@@ -329,7 +332,7 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_rope_tc_kernel(const
         const int64_t blk = block_row[t / p.block_size];
         if (blk >= 0 && blk < p.num_blocks) {
           slot = blk * p.block_size + t % p.block_size;
-          scale = p.cache_scale[slot];
+          scale = *p.cache.scale_of(slot);
         }
       }
       tok_slot[tid] = slot;
@@ -694,7 +697,7 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_norope_tc_kernel(con
         const int64_t blk = block_row[t / p.block_size];
         if (blk >= 0 && blk < p.num_blocks) {
           slot = blk * p.block_size + t % p.block_size;
-          scale = p.cache_scale[slot];
+          scale = *p.cache.scale_of(slot);
         }
       }
       tok_slot[tid] = slot;

@@ -141,10 +141,10 @@ __global__ void __launch_bounds__(kThreads) cache_append_kernel(const CacheAppen
   }
   amax = row_group_amax<kWarpsPerRow>(amax);
   const float scale = quant_scale(amax, p.clip_ratio, kQmax);
-  if (tid == 0) p.cache_scale[slot] = scale;
+  if (tid == 0) *p.cache.scale_of(slot) = scale;
 
   if constexpr (kBits == 8) {
-    int8_t* out = static_cast<int8_t*>(p.cache) + slot * r;
+    int8_t* out = reinterpret_cast<int8_t*>(p.cache.codes_of(slot));
     if (p.vectorized) {
       for (int64_t j = static_cast<int64_t>(tid) * kChunk; j < r; j += kRowThreads * kChunk) {
         float v[kChunk];
@@ -152,14 +152,22 @@ __global__ void __launch_bounds__(kThreads) cache_append_kernel(const CacheAppen
         int8_t q[kChunk];
 #pragma unroll
         for (int i = 0; i < kChunk; ++i) q[i] = static_cast<int8_t>(quantize_value(v[i], scale, kQmax));
-        store_vec<int8_t, kChunk>(out + j, q);
+        if (p.codes_8byte) {
+          store_vec<int8_t, kChunk>(out + j, q);
+        } else {  // packed rows: the stride r + 4 keeps rows 4-byte aligned only
+          int8_t lo[kChunk / 2], hi[kChunk / 2];
+#pragma unroll
+          for (int i = 0; i < kChunk / 2; ++i) lo[i] = q[i], hi[i] = q[kChunk / 2 + i];
+          store_vec<int8_t, kChunk / 2>(out + j, lo);
+          store_vec<int8_t, kChunk / 2>(out + j + kChunk / 2, hi);
+        }
       }
     } else {
       for (int64_t j = tid; j < r; j += kRowThreads)
         out[j] = static_cast<int8_t>(quantize_value(to_float<T>(x[j]), scale, kQmax));
     }
   } else {
-    uint8_t* out = static_cast<uint8_t*>(p.cache) + slot * (r / 2);
+    uint8_t* out = p.cache.codes_of(slot);
     if (p.vectorized) {
       for (int64_t j = static_cast<int64_t>(tid) * kChunk; j < r; j += kRowThreads * kChunk) {
         float v[kChunk];
@@ -226,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) gather_codes_kernel(const GatherCode
   const bool valid = block >= 0 && block < p.num_blocks;
   const int64_t slot = block * p.block_size + t % p.block_size;
   if (lane == 0) {
-    p.token_scale[local] = valid ? p.cache_scale[slot] : 0.f;
+    p.token_scale[local] = valid ? *p.cache.scale_of(slot) : 0.f;
     p.position[local] = static_cast<int32_t>(t);
   }
   const int64_t r = p.r;
@@ -239,12 +247,21 @@ __global__ void __launch_bounds__(kThreads) gather_codes_kernel(const GatherCode
         for (int i = 0; i < kChunk; ++i) codes[i] = 0;
       } else if constexpr (kBits == 8) {
         int8_t q[kChunk];
-        load_vec<int8_t, kChunk>(static_cast<const int8_t*>(p.cache) + slot * r + j, q);
+        const int8_t* src = reinterpret_cast<const int8_t*>(p.cache.codes_of(slot)) + j;
+        if (p.codes_8byte) {
+          load_vec<int8_t, kChunk>(src, q);
+        } else {  // packed rows: 4-byte aligned only
+          int8_t lo[kChunk / 2], hi[kChunk / 2];
+          load_vec<int8_t, kChunk / 2>(src, lo);
+          load_vec<int8_t, kChunk / 2>(src + kChunk / 2, hi);
+#pragma unroll
+          for (int i = 0; i < kChunk / 2; ++i) q[i] = lo[i], q[kChunk / 2 + i] = hi[i];
+        }
 #pragma unroll
         for (int i = 0; i < kChunk; ++i) codes[i] = q[i];
       } else {
         uint8_t q[kChunk / 2];
-        load_vec<uint8_t, kChunk / 2>(static_cast<const uint8_t*>(p.cache) + slot * (r / 2) + j / 2, q);
+        load_vec<uint8_t, kChunk / 2>(p.cache.codes_of(slot) + j / 2, q);
 #pragma unroll
         for (int i = 0; i < kChunk / 2; ++i) {
           codes[2 * i] = unpack_int4_lo(q[i]);
@@ -261,9 +278,9 @@ __global__ void __launch_bounds__(kThreads) gather_codes_kernel(const GatherCode
       int code = 0;
       if (valid) {
         if constexpr (kBits == 8) {
-          code = static_cast<const int8_t*>(p.cache)[slot * r + j];
+          code = reinterpret_cast<const int8_t*>(p.cache.codes_of(slot))[j];
         } else {
-          const uint8_t byte = static_cast<const uint8_t*>(p.cache)[slot * (r / 2) + j / 2];
+          const uint8_t byte = p.cache.codes_of(slot)[j / 2];
           code = (j & 1) ? unpack_int4_hi(byte) : unpack_int4_lo(byte);
         }
       }

@@ -14,6 +14,7 @@
 #include <cuda_runtime_api.h>
 
 #include "qsvd/formats.h"
+#include "qsvd/latent_cache_layout.h"
 
 namespace qsvd {
 namespace latent_cache {
@@ -24,16 +25,22 @@ struct CacheAppendParams {
   DType c_type = DType::kF32;
   const void* slot_mapping = nullptr;   // [T] int64 (slot_is_int64) or int32
   bool slot_is_int64 = true;
-  void* cache = nullptr;                // [num_slots, r] int8 or [num_slots, r/2] packed uint8, contiguous
-  float* cache_scale = nullptr;         // [num_slots]
+  // The paged cache, either layout (qsvd/latent_cache_layout.h): slot s's
+  // codes (r int8 or r/2 packed INT4 bytes) at cache.codes + s *
+  // cache.code_stride, its fp32 scale (4-byte aligned) at cache.scales + s * cache.scale_stride.
+  LatentCacheLayout cache;
   int64_t T = 0;
   int64_t r = 0;                        // even for bits 4
   int64_t num_slots = 0;                // num_blocks * block_size; slots outside [0, num_slots) are skipped
   int bits = 8;                         // 8 or 4
   float clip_ratio = 1.f;               // (0, 1]
-  // 16-byte loads of c and 8-byte (int8) / 4-byte (int4) stores of codes:
-  // r % 8 == 0 and every row start suitably aligned (the launcher checks).
+  // 16-byte loads of c and 4-byte-aligned stores of codes: r % 8 == 0 and
+  // every row start suitably aligned (the launcher checks: c rows at 16
+  // bytes; code rows, base and cache.code_stride, at 4 bytes).
   bool vectorized = false;
+  // With vectorized int8 codes: 8-byte stores (code rows at 8 bytes: the
+  // separate layout), else two 4-byte stores (packed rows, stride r + 4).
+  bool codes_8byte = false;
 };
 
 // One definition per input element type (csrc/cuda/latent_cache_kernels.cu).
@@ -55,8 +62,9 @@ inline cudaError_t launch_cache_append(const CacheAppendParams& p, cudaStream_t 
 // in batch order, cu_seqlens[b] = first row of sequence b): the unpacked
 // codes as a dense matrix, the token scales and each row's position t.
 struct GatherCodesParams {
-  const void* cache = nullptr;          // [num_blocks, block_size, r or r/2], contiguous
-  const float* cache_scale = nullptr;   // [num_blocks, block_size], contiguous
+  // The paged cache [num_blocks * block_size slots], either layout
+  // (qsvd/latent_cache_layout.h), as in CacheAppendParams.
+  LatentCacheLayout cache;
   const int32_t* block_table = nullptr; // [B, max_blocks], contiguous
   const int64_t* cu_seqlens = nullptr;  // [B + 1]; seq b's length <= max_blocks * block_size
   int64_t B = 0, max_blocks = 0, num_blocks = 0, block_size = 0, r = 0;
@@ -66,9 +74,12 @@ struct GatherCodesParams {
   DType codes_type = DType::kF16;
   float* token_scale = nullptr;         // [rows]
   int32_t* position = nullptr;          // [rows]
-  // 8-byte (int8) / 4-byte (int4) loads of codes and 16-byte stores:
-  // r % 8 == 0 and the cache base pointer suitably aligned.
+  // 4-byte-aligned loads of codes and 16-byte stores: r % 8 == 0, the code
+  // base and cache.code_stride multiples of 4 (the launcher checks).
   bool vectorized = false;
+  // With vectorized int8 codes: 8-byte loads (base and stride at 8 bytes),
+  // else two 4-byte loads.
+  bool codes_8byte = false;
 };
 cudaError_t launch_gather_codes(const GatherCodesParams& p, cudaStream_t stream);
 
