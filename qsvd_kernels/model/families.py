@@ -91,6 +91,9 @@ class AttentionFamily:
     # Features the QSVD block does not implement, found on a module: refused.
     unsupported: Callable[[nn.Module], list[str]] = _nothing_unsupported
     duck_typed: bool = False
+    # Hugging Face causal-LM architectures (config.architectures) built on
+    # this attention, which serving integrations (vLLM) can run compressed.
+    causal_lm_architectures: tuple[str, ...] = ()
 
     @property
     def is_decoder(self) -> bool:
@@ -119,9 +122,9 @@ _LLAMA_LIKE = dict(kind=DECODER, rope="llama", unsupported=_llama_unsupported,
                    heads=HeadSpec(heads=(), head_dim=("head_dim",)))
 
 FAMILIES: tuple[AttentionFamily, ...] = (
-    AttentionFamily("llama", ("LlamaAttention",), **_LLAMA_LIKE),
-    AttentionFamily("mistral", ("MistralAttention",), **_LLAMA_LIKE),
-    AttentionFamily("qwen2", ("Qwen2Attention",), **_LLAMA_LIKE),
+    AttentionFamily("llama", ("LlamaAttention",), causal_lm_architectures=("LlamaForCausalLM",), **_LLAMA_LIKE),
+    AttentionFamily("mistral", ("MistralAttention",), causal_lm_architectures=("MistralForCausalLM",), **_LLAMA_LIKE),
+    AttentionFamily("qwen2", ("Qwen2Attention",), causal_lm_architectures=("Qwen2ForCausalLM",), **_LLAMA_LIKE),
     AttentionFamily("bert", ("BertSelfAttention", "BertSdpaSelfAttention", "RobertaSelfAttention",
                              "RobertaSdpaSelfAttention"), ENCODER, qkv=("query", "key", "value"), out_proj=None,
                     heads=HeadSpec(heads=("num_attention_heads",), head_dim=("attention_head_size",))),
@@ -181,6 +184,17 @@ def family_of(module: nn.Module) -> AttentionFamily | None:
                 qkv=names, out_proj="o_proj" if decoder else None, rope="llama" if decoder else None,
                 unsupported=_llama_unsupported if decoder else _nothing_unsupported, duck_typed=True)
     return None
+
+
+def family_of_architecture(architecture: str) -> AttentionFamily | None:
+    """The family whose causal LM ``architecture`` (a Hugging Face
+    ``config.architectures`` entry) is, or None."""
+    return next((f for f in FAMILIES if architecture in f.causal_lm_architectures), None)
+
+
+def causal_lm_architectures() -> tuple[str, ...]:
+    """Every causal-LM architecture the table vouches for."""
+    return tuple(a for f in FAMILIES for a in f.causal_lm_architectures)
 
 
 def multimodal_family_of(model: nn.Module) -> MultimodalFamily | None:

@@ -1,0 +1,210 @@
+"""Serving QSVD models on vLLM (qsvd_kernels.integrations.vllm), on the CPU.
+
+Runs in the vLLM venv (requirements-vllm.txt; CI's third pass sets
+QSVD_REQUIRE_VLLM=1 so nothing here can skip there); skipped where vLLM is
+not installed. Each engine runs in its own process
+(``qsvd_kernels.integrations.vllm.run``): one vLLM engine per process.
+
+The yardstick is the Hugging Face integration on the same artefact: greedy
+tokens must be equal, token for token, under chunked prefill, prefix-cache
+hits, a batch of different lengths, INT8 and INT4, and tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not os.environ.get("QSVD_REQUIRE_VLLM"):
+    pytest.importorskip("vllm")
+    pytest.importorskip("transformers")
+
+from qsvd_kernels import compress as qc  # noqa: E402
+from qsvd_kernels import formats  # noqa: E402
+from qsvd_kernels.integrations import hf  # noqa: E402
+from qsvd_kernels.integrations import models as M  # noqa: E402
+from qsvd_kernels.integrations.export import export_vllm  # noqa: E402
+
+KV_SPACE_GIB = 1
+BLOCK = 32  # vLLM's CPU attention (the uncompressed baseline) takes multiples of 32
+MAX_TOKENS = 10
+# hidden 128, 4 heads of 32 (vLLM's CPU attention, the uncompressed baseline, needs d >= 32), 2 kv heads
+TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
+CHUNK = 32  # max_num_batched_tokens: the 40- and 70-token prompts are prefilled in chunks
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(7)
+    first = [torch.randint(1, 256, (n,), generator=g).tolist() for n in (5, 19, 40, 70)]
+    # The second round shares 64 tokens (4 blocks) with the 70-token prompt: a prefix-cache hit.
+    second = [first[3][:64] + torch.randint(1, 256, (n,), generator=g).tolist() for n in (3, 9)]
+    return [first, second]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm")
+    model, _, _ = M.tiny_llama(seed=0, **TINY)
+    model.save_pretrained(root / "hf")
+    comp = qc.Compressor(model, M.random_token_batches(model.config.vocab_size, 32, 48, seed=0), progress=False)
+    out = {"root": root, "model": model}
+    for q in ("W8A8", "W4A4"):
+        cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 64), qc.QuantConfig.parse(q)),
+                           qc.causal_lm_fisher_loss())
+        cm.save(root / f"art-{q}")
+        export_vllm(str(root / "hf"), str(root / f"art-{q}"), str(root / f"vllm-{q}"))
+        out[q] = cm
+    return out
+
+
+def _hf_greedy(exported, quant: str, prompts) -> list[list[int]]:
+    """The Hugging Face integration's greedy tokens, one prompt at a time."""
+    model = hf.apply_qsvd(copy.deepcopy(exported["model"]), exported[quant], backend="ops")
+    model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos: both generate MAX_TOKENS
+    got = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            out, _ = hf.generate(model, ids, max_new_tokens=MAX_TOKENS, do_sample=False,
+                                 attention_mask=torch.ones_like(ids))
+            got.append(out[0, len(p):].tolist())
+    return got
+
+
+def _run_vllm(tmp_path, spec: dict, env_extra: dict | None = None, expect_ok: bool = True):
+    spec = {"dtype": "float32", "max_model_len": 256, "block_size": BLOCK, "max_tokens": MAX_TOKENS, **spec}
+    spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               VLLM_CPU_KVCACHE_SPACE=str(KV_SPACE_GIB), **(env_extra or {}))
+    proc = subprocess.run([sys.executable, "-m", "qsvd_kernels.integrations.vllm.run", str(spec_path),
+                           str(out_path)], env=env, capture_output=True, text=True, timeout=600)
+    if not expect_ok:
+        return proc
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out_path.read_text())
+
+
+@pytest.mark.parametrize("quant", ["W8A8", "W4A4"])
+def test_greedy_tokens_equal_the_hf_integration_under_chunked_prefill_and_prefix_caching(exported, quant,
+                                                                                         tmp_path):
+    rounds = _prompts()
+    assert max(len(p) for p in rounds[0]) > CHUNK  # some prompts are prefilled in chunks
+    got = _run_vllm(tmp_path, {"model": str(exported["root"] / f"vllm-{quant}"), "rounds": rounds,
+                               "max_num_batched_tokens": CHUNK, "max_num_seqs": 8, "enable_prefix_caching": True})
+    for r, prompts in enumerate(rounds):
+        assert got["rounds"][r]["tokens"] == _hf_greedy(exported, quant, prompts), f"round {r}"
+    # The second round really hit the prefix cache (whole blocks of the shared 64 tokens).
+    assert min(got["rounds"][1]["num_cached_tokens"]) >= BLOCK, got["rounds"][1]["num_cached_tokens"]
+
+
+def test_greedy_tokens_equal_the_hf_integration_with_tensor_parallelism(exported, tmp_path):
+    rounds = _prompts()[:1]
+    got = _run_vllm(tmp_path, {"model": str(exported["root"] / "vllm-W8A8"), "rounds": rounds,
+                               "tensor_parallel_size": 2},
+                    {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+    assert got["rounds"][0]["tokens"] == _hf_greedy(exported, "W8A8", rounds[0])
+
+
+def test_kv_capacity_vllm_reports_equals_the_byte_model(exported, tmp_path):
+    """Blocks that fit in VLLM_CPU_KVCACHE_SPACE: QSVD's packed latent rows
+    (codes + fp32 scale per token and layer) against the uncompressed
+    model's K and V, both as vLLM itself reports them."""
+    space = KV_SPACE_GIB * 2**30
+    prompts = [[1, 2, 3]]
+    cm = exported["W8A8"]
+    qsvd = _run_vllm(tmp_path, {"model": str(exported["root"] / "vllm-W8A8"), "rounds": [prompts]})
+    row_bytes = sum(formats.packed_row_bytes(l.quant.latent_bits, l.rank) for l in cm.layers)
+    assert qsvd["num_blocks"] == space // (BLOCK * row_bytes)
+    base = _run_vllm(tmp_path, {"model": str(exported["root"] / "hf"), "rounds": [prompts]})
+    cfg = exported["model"].config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d * 4  # fp32 K and V
+    assert base["num_blocks"] == space // (BLOCK * kv_bytes)
+    assert qsvd["num_blocks"] > base["num_blocks"]
+
+
+def test_a_checkpoint_without_qsvd_tensors_is_refused_by_vllm(exported, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src, bad = exported["root"] / "vllm-W8A8", tmp_path / "no-qsvd"
+    shutil.copytree(src, bad)
+    tensors = {k: v for k, v in load_file(bad / "model.safetensors").items() if ".qsvd.wuk" not in k}
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    proc = _run_vllm(tmp_path, {"model": str(bad), "rounds": [[[1, 2, 3]]]}, expect_ok=False)
+    assert proc.returncode != 0
+    assert "lacks QSVD tensors ['wuk', 'wuk_scale']" in proc.stderr + proc.stdout
+
+
+def test_an_unsupported_vllm_version_is_one_clear_error():
+    from qsvd_kernels.integrations import vllm as qv
+
+    with pytest.raises(RuntimeError, match=r"supports vllm >= 0\.32\.0, < 0\.33\.0; vllm 0\.31\.2 is installed"):
+        qv.check_vllm_version("0.31.2")
+    with pytest.raises(RuntimeError, match="0.33.1"):
+        qv.check_vllm_version("0.33.1")
+    assert qv.check_vllm_version("0.32.0") == "0.32.0"
+
+
+def test_the_plugin_registers_every_causal_lm_of_the_family_table():
+    from vllm import ModelRegistry
+
+    from qsvd_kernels.integrations import vllm as qv
+    from qsvd_kernels.model.families import causal_lm_architectures
+
+    qv.register()
+    qv.register()  # vLLM runs plugins in every process, maybe more than once
+    archs = set(ModelRegistry.get_supported_archs())
+    assert {"QSVD" + a for a in causal_lm_architectures()} <= archs
+    assert {"QSVDLlamaForCausalLM", "QSVDMistralForCausalLM", "QSVDQwen2ForCausalLM"} <= archs
+
+
+def test_the_openai_server_serves_a_qsvd_model(exported, tmp_path):
+    """vLLM's OpenAI-compatible server, its engine core in its own process (the
+    plugin arrives there through the entry point), returns the HF
+    integration's greedy tokens. (vllm-cpu 0.32.0's `vllm serve` command looks
+    up the metadata of a package named `vllm` and exits; its server module is
+    the same server.)"""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = str(exported["root"] / "vllm-W8A8")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=str(KV_SPACE_GIB))
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                               "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "256",
+                               "--enforce-eager", "--block-size", str(BLOCK), "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the server did not come up in 300 s"
+                time.sleep(2)
+        prompt = _prompts()[0][1]
+        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                           "ignore_eos": True, "return_token_ids": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        assert reply["choices"][0]["token_ids"] == _hf_greedy(exported, "W8A8", [prompt])[0]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
