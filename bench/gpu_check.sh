@@ -101,7 +101,7 @@ fi
 want bench || want capacity && { "$PY" bench/update_readme.py || status=1; }
 
 if want tune; then
-log "tune: build the tune menu, check and time every candidate, reduce to a table"
+log "tune: build the tune menu, check and time every candidate (quant_gemm, latent_attention, hadamard), reduce to a table"
 # Results are appended as they come (${res}-tune.jsonl): a rerun after a
 # timeout or crash skips what is recorded and carries on.
 QSVD_GEMM_MENU=tune "$PY" setup.py -q build_ext --inplace > "${res}-tune-build.log" 2>&1 \
@@ -111,6 +111,16 @@ QSVD_GEMM_MENU=tune "$PY" setup.py -q build_ext --inplace > "${res}-tune-build.l
     echo 1x1536x4096,16x1536x4096,64x1536x4096,256x1536x4096,4096x1536x4096,1x4096x1536,16x4096x1536,256x4096x1536,4096x4096x1536,1x3072x4096,256x3072x4096)" \
   --bits 8,8 --bits 8,4 --bits 4,4 --bits 4,8 \
   --results "${res}-tune.jsonl" --out "${res}-table.json" 2>&1 | tail -8 || status=1
+# latent_attention plans and hadamard variants, into the same table (tune
+# keeps the other ops' rules of an --out for this GPU).
+"$PY" -m qsvd_kernels tune --op latent_attention \
+  $( [ "$QUICK" = 1 ] && echo --latent-shapes 1,32,8,512,128,4096 --latent-shapes 16,32,8,512,128,4096 || \
+    echo --latent-shapes "1,32,8,512,128,4096;16,32,8,512,128,4096;64,32,8,512,128,4096;1,32,8,512,128,32768;16,32,8,512,128,32768;1,32,32,256,128,4096;16,32,32,256,128,4096" ) \
+  --results "${res}-tune.jsonl" --out "${res}-table.json" 2>&1 | tail -6 || status=1
+"$PY" -m qsvd_kernels tune --op hadamard \
+  --hadamard-shapes "$( [ "$QUICK" = 1 ] && echo 1x4096,256x4096 || echo 1x1536,256x1536,1x4096,256x4096,4096x4096,256x14336)" \
+  --hadamard-dtypes f16,bf16 \
+  --results "${res}-tune.jsonl" --out "${res}-table.json" 2>&1 | tail -6 || status=1
 "$PY" -m pytest -q -p no:cacheprovider python_tests/test_tuning.py 2>&1 | tail -5 || status=1
 fi
 

@@ -116,17 +116,15 @@ pybind11::dict decision_dict(const qsvd::gemm::GemmDecision& d, const std::strin
 }
 
 // latent_attention's plan for a shape on a (possibly fake) device: the same
-// function the CUDA launcher calls, so the plan checks run on CPU.
-pybind11::dict latent_attention_plan(int64_t B, int64_t H, int64_t H_kv, int64_t r, int64_t d, int64_t bits,
-                                     bool rope, const std::string& weight, int64_t token_capacity, int64_t sm_count,
-                                     int64_t smem_limit, const std::string& kernel, int64_t splits,
-                                     int64_t tile_tokens, int64_t heads_per_cta, int64_t ctas_per_sm) {
+// functions the CUDA launcher calls, so the plan checks run on CPU.
+qsvd::latent::LatentAttentionParams fake_latent_params(int64_t B, int64_t H, int64_t H_kv, int64_t r, int64_t d,
+                                                       int64_t bits, bool rope, const std::string& weight,
+                                                       int64_t token_capacity, int64_t smem_limit) {
   namespace lat = qsvd::latent;
   TORCH_CHECK(B >= 1 && H >= 1 && H_kv >= 1 && H % H_kv == 0 && r >= 1 && d >= 1 && (bits == 4 || bits == 8) &&
                   token_capacity >= 1 && smem_limit >= 0,
               "latent_attention_plan: bad sizes");
   TORCH_CHECK(weight == "f16" || weight == "bf16" || weight == "i8", "weight must be f16, bf16 or i8");
-  TORCH_CHECK(kernel == "auto" || kernel == "simt" || kernel == "tc", "kernel must be auto, simt or tc");
   lat::LatentAttentionParams p;
   // Only whether these are set (and w_uk's alignment) matters to the plan.
   static const float fake_table[4] = {};
@@ -141,20 +139,22 @@ pybind11::dict latent_attention_plan(int64_t B, int64_t H, int64_t H_kv, int64_t
   p.d = static_cast<int>(std::min<int64_t>(d, lat::kMaxHeadDim + 1));
   p.bits = static_cast<int>(bits);
   p.weight_type = weight == "f16" ? qsvd::DType::kF16 : weight == "bf16" ? qsvd::DType::kBF16 : qsvd::DType::kI8;
-  lat::LatentPlanKnobs k;
-  k.splits = static_cast<int>(splits);
-  k.tile_tokens = static_cast<int>(tile_tokens);
-  k.heads_per_cta = static_cast<int>(heads_per_cta);
-  k.ctas_per_sm = static_cast<int>(ctas_per_sm);
-  const lat::KernelChoice choice = kernel == "simt" ? lat::KernelChoice::kSimt
-                                   : kernel == "tc" ? lat::KernelChoice::kTensorCore
-                                                    : lat::KernelChoice::kAuto;
-  const char* why = lat::plan_latent_attention_auto(p, token_capacity, static_cast<int>(sm_count),
-                                                    static_cast<size_t>(smem_limit), k, choice);
-  pybind11::dict out;
+  return p;
+}
+
+qsvd::latent::KernelChoice kernel_choice_of(const std::string& kernel) {
+  namespace lat = qsvd::latent;
+  TORCH_CHECK(kernel == "auto" || kernel == "simt" || kernel == "tc", "kernel must be auto, simt or tc");
+  return kernel == "simt" ? lat::KernelChoice::kSimt
+         : kernel == "tc" ? lat::KernelChoice::kTensorCore
+                          : lat::KernelChoice::kAuto;
+}
+
+void plan_into(pybind11::dict& out, const qsvd::latent::LatentAttentionParams& p, const char* why) {
+  namespace lat = qsvd::latent;
   out["ok"] = why[0] == '\0';
   out["reason"] = std::string(why);
-  if (why[0] != '\0') return out;
+  if (why[0] != '\0') return;
   out["split_kernel"] = p.split_kernel == lat::SplitKernel::kTensorCore ? "tc" : "simt";
   out["splits"] = p.splits;
   out["split_tokens"] = p.split_tokens;
@@ -165,6 +165,131 @@ pybind11::dict latent_attention_plan(int64_t B, int64_t H, int64_t H_kv, int64_t
   out["split_smem"] = p.split_smem;
   out["combine_heads"] = p.combine_heads;
   out["combine_smem"] = p.combine_smem;
+}
+
+pybind11::dict latent_attention_plan(int64_t B, int64_t H, int64_t H_kv, int64_t r, int64_t d, int64_t bits,
+                                     bool rope, const std::string& weight, int64_t token_capacity, int64_t sm_count,
+                                     int64_t smem_limit, const std::string& kernel, int64_t splits,
+                                     int64_t tile_tokens, int64_t heads_per_cta, int64_t ctas_per_sm) {
+  namespace lat = qsvd::latent;
+  lat::LatentAttentionParams p = fake_latent_params(B, H, H_kv, r, d, bits, rope, weight, token_capacity, smem_limit);
+  lat::LatentPlanKnobs k;
+  k.splits = static_cast<int>(splits);
+  k.tile_tokens = static_cast<int>(tile_tokens);
+  k.heads_per_cta = static_cast<int>(heads_per_cta);
+  k.ctas_per_sm = static_cast<int>(ctas_per_sm);
+  const lat::KernelChoice choice = kernel_choice_of(kernel);
+  const char* why = lat::plan_latent_attention_auto(p, token_capacity, static_cast<int>(sm_count),
+                                                    static_cast<size_t>(smem_limit), k, choice);
+  pybind11::dict out;
+  plan_into(out, p, why);
+  return out;
+}
+
+// The plan the launcher makes from the installed table of `device` (no
+// forced knobs, no environment): plan, knobs, source, rule, label.
+pybind11::dict latent_attention_decide(int64_t device, int64_t B, int64_t H, int64_t H_kv, int64_t r, int64_t d,
+                                       int64_t bits, bool rope, const std::string& weight, int64_t token_capacity,
+                                       int64_t sm_count, int64_t smem_limit) {
+  namespace lat = qsvd::latent;
+  namespace qt = qsvd::tuning;
+  TORCH_CHECK(sm_count >= 1, "sm_count must be >= 1");
+  lat::LatentAttentionParams p = fake_latent_params(B, H, H_kv, r, d, bits, rope, weight, token_capacity, smem_limit);
+  qt::LatentDecision dec;
+  std::string label;
+  const char* why = qsvd_torch::plan_latent_tuned(static_cast<int>(device), p, token_capacity,
+                                                  static_cast<int>(sm_count), static_cast<size_t>(smem_limit), &dec,
+                                                  &label);
+  pybind11::dict out;
+  plan_into(out, p, why);
+  out["kernel"] = dec.choice == lat::KernelChoice::kSimt         ? "simt"
+                  : dec.choice == lat::KernelChoice::kTensorCore ? "tc"
+                                                                 : "auto";
+  pybind11::dict knobs;
+  knobs["kernel"] = out["kernel"];
+  knobs["splits"] = dec.knobs.splits;
+  knobs["tile_tokens"] = dec.knobs.tile_tokens;
+  knobs["heads_per_cta"] = dec.knobs.heads_per_cta;
+  knobs["ctas_per_sm"] = dec.knobs.ctas_per_sm;
+  out["knobs"] = knobs;
+  out["source"] = qt::rule_source_name(dec.source);
+  out["rule"] = dec.rule;
+  out["rule_refused"] = std::string(dec.rule_refused);
+  out["label"] = label;
+  return out;
+}
+
+int dtype_code(int64_t code, const char* what) {
+  // 0 any, else the qsvd::DType the code names (Python: qsvd_kernels/tuning/tables.py)
+  switch (code) {
+    case 0: return -1;
+    case 1: return static_cast<int>(qsvd::DType::kF16);
+    case 2: return static_cast<int>(qsvd::DType::kBF16);
+    case 3: return static_cast<int>(qsvd::DType::kI8);
+    case 4: return static_cast<int>(qsvd::DType::kF32);
+    default: TORCH_CHECK(false, what, ": bad dtype code ", code);
+  }
+  return -1;
+}
+
+// rules: [[rope (-1 any / 0 / 1), weight (0 any, 1 f16, 2 bf16, 3 i8), bits (0 any), r_min, r_max, d_min, d_max,
+// g_min, g_max, b_min, b_max, ctx_min, ctx_max, kernel (0 auto, 1 simt, 2 tc), splits, tile_tokens,
+// heads_per_cta, ctas_per_sm]], validated by qsvd_kernels/tuning.
+void set_latent_rules(int64_t device, const std::vector<std::vector<int64_t>>& rules, const std::string& label) {
+  namespace lat = qsvd::latent;
+  TORCH_CHECK(device >= qsvd_torch::kTuningAllDevices && device < qsvd_torch::kTuningMaxDevices, "bad device ", device);
+  std::vector<qsvd::tuning::LatentRule> out;
+  for (const auto& t : rules) {
+    TORCH_CHECK(t.size() == 18, "a latent_attention rule has 18 fields, got ", t.size());
+    qsvd::tuning::LatentRule r;
+    TORCH_CHECK(t[0] >= -1 && t[0] <= 1 && (t[2] == 0 || t[2] == 4 || t[2] == 8) && t[13] >= 0 && t[13] <= 2,
+                "bad latent_attention rule keys");
+    r.rope = static_cast<int>(t[0]);
+    r.weight_type = dtype_code(t[1], "latent_attention rule");
+    r.bits = static_cast<int>(t[2]);
+    r.r_min = t[3], r.r_max = t[4], r.d_min = t[5], r.d_max = t[6], r.g_min = t[7], r.g_max = t[8];
+    r.b_min = t[9], r.b_max = t[10], r.ctx_min = t[11], r.ctx_max = t[12];
+    r.choice = static_cast<lat::KernelChoice>(t[13]);
+    TORCH_CHECK(t[14] >= 0 && t[14] <= lat::kMaxSplits && t[15] >= 0 && t[16] >= 0 && t[17] >= 1 && t[17] <= 64,
+                "latent_attention rule: plan knobs out of range");
+    r.knobs.splits = static_cast<int>(t[14]);
+    r.knobs.tile_tokens = static_cast<int>(t[15]);
+    r.knobs.heads_per_cta = static_cast<int>(t[16]);
+    r.knobs.ctas_per_sm = static_cast<int>(t[17]);
+    out.push_back(r);
+  }
+  qsvd_torch::set_latent_rules(static_cast<int>(device), std::move(out), label);
+}
+
+// rules: [[k_min, k_max, dtype (0 any, 1 f16, 2 bf16, 4 f32), min_elems_per_thread]].
+void set_hadamard_rules(int64_t device, const std::vector<std::vector<int64_t>>& rules, const std::string& label) {
+  TORCH_CHECK(device >= qsvd_torch::kTuningAllDevices && device < qsvd_torch::kTuningMaxDevices, "bad device ", device);
+  std::vector<qsvd::tuning::HadamardRule> out;
+  for (const auto& t : rules) {
+    TORCH_CHECK(t.size() == 4, "a hadamard rule has 4 fields, got ", t.size());
+    qsvd::tuning::HadamardRule r;
+    r.k_min = t[0];
+    r.k_max = t[1];
+    r.x_type = dtype_code(t[2], "hadamard rule");
+    TORCH_CHECK(qsvd::tuning::valid_elems_per_thread(static_cast<int>(t[3])),
+                "hadamard rule: elems_per_thread is 0, 1, 2, 4, 8 or 32");
+    r.min_elems_per_thread = static_cast<int>(t[3]);
+    out.push_back(r);
+  }
+  qsvd_torch::set_hadamard_rules(static_cast<int>(device), std::move(out), label);
+}
+
+pybind11::dict hadamard_decide(int64_t device, int64_t K, const std::string& dtype) {
+  TORCH_CHECK(dtype == "f16" || dtype == "bf16" || dtype == "f32", "dtype must be f16, bf16 or f32");
+  const int x_type = static_cast<int>(dtype == "f16" ? qsvd::DType::kF16 : dtype == "bf16" ? qsvd::DType::kBF16
+                                                                                          : qsvd::DType::kF32);
+  std::string label;
+  const auto d = qsvd_torch::decide_hadamard_variant(static_cast<int>(device), K, x_type, &label);
+  pybind11::dict out;
+  out["min_elems_per_thread"] = d.min_elems_per_thread;
+  out["source"] = qsvd::tuning::rule_source_name(d.source);
+  out["rule"] = d.rule;
+  out["label"] = label;
   return out;
 }
 
@@ -230,6 +355,22 @@ PYBIND11_MODULE(_C, m) {
       "Forces latent_attention plan knobs on a device (-1: all); active=False removes them.", pybind11::arg("device"),
       pybind11::arg("active"), pybind11::arg("kernel") = "auto", pybind11::arg("splits") = 0,
       pybind11::arg("tile_tokens") = 0, pybind11::arg("heads_per_cta") = 0, pybind11::arg("ctas_per_sm") = 2);
+  m.def("latent_attention_decide", &latent_attention_decide,
+        "The plan the CUDA launcher would make from the installed table of a device (-2: none installed) for a "
+        "shape on a device with sm_count SMs and smem_limit bytes of opt-in shared memory (no forced knobs, no "
+        "environment): plan, knobs, source (table | fallback | default), rule, label.",
+        pybind11::arg("device"), pybind11::arg("B"), pybind11::arg("H"), pybind11::arg("H_kv"), pybind11::arg("r"),
+        pybind11::arg("d"), pybind11::arg("bits"), pybind11::arg("rope"), pybind11::arg("weight"),
+        pybind11::arg("token_capacity"), pybind11::arg("sm_count"), pybind11::arg("smem_limit"));
+  m.def("set_latent_rules", &set_latent_rules,
+        "Installs validated latent_attention rules for a device (-1: all); an empty list removes them.",
+        pybind11::arg("device"), pybind11::arg("rules"), pybind11::arg("label"));
+  m.def("set_hadamard_rules", &set_hadamard_rules,
+        "Installs validated hadamard rules for a device (-1: all); an empty list removes them.",
+        pybind11::arg("device"), pybind11::arg("rules"), pybind11::arg("label"));
+  m.def("hadamard_decide", &hadamard_decide,
+        "hadamard's variant knob for a call on a device: forced > table > built-in (0); source, rule, label.",
+        pybind11::arg("device"), pybind11::arg("K"), pybind11::arg("dtype"));
   m.def(
       "set_hadamard_variant",
       [](int64_t device, int64_t min_elems_per_thread) {

@@ -22,16 +22,48 @@ struct LatentPlan {
   qsvd::latent::LatentPlanKnobs knobs;
 };
 
+struct LatentRuleSet {
+  std::vector<qsvd::tuning::LatentRule> rules;
+  std::string label;
+};
+
+struct HadamardRuleSet {
+  std::vector<qsvd::tuning::HadamardRule> rules;
+  std::string label;
+};
+
 struct Registry {
   std::mutex mu;
   std::shared_ptr<const RuleSet> per_device[kTuningMaxDevices];
   LatentPlan latent[kTuningMaxDevices];
   int hadamard_ept[kTuningMaxDevices] = {};
+  std::shared_ptr<const LatentRuleSet> latent_rules[kTuningMaxDevices];
+  std::shared_ptr<const HadamardRuleSet> hadamard_rules[kTuningMaxDevices];
 };
+
 
 Registry& registry() {
   static Registry r;
   return r;
+}
+
+template <typename Set>
+void store(std::shared_ptr<const Set> (&slots)[kTuningMaxDevices], int device, std::shared_ptr<const Set> set) {
+  Registry& r = registry();
+  const std::lock_guard<std::mutex> lock(r.mu);
+  if (device == kTuningAllDevices) {
+    for (auto& slot : slots) slot = set;
+  } else if (device >= 0 && device < kTuningMaxDevices) {
+    slots[device] = set;
+  }
+}
+
+template <typename Set>
+std::shared_ptr<const Set> load(std::shared_ptr<const Set> (&slots)[kTuningMaxDevices], int device) {
+  if (device < 0 || device >= kTuningMaxDevices) return nullptr;
+  Registry& r = registry();
+  const std::lock_guard<std::mutex> lock(r.mu);
+  return slots[device];
 }
 
 }  // namespace
@@ -105,6 +137,48 @@ bool forced_latent_plan(int device, qsvd::latent::KernelChoice* choice, qsvd::la
   *choice = plan.choice;
   *knobs = plan.knobs;
   return true;
+}
+
+void set_latent_rules(int device, std::vector<qsvd::tuning::LatentRule> rules, std::string label) {
+  std::shared_ptr<const LatentRuleSet> set;
+  if (!rules.empty()) set = std::make_shared<const LatentRuleSet>(LatentRuleSet{std::move(rules), std::move(label)});
+  store(registry().latent_rules, device, set);
+}
+
+void set_hadamard_rules(int device, std::vector<qsvd::tuning::HadamardRule> rules, std::string label) {
+  std::shared_ptr<const HadamardRuleSet> set;
+  if (!rules.empty())
+    set = std::make_shared<const HadamardRuleSet>(HadamardRuleSet{std::move(rules), std::move(label)});
+  store(registry().hadamard_rules, device, set);
+}
+
+const char* plan_latent_tuned(int device, qsvd::latent::LatentAttentionParams& p, int64_t token_capacity,
+                              int sm_count, size_t smem_limit, qsvd::tuning::LatentDecision* d, std::string* label) {
+  namespace qt = qsvd::tuning;
+  const std::shared_ptr<const LatentRuleSet> set = load(registry().latent_rules, device);
+  const char* why = set ? qt::decide_latent_plan(p, token_capacity, sm_count, smem_limit, set->rules.data(),
+                                                 static_cast<int>(set->rules.size()), qt::RuleSource::kTable, d)
+                        : qt::decide_latent_plan(p, token_capacity, sm_count, smem_limit, nullptr, 0,
+                                                 qt::RuleSource::kTable, d);
+  if (label != nullptr) *label = (set && d->source == qt::RuleSource::kTable) ? set->label : std::string();
+  return why;
+}
+
+qsvd::tuning::HadamardDecision decide_hadamard_variant(int device, int64_t K, int x_type, std::string* label) {
+  namespace qt = qsvd::tuning;
+  qt::HadamardDecision d;
+  if (label != nullptr) label->clear();
+  const int forced = hadamard_variant(device);
+  if (forced != 0) {
+    d.min_elems_per_thread = forced;
+    d.source = qt::RuleSource::kForced;
+    return d;
+  }
+  const std::shared_ptr<const HadamardRuleSet> set = load(registry().hadamard_rules, device);
+  if (!set) return d;
+  d = qt::decide_hadamard(set->rules.data(), static_cast<int>(set->rules.size()), qt::RuleSource::kTable, K, x_type);
+  if (label != nullptr && d.source == qt::RuleSource::kTable) *label = set->label;
+  return d;
 }
 
 }  // namespace qsvd_torch

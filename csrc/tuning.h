@@ -10,6 +10,7 @@
 
 #include "qsvd/kernels/latent_attention_plan.h"
 #include "qsvd/kernels/quant_gemm_rules.h"
+#include "qsvd/kernels/tuning_rules.h"
 
 namespace qsvd_torch {
 
@@ -41,5 +42,22 @@ bool forced_latent_plan(int device, qsvd::latent::KernelChoice* choice, qsvd::la
 // `device` (kTuningAllDevices: every device); 0 = the built-in choice.
 void set_hadamard_variant(int device, int min_elems_per_thread);
 int hadamard_variant(int device);
+
+// latent_attention / hadamard rules of an installed table for `device`
+// (kTuningAllDevices: every device); `label` is the table path. An empty
+// list removes them.
+void set_latent_rules(int device, std::vector<qsvd::tuning::LatentRule> rules, std::string label);
+void set_hadamard_rules(int device, std::vector<qsvd::tuning::HadamardRule> rules, std::string label);
+
+// The table's latent_attention plan for a call on `device` (no forced knobs:
+// the launcher checks those first): plans p with the matching rule's knobs,
+// else (no rule, or the plan checker refuses it) with the default knobs.
+// Returns "" or why the default plan cannot be made. label: the table path
+// when a rule chose the plan, else "".
+const char* plan_latent_tuned(int device, qsvd::latent::LatentAttentionParams& p, int64_t token_capacity,
+                              int sm_count, size_t smem_limit, qsvd::tuning::LatentDecision* d, std::string* label);
+
+// hadamard's variant knob for a call on `device`: forced > table > built-in (0).
+qsvd::tuning::HadamardDecision decide_hadamard_variant(int device, int64_t K, int x_type, std::string* label);
 
 }  // namespace qsvd_torch

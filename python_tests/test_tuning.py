@@ -539,6 +539,42 @@ def test_cuda_explain_reports_an_installed_table(tmp_path, monkeypatch):
 
 
 @needs_gpu
+def test_cuda_explain_reports_latent_and_hadamard_table_rules(tmp_path, monkeypatch):
+    """A table's latent_attention and hadamard rules reach the launchers:
+    explain says source=table with the path, and the calls still agree with
+    the CPU kernels (hadamard bit for bit, latent_attention within the bound)."""
+    _cuda_build()
+    props = torch.cuda.get_device_properties(0)
+    t = _op_table(latent=[{"rope": False, "b": [1, None], "kernel": "simt", "splits": 3},
+                          {"b": [1, None], "kernel": "auto"}],
+                  had=[{"k": [1, None], "dtype": "f16", "elems_per_thread": 8}, {"k": [1, None], "elems_per_thread": 0}],
+                  match={"gpu_name": props.name, "sm_count": props.multi_processor_count})
+    del t["ops"]["quant_gemm"]
+    _write(str(tmp_path), "mine.json", t)
+    monkeypatch.setenv("QSVD_TUNING_DIR", str(tmp_path))
+    path = str(tmp_path / "mine.json")
+    try:
+        tuning.install(devices=[0])
+        d = qk.explain("hadamard", K=4096, dtype="f16", device="cuda:0")
+        assert (d["source"], d["table"], d["min_elems_per_thread"]) == ("table", path, 8)
+        x = torch.randn(64, 4096).half()
+        assert torch.equal(torch.ops.qsvd.hadamard_transform(x.cuda(), None).cpu(),
+                           torch.ops.qsvd.hadamard_transform(x, None))
+        p = qk.explain("latent_attention", B=2, H=8, H_kv=2, r=64, d=64, rope=False, token_capacity=256,
+                       device="cuda:0")
+        assert (p["source"], p["table"], p["split_kernel"], p["splits"]) == ("table", path, "simt", 3), p
+        from qsvd_kernels.tuning import tune_ops
+
+        runner = tune_ops.LatentRunner(0, 0, 1)
+        q, dargs, cpu_out, cpu_bound, bounds = runner._inputs((2, 8, 2, 64, 64, 256), (False, "f16", 8))
+        got = torch.ops.qsvd.latent_attention(q, *dargs)[0].cpu().double()
+        allowed = bounds["cuda"].double() + cpu_bound.double() + 2 * 2.0**-11 * cpu_out.double().abs() + 2 * 2.0**-24
+        assert ((got - cpu_out.double()).abs() <= allowed).all()
+    finally:
+        tuning.clear()
+
+
+@needs_gpu
 def test_cuda_every_compiled_entry_and_knob_is_bit_exact():
     """Every compiled config x bit pair x output type x stream-K mode against
     the CPU kernel, bit for bit."""
@@ -598,3 +634,383 @@ def test_tune_reads_a_compressed_models_shapes(tmp_path):
     bits = [argv[i + 1] for i, a in enumerate(argv) if a == "--bits"]
     assert bits == ["4,8"]  # W8A4: activations and latent at 4 bits, weights at 8 (one pair, deduplicated)
     assert cli.main(["tune", "--artefact", str(tmp_path / "missing")]) == 2
+
+
+# ---------------------------------------------------------------- latent_attention / hadamard tables
+
+
+@pytest.fixture()
+def _clean_op_rules():
+    warnings.filterwarnings("ignore", message=".*dropping quant_gemm rules.*", category=RuntimeWarning)
+    qk._C.set_latent_rules(FAKE_DEVICE, [], "")
+    qk._C.set_hadamard_rules(FAKE_DEVICE, [], "")
+    yield
+    qk._C.set_latent_rules(FAKE_DEVICE, [], "")
+    qk._C.set_hadamard_rules(FAKE_DEVICE, [], "")
+    qk._C.set_hadamard_variant(FAKE_DEVICE, 0)
+
+
+LATENT_RULES = [
+    {"rope": True, "weight_dtype": "f16", "r": [512, 1024], "b": [1, 8], "kernel": "simt", "splits": 3},
+    {"rope": True, "weight_dtype": "f16", "r": [512, 1024], "b": [9, None], "ctx": [1, 4096], "kernel": "tc",
+     "tile_tokens": 32},
+    {"rope": False, "b": [1, None], "ctx": [1, 1024], "kernel": "simt", "tile_tokens": 16, "ctas_per_sm": 4},
+    {"b": [1, None], "kernel": "auto"},
+]
+HADAMARD_RULES = [
+    {"k": [1, 1024], "dtype": "f16", "elems_per_thread": 4},
+    {"k": [1025, None], "dtype": "f16", "elems_per_thread": 8},
+    {"k": [1, 4096], "dtype": "bf16", "elems_per_thread": 2},
+    {"k": [1, None], "elems_per_thread": 0},
+]
+
+
+def _op_table(latent=None, had=None, **over):
+    t = _table(**over)
+    t["ops"]["latent_attention"] = copy.deepcopy(LATENT_RULES if latent is None else latent)
+    t["ops"]["hadamard"] = copy.deepcopy(HADAMARD_RULES if had is None else had)
+    return t
+
+
+def _latent_edit(fn):
+    t = _op_table()
+    fn(t["ops"]["latent_attention"])
+    return t
+
+
+def _hadamard_edit(fn):
+    t = _op_table()
+    fn(t["ops"]["hadamard"])
+    return t
+
+
+OP_MALFORMED = {
+    "latent: no rules": _op_table(latent=[]),
+    "latent: missing catch-all": _latent_edit(lambda r: r.pop()),
+    "latent: catch-all with a key": _latent_edit(lambda r: r[-1].update(rope=True)),
+    "latent: unsorted b buckets": _latent_edit(lambda r: r.insert(0, r.pop(1))),
+    "latent: overlapping b buckets": _latent_edit(lambda r: r[1].update(b=[8, None])),
+    "latent: overlapping ctx buckets": _latent_edit(
+        lambda r: r.insert(3, {"rope": False, "b": [1, None], "ctx": [512, 2048], "kernel": "tc"})),
+    "latent: empty range": _latent_edit(lambda r: r[0].update(r=[1024, 512])),
+    "latent: bad kernel": _latent_edit(lambda r: r[0].update(kernel="fast")),
+    "latent: bad weight dtype": _latent_edit(lambda r: r[0].update(weight_dtype="fp8")),
+    "latent: bad bits": _latent_edit(lambda r: r[0].update(bits=2)),
+    "latent: rope not a bool": _latent_edit(lambda r: r[0].update(rope=1)),
+    "latent: negative splits": _latent_edit(lambda r: r[0].update(splits=-1)),
+    "latent: too many splits": _latent_edit(lambda r: r[0].update(splits=1025)),
+    "latent: simt tile not a multiple of 8": _latent_edit(lambda r: r[0].update(tile_tokens=12)),
+    "latent: tc tile not a multiple of 16": _latent_edit(lambda r: r[1].update(tile_tokens=24)),
+    "latent: heads per cta over 16": _latent_edit(lambda r: r[0].update(heads_per_cta=17)),
+    "latent: ctas per sm 0": _latent_edit(lambda r: r[0].update(ctas_per_sm=0)),
+    "latent: unknown key": _latent_edit(lambda r: r[0].update(M=[1, 2])),
+    "hadamard: no rules": _op_table(had=[]),
+    "hadamard: missing catch-all": _hadamard_edit(lambda r: r.pop()),
+    "hadamard: catch-all with a dtype": _hadamard_edit(lambda r: r[-1].update(dtype="f16")),
+    "hadamard: unsorted buckets": _hadamard_edit(lambda r: r.insert(0, r.pop(1))),
+    "hadamard: overlapping buckets": _hadamard_edit(lambda r: r[1].update(k=[1000, None])),
+    "hadamard: bad elems per thread": _hadamard_edit(lambda r: r[0].update(elems_per_thread=3)),
+    "hadamard: bad dtype": _hadamard_edit(lambda r: r[0].update(dtype="f64")),
+    "hadamard: rule without k": _hadamard_edit(lambda r: r[0].pop("k")),
+    "hadamard: rule without elems": _hadamard_edit(lambda r: r[0].pop("elems_per_thread")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OP_MALFORMED))
+def test_malformed_latent_and_hadamard_rules_are_refused(case):
+    with pytest.raises(tables.TableError):
+        tables.parse_table(f"{case}.json", data=copy.deepcopy(OP_MALFORMED[case]))
+
+
+def test_malformed_op_rules_skip_the_table_with_one_warning(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps(OP_MALFORMED["latent: overlapping b buckets"]))
+    (tmp_path / "good.json").write_text(json.dumps(_op_table()))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        found, problems = tables.load_tables([str(tmp_path)])
+    assert [os.path.basename(t.path) for t in found] == ["good.json"]
+    assert len(w) == 1 and "overlaps" in str(w[0].message)
+
+
+def test_latent_and_hadamard_rules_parse_and_round_trip():
+    t = tables.parse_table("ok.json", data=_op_table())
+    lat, had = t.rules["latent_attention"], t.rules["hadamard"]
+    assert lat[0].kernel == "simt" and lat[0].splits == 3 and lat[0].r == (512, 1024) and lat[-1].is_catch_all
+    assert had[1].elems_per_thread == 8 and had[-1].is_catch_all
+    for rules, parse in ((lat, tables.latent_rule), (had, tables.hadamard_rule)):
+        assert [parse("x", r.as_json()) for r in rules] == rules
+    # A table may hold any subset of the ops.
+    only = _op_table()
+    del only["ops"]["quant_gemm"]
+    assert set(tables.parse_table("only.json", data=only).rules) == {"latent_attention", "hadamard"}
+
+
+def _decide_latent(device, dev_kw, **kw):
+    args = {**SHAPE, **kw}
+    return qk.explain("latent_attention", device=None, rules_device=device, **dev_kw, **args)
+
+
+def test_installed_latent_rules_decide_fall_back_or_default(_clean_op_rules):
+    t = tables.parse_table("/tables/l40s.json", data=_op_table())
+    tuning.install_table(t, FAKE_DEVICE)
+    try:
+        # rule 0: RoPE, f16, r in [512, 1024], B <= 8 -> simt with 3 splits
+        p = _decide_latent(FAKE_DEVICE, H100, rope=True, B=4)
+        assert p["ok"] and p["source"] == "table" and p["table"] == "/tables/l40s.json" and p["rule"] == 0
+        assert (p["split_kernel"], p["splits"]) == ("simt", 3) and p["knobs"]["kernel"] == "simt"
+        # rule 1: B > 8 and ctx <= 4096 -> tc, tile 32
+        p = _decide_latent(FAKE_DEVICE, H100, rope=True, B=16, token_capacity=4096)
+        assert p["source"] == "table" and p["rule"] == 1 and (p["split_kernel"], p["tile_tokens"]) == ("tc", 32)
+        # ctx above rule 1's bucket: the catch-all (auto = the default plan, but from the table)
+        p = _decide_latent(FAKE_DEVICE, H100, rope=True, B=16, token_capacity=8192)
+        d = _decide_latent(-2, H100, rope=True, B=16, token_capacity=8192)
+        assert p["rule"] == 3 and p["source"] == "table" and d["source"] == "default" and d["table"] is None
+        assert {k: p[k] for k in PLAN_KEYS} == {k: d[k] for k in PLAN_KEYS}
+        # int8 weights do not match rule 0's weight_dtype
+        assert _decide_latent(FAKE_DEVICE, H100, rope=True, B=4, weight_dtype="i8")["rule"] == 3
+        # rule 2 (no RoPE, ctx <= 1024: simt, tile 16, 4 CTAs per SM) on an L4-sized device
+        p = _decide_latent(FAKE_DEVICE, L4, rope=False, token_capacity=1024)
+        assert p["rule"] == 2 and (p["split_kernel"], p["tile_tokens"]) == ("simt", 16)
+        # A rule the plan checker refuses for this call falls back to the default plan: no error.
+        # rule 1's tc tile of 32 with RoPE, r = 1024 does not fit a 40 KB device.
+        small = dict(sm_count=20, smem_limit=60 * 1024)
+        p = _decide_latent(FAKE_DEVICE, small, rope=True, B=16, token_capacity=4096)
+        d = _decide_latent(-2, small, rope=True, B=16, token_capacity=4096)
+        assert p["rule"] == 1 and p["source"] == "fallback" and p["rule_refused"], p
+        assert {k: p.get(k) for k in PLAN_KEYS} == {k: d.get(k) for k in PLAN_KEYS}
+        # rule 0 asks for heads_per_cta the group cannot give -> fallback, not an error
+        qk._C.set_latent_rules(FAKE_DEVICE, [tables.latent_rule("x", {"b": [1, None], "heads_per_cta": 16})
+                                             .as_c_list()], "x.json")
+        p = _decide_latent(FAKE_DEVICE, H100, rope=True)  # group 4 < 16
+        assert p["source"] == "fallback" and "heads_per_cta" in p["rule_refused"] and p["ok"]
+    finally:
+        tuning.clear(FAKE_DEVICE)
+    assert _decide_latent(FAKE_DEVICE, H100, rope=True, B=4)["source"] == "default"
+
+
+def test_latent_precedence_forced_over_env_over_table(_clean_op_rules, monkeypatch):
+    t = tables.parse_table("/tables/t.json", data=_op_table())
+    tuning.install_table(t, FAKE_DEVICE)
+    try:
+        monkeypatch.setenv("QSVD_LATENT_KERNEL", "tc")
+        p = _decide_latent(FAKE_DEVICE, H100, rope=True, B=4)
+        assert p["source"] == "env" and p["split_kernel"] == "tc"
+        monkeypatch.delenv("QSVD_LATENT_KERNEL")
+        assert _decide_latent(FAKE_DEVICE, H100, rope=True, B=4)["source"] == "table"
+    finally:
+        tuning.clear(FAKE_DEVICE)
+
+
+PLAN_KEYS = ("ok", "split_kernel", "splits", "split_tokens", "tile_tokens", "heads_per_cta", "r_slices",
+             "slice_cols", "split_smem", "combine_heads", "combine_smem")
+GOLDEN_DEVICES = [H100, A100, L4, dict(sm_count=16, smem_limit=48 * 1024)]
+
+
+@pytest.mark.parametrize("path", DEFAULTS, ids=os.path.basename)
+def test_default_tables_reproduce_the_default_latent_plan(path, _clean_op_rules):
+    t = tables.parse_table(path)
+    assert t.rules["latent_attention"][-1].is_catch_all
+    tuning.install_table(t, FAKE_DEVICE)
+    n = 0
+    try:
+        for dev in GOLDEN_DEVICES:
+            for rope in (True, False):
+                for wd in ("f16", "bf16", "i8"):
+                    for r, d in ((64, 64), (130, 128), (512, 128), (1024, 128), (2048, 64), (4096, 128)):
+                        for B, H, H_kv in ((1, 32, 8), (7, 32, 32), (64, 16, 1)):
+                            for ctx in (16, 4096, 131072):
+                                kw = dict(B=B, H=H, H_kv=H_kv, r=r, d=d, rope=rope, weight_dtype=wd,
+                                          token_capacity=ctx)
+                                got = _decide_latent(FAKE_DEVICE, dev, **kw)
+                                want = _decide_latent(-2, dev, **kw)
+                                assert want["source"] == "default"
+                                # where even the default plan cannot be made, the catch-all's is refused too
+                                assert got["source"] == ("table" if want["ok"] else "fallback"), (kw, got)
+                                assert {k: got.get(k) for k in PLAN_KEYS} == {k: want.get(k) for k in PLAN_KEYS}, kw
+                                n += 1
+    finally:
+        tuning.clear(FAKE_DEVICE)
+    assert n == len(GOLDEN_DEVICES) * 2 * 3 * 6 * 3 * 3
+
+
+def _decide_hadamard(device, K, dtype):
+    return qk.explain("hadamard", device=None, rules_device=device, K=K, dtype=dtype)
+
+
+@pytest.mark.parametrize("path", DEFAULTS, ids=os.path.basename)
+def test_default_tables_reproduce_the_builtin_hadamard_variant(path, _clean_op_rules):
+    t = tables.parse_table(path)
+    tuning.install_table(t, FAKE_DEVICE)
+    try:
+        for K in (1, 2, 64, 96, 128, 1024, 1536, 4096, 5120, 11008, 14336, 32768):
+            for dtype in ("f16", "bf16", "f32"):
+                got = _decide_hadamard(FAKE_DEVICE, K, dtype)
+                assert got["min_elems_per_thread"] == 0 and got["source"] == "table" and got["table"] == path
+                assert _decide_hadamard(-2, K, dtype)["source"] == "default"
+    finally:
+        tuning.clear(FAKE_DEVICE)
+
+
+def test_installed_hadamard_rules_and_precedence(_clean_op_rules):
+    tuning.install_table(tables.parse_table("/t/h.json", data=_op_table()), FAKE_DEVICE)
+    try:
+        assert _decide_hadamard(FAKE_DEVICE, 512, "f16")["min_elems_per_thread"] == 4
+        d = _decide_hadamard(FAKE_DEVICE, 4096, "f16")
+        assert (d["min_elems_per_thread"], d["rule"], d["source"], d["table"]) == (8, 1, "table", "/t/h.json")
+        assert _decide_hadamard(FAKE_DEVICE, 4096, "bf16")["min_elems_per_thread"] == 2
+        d = _decide_hadamard(FAKE_DEVICE, 8192, "bf16")
+        assert (d["min_elems_per_thread"], d["rule"]) == (0, 3)
+        assert _decide_hadamard(FAKE_DEVICE, 512, "f32")["rule"] == 3
+        # forced > table
+        qk._C.set_hadamard_variant(FAKE_DEVICE, 32)
+        d = _decide_hadamard(FAKE_DEVICE, 512, "f16")
+        assert (d["min_elems_per_thread"], d["source"], d["table"]) == (32, "forced", None)
+    finally:
+        tuning.clear(FAKE_DEVICE)
+    assert _decide_hadamard(FAKE_DEVICE, 512, "f16")["source"] == "default"
+
+
+def test_bad_latent_and_hadamard_rules_are_refused_by_the_extension():
+    with pytest.raises(RuntimeError):
+        qk._C.set_latent_rules(FAKE_DEVICE, [[0] * 17], "x")
+    good = tables.latent_rule("x", {"b": [1, None]}).as_c_list()
+    with pytest.raises(RuntimeError):
+        qk._C.set_latent_rules(FAKE_DEVICE, [good[:13] + [7] + good[14:]], "x")  # kernel code 7
+    with pytest.raises(RuntimeError):
+        qk._C.set_hadamard_rules(FAKE_DEVICE, [[1, 10, 0, 3]], "x")  # 3 elements per thread
+    with pytest.raises(RuntimeError):
+        qk._C.set_hadamard_rules(FAKE_DEVICE, [[1, 10, 9, 0]], "x")  # dtype code 9
+
+
+# ---------------------------------------------------------------- tune --dry-run: latent_attention, hadamard
+
+LATENT_TUNE_SHAPES = [(1, 32, 8, 512, 128, 4096), (32, 32, 8, 512, 128, 4096), (32, 32, 8, 512, 128, 32768)]
+
+
+def _fake_latent(shapes):
+    """A fake GPU: simt with one split and 16-token tiles is best for B = 1,
+    tc with its own split count at 4 CTAs per SM for B = 32; one candidate
+    'fails'. (Candidates whose plan repeats an earlier one's are not timed.)"""
+    times, fail = [], []
+    C = qk._C
+    from qsvd_kernels.tuning import tune_ops
+
+    cands = tune_ops.latent_candidates(["simt", "tc"], [0, 1, 4, 16], [0, 16, 32], [2, 4])
+    for shape in shapes:
+        for c in cands:
+            B = shape[0]
+            t = 10.0
+            if c["kernel"] == "simt" and c["splits"] == 1 and c["tile_tokens"] == 16 and c["ctas_per_sm"] == 2:
+                t = 1.0 if B == 1 else 20.0
+            if c["kernel"] == "tc" and c["splits"] == 0 and c["tile_tokens"] == 0 and c["ctas_per_sm"] == 4:
+                t = 1.0 if B > 1 else 20.0
+            rec = {**c, **dict(zip(("B", "H", "H_kv", "r", "d", "ctx"), shape))}
+            if c["kernel"] == "simt" and c["splits"] == 4 and c["tile_tokens"] == 0 and c["ctas_per_sm"] == 2:
+                fail.append(rec)
+            else:
+                times.append({**rec, "time_s": t * 1e-5})
+    assert C is not None
+    return {"latent_attention": {"times": times, "fail": fail}}
+
+
+def _fake_hadamard(shapes, dtypes):
+    times, fail = [], []
+    for dtype in dtypes:
+        for rows, K in shapes:
+            for ept in (0, 1, 2, 4, 8, 32):
+                t = 10.0 - (5.0 if (ept == 8 and K >= 4096) or (ept == 2 and K < 4096) else 0.0)
+                rec = {"rows": rows, "K": K, "dtype": dtype, "elems_per_thread": ept}
+                if ept == 32:
+                    continue  # no timing: recorded as skipped
+                if ept == 1:
+                    fail.append(rec)
+                else:
+                    times.append({**rec, "time_s": t * 1e-5})
+    return {"hadamard": {"times": times, "fail": fail}}
+
+
+def test_tune_dry_run_latent_attention_and_hadamard_end_to_end(tmp_path, capsys, _clean_op_rules):
+    from qsvd_kernels import cli
+
+    fake = tmp_path / "fake.json"
+    had_shapes = [(1, 1024), (512, 1024), (1, 4096), (512, 14336)]
+    fake.write_text(json.dumps({**_fake_latent(LATENT_TUNE_SHAPES),
+                                **_fake_hadamard(had_shapes, ["f16", "bf16"])}))
+    results, out = tmp_path / "results.jsonl", tmp_path / "table.json"
+    common = ["tune", "--dry-run", "--cc", "90", "--gpu-name", "NVIDIA H200", "--sm-count", "132",
+              "--fake-timings", str(fake), "--results", str(results), "--out", str(out)]
+    lat_argv = common + ["--op", "latent_attention", "--weight-dtype", "f16", "--latent-bits", "8"] + \
+        [x for s in LATENT_TUNE_SHAPES for x in ("--latent-shapes", ",".join(map(str, s)))]
+    assert cli.main(lat_argv) == 0
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert all(r["op"] == "latent_attention" for r in lines)
+    assert any(r["status"] == "failed" for r in lines)
+    assert any(r["status"] == "skipped" and r["note"].startswith("same plan as") for r in lines)
+    table = tables.parse_table(str(out))
+    rules = table.rules["latent_attention"]
+    assert rules[-1].is_catch_all and table.recorded["measured"] is False
+    shape = dict(H=32, H_kv=8, r=512, d=128, bits=8, rope=True, weight_dtype="f16")
+    _, r = tables.evaluate_latent(rules, B=1, token_capacity=4096, **shape)
+    assert (r.kernel, r.splits, r.tile_tokens, r.ctas_per_sm) == ("simt", 1, 16, 2)
+    _, r = tables.evaluate_latent(rules, B=32, token_capacity=32768, **shape)
+    assert (r.kernel, r.splits, r.ctas_per_sm) == ("tc", 0, 4)
+    _, r = tables.evaluate_latent(rules, B=1, token_capacity=4096, **{**shape, "r": 256})
+    assert r.is_catch_all  # another r: the default plan
+    gain = table.recorded["latent_attention_gain_over_default"]
+    assert gain["shapes"] == 3 and gain["tuned_s"] < gain["default_s"]
+    n_lat = len(lines)
+
+    # hadamard into the same table (its latent rules are kept)
+    had_argv = common + ["--op", "hadamard", "--hadamard-shapes", ",".join(f"{a}x{b}" for a, b in had_shapes),
+                         "--hadamard-dtypes", "f16,bf16"]
+    assert cli.main(had_argv) == 0
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    had_lines = lines[n_lat:]
+    assert all(r["op"] == "hadamard" for r in had_lines) and len(had_lines) == 4 * 2 * 6
+    assert {r["status"] for r in had_lines} == {"ok", "failed", "skipped"}
+    table = tables.parse_table(str(out))
+    assert set(table.rules) == {"latent_attention", "hadamard"}
+    had = table.rules["hadamard"]
+    assert had[-1].is_catch_all
+    assert tables.evaluate_hadamard(had, 1024, "f16")[1].elems_per_thread == 2
+    assert tables.evaluate_hadamard(had, 14336, "bf16")[1].elems_per_thread == 8
+    assert len(had) <= 5  # two variants per dtype at most, plus the catch-all
+
+    # The loader installs what tune wrote, and explain reports it as the table's choice.
+    tuning.install_table(table, FAKE_DEVICE)
+    try:
+        d = _decide_hadamard(FAKE_DEVICE, 4096, "f16")
+        assert (d["source"], d["table"], d["min_elems_per_thread"]) == ("table", str(out), 8)
+        p = _decide_latent(FAKE_DEVICE, dict(sm_count=132, smem_limit=227 * 1024), B=1, H=32, H_kv=8, r=512, d=128,
+                           rope=True, token_capacity=4096)
+        assert p["source"] == "table" and p["table"] == str(out)
+        assert (p["split_kernel"], p["splits"], p["tile_tokens"]) == ("simt", 1, 16)
+    finally:
+        tuning.clear(FAKE_DEVICE)
+
+    # Reruns reuse every recorded result.
+    assert cli.main(lat_argv) == 0 and cli.main(had_argv) == 0
+    assert len(results.read_text().splitlines()) == len(lines)
+    assert "reused" in capsys.readouterr().out
+
+
+def test_tune_latent_records_plans_the_checker_refuses(tmp_path):
+    out = tmp_path / "t.json"
+    results = tmp_path / "r.jsonl"
+    shape = (1, 16, 1, 2048, 128, 4096)
+    fake = {"latent_attention": {"times": [{**tune_ops_default(), **dict(zip(("B", "H", "H_kv", "r", "d", "ctx"),
+                                                                             shape)), "time_s": 1e-5}]}}
+    (tmp_path / "f.json").write_text(json.dumps(fake))
+    assert tune.main(["--dry-run", "--cc", "80", "--smem-limit", str(99 * 1024), "--op", "latent_attention",
+                      "--no-rope", "--latent-shapes", ",".join(map(str, shape)), "--fake-timings",
+                      str(tmp_path / "f.json"), "--results", str(results), "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    refused = [r for r in lines if r["note"].startswith("plan refused")]
+    assert refused and all(r["kernel"] == "tc" for r in refused)  # no RoPE, r = 2048: tc needs > 99 KB
+    tables.parse_table(str(out))
+
+
+def tune_ops_default():
+    from qsvd_kernels.tuning import tune_ops
+
+    return dict(tune_ops.LATENT_DEFAULT)

@@ -36,7 +36,10 @@ void run(const char* op, const at::Tensor& x2, const std::optional<at::Tensor>& 
   p.norm = qsvd::hadamard::norm_factor(s.K);
   p.clip_ratio = static_cast<float>(clip_ratio);
   p.kind = kind;
-  p.min_elems_per_thread = hadamard_variant(x2.get_device());  // tuning.force("hadamard", ...); 0 = built-in
+  // The variant knob: tuning.force("hadamard", ...) > the installed table's rule > 0 (built-in). A variant that
+  // does not serve K gives the built-in one (launch_hadamard's fallback).
+  p.min_elems_per_thread =
+      decide_hadamard_variant(x2.get_device(), s.K, static_cast<int>(p.x_type), nullptr).min_elems_per_thread;
   check_launch(op, qsvd::hadamard::launch_hadamard(p, at::cuda::getCurrentCUDAStream()));
 }
 

@@ -123,17 +123,29 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   // r ~ 6300 and ~ 4300; with int8 weights, whose operands take half the
   // bytes, every r <= 8192 on an H100 and r ~ 8100 on an A100).
   // Plan knobs: forced ones (qsvd_kernels.tuning.force("latent_attention",
-  // ...)) first, else QSVD_LATENT_KERNEL / QSVD_LATENT_SPLITS, else automatic.
+  // ...)) first, else QSVD_LATENT_KERNEL / QSVD_LATENT_SPLITS, else the
+  // installed table's rule (a rule whose plan the checker refuses for this
+  // call gives the default plan: never an error), else automatic. All from
+  // the shapes and the device properties: no device sync.
   KernelChoice choice = KernelChoice::kAuto;
   lat::LatentPlanKnobs knobs;
-  const bool forced = forced_latent_plan(q_in.get_device(), &choice, &knobs);
+  const int device = q_in.get_device();
+  const bool forced = forced_latent_plan(device, &choice, &knobs);
+  bool from_env = false;
   if (!forced) {
     choice = kernel_choice(op);
     knobs.splits = forced_splits();
+    from_env = choice != KernelChoice::kAuto || knobs.splits != 0;
   }
   const int sms = prop->multiProcessorCount;
   const size_t smem_limit = prop->sharedMemPerBlockOptin;
-  const char* why = lat::plan_latent_attention_auto(p, capacity, sms, smem_limit, knobs, choice);
+  const char* why = "";
+  if (forced || from_env) {
+    why = lat::plan_latent_attention_auto(p, capacity, sms, smem_limit, knobs, choice);
+  } else {
+    qsvd::tuning::LatentDecision decision;
+    why = plan_latent_tuned(device, p, capacity, sms, smem_limit, &decision, nullptr);
+  }
   const char* prefix = choice != KernelChoice::kTensorCore ? (forced ? "forced plan: " : "")
                        : forced                            ? "forced plan with the tensor-core kernel, but "
                                                            : "QSVD_LATENT_KERNEL=tc, but ";

@@ -6,11 +6,13 @@ nothing from model, compress or integrations.
 
   gemm_menu.py   the one list of quant_gemm kernel configs (setup.py generates
                  the C++ enum, table, dispatch and instantiations from it)
-  tables.py      JSON tables: schema, validation, device matching
+  tables.py      JSON tables: schema, validation, device matching (rules for
+                 quant_gemm, latent_attention and hadamard)
   tables/        tables shipped with the package (none measured yet)
   defaults/      the built-in choice written as tables (golden tests, and the
                  template the tuner starts from); never installed
-  tune.py        python -m qsvd_kernels tune
+  tune.py        python -m qsvd_kernels tune (quant_gemm; --op latent_attention
+                 | hadamard runs tune_ops.py)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import warnings
 
 from . import gemm_menu, tables
 
-__all__ = ["install", "install_if_tables", "installed", "force", "clear", "explain", "explain_quant_gemm", "explain_latent_attention", "compiled_configs", "gemm_menu", "tables"]
+__all__ = ["install", "install_table", "install_if_tables", "installed", "force", "clear", "explain", "explain_quant_gemm", "explain_latent_attention", "explain_hadamard", "compiled_configs", "gemm_menu", "tables"]
 
 _lock = threading.Lock()
 _installed: dict = {}  # device ordinal -> {"source": "table"|"forced", "path": str, "rules": int}
@@ -66,14 +68,28 @@ def install(devices=None, dirs=None) -> dict:
             table = tables.match_table(found, name, sms, cc)
             if table is None:
                 continue
-            rules = tables.compiled_rules(table, "quant_gemm", compiled)
             try:
-                _C().set_quant_gemm_rules(index, [r.as_c_tuple() for r in rules], "table", table.path)
+                _installed[index] = install_table(table, index, compiled)
             except RuntimeError as e:  # never let a table break the library
                 warnings.warn(f"qsvd tuning: cannot install {table.path}: {e}", RuntimeWarning, stacklevel=2)
                 continue
-            _installed[index] = {"source": "table", "path": table.path, "rules": len(rules)}
         return dict(_installed)
+
+
+def install_table(table, device: int, compiled: set | None = None) -> dict:
+    """Installs a parsed table's rules (tables.parse_table) on one device index
+    (-1: all): quant_gemm's (minus configs not compiled in), latent_attention's
+    and hadamard's. Plain C++ storage, so this also works without a GPU (the
+    tests plan for fake devices with it). Returns the summary install() keeps."""
+    compiled = compiled_configs() if compiled is None else compiled
+    gemm = tables.compiled_rules(table, "quant_gemm", compiled)
+    latent = table.rules.get("latent_attention", [])
+    had = table.rules.get("hadamard", [])
+    _C().set_quant_gemm_rules(device, [r.as_c_tuple() for r in gemm], "table", table.path)
+    _C().set_latent_rules(device, [r.as_c_list() for r in latent], table.path)
+    _C().set_hadamard_rules(device, [r.as_c_list() for r in had], table.path)
+    return {"source": "table", "path": table.path, "rules": len(gemm), "latent_attention_rules": len(latent),
+            "hadamard_rules": len(had)}
 
 
 def install_if_tables() -> None:
@@ -151,6 +167,8 @@ def force(op: str = "quant_gemm", *, config: str | None = None, streamk_mode: st
 def clear(device: int = -1) -> None:
     """Removes installed tables and forced rules and plans: the built-in choice again."""
     _C().set_quant_gemm_rules(device, [], "table", "")
+    _C().set_latent_rules(device, [], "")
+    _C().set_hadamard_rules(device, [], "")
     _C().set_latent_plan(device, False)
     _C().set_hadamard_variant(device, 0)
     with _lock:
@@ -177,22 +195,14 @@ def explain(op: str, **kwargs) -> dict:
     from: ``explain("quant_gemm", M=, N=, K=, a_bits=, b_bits=)`` (config and
     stream-K knobs; see explain_quant_gemm) or ``explain("latent_attention",
     B=, H=, H_kv=, r=, d=, token_capacity=, ...)`` (the plan; see
-    explain_latent_attention)."""
+    explain_latent_attention) or ``explain("hadamard", K=, dtype=)`` (the
+    variant knob; see explain_hadamard)."""
     if op == "quant_gemm":
         return explain_quant_gemm(**kwargs)
     if op == "latent_attention":
         return explain_latent_attention(**kwargs)
     if op == "hadamard":
-        device = kwargs.pop("device", "cuda")
-        if kwargs:
-            raise ValueError(f"explain('hadamard') takes only device, got {sorted(kwargs)}")
-        import torch
-
-        index = torch.device(device).index
-        index = torch.cuda.current_device() if index is None and torch.cuda.is_available() else (index or 0)
-        ept = _C().hadamard_variant(index)
-        return {"op": "hadamard", "min_elems_per_thread": ept, "source": "forced" if ept else "default",
-                "device": index}
+        return explain_hadamard(**kwargs)
     raise ValueError(f"explain: quant_gemm, latent_attention or hadamard, got {op!r}")
 
 
@@ -225,15 +235,51 @@ def explain_quant_gemm(*, M: int | None = None, N: int | None = None, K: int | N
     return d
 
 
+def _index_of(device):
+    import torch
+
+    index = torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return index
+
+
+def explain_hadamard(*, K: int | None = None, dtype: str = "f16", device="cuda", rules_device: int | None = None) -> dict:
+    """hadamard's variant knob for a call with last dimension K and input dtype
+    (f16 | bf16 | f32): {op, min_elems_per_thread (0 = built-in), source
+    ("forced" | "table" | "fallback" | "default"), table (path or None), rule,
+    device}. A variant that does not serve K runs the built-in one (the
+    launcher's fallback). ``device=None, rules_device=i`` asks with the rules
+    installed on device index i (install_table), without a GPU."""
+    if device is None:
+        index = -2 if rules_device is None else rules_device
+    else:
+        if not _done:
+            install()
+        index = _index_of(device)
+    if K is None:  # the forced knob only (no shape: no table rule applies)
+        ept = _C().hadamard_variant(index)
+        return {"op": "hadamard", "min_elems_per_thread": ept, "source": "forced" if ept else "default",
+                "table": None, "rule": -1, "device": None if index < 0 else index}
+    d = dict(_C().hadamard_decide(index, K, dtype))
+    d["table"] = d.pop("label") or None
+    d.update(op="hadamard", K=K, dtype=dtype, device=None if index < 0 else index)
+    return d
+
+
 def explain_latent_attention(*, B: int, H: int, H_kv: int, r: int, d: int, bits: int = 8, rope: bool = True,
                              weight_dtype: str = "f16", token_capacity: int, device="cuda", sm_count: int | None = None,
                              smem_limit: int | None = None, kernel: str | None = None, splits: int | None = None,
                              tile_tokens: int | None = None, heads_per_cta: int | None = None,
-                             ctas_per_sm: int | None = None) -> dict:
+                             ctas_per_sm: int | None = None, rules_device: int | None = None) -> dict:
     """The CUDA latent_attention plan for a shape: split kernel, splits, token
     tile, heads per CTA, shared memory, and its source ("forced" by
-    tuning.force, "env" from QSVD_LATENT_KERNEL / QSVD_LATENT_SPLITS, or
-    "default"). token_capacity = max_blocks * block_size (capped by the RoPE
+    tuning.force, "env" from QSVD_LATENT_KERNEL / QSVD_LATENT_SPLITS,
+    "table" (with ``table``: its path, and ``rule``), "fallback" (a table rule
+    matched but the plan checker refused its knobs for this call: the default
+    plan runs; ``rule_refused`` says why), or "default"). Precedence: forced >
+    env > table > default. ``device=None, rules_device=i`` plans with the
+    rules installed on device index i (install_table), without a GPU. token_capacity = max_blocks * block_size (capped by the RoPE
     table). ``device=None`` with sm_count and smem_limit plans for a device
     that is not here (plain C++, no GPU needed). Knobs given here (kernel,
     splits, tile_tokens, heads_per_cta, ctas_per_sm) ask "what if" (source
@@ -254,6 +300,10 @@ def explain_latent_attention(*, B: int, H: int, H_kv: int, r: int, d: int, bits:
                                  "pass smem_limit")
     if sm_count is None or smem_limit is None:
         raise ValueError("explain_latent_attention: give a device, or sm_count and smem_limit")
+    if device is not None and not _done:
+        install()
+    if device is None and rules_device is not None:
+        index = rules_device
     with _lock:
         forced = _LATENT_FORCED.get(index, _LATENT_FORCED.get(-1)) if device is not None else None
     if forced is not None:
@@ -269,7 +319,16 @@ def explain_latent_attention(*, B: int, H: int, H_kv: int, r: int, d: int, bits:
                                    ctas_per_sm=ctas_per_sm).items() if v is not None}
     if given:
         knobs, source = {**knobs, **given}, "given"
-    plan = dict(_C().latent_attention_plan(B, H, H_kv, r, d, bits, rope, weight_dtype, token_capacity, sm_count,
+    weight = "i8" if weight_dtype in ("i8", "int8") else weight_dtype
+    if source == "default":  # the installed table's rule, if any (the launcher's own function)
+        plan = dict(_C().latent_attention_decide(index if index >= 0 else -2, B, H, H_kv, r, d, bits, rope, weight,
+                                                 token_capacity, sm_count, smem_limit))
+        plan["knobs"] = dict(plan["knobs"])
+        plan["table"] = plan.pop("label") or None
+        plan.update(op="latent_attention", sm_count=sm_count, smem_limit=smem_limit)
+        return plan
+    plan = dict(_C().latent_attention_plan(B, H, H_kv, r, d, bits, rope, weight, token_capacity, sm_count,
                                            smem_limit, **knobs))
-    plan.update(op="latent_attention", source=source, knobs=knobs, sm_count=sm_count, smem_limit=smem_limit)
+    plan.update(op="latent_attention", source=source, knobs=knobs, table=None, rule=-1, sm_count=sm_count,
+                smem_limit=smem_limit)
     return plan

@@ -1,5 +1,6 @@
 """Per-GPU tuning tables: JSON data, validated here, installed into the
-extension (``_C.set_quant_gemm_rules``) per device.
+extension (``_C.set_quant_gemm_rules``, ``_C.set_latent_rules``,
+``_C.set_hadamard_rules``) per device.
 
 Where tables are looked for, in this order: ``$QSVD_TUNING_DIR`` (if set),
 then ``qsvd_kernels/tuning/tables/`` (shipped with the package). For each CUDA
@@ -15,7 +16,9 @@ A table (schema 1)::
      "match": {"gpu_name": "NVIDIA L40S", "sm_count": 142} | {"cc": ["8.9"]},
      "recorded": {"library_commit": "...", "cutlass_version": "4.2.0", "archs": "8.9",
                   "menu": "tune", "measured": true, "gain_over_default": "...", "note": "..."},
-     "ops": {"quant_gemm": [rule, ..., catch-all]}}
+     "ops": {"quant_gemm": [rule, ..., catch-all],
+             "latent_attention": [rule, ..., catch-all],   # optional, see LatentRule
+             "hadamard": [rule, ..., catch-all]}}          # optional, see HadamardRule
 
 A quant_gemm rule: ``m: [lo, hi]`` (an M bucket; hi null = unbounded),
 optional ``n``, ``k`` ranges, optional ``bits: [a_bits, b_bits]``, then
@@ -25,6 +28,10 @@ data_parallel | split_k), ``splits`` (2..64 with split_k, else 1) and
 first match wins; within the rules of one selector (same bits, n, k) the M
 buckets must ascend without overlap, and the last rule must be a catch-all
 (``m: [1, null]``, no n, k or bits).
+
+latent_attention and hadamard rules: see LatentRule and HadamardRule below
+(keys, knobs, bucket order); their C++ side is
+include/qsvd/kernels/tuning_rules.h.
 
 Problems never make a call fail: a malformed table is skipped with one
 warning (TableError says why); a rule naming a config that is in the menu but
@@ -48,7 +55,7 @@ INT_MAX = 2**63 - 1
 MODES = {"heuristic": 0, "data_parallel": 1, "split_k": 2}
 RASTERS = {"heuristic": 0, "along_m": 1, "along_n": 2}
 MAX_SPLITS = 64
-OPS = ("quant_gemm",)
+OPS = ("quant_gemm", "latent_attention", "hadamard")
 _RULE_KEYS = {"m", "n", "k", "bits", "config", "streamk_mode", "splits", "raster", "note"}
 
 
@@ -101,7 +108,7 @@ class Table:
     path: str
     match: dict
     recorded: dict
-    rules: dict  # op -> [GemmRule]
+    rules: dict  # op -> [GemmRule] | [LatentRule] | [HadamardRule]
 
     def specificity(self) -> int:
         return 1 if "gpu_name" in self.match else 2
@@ -173,6 +180,246 @@ def check_rules(where: str, rules: list) -> None:
             prev = r
 
 
+# -- latent_attention ---------------------------------------------------------
+#
+# A rule: selectors (all optional) ``rope`` (bool), ``weight_dtype`` (f16 |
+# bf16 | int8), ``bits`` (4 | 8), ``r``, ``d``, ``group`` (H / H_kv) ranges,
+# and the buckets ``b`` (batch) and ``ctx`` (token capacity = max_blocks *
+# block_size, capped by the RoPE table); then the plan knobs ``kernel`` (auto
+# | simt | tc), ``splits`` (0 = choose, else 1..1024), ``tile_tokens`` (0 =
+# choose; simt: 8..32 step 8, tc: 16..64 step 16), ``heads_per_cta`` (0 =
+# choose, else 1..16) and ``ctas_per_sm`` (1..64, 2 = the default). Within the
+# rules of one selector (same rope, weight_dtype, bits, r, d, group) the (b,
+# ctx) buckets ascend (by b, then ctx) and do not overlap; the last rule is a
+# catch-all (no key but b [1, null] / ctx [1, null]), outside those checks. A rule whose plan the
+# plan checker refuses for a call gives the default plan for that call.
+
+LATENT_KERNELS = {"auto": 0, "simt": 1, "tc": 2}
+LATENT_WEIGHTS = {"f16": 1, "bf16": 2, "int8": 3}  # codes of _C.set_latent_rules (0: any)
+MAX_LATENT_SPLITS = 1024
+_LATENT_KEYS = {"rope", "weight_dtype", "bits", "r", "d", "group", "b", "ctx", "kernel", "splits", "tile_tokens",
+                "heads_per_cta", "ctas_per_sm", "note"}
+FULL = (1, INT_MAX)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentRule:
+    rope: bool | None = None
+    weight_dtype: str | None = None
+    bits: int | None = None
+    r: tuple = FULL
+    d: tuple = FULL
+    group: tuple = FULL
+    b: tuple = FULL
+    ctx: tuple = FULL
+    kernel: str = "auto"
+    splits: int = 0
+    tile_tokens: int = 0
+    heads_per_cta: int = 0
+    ctas_per_sm: int = 2
+
+    @property
+    def selector(self) -> tuple:
+        return (self.rope, self.weight_dtype, self.bits, self.r, self.d, self.group)
+
+    @property
+    def is_catch_all(self) -> bool:
+        return self.selector == (None, None, None, FULL, FULL, FULL) and self.b == FULL and self.ctx == FULL
+
+    @property
+    def knobs(self) -> dict:
+        return {"kernel": self.kernel, "splits": self.splits, "tile_tokens": self.tile_tokens,
+                "heads_per_cta": self.heads_per_cta, "ctas_per_sm": self.ctas_per_sm}
+
+    def matches(self, *, B, H, H_kv, r, d, bits=8, rope=True, weight_dtype="f16", token_capacity) -> bool:
+        wd = "int8" if weight_dtype in ("i8", "int8") else weight_dtype
+        return ((self.rope is None or self.rope == bool(rope)) and (self.weight_dtype is None or self.weight_dtype == wd)
+                and (self.bits is None or self.bits == bits) and self.r[0] <= r <= self.r[1]
+                and self.d[0] <= d <= self.d[1] and self.group[0] <= H // H_kv <= self.group[1]
+                and self.b[0] <= B <= self.b[1] and self.ctx[0] <= token_capacity <= self.ctx[1])
+
+    def as_c_list(self) -> list:
+        return [-1 if self.rope is None else int(self.rope), LATENT_WEIGHTS.get(self.weight_dtype, 0), self.bits or 0,
+                *self.r, *self.d, *self.group, *self.b, *self.ctx, LATENT_KERNELS[self.kernel], self.splits,
+                self.tile_tokens, self.heads_per_cta, self.ctas_per_sm]
+
+    def as_json(self) -> dict:
+        out = {}
+        for key in ("rope", "weight_dtype", "bits"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        for key in ("r", "d", "group", "b", "ctx"):
+            lo, hi = getattr(self, key)
+            if (lo, hi) != FULL or key == "b":
+                out[key] = [lo, None if hi == INT_MAX else hi]
+        out.update(self.knobs)
+        return out
+
+
+def _int(where, v, lo, hi, what=""):
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise TableError(f"{where}: an integer in [{lo}, {hi}]{what}, got {v!r}")
+    return v
+
+
+def latent_rule(where, d) -> LatentRule:
+    if not isinstance(d, dict):
+        raise TableError(f"{where}: a rule is an object")
+    extra = set(d) - _LATENT_KEYS
+    if extra:
+        raise TableError(f"{where}: unknown keys {sorted(extra)}")
+    kw = {}
+    if "rope" in d:
+        if not isinstance(d["rope"], bool):
+            raise TableError(f"{where}.rope: true or false, got {d['rope']!r}")
+        kw["rope"] = d["rope"]
+    if "weight_dtype" in d:
+        if d["weight_dtype"] not in LATENT_WEIGHTS:
+            raise TableError(f"{where}.weight_dtype: one of {sorted(LATENT_WEIGHTS)}, got {d['weight_dtype']!r}")
+        kw["weight_dtype"] = d["weight_dtype"]
+    if "bits" in d:
+        if d["bits"] not in (4, 8) or isinstance(d["bits"], bool):
+            raise TableError(f"{where}.bits: 4 or 8, got {d['bits']!r}")
+        kw["bits"] = d["bits"]
+    for key in ("r", "d", "group", "b", "ctx"):
+        if key in d:
+            kw[key] = _range(f"{where}.{key}", d[key])
+    kernel = d.get("kernel", "auto")
+    if kernel not in LATENT_KERNELS:
+        raise TableError(f"{where}.kernel: one of {sorted(LATENT_KERNELS)}, got {kernel!r}")
+    kw["kernel"] = kernel
+    kw["splits"] = _int(f"{where}.splits", d.get("splits", 0), 0, MAX_LATENT_SPLITS, " (0 = choose)")
+    tile = _int(f"{where}.tile_tokens", d.get("tile_tokens", 0), 0, 64, " (0 = choose)")
+    if tile:
+        if kernel == "simt" and (tile % 8 or tile > 32):
+            raise TableError(f"{where}.tile_tokens: the CUDA-core kernel takes 8, 16, 24 or 32, got {tile}")
+        if kernel == "tc" and tile % 16:
+            raise TableError(f"{where}.tile_tokens: the tensor-core kernels take 16, 32, 48 or 64, got {tile}")
+        if kernel == "auto" and tile % 16:
+            raise TableError(f"{where}.tile_tokens: with kernel auto, 16 or 32 (both kernels), got {tile}")
+        if kernel == "auto" and tile > 32:
+            raise TableError(f"{where}.tile_tokens: with kernel auto, 16 or 32 (both kernels), got {tile}")
+    kw["tile_tokens"] = tile
+    kw["heads_per_cta"] = _int(f"{where}.heads_per_cta", d.get("heads_per_cta", 0), 0, 16, " (0 = choose)")
+    kw["ctas_per_sm"] = _int(f"{where}.ctas_per_sm", d.get("ctas_per_sm", 2), 1, 64)
+    return LatentRule(**kw)
+
+
+def _overlap(a, b) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def check_latent_rules(where: str, rules: list) -> None:
+    """Per selector, (b, ctx) buckets ascending and disjoint; a final catch-all."""
+    if not rules:
+        raise TableError(f"{where}: no rules")
+    if not rules[-1].is_catch_all:
+        raise TableError(f"{where}: the last rule must be a catch-all (no keys but b [1, null])")
+    groups: dict = {}
+    for i, r in enumerate(rules[:-1]):  # the catch-all stands apart: it serves what nothing before it matched
+        groups.setdefault(r.selector, []).append((i, r))
+    for members in groups.values():
+        for j in range(1, len(members)):
+            i, r = members[j]
+            _, prev = members[j - 1]
+            if (r.b[0], r.ctx[0]) <= (prev.b[0], prev.ctx[0]):
+                raise TableError(f"{where}[{i}]: (b, ctx) buckets of one selector must ascend (b {list(r.b)}, ctx "
+                                 f"{list(r.ctx)} after b {list(prev.b)}, ctx {list(prev.ctx)})")
+            for _, q in members[:j]:
+                if _overlap(r.b, q.b) and _overlap(r.ctx, q.ctx):
+                    raise TableError(f"{where}[{i}]: bucket b {list(r.b)}, ctx {list(r.ctx)} overlaps b {list(q.b)}, "
+                                     f"ctx {list(q.ctx)}")
+
+
+def evaluate_latent(rules: list, **shape):
+    """(index, rule) of the first matching latent rule, or (-1, None)."""
+    for i, r in enumerate(rules):
+        if r.matches(**shape):
+            return i, r
+    return -1, None
+
+
+# -- hadamard -----------------------------------------------------------------
+#
+# A rule: ``k`` (a K bucket, required), optional ``dtype`` (f16 | bf16 | f32),
+# then ``elems_per_thread`` (0 = the built-in variant, or 1, 2, 4, 8, 32: the
+# compiled variant with at least that many elements per thread that serves K,
+# else the built-in one). Within one dtype the K buckets ascend without
+# overlap; the last rule is a catch-all (k [1, null], no dtype), outside that
+# check.
+
+HADAMARD_DTYPES = {"f16": 1, "bf16": 2, "f32": 4}  # codes of _C.set_hadamard_rules (0: any)
+HADAMARD_EPT = (0, 1, 2, 4, 8, 32)
+_HADAMARD_KEYS = {"k", "dtype", "elems_per_thread", "note"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HadamardRule:
+    k: tuple = FULL
+    dtype: str | None = None
+    elems_per_thread: int = 0
+
+    @property
+    def is_catch_all(self) -> bool:
+        return self.k == FULL and self.dtype is None
+
+    def matches(self, K: int, dtype: str) -> bool:
+        return self.k[0] <= K <= self.k[1] and (self.dtype is None or self.dtype == dtype)
+
+    def as_c_list(self) -> list:
+        return [*self.k, HADAMARD_DTYPES.get(self.dtype, 0), self.elems_per_thread]
+
+    def as_json(self) -> dict:
+        out = {"k": [self.k[0], None if self.k[1] == INT_MAX else self.k[1]]}
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
+        out["elems_per_thread"] = self.elems_per_thread
+        return out
+
+
+def hadamard_rule(where, d) -> HadamardRule:
+    if not isinstance(d, dict):
+        raise TableError(f"{where}: a rule is an object")
+    extra = set(d) - _HADAMARD_KEYS
+    if extra:
+        raise TableError(f"{where}: unknown keys {sorted(extra)}")
+    if "k" not in d or "elems_per_thread" not in d:
+        raise TableError(f"{where}: a rule needs 'k' (a K bucket) and 'elems_per_thread'")
+    k = _range(f"{where}.k", d["k"])
+    dtype = d.get("dtype")
+    if dtype is not None and dtype not in HADAMARD_DTYPES:
+        raise TableError(f"{where}.dtype: one of {sorted(HADAMARD_DTYPES)}, got {dtype!r}")
+    ept = d["elems_per_thread"]
+    if ept not in HADAMARD_EPT or isinstance(ept, bool):
+        raise TableError(f"{where}.elems_per_thread: one of {list(HADAMARD_EPT)}, got {ept!r}")
+    return HadamardRule(k, dtype, ept)
+
+
+def check_hadamard_rules(where: str, rules: list) -> None:
+    """Per dtype, ascending disjoint K buckets; a final catch-all."""
+    if not rules:
+        raise TableError(f"{where}: no rules")
+    if not rules[-1].is_catch_all:
+        raise TableError(f"{where}: the last rule must be a catch-all (k [1, null], no dtype)")
+    prev: dict = {}
+    for i, r in enumerate(rules[:-1]):  # the catch-all stands apart
+        p = prev.get(r.dtype)
+        if p is not None:
+            if r.k[0] <= p.k[0]:
+                raise TableError(f"{where}[{i}]: K buckets of one dtype must ascend (k {list(r.k)} after {list(p.k)})")
+            if r.k[0] <= p.k[1]:
+                raise TableError(f"{where}[{i}]: K bucket {list(r.k)} overlaps {list(p.k)}")
+        prev[r.dtype] = r
+
+
+def evaluate_hadamard(rules: list, K: int, dtype: str):
+    """(index, rule) of the first matching hadamard rule, or (-1, None)."""
+    for i, r in enumerate(rules):
+        if r.matches(K, dtype):
+            return i, r
+    return -1, None
+
+
 def parse_table(path: str, data=None, menu_names=None) -> Table:
     """Validates one table; raises TableError (never anything else) when unusable."""
     if menu_names is None:
@@ -215,8 +462,15 @@ def parse_table(path: str, data=None, menu_names=None) -> Table:
     for op, lst in ops.items():
         if not isinstance(lst, list):
             raise TableError(f"{name}: ops.{op} is a list of rules")
-        parsed = [_rule(f"{name}: ops.{op}[{i}]", d, menu_names) for i, d in enumerate(lst)]
-        check_rules(f"{name}: ops.{op}", parsed)
+        if op == "quant_gemm":
+            parsed = [_rule(f"{name}: ops.{op}[{i}]", d, menu_names) for i, d in enumerate(lst)]
+            check_rules(f"{name}: ops.{op}", parsed)
+        elif op == "latent_attention":
+            parsed = [latent_rule(f"{name}: ops.{op}[{i}]", d) for i, d in enumerate(lst)]
+            check_latent_rules(f"{name}: ops.{op}", parsed)
+        else:
+            parsed = [hadamard_rule(f"{name}: ops.{op}[{i}]", d) for i, d in enumerate(lst)]
+            check_hadamard_rules(f"{name}: ops.{op}", parsed)
         rules[op] = parsed
     return Table(path=path, match=match, recorded=recorded, rules=rules)
 

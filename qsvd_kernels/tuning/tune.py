@@ -1,5 +1,15 @@
-"""python -m qsvd_kernels tune: time quant_gemm's compiled configs and knobs on
-the local GPU for given shapes, and reduce the results to a small table.
+"""python -m qsvd_kernels tune: time quant_gemm's compiled configs and knobs
+(or, with --op, latent_attention's plans or hadamard's variants; see
+tune_ops.py) on the local GPU for given shapes, and reduce the results to a
+small table.
+
+    python -m qsvd_kernels tune --op latent_attention --latent-shapes 1,32,8,512,128,4096 \\
+        --latent-shapes 16,32,8,512,128,4096 --results tune.jsonl --out my-gpu.json
+    python -m qsvd_kernels tune --op hadamard --hadamard-shapes 1x4096,512x4096,512x11008 \\
+        --results tune.jsonl --out my-gpu.json
+
+An --out that already holds a table for this GPU keeps its other ops' rules
+(so one table can collect all three ops).
 
     python -m qsvd_kernels tune --shapes 1x4096x4096,16x4096x4096,512x11008x4096 \\
         --bits 8,8 --bits 8,4 --results tune.jsonl --out my-gpu.json
@@ -269,7 +279,9 @@ def _done_keys(path: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qsvd_kernels tune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", required=True, help="MxNxK,MxNxK,...")
+    p.add_argument("--op", default="quant_gemm", choices=("quant_gemm", "latent_attention", "hadamard"),
+                   help="what to tune (default quant_gemm)")
+    p.add_argument("--shapes", help="quant_gemm: MxNxK,MxNxK,...")
     p.add_argument("--bits", action="append", help="a_bits,b_bits (repeat; default 8,8)")
     p.add_argument("--out-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--configs", help="comma-separated menu names (default: every compiled one that runs)")
@@ -287,8 +299,27 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-name", default="dry-run GPU", help="--dry-run only")
     p.add_argument("--sm-count", type=int, default=1, help="--dry-run only")
     p.add_argument("--fake-timings", help="JSON with 'times' and 'fail' records (see the module doc)")
+    g = p.add_argument_group("latent_attention (--op latent_attention)")
+    g.add_argument("--latent-shapes", action="append", help="B,H,H_kv,r,d,ctx (repeat, or separate with ';'); "
+                   "ctx = token capacity (every sequence full)")
+    g.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True, help="RoPE tables (default) or not")
+    g.add_argument("--weight-dtype", default="f16", choices=sorted(tables.LATENT_WEIGHTS))
+    g.add_argument("--latent-bits", type=int, default=8, choices=(4, 8))
+    g.add_argument("--latent-kernels", default="simt,tc", help="split kernels to try besides the default (auto)")
+    g.add_argument("--latent-splits", default="0,1,4,16", help="KV splits to try (0 = choose)")
+    g.add_argument("--latent-tiles", default="0,16,32", help="tile_tokens to try (0 = choose)")
+    g.add_argument("--latent-ctas", default="2,4", help="ctas_per_sm to try (2 = the default)")
+    g.add_argument("--smem-limit", type=int, help="--dry-run: opt-in shared memory per block in bytes (default: "
+                   "163 KB for cc 80/87, 227 KB for 90, else 99 KB)")
+    g = p.add_argument_group("hadamard (--op hadamard)")
+    g.add_argument("--hadamard-shapes", help="ROWSxK,ROWSxK,... (K a supported Hadamard size)")
+    g.add_argument("--hadamard-dtypes", default="f16,bf16", help="input dtypes: f16, bf16, f32")
     args = p.parse_args(argv)
 
+    if args.op != "quant_gemm":
+        return _main_op(args)
+    if not args.shapes:
+        raise SystemExit("tune: --shapes MxNxK,... is required for quant_gemm")
     shapes = _parse_shapes(args.shapes)
     bit_pairs = _parse_bits(args.bits)
     modes = [m for m in args.modes.split(",") if m]
@@ -366,7 +397,8 @@ def main(argv=None) -> int:
 
     # Only this run's shapes and pairs (the results file may hold others).
     scope = {(s, b) for s in shapes for b in bit_pairs}
-    records = [r for r in records if ((r["M"], r["N"], r["K"]), tuple(r["bits"])) in scope]
+    records = [r for r in records if r.get("op", "quant_gemm") == "quant_gemm"
+               and ((r["M"], r["N"], r["K"]), tuple(r["bits"])) in scope]
     rules = reduce(records, cc, args.tolerance)
     gain = gain_over_default(records, rules, cc)
     table = {
@@ -384,6 +416,17 @@ def main(argv=None) -> int:
         },
         "ops": {"quant_gemm": rules},
     }
+    if os.path.exists(args.out):  # keep latent_attention / hadamard rules of a table for this GPU
+        try:
+            old = tables.parse_table(args.out)
+        except tables.TableError:
+            old = None
+        if old is not None and old.match == table["match"]:
+            with open(args.out) as f:
+                kept = json.load(f)
+            table["ops"] = {**kept["ops"], "quant_gemm": rules}
+            table["recorded"] = {**kept["recorded"], **table["recorded"],
+                                 "measured": bool(kept["recorded"].get("measured", True)) and not args.dry_run}
     tables.parse_table(args.out, data=table)  # the loader must accept what we write
     with open(args.out, "w") as f:
         json.dump(table, f, indent=1)
@@ -394,6 +437,176 @@ def main(argv=None) -> int:
         print(f"tune: {kind} total time over {gain['shapes']} shapes: default {gain['default_s']:.3e} s, "
               f"tuned {gain['tuned_s']:.3e} s")
     return 0
+
+
+def _device_info(args):
+    """(cc, gpu_name, sm_count, smem_limit, build info) of the device, or of the dry run."""
+    if args.dry_run:
+        if args.cc is None:
+            raise SystemExit("tune --dry-run needs --cc")
+        smem = args.smem_limit
+        if smem is None:
+            smem = {80: 163 * 1024, 87: 163 * 1024, 90: 227 * 1024}.get(args.cc, 99 * 1024)
+        info = {"cuda_archs": "dry-run", "cutlass_version": "dry-run", "gemm_menu": "dry-run"}
+        return args.cc, args.gpu_name, args.sm_count, smem, info
+    import torch
+
+    from .. import _C
+
+    if not torch.cuda.is_available():
+        raise SystemExit("tune: no CUDA device (use --dry-run --cc N --fake-timings FILE to exercise it)")
+    props = torch.cuda.get_device_properties(args.device)
+    smem = getattr(props, "shared_memory_per_block_optin", None) or args.smem_limit
+    if smem is None:
+        raise SystemExit("tune: this torch does not report the opt-in shared memory; pass --smem-limit")
+    return 10 * props.major + props.minor, props.name, props.multi_processor_count, smem, dict(_C.build_info())
+
+
+def _append(out, rec: dict) -> None:
+    out.write(json.dumps(rec) + "\n")
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _main_op(args) -> int:
+    """tune --op latent_attention | hadamard (tune_ops.py)."""
+    from .. import _C
+
+    from . import tune_ops as T
+
+    cc, gpu_name, sm_count, smem_limit, info = _device_info(args)
+    fake = {}
+    if args.dry_run and args.fake_timings:
+        with open(args.fake_timings) as f:
+            fake = json.load(f)
+    done = _done_keys(args.results)
+    counts = {"ok": 0, "failed": 0, "skipped": 0, "reused": 0}
+    records = []
+    with open(args.results, "a") as out:
+        if args.op == "latent_attention":
+            shapes = T.parse_latent_shapes(args.latent_shapes)
+            variant = (args.rope, args.weight_dtype, args.latent_bits)
+            kernels = [k for k in args.latent_kernels.split(",") if k]
+            if any(k not in tables.LATENT_KERNELS for k in kernels):
+                raise SystemExit(f"tune: --latent-kernels are {sorted(tables.LATENT_KERNELS)}")
+            ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+            cands = T.latent_candidates(kernels, ints(args.latent_splits), ints(args.latent_tiles),
+                                        ints(args.latent_ctas))
+            fake_times, fake_fails = T.fake_latent_lookup(fake, variant)
+            runner = None if args.dry_run else T.LatentRunner(args.device, args.warmup, args.reps)
+            for shape in shapes:
+                seen = {}
+                for c in cands:
+                    key = T.latent_key(c, shape, variant)
+                    if key in done:
+                        counts["reused"] += 1
+                        records.append(done[key])
+                        continue
+                    plan = T.plan_of(_C, c, shape, variant, sm_count, smem_limit)
+                    if not plan["ok"]:
+                        status, t, note = "skipped", None, f"plan refused: {plan['reason']}"
+                    elif T.plan_signature(plan) in seen:
+                        status, t, note = "skipped", None, f"same plan as {seen[T.plan_signature(plan)]}"
+                    elif runner is None:
+                        seen[T.plan_signature(plan)] = key
+                        if key in fake_fails:
+                            status, t, note = "failed", None, "fake: check failed"
+                        elif key in fake_times:
+                            status, t, note = "ok", fake_times[key], "fake timing"
+                        else:
+                            status, t, note = "skipped", None, "no fake timing"
+                    else:
+                        seen[T.plan_signature(plan)] = key
+                        status, t, note = runner.run(c, shape, variant)
+                    rec = {"key": key, "op": "latent_attention", **c, "shape": list(shape), "rope": variant[0],
+                           "weight_dtype": variant[1], "bits": variant[2], "status": status, "time_s": t,
+                           "note": note, "plan": {k: plan.get(k) for k in ("split_kernel", "splits", "tile_tokens",
+                                                                           "heads_per_cta", "split_smem")}}
+                    _append(out, rec)
+                    records.append(rec)
+                    counts[status] += 1
+            scope = {tuple(s) for s in shapes}
+            records = [r for r in records if r.get("op") == "latent_attention" and tuple(r["shape"]) in scope
+                       and (r["rope"], r["weight_dtype"], r["bits"]) == variant]
+            rules = T.reduce_latent(records, variant, args.tolerance)
+            gain = T.gain_latent(records, rules, variant)
+            described = [",".join(map(str, s)) for s in shapes]
+        else:
+            shapes = T.parse_hadamard_shapes(args.hadamard_shapes)
+            dtypes = [d for d in args.hadamard_dtypes.split(",") if d]
+            if any(d not in tables.HADAMARD_DTYPES for d in dtypes):
+                raise SystemExit(f"tune: --hadamard-dtypes are {sorted(tables.HADAMARD_DTYPES)}")
+            bad = [K for _, K in shapes if not _C.is_supported_hadamard_dim(K)]
+            if bad:
+                raise SystemExit(f"tune: hadamard does not serve K = {bad}")
+            fake_times, fake_fails = T.fake_hadamard_lookup(fake)
+            runner = None if args.dry_run else T.HadamardRunner(args.device, args.warmup, args.reps)
+            for dtype in dtypes:
+                for shape in shapes:
+                    for ept in T.HADAMARD_EPTS:
+                        key = T.hadamard_key(ept, shape, dtype)
+                        if key in done:
+                            counts["reused"] += 1
+                            records.append(done[key])
+                            continue
+                        if runner is None:
+                            if key in fake_fails:
+                                status, t, note = "failed", None, "fake: check failed"
+                            elif key in fake_times:
+                                status, t, note = "ok", fake_times[key], "fake timing"
+                            else:
+                                status, t, note = "skipped", None, "no fake timing"
+                        else:
+                            status, t, note = runner.run(ept, shape, dtype)
+                        rec = {"key": key, "op": "hadamard", "elems_per_thread": ept, "rows": shape[0], "K": shape[1],
+                               "dtype": dtype, "status": status, "time_s": t, "note": note}
+                        _append(out, rec)
+                        records.append(rec)
+                        counts[status] += 1
+            rules = T.reduce_hadamard(records, args.tolerance)
+            gain = T.gain_hadamard(records, rules)
+            described = [f"{r}x{K}" for r, K in shapes]
+    print(f"tune: {counts['ok']} timed, {counts['failed']} failed, {counts['skipped']} skipped, "
+          f"{counts['reused']} reused from {args.results}")
+    table = _merged_table(args.out, gpu_name, sm_count, info, args, args.op, rules, described, gain)
+    tables.parse_table(args.out, data=table)  # the loader must accept what we write
+    with open(args.out, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+    print(f"tune: {len(rules)} {args.op} rules written to {args.out}")
+    if gain["speedup"] is not None:
+        kind = "measured" if not args.dry_run else "FAKE (dry run)"
+        print(f"tune: {kind} total time over {gain['shapes']} shapes: default {gain['default_s']:.3e} s, "
+              f"tuned {gain['tuned_s']:.3e} s")
+    return 0
+
+
+def _merged_table(path, gpu_name, sm_count, info, args, op, rules, described, gain) -> dict:
+    """A new table, or the table at path (same match) with op's rules replaced:
+    the three tune runs of bench/gpu_check.sh write one table."""
+    match = {"gpu_name": gpu_name, "sm_count": sm_count}
+    table = None
+    if os.path.exists(path):
+        try:
+            old = tables.parse_table(path)
+        except tables.TableError:
+            old = None
+        if old is not None and old.match == match:
+            with open(path) as f:
+                table = json.load(f)
+    if table is None:
+        table = {"schema": tables.SCHEMA, "match": match,
+                 "recorded": {"library_commit": _commit(), "cutlass_version": info.get("cutlass_version") or "unknown",
+                              "archs": info.get("cuda_archs") or "unknown", "menu": info.get("gemm_menu") or "unknown",
+                              "measured": not args.dry_run},
+                 "ops": {}}
+    table["ops"][op] = rules
+    rec = table["recorded"]
+    rec["measured"] = bool(rec.get("measured", True)) and not args.dry_run
+    rec[f"{op}_shapes"] = described
+    rec[f"{op}_tolerance"] = args.tolerance
+    rec[f"{op}_gain_over_default"] = gain
+    return table
 
 
 def _commit() -> str:
