@@ -16,8 +16,9 @@ Byte model per token and layer (what vLLM allocates):
   QSVD:              r x bits / 8 code bytes + 4 (fp32 scale), inline
 Reported, each as vLLM reports it: blocks x block_size = tokens that fit;
 the most concurrent sequences of max_model_len tokens; and decode
-throughput (generated tokens / wall time of one batch; prompts of 64
-tokens, 64 new tokens each, greedy).
+throughput (generated tokens / wall time of one batch, prefill included;
+32 prompts of 64 tokens, 128 new tokens each, greedy; the median of 3
+rounds after a warm-up).
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="results prefix (writes .json and .md)")
     p.add_argument("--kv-space-gib", type=int, default=1)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt", type=int, default=64)
-    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-model-len", type=int, default=1024)
     args = p.parse_args(argv)
 
@@ -98,18 +100,21 @@ def main(argv=None) -> int:
     d = cfg.hidden_size // cfg.num_attention_heads
     rows = []
     for name, path in engines.items():
-        # warm-up round (first-call allocations), then the timed round
+        # a warm-up round (first-call allocations), then args.repeats timed rounds of the whole batch
         res = run_engine({"model": path, "dtype": "bfloat16", "max_model_len": args.max_model_len, "block_size": 32,
-                          "rounds": [prompts[:2], prompts], "max_tokens": args.new}, env, work)
+                          "rounds": [prompts[:2]] + [prompts] * args.repeats, "max_tokens": args.new,
+                          "enable_prefix_caching": False}, env, work)
         tokens = res["num_blocks"] * res["block_size"]
         q = name.split()[-1]
         per_token = ranks[q]["bytes_per_token"] if q in ranks else cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d * 2
-        secs = res["rounds"][1]["seconds"]
+        times = sorted(r["seconds"] for r in res["rounds"][1:])
+        secs = times[len(times) // 2]  # the median round
         rows.append({"engine": name, "bytes_per_token": per_token, "num_blocks": res["num_blocks"],
                      "block_size": res["block_size"], "tokens_that_fit": tokens,
                      "byte_model_tokens": (args.kv_space_gib * 2**30 // (res["block_size"] * per_token))
                      * res["block_size"],
-                     "max_concurrent_sequences": tokens // args.max_model_len, "decode_seconds": secs,
+                     "max_concurrent_sequences": tokens // args.max_model_len, "median_seconds": secs,
+                     "round_seconds": times,
                      "tokens_per_s": args.batch * args.new / secs, "ranks": ranks.get(q, {}).get("ranks"),
                      "vllm_version": res["vllm_version"]})
     base = rows[0]
@@ -120,15 +125,17 @@ def main(argv=None) -> int:
                             text=True).stdout.strip()
     data = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "geometry": GEOMETRY, "kv_space_gib": args.kv_space_gib, "batch": args.batch,
-            "prompt": args.prompt, "new_tokens": args.new, "max_model_len": args.max_model_len,
+            "prompt": args.prompt, "new_tokens": args.new, "repeats": args.repeats, "max_model_len": args.max_model_len,
             "compress_seconds": compress_s, "rows": rows}
     md = [f"# vLLM serving on the CPU: uncompressed vs QSVD ({data['date']}, commit {commit})", "",
           f"vLLM {rows[0]['vllm_version']} offline engine, `VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}` GiB, "
           f"{os.cpu_count()} CPU cores, bf16, block size 32, max_model_len {args.max_model_len}. Model: "
           f"{GEOMETRY['num_hidden_layers']} LLaMA layers, E = {cfg.hidden_size}, {cfg.num_attention_heads} heads of "
           f"{d} (multi-head K/V), random weights; QSVD W8A8 at R2 = 15 %, W4A4 at R2 = 7.5 % (bits included). Throughput: one batch of "
-          f"{args.batch} prompts of {args.prompt} tokens, {args.new} new tokens each, greedy, after a warm-up round "
-          "(one run; a shared 2-core machine: ratios in one run are what count).", "",
+          f"{args.batch} prompts of {args.prompt} tokens, {args.new} new tokens each, greedy, prefix caching off, the "
+          f"median of {args.repeats} rounds after a warm-up round; tokens/s counts generated tokens over the "
+          "round's wall time (prefill included). One run on a shared 2-core machine: ratios in one run are what "
+          "count.", "",
           "Byte model per token (all layers): uncompressed 2 x H_kv x d x 2 B per layer; QSVD r x bits/8 + 4 B "
           "per layer (codes + inline fp32 scale). `tokens that fit` is vLLM's own report (blocks x block size); "
           "`byte model` is the arithmetic.", "",
