@@ -6,7 +6,8 @@ Everything between <!-- perf:begin --> and <!-- perf:end --> is rewritten:
 for each GPU with results in bench/results/<gpu>-<date>.json (the newest
 per GPU), the GPU, date and commit and the summary of bench/summarize.py;
 the newest CPU kernel benchmark (bench/results/cpu-<date>.md, written by
-bench/test_bench_cpu.py) as a table labelled CPU; the other CPU-side
+bench/test_bench_cpu.py) as a table labelled CPU; the newest vLLM serving
+benchmark (bench/results/vllm-cpu-<date>.md, bench/vllm_serving.py); the other CPU-side
 results (compression fidelity and cost, capacity arithmetic) are linked.
 What has not been measured is said to be not measured.
 """
@@ -29,7 +30,7 @@ def gpu_results():
     for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
         name = os.path.basename(path)
         m = re.match(r"(.+)-(\d{4}-\d{2}-\d{2})\.json$", name)
-        if not m or name.startswith(("compress_", "capacity", "cpu-")):
+        if not m or name.startswith(("compress_", "capacity", "cpu-", "vllm-")):
             continue
         gpu, date = m.groups()
         if gpu not in newest or date > newest[gpu][0]:
@@ -37,11 +38,11 @@ def gpu_results():
     return newest
 
 
-def cpu_results():
-    """(date, path of the .md) of the newest bench/results/cpu-<date>.md, or None."""
+def cpu_results(prefix: str = "cpu"):
+    """(date, path of the .md) of the newest bench/results/<prefix>-<date>.md, or None."""
     found = []
-    for path in glob.glob(os.path.join(RESULTS, "cpu-*.md")):
-        m = re.match(r"cpu-(\d{4}-\d{2}-\d{2})\.md$", os.path.basename(path))
+    for path in glob.glob(os.path.join(RESULTS, f"{prefix}-*.md")):
+        m = re.match(re.escape(prefix) + r"-(\d{4}-\d{2}-\d{2})\.md$", os.path.basename(path))
         if m:
             found.append((m.group(1), path))
     return max(found) if found else None
@@ -72,6 +73,24 @@ def section() -> str:
                   " / baseline time.", ""] + table + [""]
     else:
         lines += ["### CPU kernels", "", "Not measured yet (`bench/test_bench_cpu.py`).", ""]
+    serving = cpu_results("vllm-cpu")
+    if serving:
+        date, md = serving
+        import json
+
+        table = [ln for ln in open(md).read().splitlines() if ln.startswith("|")]
+        with open(md[:-3] + ".json") as f:
+            rows = json.load(f)["rows"]
+        fits = " and ".join(f"{r['capacity_x']:.1f}x ({r['engine'].split()[-1]})" for r in rows[1:])
+        speed = ", ".join(f"{r['throughput_x']:.2f}x" for r in rows[1:])
+        lines += [f"### Serving on vLLM, CPU, {date}", "",
+                  f"vLLM's own offline engine under one `VLLM_CPU_KVCACHE_SPACE`: the uncompressed model against"
+                  f" QSVD ([{os.path.relpath(md, ROOT)}]({os.path.relpath(md, ROOT)}), bench/vllm_serving.py; setup"
+                  " and byte model there). Capacity is vLLM's report; tokens/s is one batch's generated tokens over"
+                  f" its wall time. On the CPU the QSVD model fits {fits} the tokens, but generates at {speed} the"
+                  " uncompressed model's speed: with RoPE every decode step rebuilds K from the latent (2 r E_kv"
+                  " operations per cached token and layer) where the uncompressed model reads K and V.", ""] + table
+        lines += [""]
     lines += ["CPU-side results (measured here, committed):", ""]
     for name, what in (("compress_minilm.md", "compression fidelity on the real all-MiniLM-L6-v2"),
                        ("compress_cost.md", "time and memory of the joint SVD and scoring at 7B layer shapes"),
