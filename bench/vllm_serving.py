@@ -106,7 +106,8 @@ def main(argv=None) -> int:
                           "enable_prefix_caching": False}, env, work)
         tokens = res["num_blocks"] * res["block_size"]
         q = name.split()[-1]
-        per_token = ranks[q]["bytes_per_token"] if q in ranks else cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d * 2
+        kv_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d * 2  # bf16 K and V
+        per_token = ranks[q]["bytes_per_token"] if q in ranks else kv_bytes
         times = sorted(r["seconds"] for r in res["rounds"][1:])
         secs = times[len(times) // 2]  # the median round
         rows.append({"engine": name, "bytes_per_token": per_token, "num_blocks": res["num_blocks"],
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
           f"vLLM {rows[0]['vllm_version']} offline engine, `VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}` GiB, "
           f"{os.cpu_count()} CPU cores, bf16, block size 32, max_model_len {args.max_model_len}. Model: "
           f"{GEOMETRY['num_hidden_layers']} LLaMA layers, E = {cfg.hidden_size}, {cfg.num_attention_heads} heads of "
-          f"{d} (multi-head K/V), random weights; QSVD W8A8 at R2 = 15 %, W4A4 at R2 = 7.5 % (bits included). Throughput: one batch of "
+          f"{d} (multi-head K/V), random weights; QSVD W8A8 at R2 = 15 %, W4A4 at R2 = 7.5 % (bits included). "
+          "Throughput: one batch of "
           f"{args.batch} prompts of {args.prompt} tokens, {args.new} new tokens each, greedy, prefix caching off, the "
           f"median of {args.repeats} rounds after a warm-up round; tokens/s counts generated tokens over the "
           "round's wall time (prefill included). One run on a shared 2-core machine: ratios in one run are what "

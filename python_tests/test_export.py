@@ -30,7 +30,8 @@ def made(tmp_path_factory):
     model.save_pretrained(root / "hf")
     (root / "hf" / "tokenizer_config.json").write_text("{}")  # a side file export must carry along
     comp = qc.Compressor(model, M.random_token_batches(model.config.vocab_size, 16, 32, seed=0), progress=False)
-    cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 64), qc.QuantConfig.parse("W8A8"), allocation="uniform"))
+    cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 64), qc.QuantConfig.parse("W8A8"),
+                                            allocation="uniform"))
     cm.save(root / "art")
     return root, model, cm
 
@@ -99,7 +100,8 @@ def test_export_refuses_what_it_cannot_serve_and_writes_nothing(made, tmp_path, 
     # an unquantized artefact: the kernels need W8A8 / W4A4
     fp = tmp_path / "fp"
     comp = qc.Compressor(M.tiny_llama(seed=0, **TINY)[0], M.random_token_batches(256, 16, 32, seed=0), progress=False)
-    comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 64), qc.QuantConfig.parse("fp"), allocation="uniform")).save(fp)
+    comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 64), qc.QuantConfig.parse("fp"),
+                                       allocation="uniform")).save(fp)
     with pytest.raises(ValueError, match="W8A8 or W4A4"):
         export_vllm(str(root / "hf"), str(fp), str(out))
     assert not out.exists()
@@ -110,3 +112,23 @@ def test_export_refuses_what_it_cannot_serve_and_writes_nothing(made, tmp_path, 
     with pytest.raises(ValueError, match="not an empty directory"):
         export_vllm(str(root / "hf"), str(root / "art"), str(tmp_path / "full"))
     assert (tmp_path / "full" / "x").read_text() == "keep"
+
+
+def test_export_refuses_a_k_bias_under_rope(tmp_path):
+    """Qwen2 checkpoints carry q/k/v biases. A K bias under RoPE adds a
+    position-dependent term to every score after rotation, which
+    latent_attention does not model: refused, clearly, before writing."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    model = tr.Qwen2ForCausalLM(tr.Qwen2Config(vocab_size=256, num_hidden_layers=1, max_position_embeddings=512,
+                                               **TINY)).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.bias.normal_()
+    model.save_pretrained(tmp_path / "hf")
+    comp = qc.Compressor(model, M.random_token_batches(256, 16, 32, seed=0), progress=False)
+    comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 64), qc.QuantConfig.parse("W8A8"),
+                                       allocation="uniform")).save(tmp_path / "art")
+    with pytest.raises(ValueError, match="K bias under RoPE"):
+        export_vllm(str(tmp_path / "hf"), str(tmp_path / "art"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

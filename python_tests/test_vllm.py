@@ -208,3 +208,28 @@ def test_the_openai_server_serves_a_qsvd_model(exported, tmp_path):
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_the_mistral_and_qwen2_variants_serve_the_hf_integrations_tokens(family, tmp_path):
+    """The other causal LMs of the family table: built from their configs
+    (random weights; Qwen2's q/k/v biases start at zero, so its K bias is
+    zero: a nonzero one is refused, see test_export.py), compressed, exported
+    and served; greedy tokens equal the HF integration's."""
+    import transformers as tr
+
+    cls, cfg_cls = {"mistral": (tr.MistralForCausalLM, tr.MistralConfig),
+                    "qwen2": (tr.Qwen2ForCausalLM, tr.Qwen2Config)}[family]
+    torch.manual_seed(0)
+    model = cls(cfg_cls(vocab_size=256, num_hidden_layers=2, max_position_embeddings=512, **TINY)).eval()
+    model.save_pretrained(tmp_path / "hf")
+    comp = qc.Compressor(model, M.random_token_batches(256, 16, 32, seed=0), progress=False)
+    cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 64), qc.QuantConfig.parse("W8A8"),
+                                            allocation="uniform"))
+    cm.save(tmp_path / "art")
+    export_vllm(str(tmp_path / "hf"), str(tmp_path / "art"), str(tmp_path / "vllm"))
+    cfg = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    assert cfg["architectures"] == ["QSVD" + cls.__name__]
+    prompts = _prompts()[0][:3]
+    got = _run_vllm(tmp_path, {"model": str(tmp_path / "vllm"), "rounds": [prompts]})
+    assert got["rounds"][0]["tokens"] == _hf_greedy({"model": model, "W8A8": cm}, "W8A8", prompts)

@@ -115,7 +115,8 @@ def export_vllm(model_dir: str, artefact_dir: str, out_dir: str) -> dict:
 
     qsvd = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "library_version": __version__,
             "base_architecture": archs[0], "family": family.name, "ranks": cm.ranks,
-            "quant": [l.quant.to_dict() for l in cm.layers], "sites": names, "artefact_sha256": _artefact_sha(artefact_dir)}
+            "quant": [l.quant.to_dict() for l in cm.layers], "sites": names,
+            "artefact_sha256": _artefact_sha(artefact_dir)}
     out_config = dict(config)
     out_config["architectures"] = [qsvd_architecture(archs[0])]
     out_config["qsvd"] = qsvd
