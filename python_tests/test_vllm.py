@@ -23,8 +23,9 @@ import pytest
 import torch
 
 if not os.environ.get("QSVD_REQUIRE_VLLM"):
-    pytest.importorskip("vllm")
-    pytest.importorskip("transformers")
+    pytest.importorskip("vllm", reason="vLLM is not installed here: these tests run in the vLLM venv (README "
+                                       "'Serving on vLLM'; CI's vLLM pass sets QSVD_REQUIRE_VLLM=1)")
+    pytest.importorskip("transformers", reason="the vLLM tests compare against the Hugging Face integration")
 
 from qsvd_kernels import compress as qc  # noqa: E402
 from qsvd_kernels import formats  # noqa: E402

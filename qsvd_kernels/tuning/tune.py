@@ -192,27 +192,12 @@ def reduce(records: list, cc: int, tolerance: float) -> list:
     if not by_shape:
         raise SystemExit("tune: no candidate passed; nothing to reduce")
 
+    from .tune_ops import cover
+
     def cand(r):
         return (r["config"], r["streamk_mode"], r["splits"], r["raster"])
 
-    good, rel = {}, {}
-    for s, rs in by_shape.items():
-        best = min(r["time_s"] for r in rs)
-        good[s] = {cand(r) for r in rs if r["time_s"] <= best * (1 + tolerance)}
-        for r in rs:
-            rel[(cand(r), s)] = r["time_s"] / best
-    # Greedy set cover: the fewest candidates that serve every shape within
-    # tolerance; among those covering as many shapes, the fastest on them.
-    chosen, uncovered = [], set(good)
-    while uncovered:
-        score: dict = {}
-        for s in uncovered:
-            for c in good[s]:
-                n, t = score.get(c, (0, 0.0))
-                score[c] = (n + 1, t - rel[(c, s)])
-        c = max(sorted(score), key=lambda x: score[x])
-        chosen.append(c)
-        uncovered = {s for s in uncovered if c not in good[s]}
+    good, chosen = cover({s: [{**r, "cand": cand(r)} for r in rs] for s, rs in by_shape.items()}, tolerance)
     rank = {c: i for i, c in enumerate(chosen)}
     rules = []
     for bits in sorted({s[0] for s in good}, key=lambda b: gemm_menu.PAIRS_ALL.index(b)):
@@ -377,19 +362,12 @@ def main(argv=None) -> int:
                         counts["reused"] += 1
                         continue
                     if runner is None:
-                        if key in fake_fails:
-                            status, t, note = "failed", None, "fake: check failed"
-                        elif key in fake_times:
-                            status, t, note = "ok", fake_times[key], "fake timing"
-                        else:
-                            status, t, note = "skipped", None, "no fake timing"
+                        status, t, note = _fake_result(key, fake_times, fake_fails)
                     else:
                         status, t, note = runner.run(c, shape, bits)
                     rec = {"key": key, **c, "M": shape[0], "N": shape[1], "K": shape[2], "bits": list(bits),
                            "status": status, "time_s": t, "note": note}
-                    out.write(json.dumps(rec) + "\n")
-                    out.flush()
-                    os.fsync(out.fileno())
+                    _append(out, rec)
                     records.append(rec)
                     counts[status] += 1
     print(f"tune: {counts['ok']} timed, {counts['failed']} failed, {counts['skipped']} skipped, "
@@ -462,6 +440,15 @@ def _device_info(args):
     return 10 * props.major + props.minor, props.name, props.multi_processor_count, smem, dict(_C.build_info())
 
 
+def _fake_result(key, fake_times: dict, fake_fails: set) -> tuple:
+    """(status, time, note) of a --dry-run candidate from the fake-timings input."""
+    if key in fake_fails:
+        return "failed", None, "fake: check failed"
+    if key in fake_times:
+        return "ok", fake_times[key], "fake timing"
+    return "skipped", None, "no fake timing"
+
+
 def _append(out, rec: dict) -> None:
     out.write(json.dumps(rec) + "\n")
     out.flush()
@@ -507,17 +494,10 @@ def _main_op(args) -> int:
                         status, t, note = "skipped", None, f"plan refused: {plan['reason']}"
                     elif T.plan_signature(plan) in seen:
                         status, t, note = "skipped", None, f"same plan as {seen[T.plan_signature(plan)]}"
-                    elif runner is None:
-                        seen[T.plan_signature(plan)] = key
-                        if key in fake_fails:
-                            status, t, note = "failed", None, "fake: check failed"
-                        elif key in fake_times:
-                            status, t, note = "ok", fake_times[key], "fake timing"
-                        else:
-                            status, t, note = "skipped", None, "no fake timing"
                     else:
                         seen[T.plan_signature(plan)] = key
-                        status, t, note = runner.run(c, shape, variant)
+                        status, t, note = (_fake_result(key, fake_times, fake_fails) if runner is None
+                                           else runner.run(c, shape, variant))
                     rec = {"key": key, "op": "latent_attention", **c, "shape": list(shape), "rope": variant[0],
                            "weight_dtype": variant[1], "bits": variant[2], "status": status, "time_s": t,
                            "note": note, "plan": {k: plan.get(k) for k in ("split_kernel", "splits", "tile_tokens",
@@ -550,12 +530,7 @@ def _main_op(args) -> int:
                             records.append(done[key])
                             continue
                         if runner is None:
-                            if key in fake_fails:
-                                status, t, note = "failed", None, "fake: check failed"
-                            elif key in fake_times:
-                                status, t, note = "ok", fake_times[key], "fake timing"
-                            else:
-                                status, t, note = "skipped", None, "no fake timing"
+                            status, t, note = _fake_result(key, fake_times, fake_fails)
                         else:
                             status, t, note = runner.run(ept, shape, dtype)
                         rec = {"key": key, "op": "hadamard", "elems_per_thread": ept, "rows": shape[0], "K": shape[1],

@@ -201,9 +201,11 @@ def _cand(rec) -> tuple:
     return tuple(rec[k] for k in KNOB_KEYS)
 
 
-def _cover(by_shape: dict, tolerance: float):
-    """Per shape the candidates within tolerance of its best; the fewest that
-    cover every shape (greedy set cover, ties to the fastest)."""
+def cover(by_shape: dict, tolerance: float):
+    """Per shape (records with a "cand" key and "time_s") the candidates within
+    tolerance of its best; the fewest that cover every shape (greedy set
+    cover; among those covering as many shapes, the fastest on them). The
+    one reducer of every op's tuner. Returns (good per shape, chosen)."""
     good, rel = {}, {}
     for s, rs in by_shape.items():
         best = min(r["time_s"] for r in rs)
@@ -243,7 +245,7 @@ def reduce_latent(records: list, variant, tolerance: float) -> list:
             by_shape.setdefault(tuple(r["shape"]), []).append({**r, "cand": _cand(r)})
     if not by_shape:
         raise SystemExit("tune: no latent_attention candidate passed; nothing to reduce")
-    good, chosen = _cover(by_shape, tolerance)
+    good, chosen = cover(by_shape, tolerance)
     rank = {c: i for i, c in enumerate(chosen)}
     rules = []
     selectors = sorted({(s[3], s[4], s[1] // s[2]) for s in good})
@@ -379,7 +381,7 @@ def reduce_hadamard(records: list, tolerance: float) -> list:
             by_shape.setdefault((r["dtype"], r["K"], r["rows"]), []).append({**r, "cand": r["elems_per_thread"]})
     if not by_shape:
         raise SystemExit("tune: no hadamard candidate passed; nothing to reduce")
-    good, chosen = _cover(by_shape, tolerance)
+    good, chosen = cover(by_shape, tolerance)
     rank = {c: i for i, c in enumerate(chosen)}
     rules = []
     for dtype in sorted({s[0] for s in good}):

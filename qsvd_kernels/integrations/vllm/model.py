@@ -232,7 +232,7 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         for name in ("wuk", "wuv"):
             setattr(P, name, param((self.num_kv_heads, r, d), torch.int8, kv_heads))
             setattr(P, name + "_scale", param((self.num_kv_heads, d), f32, kv_heads))
-        self._optional = {"bq": q_rows, "bk": None, "bv": None}  # biases: present when the artefact has them
+        self._biases = ("bq", "bk", "bv")  # present when the artefact has them (_add_bias)
         self._loaded: set[str] = set()
 
         self.o_proj = RowParallelLinear(input_size=num_heads * d, output_size=hidden_size, bias=bias_o_proj,
@@ -275,7 +275,7 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         for name, tensor in weights:
             if name.startswith("qsvd."):
                 key = name[len("qsvd."):]
-                if key in self._optional:
+                if key in self._biases:
                     self._add_bias(key, tensor)
                 elif key in TENSOR_NAMES and hasattr(self.qsvd, key):
                     p = getattr(self.qsvd, key)
