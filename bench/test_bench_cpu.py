@@ -28,7 +28,8 @@ d = 128, rank r, INT8 latent codes (E_kv = H_kv d = 4096):
     ops   = 2 H r d (q_lat) + 2 L H r (scores) + 2 L H r (V) + 2 H r d
     bytes = L r + 4 L + 2 H_kv r d w
     baseline: SDPA fp32 over a full K/V cache ([1, H, L, d] each, 4 L E_kv
-    bytes apiece).
+    bytes apiece). (The kernel's int8-digit scores run two int8 products
+    per score term, and the model counts one: the work the math needs.)
 quant_gemm, N = K = 4096, out fp16, no bias:
     ops   = 2 M N K;  bytes = M K a/8 + N K b/8 + 4 (M + N) + 2 M N
     baseline: torch._int_mm of the same INT8 GEMM (int32 out, no

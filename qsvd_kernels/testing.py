@@ -201,6 +201,19 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
       - lse = (M + log2 l) ln2: n_l u from l, log2f 2u (1 + ln L), the add,
         the rounded ln2 and the product 3u (S_max + ln L + 1):
         ds + (n_l + 2 + 2 ln L) u + 3u (S_max + ln L + 1).
+      - No RoPE, int8-digit scores (the default where torch's int8
+        brgemm runs; QSVD_CPU_LATENT_SCORES picks): per query head,
+        sigma = fl(max|q_lat| / 127), t_i = fl(q_lat_i / sigma) (u |q_lat_i|),
+        a_i = rint(t_i), b_i = rint(fl((t_i - a_i) 254)) (t_i - a_i exact), so
+        |q_lat_i - sigma (a_i + b_i / 254)| <= sigma / 508 + u |q_lat_i|, with
+        sigma / 508 <= 2^-16 max|q_lat| (1 + u): 1/64516 of the head's
+        largest entry. c . a and c . b are exact int32 sums; then fl(A),
+        fl(B) fl(1/254) (3), the add, times sigma, times s_t: 7. Score:
+        q' (2), q'' (1), q_lat (d), t_i (1), 7: d + 11, with the weight step
+        (4) d + 15, counted as d + 16 on S_max, plus the floor
+        F_s = (1 + 2^-10) / 64516 |sm_scale| max_i (|W_uk| |q|)_i
+        max_t sum_i |c_t,i| (natural-log units; the slack covers q_lat's own
+        d + 3 roundings). ds is the larger of the two paths' ds.
     """
     cache, cache_scale = R.latent_cache_parts(cache, cache_scale, bits, w_uk.shape[1])  # either layout
     if kernel == "cuda_auto":
@@ -247,6 +260,11 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
             T = CPU_TILE_TOKENS[rope_cos is not None]
             n_l = min(T, L) + 2 * -(-L // T)
             ds = (r + d + 8) * u * s_max + 5 * u
+            if rope_cos is None:  # the int8-digit scores: no r-term, a floor instead (either path may run)
+                q_lat_abs = torch.einsum("hrd,hd->hr", w_k.repeat_interleave(H // H_kv, dim=0), q[b].double().abs())
+                c_abs = R.gather_latent_ref(cache, cache_scale, block_table, L, b, bits).abs()
+                floor_s = (1 + 2.0**-10) / 64516 * abs(sm_scale) * q_lat_abs.amax(dim=-1) * c_abs.sum(dim=-1).max()
+                ds = torch.maximum(ds, (d + 16) * u * s_max + 5 * u + floor_s)
             bound_out[b] = 2 * ds[:, None] * v_max + (2 * n_l + r + 3) * u * v_max
             bound_lse[b] = ds + (n_l + 2 + 2 * math.log(L)) * u + 3 * u * (s_max + math.log(L) + 1)
         else:

@@ -15,14 +15,18 @@
 //        otherwise; k = RoPE((K~ * w_uk_scale) * s_t); x = q' . k (at::bmm
 //        over kv heads);
 //      no RoPE: x = (c_t . q_lat) * s_t with q_lat = W_uk q' computed once
-//        per call (at::mm over [T, r] x [r, H], all heads share the latent);
+//        per call, all heads sharing the latent: by default int8 digits of
+//        q_lat against the int8 codes on torch's int8 brgemm (exact int32
+//        sums; see "Absorbed-path scores" below), else at::mm in fp32;
 //   3. online softmax in base 2 with an integer running max M, so every
 //      rescale is an exact power of two (as the CUDA kernels);
 //   4. V absorbed in latent space: acc[H, r] += (p_t s_t)[H, T] x codes[T, r]
 //      (at::addmm).
 // The splits of a sequence are merged (powers of two again), then
-// out = ((acc x W_uv) * w_uv_scale) / l per kv head (at::mm) and
-// lse = (M + log2 l) ln 2.
+// out = ((acc x W_uv) * w_uv_scale) / l per kv head and
+// lse = (M + log2 l) ln 2. q_lat = W_uk q' and acc x W_uv read the weights
+// in their stored dtype for a few query rows (qsvd/cpu/simd.h), at::mm
+// on an fp32 copy otherwise.
 //
 // Threads: tasks run on at::parallel_for (torch's OpenMP team);
 // the GEMMs inside a task run on its thread. A sequence is split into
@@ -34,6 +38,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -41,6 +46,7 @@
 #include "../checks.h"
 #include "../ops.h"
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/core/InferenceMode.h>
 #include "qsvd/cpu/simd.h"
 #include "qsvd/formats.h"
@@ -195,6 +201,166 @@ inline void scale_and_rope(float* k, int64_t H_kv, int64_t d, float s_t, const f
 // fp32 copy of one kv head's weights [r, d] (exact for fp16/bf16/int8).
 void head_weights_f32(const at::Tensor& w, int64_t hk, at::Tensor& buf) { buf.copy_(w.select(0, hk)); }
 
+// Up to this many query rows per kv head (on AVX-512 hosts), q_lat =
+// W_uk q and o = acc W_uv read the weights in their stored type
+// (qsvd/cpu/simd.h, one pass over them); above it, one fp32 conversion
+// per head and a torch GEMM, which then costs less than re-reading the
+// weights per query row.
+constexpr int64_t kWeightStreamRows = 8;
+
+qsvd::cpu::WeightType weight_type(const at::Tensor& w) {
+  switch (w.scalar_type()) {
+    case at::kHalf: return qsvd::cpu::WeightType::kF16;
+    case at::kBFloat16: return qsvd::cpu::WeightType::kBF16;
+    case at::kChar: return qsvd::cpu::WeightType::kI8;
+    default: return qsvd::cpu::WeightType::kF32;
+  }
+}
+
+// One kv head's [r, d] weights in their stored type.
+const void* head_ptr(const at::Tensor& w /* contiguous [H_kv, r, d] */, int64_t hk) {
+  return static_cast<const char*>(w.const_data_ptr()) + hk * w.stride(0) * w.element_size();
+}
+
+// ---------------------------------------------------------------------------
+// Absorbed-path scores on int8 GEMMs.
+//
+// x_t = (c_t . q_lat) s_t with int8 codes c_t: the codes are already the
+// left operand of an int8 GEMM. q_lat (fp32) is written per query head as
+// two int8 digits, q_lat ~ sigma (a + b / 254), sigma = max|q_lat| / 127,
+// so |q_lat - sigma (a + b / 254)| <= sigma / 508 (+ one rounding of
+// q_lat / sigma): 2^-16 of the head's largest entry. Both digit GEMMs sum
+// exactly in int32 (|sum| <= 127^2 r), through torch's oneDNN batch-reduce
+// GEMM (at::native::cpublas::brgemm: AMX or AVX-512 VNNI), at 5 to 6 times
+// the fp32 GEMM's rate on AMX hosts. The error bound (docs/ops.md,
+// qsvd_kernels/testing.py, kernel="cpu") counts the digit error as a floor.
+// QSVD_CPU_LATENT_SCORES=fp32|int8|auto (read per call) forces one path,
+// so tests cover both on one host.
+
+enum class ScoreGemm { kFp32, kInt8 };
+
+bool int8_brgemm_available() {
+#if defined(CPUBLAS_BRGEMM_I8I8I32)
+  static const bool ok = at::native::cpublas::could_pack(at::kChar);
+  return ok;
+#else
+  return false;
+#endif
+}
+
+ScoreGemm score_gemm(const char* op) {
+  const char* v = std::getenv("QSVD_CPU_LATENT_SCORES");
+  const bool automatic = v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0;
+  if (automatic) return int8_brgemm_available() ? ScoreGemm::kInt8 : ScoreGemm::kFp32;
+  if (std::strcmp(v, "fp32") == 0) return ScoreGemm::kFp32;
+  QSVD_CHECK(std::strcmp(v, "int8") == 0, op, "QSVD_CPU_LATENT_SCORES must be fp32, int8 or auto, got '", v, "'");
+  QSVD_CHECK(int8_brgemm_available(), op,
+             "QSVD_CPU_LATENT_SCORES=int8, but this CPU or this torch build has no int8 batch-reduce GEMM "
+             "(at::native::cpublas::brgemm)");
+  return ScoreGemm::kInt8;
+}
+
+// Shapes oneDNN's int8 brgemm takes (torch 2.13/2.14 on AMX; others end
+// in SIGILL or a packing error): K a multiple of 4 (the codes are padded
+// with zero columns when r is not) and N a multiple of 16 up to 64. So a
+// packed operand holds one group of up to 32 query heads: a digits in
+// columns [0, Hg), b digits in [Hg, 2 Hg), zeros up to N.
+constexpr int64_t kScoreHeadsPerGroup = 32;
+inline int64_t padded_rank(int64_t r) { return (r + 3) / 4 * 4; }
+inline int64_t group_columns(int64_t Hg) { return (2 * Hg + 15) / 16 * 16; }
+
+// q_lat [B, H, r] as int8 digits, packed for brgemm per (sequence, head
+// group): packed [B, groups, Kp, 64] and sigma [B, H].
+struct QueryDigits {
+  at::Tensor packed, sigma;
+  int64_t groups = 0, Kp = 0;
+  int8_t* group_ptr(int64_t b, int64_t g) const {
+    return packed.data_ptr<int8_t>() + ((b * groups + g) * Kp) * 2 * kScoreHeadsPerGroup;
+  }
+};
+
+QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */) {
+  const int64_t B = q_lat.size(0), H = q_lat.size(1), r = q_lat.size(2), r4 = padded_rank(r);
+  QueryDigits qd;
+  qd.groups = (H + kScoreHeadsPerGroup - 1) / kScoreHeadsPerGroup;
+  qd.Kp = (r4 + 63) / 64 * 64;  // room for the packing's K blocking
+  qd.packed = at::zeros({B, qd.groups, qd.Kp, 2 * kScoreHeadsPerGroup}, q_lat.options().dtype(at::kChar));
+  qd.sigma = at::empty({B, H}, q_lat.options());
+  const float* qp = q_lat.data_ptr<float>();
+  float* sg = qd.sigma.data_ptr<float>();
+  parallel_tasks(0, B * qd.groups, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / qd.groups, g = i % qd.groups, h0 = g * kScoreHeadsPerGroup;
+      const int64_t Hg = std::min(kScoreHeadsPerGroup, H - h0), N = group_columns(Hg);
+      std::vector<int8_t> plain(r4 * N, 0);  // [r4, N]: a digits, b digits, zero padding
+      for (int64_t h = 0; h < Hg; ++h) {
+        const float* row = qp + (b * H + h0 + h) * r;
+        float amax = 0.f;
+        bool nan = false;
+        for (int64_t k = 0; k < r; ++k) {
+          const float a = std::fabs(row[k]);
+          nan |= a != a;
+          amax = a > amax ? a : amax;
+        }
+        // A non-finite q_lat makes the head's scores NaN (digits 0, sigma NaN).
+        const bool finite = !nan && amax != std::numeric_limits<float>::infinity();
+        const float sigma = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+        sg[b * H + h0 + h] = sigma;
+        for (int64_t k = 0; k < r; ++k) {
+          int8_t da = 0, db = 0;
+          if (finite && amax > 0.f) {
+            const float t = row[k] / sigma;
+            const float a = std::min(127.f, std::max(-127.f, std::nearbyint(t)));
+            const float bq = std::min(127.f, std::max(-127.f, std::nearbyint((t - a) * 254.f)));
+            da = static_cast<int8_t>(a);
+            db = static_cast<int8_t>(bq);
+          }
+          plain[k * N + h] = da;
+          plain[k * N + Hg + h] = db;
+        }
+      }
+#if defined(CPUBLAS_BRGEMM_I8I8I32)
+      at::native::cpublas::pack(r4, N, N, N, at::kChar, at::kChar, plain.data(), qd.group_ptr(b, g));
+#endif
+    }
+  });
+  return qd;
+}
+
+// x[h T + i] = (A_hi + A_lo / 254) sigma_h s_i for the tile's codes
+// [T, r4] (zero columns past r) against one sequence's digits (every head
+// group).
+void int8_scores(const QueryDigits& qd, int64_t b, int64_t H, int64_t r4, const int8_t* codes, int64_t T,
+                 const float* scales, int32_t* acc /* [T, 64] */, float* x /* [H, T] */) {
+#if defined(CPUBLAS_BRGEMM_I8I8I32)
+  const float* sg = qd.sigma.data_ptr<float>() + b * H;
+  const float inv254 = 1.f / 254.f;
+  for (int64_t g = 0; g < qd.groups; ++g) {
+    const int64_t h0 = g * kScoreHeadsPerGroup, Hg = std::min(kScoreHeadsPerGroup, H - h0), N = group_columns(Hg);
+    at::native::cpublas::brgemm(T, N, r4, r4, N, N, false, reinterpret_cast<const signed char*>(codes),
+                                reinterpret_cast<const signed char*>(qd.group_ptr(b, g)), acc);
+    for (int64_t h = 0; h < Hg; ++h) {
+      const float sigma = sg[h0 + h];
+      float* xh = x + (h0 + h) * T;
+      for (int64_t i = 0; i < T; ++i) {
+        const float digits = static_cast<float>(acc[i * N + h]) + static_cast<float>(acc[i * N + Hg + h]) * inv254;
+        xh[i] = digits * sigma * scales[i];
+      }
+    }
+  }
+#else
+  (void)qd, (void)b, (void)H, (void)r4, (void)codes, (void)T, (void)scales, (void)acc, (void)x;
+#endif
+}
+
+void release_gemm_state(ScoreGemm g) {
+#if defined(CPUBLAS_BRGEMM_I8I8I32)
+  if (g == ScoreGemm::kInt8) at::native::cpublas::brgemm_release();
+#else
+  (void)g;
+#endif
+}
+
 // A task: tokens [t0, t1) of sequence b.
 struct Task {
   int64_t b, t0, t1;
@@ -250,11 +416,25 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
 
   // Without RoPE: q_lat[b, h] = W_uk[kv] q'[b, h] ([B, H, r]), per kv head.
   at::Tensor q_lat;
+  const at::Tensor w_uk_c = w_uk.contiguous(), w_uv_c = w_uv.contiguous();
+  const bool stream_weights = B * G <= kWeightStreamRows && qsvd::cpu::weight_streaming_available();
   if (!s.rope) {
     q_lat = at::empty({B, H_kv, G, r}, f32);
     at::Tensor qk = q.view({B, H_kv, G, d});
     if (w_uk_scale.has_value()) qk = qk.mul(w_uk_scale->to(at::kFloat).view({1, H_kv, 1, d}));
+    qk = qk.contiguous();
     parallel_tasks(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
+      if (stream_weights) {
+        const float* qp = qk.data_ptr<float>();
+        float* lp = q_lat.data_ptr<float>();
+        for (int64_t hk = h0; hk < h1; ++hk)
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t i = (b * H_kv + hk) * G;
+            qsvd::cpu::weight_dot_rows(weight_type(w_uk_c), head_ptr(w_uk_c, hk), r, d, qp + i * d, G, lp + i * r,
+                                       r);
+          }
+        return;
+      }
       at::Tensor wf = at::empty({r, d}, f32);
       for (int64_t hk = h0; hk < h1; ++hk) {
         head_weights_f32(w_uk, hk, wf);
@@ -265,6 +445,8 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     q_lat = q_lat.view({B, H, r});
   }
   const Rebuild rb = s.rope ? rebuild_operand(w_uk, w_uk_scale) : Rebuild{};
+  const ScoreGemm scores_on = s.rope ? ScoreGemm::kFp32 : score_gemm(op);
+  const QueryDigits digits = scores_on == ScoreGemm::kInt8 ? split_query(q_lat) : QueryDigits{};
 
   // Per-task partial state: M (integer running max, log2 units), l, acc.
   at::Tensor m_all = at::empty({std::max<int64_t>(n_tasks, 1), H}, f32);
@@ -276,6 +458,11 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     at::Tensor codes_f = at::empty({tile, r}, f32);
     at::Tensor k_buf = s.rope ? at::empty({tile, E}, f32) : at::Tensor();
     std::vector<float> scales(tile), tmp(d), factor(H);
+    std::vector<int32_t> digit_acc(scores_on == ScoreGemm::kInt8 ? tile * 2 * kScoreHeadsPerGroup : 0);
+    // Codes with r padded to a multiple of 4 (zero columns), for brgemm.
+    const int64_t r4 = padded_rank(r);
+    std::vector<int8_t> codes_padded(scores_on == ScoreGemm::kInt8 && r4 != r ? tile * r4 : 0, 0);
+    at::Tensor x_buf = scores_on == ScoreGemm::kInt8 ? at::empty({H, tile}, f32) : at::Tensor();
     at::Tensor pw = at::empty({H, tile}, f32);  // p_t s_t
     for (int64_t ti = task0; ti < task1; ++ti) {
       const Task task = tasks[ti];
@@ -305,6 +492,14 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
           // [H_kv, G, d] x [H_kv, d, T]
           x = at::bmm(q_b, kt.view({T, H_kv, d}).permute({1, 2, 0})).view({H, T});
           x = x.contiguous();
+        } else if (scores_on == ScoreGemm::kInt8) {
+          x = T == tile ? x_buf : at::empty({H, T}, f32);  // [H, T]
+          const int8_t* a = c.data_ptr<int8_t>();
+          if (r4 != r) {
+            for (int64_t i = 0; i < T; ++i) std::memcpy(codes_padded.data() + i * r4, a + i * r, r);
+            a = codes_padded.data();
+          }
+          int8_scores(digits, task.b, H, r4, a, T, scales.data(), digit_acc.data(), x.data_ptr<float>());
         } else {
           x = at::mm(q_b, cf.t()).contiguous();  // [H, T]
           float* xp = x.data_ptr<float>();
@@ -352,6 +547,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
         acc.addmm_(pwt, cf);
       }
     }
+    release_gemm_state(scores_on);
   });
 
   // Per kv head (one parallel region): merge the splits of each sequence
@@ -371,7 +567,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     const at::Tensor acc_kv = acc_b.view({B, H_kv, G, r});
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
     parallel_tasks(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
-      at::Tensor wf = at::empty({r, d}, f32);
+      at::Tensor wf = stream_weights ? at::Tensor() : at::empty({r, d}, f32);
       for (int64_t hk = h0; hk < h1; ++hk) {
         for (int64_t b = 0; b < B; ++b)
           for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
@@ -393,6 +589,14 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
             lbw[i] = lsum;
             mbw[i] = mx;
           }
+        if (stream_weights) {
+          float* op = o.data_ptr<float>();
+          for (int64_t b = 0; b < B; ++b)
+            qsvd::cpu::weight_axpy_rows(weight_type(w_uv_c), head_ptr(w_uv_c, hk), r, d, accb + (b * H + hk * G) * r,
+                                        r, G, op + (b * H_kv + hk) * G * d);
+          if (w_uv_scale.has_value()) o.select(1, hk).mul_(w_uv_scale->select(0, hk).to(at::kFloat).view({1, 1, d}));
+          continue;
+        }
         head_weights_f32(w_uv, hk, wf);
         at::Tensor oh = at::mm(acc_kv.select(1, hk).reshape({B * G, r}), wf);  // [B G, d]
         if (w_uv_scale.has_value()) oh.mul_(w_uv_scale->select(0, hk).to(at::kFloat).view({1, d}));

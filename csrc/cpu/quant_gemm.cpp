@@ -72,7 +72,7 @@ void epilogue(const int32_t* acc, int64_t ld, int64_t m0, int64_t m1, int64_t n0
   for (int64_t m = m0; m < m1; ++m) {
     const int32_t* a = acc + (m - m0) * ld;
     const float s = sa[m];
-    for (int64_t n = 0; n < w; ++n) row[n] = qsvd::mul_rn(qsvd::mul_rn(static_cast<float>(a[n]), s), sbn[n]);
+    qsvd::cpu::dequant_row(a, w, s, sbn, row);  // (float(acc) * s) * sb, each product rounded
     if (bias != nullptr)
       for (int64_t n = 0; n < w; ++n) row[n] = row[n] + static_cast<float>(bias[n0 + n]);
     cpu::store_row(row, w, out + m * N + n0);
@@ -146,7 +146,7 @@ at::Tensor quant_gemm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale, con
     }
 
     // An INT4 operand: tiles of about 1 MiB of unpacked int8 of b (4 MiB of a).
-    const int64_t tile_n = std::clamp<int64_t>(((int64_t{1} << 20) / K) / 16 * 16, 16, 1024);
+    const int64_t tile_n = std::clamp<int64_t>(((int64_t{1} << 18) / K) / 16 * 16, 16, 1024);
     const int64_t tile_m = a_bits == 4 ? std::clamp<int64_t>(((int64_t{1} << 22) / K) / 16 * 16, 16, 1024)
                                        : std::max<int64_t>(M, 1);
     const int64_t tiles_m = (M + tile_m - 1) / tile_m, tiles_n = (N + tile_n - 1) / tile_n;

@@ -198,13 +198,48 @@ QSVD_CPU_CLONES float quantize_row(const float* v, int64_t n, int bits, float cl
   return scale;
 }
 
+#if defined(__GNUC__) && defined(__x86_64__)
+// 128 codes (64 bytes) per step: nibbles sign-extended by (x ^ 8) - 8, then
+// interleaved low/high (vpunpck*bw works within 128-bit lanes; the qword
+// permutes put the lanes back in order).
+__attribute__((target("avx512f,avx512bw"))) inline int64_t unpack_int4_avx512(const uint8_t* in, int64_t n,
+                                                                              int8_t* out) {
+  const __m512i mask = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(0x08);
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    const __m512i x = _mm512_loadu_si512(in + i / 2);
+    const __m512i lo = _mm512_sub_epi8(_mm512_xor_si512(_mm512_and_si512(x, mask), eight), eight);
+    const __m512i hi =
+        _mm512_sub_epi8(_mm512_xor_si512(_mm512_and_si512(_mm512_srli_epi16(x, 4), mask), eight), eight);
+    const __m512i a = _mm512_unpacklo_epi8(lo, hi), b = _mm512_unpackhi_epi8(lo, hi);
+    _mm512_storeu_si512(out + i, _mm512_permutex2var_epi64(a, first, b));
+    _mm512_storeu_si512(out + i + 64, _mm512_permutex2var_epi64(a, second, b));
+  }
+  return i;
+}
+inline bool unpack_int4_fast_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+#else
+inline int64_t unpack_int4_avx512(const uint8_t*, int64_t, int8_t*) { return 0; }
+inline bool unpack_int4_fast_available() { return false; }
+#endif
+
 // INT4 (two's-complement nibbles, element 2i low) -> int8, n even.
-QSVD_CPU_CLONES void unpack_int4_row(const uint8_t* in, int64_t n, int8_t* out) {
+QSVD_CPU_CLONES void unpack_int4_row_scalar(const uint8_t* in, int64_t n, int8_t* out) {
   for (int64_t i = 0; i < n / 2; ++i) {
     const uint8_t b = in[i];
     out[2 * i] = static_cast<int8_t>(static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4);
     out[2 * i + 1] = static_cast<int8_t>(static_cast<int8_t>(b) >> 4);
   }
+}
+
+inline void unpack_int4_row(const uint8_t* in, int64_t n, int8_t* out) {
+  const int64_t done = unpack_int4_fast_available() ? unpack_int4_avx512(in, n, out) : 0;
+  unpack_int4_row_scalar(in + done / 2, n - done, out + done);
 }
 
 // Stored codes of a row (INT8, or packed INT4) -> int8 values.
@@ -213,6 +248,12 @@ inline void unpack_codes_row(const void* codes, int64_t n, int bits, int8_t* out
     std::memcpy(out, codes, n);
   else
     unpack_int4_row(static_cast<const uint8_t*>(codes), n, out);
+}
+
+// The quant_gemm epilogue's first two steps, each product rounded once
+// (as qsvd::mul_rn): row[n] = (float(acc[n]) * s) * sb[n].
+QSVD_CPU_CLONES void dequant_row(const int32_t* acc, int64_t n, float s, const float* sb, float* row) {
+  for (int64_t i = 0; i < n; ++i) row[i] = (static_cast<float>(acc[i]) * s) * sb[i];
 }
 
 // out[i] = float(in[i]) for int8 codes.
@@ -229,6 +270,183 @@ QSVD_CPU_CLONES void float_to_bf16_row(const float* in, int64_t n, uint16_t* out
     out[i] = in[i] != in[i] ? static_cast<uint16_t>(0x7FC0) : rounded;
   }
 }
+
+// ---------------------------------------------------------------------------
+// Matrix-vector products that read a weight matrix in its stored type
+// (fp32, fp16, bf16 or int8), on AVX-512 hosts.
+//
+// Why not torch: at B = 1 decode the latent ops multiply a few query rows
+// by each head's weights ([r, d], 2 bytes a weight). torch's GEMMs need
+// both operands in one dtype, so the weights would be converted to fp32
+// first: 2 bytes read, 4 written and 4 read again per weight, most of the
+// absorbed decode's time. These read each weight once and convert it in
+// registers (vcvtph2ps, a shift, vpmovsxbd). Where they are not available
+// (no AVX-512, or more rows than kWeightStreamRows in the caller) the
+// caller converts once and uses torch's GEMM.
+//
+// Numerics: every weight converts exactly to fp32; an output sums n = d
+// (dot_rows) or n = r (axpy_rows) products with fused multiply-adds and a
+// fixed reduction tree, at most n roundings on any term's path, so
+// |error| <= n u sum|terms|: the bound the error analysis assumes for a
+// GEMM of any order.
+
+enum class WeightType { kF32, kF16, kBF16, kI8 };
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define QSVD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+// 16 weights from element i (the first `n` of them; the rest read as 0).
+template <WeightType W>
+QSVD_AVX512 inline __m512 weights16_avx512(const void* w, int64_t i, __mmask16 m) {
+  if constexpr (W == WeightType::kF32) {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(w) + i);
+  } else if constexpr (W == WeightType::kF16) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + i));
+  } else if constexpr (W == WeightType::kBF16) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  } else {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, static_cast<const int8_t*>(w) + i)));
+  }
+}
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+
+// y[g ldy + i] = sum_j w[i d + j] x[g d + j] for i < rows, g < G: four
+// rows by P <= 2 query rows at a time (4 P independent FMA chains, each
+// weight converted once per pass), each closed by the fixed tree of
+// _mm512_reduce_add_ps. Further pairs of query rows re-read the head's
+// weights from L2.
+template <WeightType W, int P>
+QSVD_AVX512 inline void dot_pass_avx512(const void* w, int64_t rows, int64_t d, const float* x, float* y,
+                                        int64_t ldy) {
+  int64_t i = 0;
+  for (; i < rows; i += 4) {
+    const int nr = rows - i < 4 ? static_cast<int>(rows - i) : 4;
+    __m512 acc[P][4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k)
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) acc[p][k] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; j += 16) {
+      const __mmask16 m = tail_mask(d - j);
+      __m512 xv[P];
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) xv[p] = _mm512_maskz_loadu_ps(m, x + p * d + j);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        // Rows past the end re-read the last row (discarded below).
+        const __m512 wv = weights16_avx512<W>(w, (i + (k < nr ? k : nr - 1)) * d + j, m);
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p) acc[p][k] = _mm512_fmadd_ps(wv, xv[p], acc[p][k]);
+      }
+    }
+    for (int p = 0; p < P; ++p)
+      for (int k = 0; k < nr; ++k) y[p * ldy + i + k] = _mm512_reduce_add_ps(acc[p][k]);
+  }
+}
+
+template <WeightType W>
+QSVD_AVX512 void dot_rows_avx512(const void* w, int64_t rows, int64_t d, const float* x, int64_t G, float* y,
+                                 int64_t ldy) {
+  int64_t g = 0;
+  for (; g + 2 <= G; g += 2) dot_pass_avx512<W, 2>(w, rows, d, x + g * d, y + g * ldy, ldy);
+  if (g < G) dot_pass_avx512<W, 1>(w, rows, d, x + g * d, y + g * ldy, ldy);
+}
+
+// y[p d + j] = sum_i a[p lda + i] w[i d + j0 + j] for the NC 16-column
+// chunks from j0 (the last one masked to `last` columns) and P <= 2 rows
+// of a, in registers over all rows of w.
+template <WeightType W, int NC, int P>
+QSVD_AVX512 inline void axpy_block_avx512(const void* w, int64_t rows, int64_t d, int64_t j0, __mmask16 last,
+                                          const float* a, int64_t lda, float* y) {
+  __m512 acc[P][NC];
+#pragma GCC unroll 2
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) acc[p][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < rows; ++i) {
+    __m512 av[P];
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p) av[p] = _mm512_set1_ps(a[p * lda + i]);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      const __m512 wv = weights16_avx512<W>(w, i * d + j0 + 16 * c, c == NC - 1 ? last : 0xFFFF);
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) acc[p][c] = _mm512_fmadd_ps(av[p], wv, acc[p][c]);
+    }
+  }
+#pragma GCC unroll 2
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c)
+      _mm512_mask_storeu_ps(y + p * d + j0 + 16 * c, c == NC - 1 ? last : 0xFFFF, acc[p][c]);
+}
+
+template <WeightType W, int P>
+QSVD_AVX512 inline void axpy_pass_avx512(const void* w, int64_t rows, int64_t d, const float* a, int64_t lda,
+                                         float* y) {
+  for (int64_t j0 = 0; j0 < d; j0 += 128) {
+    const int64_t left = d - j0 < 128 ? d - j0 : 128;
+    const int nc = static_cast<int>((left + 15) / 16);
+    const __mmask16 last = tail_mask(left - 16 * (nc - 1));
+    switch (nc) {
+      case 8: axpy_block_avx512<W, 8, P>(w, rows, d, j0, last, a, lda, y); break;
+      case 7: axpy_block_avx512<W, 7, P>(w, rows, d, j0, last, a, lda, y); break;
+      case 6: axpy_block_avx512<W, 6, P>(w, rows, d, j0, last, a, lda, y); break;
+      case 5: axpy_block_avx512<W, 5, P>(w, rows, d, j0, last, a, lda, y); break;
+      case 4: axpy_block_avx512<W, 4, P>(w, rows, d, j0, last, a, lda, y); break;
+      case 3: axpy_block_avx512<W, 3, P>(w, rows, d, j0, last, a, lda, y); break;
+      case 2: axpy_block_avx512<W, 2, P>(w, rows, d, j0, last, a, lda, y); break;
+      default: axpy_block_avx512<W, 1, P>(w, rows, d, j0, last, a, lda, y); break;
+    }
+  }
+}
+
+// y[g d + j] = sum_i a[g lda + i] w[i d + j] for j < d, g < G (y is
+// overwritten): 128 columns by two rows of a at a time, in registers.
+template <WeightType W>
+QSVD_AVX512 void axpy_rows_avx512(const void* w, int64_t rows, int64_t d, const float* a, int64_t lda, int64_t G,
+                                  float* y) {
+  int64_t g = 0;
+  for (; g + 2 <= G; g += 2) axpy_pass_avx512<W, 2>(w, rows, d, a + g * lda, lda, y + g * d);
+  if (g < G) axpy_pass_avx512<W, 1>(w, rows, d, a + g * lda, lda, y + g * d);
+}
+
+// Whether this CPU runs the kernels above.
+inline bool weight_streaming_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("fma");
+  return ok;
+}
+
+// The dispatch on the weights' stored type (callers check
+// weight_streaming_available() first).
+inline void weight_dot_rows(WeightType t, const void* w, int64_t rows, int64_t d, const float* x, int64_t G,
+                            float* y, int64_t ldy) {
+  switch (t) {
+    case WeightType::kF32: return dot_rows_avx512<WeightType::kF32>(w, rows, d, x, G, y, ldy);
+    case WeightType::kF16: return dot_rows_avx512<WeightType::kF16>(w, rows, d, x, G, y, ldy);
+    case WeightType::kBF16: return dot_rows_avx512<WeightType::kBF16>(w, rows, d, x, G, y, ldy);
+    case WeightType::kI8: return dot_rows_avx512<WeightType::kI8>(w, rows, d, x, G, y, ldy);
+  }
+}
+inline void weight_axpy_rows(WeightType t, const void* w, int64_t rows, int64_t d, const float* a, int64_t lda,
+                             int64_t G, float* y) {
+  switch (t) {
+    case WeightType::kF32: return axpy_rows_avx512<WeightType::kF32>(w, rows, d, a, lda, G, y);
+    case WeightType::kF16: return axpy_rows_avx512<WeightType::kF16>(w, rows, d, a, lda, G, y);
+    case WeightType::kBF16: return axpy_rows_avx512<WeightType::kBF16>(w, rows, d, a, lda, G, y);
+    case WeightType::kI8: return axpy_rows_avx512<WeightType::kI8>(w, rows, d, a, lda, G, y);
+  }
+}
+#undef QSVD_AVX512
+#else
+inline bool weight_streaming_available() { return false; }
+inline void weight_dot_rows(WeightType, const void*, int64_t, int64_t, const float*, int64_t, float*, int64_t) {}
+inline void weight_axpy_rows(WeightType, const void*, int64_t, int64_t, const float*, int64_t, int64_t, float*) {}
+#endif
 
 #if defined(__GNUC__) && defined(__x86_64__)
 // fp32 -> fp16 bits with F16C (round to nearest even, as c10::Half; a NaN
