@@ -85,15 +85,22 @@ def _median_s(fn, rounds):
 
 
 def _bench(benchmark, fn, baseline, *, rounds, ops, bytes_moved, baseline_name, goal, **info):
-    """Time fn with pytest-benchmark and baseline with the same clock, both
-    after a warm-up, the baseline before and after (its median over both)."""
+    """Time fn with pytest-benchmark and baseline with the same clock, after
+    a warm-up, interleaved: every round runs the baseline (in pedantic's
+    untimed setup, timed here) and then fn, so both see the same load on a
+    shared machine. The ratio is median over median."""
     fn()
     baseline()
-    before = [_median_s(baseline, max(1, rounds // 2))]
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
-    after = [_median_s(baseline, max(1, rounds - rounds // 2))]
+    base_times = []
+
+    def timed_baseline():
+        t0 = time.perf_counter()
+        baseline()
+        base_times.append(time.perf_counter() - t0)
+
+    benchmark.pedantic(fn, setup=timed_baseline, rounds=rounds, iterations=1, warmup_rounds=0)
     t = benchmark.stats.stats.median
-    tb = statistics.mean(before + after)
+    tb = statistics.median(base_times)
     benchmark.extra_info.update({
         "device": "cpu", "threads": torch.get_num_threads(), "impl": "qsvd", "ops": ops, "bytes": bytes_moved,
         "median_s": t, "gops": ops / t / 1e9, "gbps": bytes_moved / t / 1e9, "baseline": baseline_name,
@@ -138,7 +145,7 @@ def test_latent_attention_rope(benchmark, wdtype):
         baseline, name = (lambda: torch.mm(a, b)), "torch.mm fp32 [4096,1536]x[1536,4096]"
     sq, sk, sv = _sdpa_inputs()
     sdpa_s = _median_s(lambda: F.scaled_dot_product_attention(sq, sk, sv), 5)
-    _bench(benchmark, lambda: qk.latent_attention(*args), baseline, rounds=3, ops=ops, bytes_moved=bytes_moved,
+    _bench(benchmark, lambda: qk.latent_attention(*args), baseline, rounds=5, ops=ops, bytes_moved=bytes_moved,
            baseline_name=name, goal=2.0, sdpa_fp32_s=sdpa_s)
     benchmark.extra_info["ratio_vs_sdpa_fp32"] = benchmark.extra_info["median_s"] / sdpa_s
 
@@ -150,7 +157,7 @@ def test_latent_attention_absorbed(benchmark, r):
     bytes_moved = L_CTX * r + 4 * L_CTX + 2 * H_KV * r * D * 2
     sq, sk, sv = _sdpa_inputs()
     _bench(benchmark, lambda: qk.latent_attention(*args), lambda: F.scaled_dot_product_attention(sq, sk, sv),
-           rounds=10, ops=ops, bytes_moved=bytes_moved, baseline_name="SDPA fp32, full K/V cache",
+           rounds=20, ops=ops, bytes_moved=bytes_moved, baseline_name="SDPA fp32, full K/V cache",
            goal=1.0 if r == 1536 else 0.5)
 
 
@@ -177,7 +184,7 @@ def test_quant_gemm(benchmark, M, quant):
         a8, b8 = _codes(M, K, 8, g), _codes(N, K, 8, g)
         baseline, name = (lambda: qk.quant_gemm(a8, sa, b8, sb, 8, 8, torch.float16)), "qsvd quant_gemm W8A8"
         goal = 1.3
-    rounds = 20 if M < 512 else 8
+    rounds = 40 if M < 512 else 12
     _bench(benchmark, lambda: qk.quant_gemm(a, sa, b, sb, bits, bits, torch.float16), baseline, rounds=rounds,
            ops=ops, bytes_moved=bytes_moved, baseline_name=name, goal=goal)
 
@@ -186,7 +193,7 @@ def test_quant_gemm(benchmark, M, quant):
 def test_hadamard(benchmark, rows):
     K = 4096
     x = torch.randn(rows, K)
-    _bench(benchmark, lambda: qk.hadamard_transform(x), lambda: x.clone(), rounds=10 if rows > 64 else 200,
+    _bench(benchmark, lambda: qk.hadamard_transform(x), lambda: x.clone(), rounds=20 if rows > 64 else 400,
            ops=rows * K * (int(math.log2(K)) + 1), bytes_moved=8 * rows * K, baseline_name="x.clone()",
            goal=1.5 if rows > 64 else None, goal_abs_s=None if rows > 64 else 0.2e-3)
     if rows == 64:

@@ -87,51 +87,52 @@ def test_attention_matches_reference(device, bits, wdtype, rope, H, H_kv, block_
 NOROPE_CASES = [c for c in CASES if "norope" in c.id]
 
 
-@pytest.mark.parametrize("scores", ["fp32", "int8"])
+@pytest.mark.parametrize("gemm", ["fp32", "split"])
 @pytest.mark.parametrize("bits,wdtype,rope,H,H_kv,block_size,q_dtype,r,d", NOROPE_CASES)
-def test_cpu_absorbed_score_paths(monkeypatch, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d, scores):
-    """The CPU absorbed path's two score GEMMs (fp32, and int8 digits of
-    q_lat on torch's int8 brgemm), each forced, within the derived bound;
-    ranks that are not multiples of 4 (130) exercise the padded codes; a
-    long sequence spans several token tiles and splits."""
-    if scores == "int8" and not _int8_scores_available():
-        pytest.skip("this CPU or torch build has no int8 brgemm (the kernel uses fp32 scores)")
-    monkeypatch.setenv("QSVD_CPU_LATENT_SCORES", scores)
+def test_cpu_absorbed_gemm_paths(monkeypatch, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d, gemm):
+    """The CPU absorbed path's two GEMM paths (fp32; split: int8 digits of
+    q_lat on torch's int8 brgemm, bf16 hi/lo weights on MKL's bf16 GEMM),
+    each forced, within the derived bound; ranks that are not multiples of
+    4 (130) exercise the padded codes; a long sequence spans several token
+    tiles and splits."""
+    if gemm == "split" and not _split_available():
+        pytest.skip("this CPU or torch build lacks the int8 brgemm or MKL's bf16 GEMM (the kernel uses fp32)")
+    monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)
     out, lse, truth, bound, _ = _run("cpu", SEQ_LENS + [700], bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d)
-    _check(out, lse, truth, bound, q_dtype, scores)
+    _check(out, lse, truth, bound, q_dtype, gemm)
 
 
-def _int8_scores_available():
+def _split_available():
     import os
 
-    before = os.environ.get("QSVD_CPU_LATENT_SCORES")
-    os.environ["QSVD_CPU_LATENT_SCORES"] = "int8"
+    before = os.environ.get("QSVD_CPU_LATENT_GEMM")
+    os.environ["QSVD_CPU_LATENT_GEMM"] = "split"
     try:
         _run("cpu", [3], 8, torch.float16, False, 2, 2, 16, torch.float32, 16, 16)
         return True
     except RuntimeError as e:
-        if "no int8 batch-reduce GEMM" in str(e):
+        if "QSVD_CPU_LATENT_GEMM=split, but" in str(e):
             return False
         raise
     finally:
         if before is None:
-            del os.environ["QSVD_CPU_LATENT_SCORES"]
+            del os.environ["QSVD_CPU_LATENT_GEMM"]
         else:
-            os.environ["QSVD_CPU_LATENT_SCORES"] = before
+            os.environ["QSVD_CPU_LATENT_GEMM"] = before
 
 
-def test_cpu_score_paths_differ_and_bad_knob_is_refused(monkeypatch):
-    """The knob takes effect (the int8 digits change the last bits), and a
+def test_cpu_gemm_paths_differ_and_bad_knob_is_refused(monkeypatch):
+    """The knob takes effect (the split path changes the last bits), and a
     bad value is an error naming it."""
-    if not _int8_scores_available():
-        pytest.skip("this CPU or torch build has no int8 brgemm")
+    if not _split_available():
+        pytest.skip("this CPU or torch build lacks the split path's GEMMs")
     outs = {}
-    for scores in ("fp32", "int8"):
-        monkeypatch.setenv("QSVD_CPU_LATENT_SCORES", scores)
-        outs[scores] = _run("cpu", [300], 8, torch.float16, False, 4, 4, 16, torch.float32, 64, 64)[0]
-    assert not torch.equal(outs["fp32"], outs["int8"])
-    monkeypatch.setenv("QSVD_CPU_LATENT_SCORES", "fast")
-    with pytest.raises(RuntimeError, match="QSVD_CPU_LATENT_SCORES must be fp32, int8 or auto"):
+    for gemm in ("fp32", "split"):
+        monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)
+        outs[gemm] = _run("cpu", [300], 8, torch.float16, False, 4, 4, 16, torch.float32, 64, 64)[0]
+    assert not torch.equal(outs["fp32"], outs["split"])
+    monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", "fast")
+    with pytest.raises(RuntimeError, match="QSVD_CPU_LATENT_GEMM must be fp32, split or auto"):
         _run("cpu", [3], 8, torch.float16, False, 2, 2, 16, torch.float32, 16, 16)
 
 

@@ -201,8 +201,9 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
       - lse = (M + log2 l) ln2: n_l u from l, log2f 2u (1 + ln L), the add,
         the rounded ln2 and the product 3u (S_max + ln L + 1):
         ds + (n_l + 2 + 2 ln L) u + 3u (S_max + ln L + 1).
-      - No RoPE, int8-digit scores (the default where torch's int8
-        brgemm runs; QSVD_CPU_LATENT_SCORES picks): per query head,
+      - No RoPE, the split path (the default where torch has an int8
+        brgemm and MKL's bf16 GEMM; QSVD_CPU_LATENT_GEMM picks). Scores on
+        int8 digits of q_lat: per query head,
         sigma = fl(max|q_lat| / 127), t_i = fl(q_lat_i / sigma) (u |q_lat_i|),
         a_i = rint(t_i), b_i = rint(fl((t_i - a_i) 254)) (t_i - a_i exact), so
         |q_lat_i - sigma (a_i + b_i / 254)| <= sigma / 508 + u |q_lat_i|, with
@@ -214,6 +215,16 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
         F_s = (1 + 2^-10) / 64516 |sm_scale| max_i (|W_uk| |q|)_i
         max_t sum_i |c_t,i| (natural-log units; the slack covers q_lat's own
         d + 3 roundings). ds is the larger of the two paths' ds.
+        V on bf16: w_t = p_t s_t (1) split as hi + lo in bf16 (|w - hi -
+        lo| <= 2^-18 |w|: 64u), one GEMM of 2 min(T, L) exact products
+        (codes are exact in bf16), the rescale and merge as above, hi + lo
+        once (1): n_acc = n_l + min(T, L) + 66, so the output counts
+        2 n_l + min(T, L) + r + 68 (the larger count is used). AMX and
+        AVX512-BF16 treat subnormal bf16 inputs as zero and flush
+        subnormal results: < 2^-115 qmax per token and acc entry, over L
+        tokens, times sum_i |W_uv|_i, over l >= 1/2 (the largest weight
+        of a merged row is above 1/2): floor F_v = 2^-110 L qmax
+        sum_i |W_uv|_i, with slack.
     """
     cache, cache_scale = R.latent_cache_parts(cache, cache_scale, bits, w_uk.shape[1])  # either layout
     if kernel == "cuda_auto":
@@ -260,12 +271,16 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
             T = CPU_TILE_TOKENS[rope_cos is not None]
             n_l = min(T, L) + 2 * -(-L // T)
             ds = (r + d + 8) * u * s_max + 5 * u
-            if rope_cos is None:  # the int8-digit scores: no r-term, a floor instead (either path may run)
+            out_terms, floor_v = 2 * n_l + r + 3, 0.0
+            if rope_cos is None:  # the split path may run: the larger of both paths' counts, and its floors
                 q_lat_abs = torch.einsum("hrd,hd->hr", w_k.repeat_interleave(H // H_kv, dim=0), q[b].double().abs())
                 c_abs = R.gather_latent_ref(cache, cache_scale, block_table, L, b, bits).abs()
                 floor_s = (1 + 2.0**-10) / 64516 * abs(sm_scale) * q_lat_abs.amax(dim=-1) * c_abs.sum(dim=-1).max()
                 ds = torch.maximum(ds, (d + 16) * u * s_max + 5 * u + floor_s)
-            bound_out[b] = 2 * ds[:, None] * v_max + (2 * n_l + r + 3) * u * v_max
+                out_terms = 2 * n_l + min(T, L) + r + 68
+                qmax = 7 if bits == 4 else 127
+                floor_v = 2.0**-110 * L * qmax * w_v.sum(dim=1).repeat_interleave(H // H_kv, dim=0)  # [H, d]
+            bound_out[b] = 2 * ds[:, None] * v_max + out_terms * u * v_max + floor_v
             bound_lse[b] = ds + (n_l + 2 + 2 * math.log(L)) * u + 3 * u * (s_max + math.log(L) + 1)
         else:
             raise ValueError(f"unknown kernel {kernel!r}")

@@ -17,11 +17,11 @@
 //      no RoPE: x = (c_t . q_lat) * s_t with q_lat = W_uk q' computed once
 //        per call, all heads sharing the latent: by default int8 digits of
 //        q_lat against the int8 codes on torch's int8 brgemm (exact int32
-//        sums; see "Absorbed-path scores" below), else at::mm in fp32;
+//        sums; see "split-precision GEMMs" below), else at::mm in fp32;
 //   3. online softmax in base 2 with an integer running max M, so every
 //      rescale is an exact power of two (as the CUDA kernels);
 //   4. V absorbed in latent space: acc[H, r] += (p_t s_t)[H, T] x codes[T, r]
-//      (at::addmm).
+//      (at::addmm; without RoPE by default bf16 hi/lo on MKL's bf16 GEMM).
 // The splits of a sequence are merged (powers of two again), then
 // out = ((acc x W_uv) * w_uv_scale) / l per kv head and
 // lse = (M + log2 l) ln 2. q_lat = W_uk q' and acc x W_uv read the weights
@@ -38,6 +38,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <dlfcn.h>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -223,21 +224,30 @@ const void* head_ptr(const at::Tensor& w /* contiguous [H_kv, r, d] */, int64_t 
 }
 
 // ---------------------------------------------------------------------------
-// Absorbed-path scores on int8 GEMMs.
+// The absorbed path's split-precision GEMMs (the default where torch has
+// them; QSVD_CPU_LATENT_GEMM=fp32|split|auto, read per call, forces one,
+// so tests cover both on one host). Error bounds: docs/ops.md and
+// qsvd_kernels/testing.py (kernel="cpu"), which hold either path.
 //
-// x_t = (c_t . q_lat) s_t with int8 codes c_t: the codes are already the
-// left operand of an int8 GEMM. q_lat (fp32) is written per query head as
-// two int8 digits, q_lat ~ sigma (a + b / 254), sigma = max|q_lat| / 127,
-// so |q_lat - sigma (a + b / 254)| <= sigma / 508 (+ one rounding of
+// Scores: x_t = (c_t . q_lat) s_t with int8 codes c_t, already the left
+// operand of an int8 GEMM. q_lat (fp32) is written per query head as two
+// int8 digits, q_lat ~ sigma (a + b / 254), sigma = max|q_lat| / 127, so
+// |q_lat - sigma (a + b / 254)| <= sigma / 508 (+ one rounding of
 // q_lat / sigma): 2^-16 of the head's largest entry. Both digit GEMMs sum
-// exactly in int32 (|sum| <= 127^2 r), through torch's oneDNN batch-reduce
-// GEMM (at::native::cpublas::brgemm: AMX or AVX-512 VNNI), at 5 to 6 times
-// the fp32 GEMM's rate on AMX hosts. The error bound (docs/ops.md,
-// qsvd_kernels/testing.py, kernel="cpu") counts the digit error as a floor.
-// QSVD_CPU_LATENT_SCORES=fp32|int8|auto (read per call) forces one path,
-// so tests cover both on one host.
+// exactly in int32 (|sum| <= 127^2 r) through torch's oneDNN batch-reduce
+// GEMM (at::native::cpublas::brgemm: AMX or AVX-512 VNNI).
+//
+// V absorbed: acc += w[H, T] x codes[T, r] with w = p s split into bf16
+// hi + lo (|w - hi - lo| <= 2^-18 |w|) and the codes exact in bf16: one
+// bf16 x bf16 -> fp32 GEMM of [2H, T] x [T, r] (MKL's
+// cblas_gemm_bf16bf16f32, which torch's MKL build carries; looked up at
+// run time, so a torch without it takes the fp32 path). The hi and lo rows
+// accumulate separately and are added once per task.
+//
+// On AMX hosts these run at 3 to 6 times the rate of the fp32 GEMMs at
+// these shapes.
 
-enum class ScoreGemm { kFp32, kInt8 };
+enum class AbsorbedGemm { kFp32, kSplit };
 
 bool int8_brgemm_available() {
 #if defined(CPUBLAS_BRGEMM_I8I8I32)
@@ -248,16 +258,39 @@ bool int8_brgemm_available() {
 #endif
 }
 
-ScoreGemm score_gemm(const char* op) {
-  const char* v = std::getenv("QSVD_CPU_LATENT_SCORES");
+// MKL's C = alpha A B + beta C with bf16 A, B and fp32 C (row-major,
+// no transposes). Integer arguments go as 64-bit registers, which reads
+// right whether this MKL's MKL_INT is 32- or 64-bit.
+using GemmBf16F32 = void (*)(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
+                             const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c,
+                             int64_t ldc);
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111;
+
+GemmBf16F32 gemm_bf16_f32() {
+  static const GemmBf16F32 fn = [] {
+    // libtorch_cpu is loaded without RTLD_GLOBAL: look in it by name.
+    void* sym = nullptr;
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) != 0 && info.dli_fname != nullptr) {
+      if (void* lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD)) sym = dlsym(lib, "cblas_gemm_bf16bf16f32");
+    }
+    if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32");
+    return reinterpret_cast<GemmBf16F32>(sym);
+  }();
+  return fn;
+}
+
+AbsorbedGemm absorbed_gemm(const char* op) {
+  const bool available = int8_brgemm_available() && gemm_bf16_f32() != nullptr;
+  const char* v = std::getenv("QSVD_CPU_LATENT_GEMM");
   const bool automatic = v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0;
-  if (automatic) return int8_brgemm_available() ? ScoreGemm::kInt8 : ScoreGemm::kFp32;
-  if (std::strcmp(v, "fp32") == 0) return ScoreGemm::kFp32;
-  QSVD_CHECK(std::strcmp(v, "int8") == 0, op, "QSVD_CPU_LATENT_SCORES must be fp32, int8 or auto, got '", v, "'");
-  QSVD_CHECK(int8_brgemm_available(), op,
-             "QSVD_CPU_LATENT_SCORES=int8, but this CPU or this torch build has no int8 batch-reduce GEMM "
-             "(at::native::cpublas::brgemm)");
-  return ScoreGemm::kInt8;
+  if (automatic) return available ? AbsorbedGemm::kSplit : AbsorbedGemm::kFp32;
+  if (std::strcmp(v, "fp32") == 0) return AbsorbedGemm::kFp32;
+  QSVD_CHECK(std::strcmp(v, "split") == 0, op, "QSVD_CPU_LATENT_GEMM must be fp32, split or auto, got '", v, "'");
+  QSVD_CHECK(available, op,
+             "QSVD_CPU_LATENT_GEMM=split, but this CPU or torch build lacks the int8 batch-reduce GEMM "
+             "(at::native::cpublas::brgemm) or MKL's cblas_gemm_bf16bf16f32");
+  return AbsorbedGemm::kSplit;
 }
 
 // Shapes oneDNN's int8 brgemm takes (torch 2.13/2.14 on AMX; others end
@@ -353,9 +386,9 @@ void int8_scores(const QueryDigits& qd, int64_t b, int64_t H, int64_t r4, const 
 #endif
 }
 
-void release_gemm_state(ScoreGemm g) {
+void release_gemm_state(AbsorbedGemm g) {
 #if defined(CPUBLAS_BRGEMM_I8I8I32)
-  if (g == ScoreGemm::kInt8) at::native::cpublas::brgemm_release();
+  if (g == AbsorbedGemm::kSplit) at::native::cpublas::brgemm_release();
 #else
   (void)g;
 #endif
@@ -445,8 +478,9 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     q_lat = q_lat.view({B, H, r});
   }
   const Rebuild rb = s.rope ? rebuild_operand(w_uk, w_uk_scale) : Rebuild{};
-  const ScoreGemm scores_on = s.rope ? ScoreGemm::kFp32 : score_gemm(op);
-  const QueryDigits digits = scores_on == ScoreGemm::kInt8 ? split_query(q_lat) : QueryDigits{};
+  const AbsorbedGemm gemm_on = s.rope ? AbsorbedGemm::kFp32 : absorbed_gemm(op);
+  const bool split = gemm_on == AbsorbedGemm::kSplit;
+  const QueryDigits digits = split ? split_query(q_lat) : QueryDigits{};
 
   // Per-task partial state: M (integer running max, log2 units), l, acc.
   at::Tensor m_all = at::empty({std::max<int64_t>(n_tasks, 1), H}, f32);
@@ -458,11 +492,15 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     at::Tensor codes_f = at::empty({tile, r}, f32);
     at::Tensor k_buf = s.rope ? at::empty({tile, E}, f32) : at::Tensor();
     std::vector<float> scales(tile), tmp(d), factor(H);
-    std::vector<int32_t> digit_acc(scores_on == ScoreGemm::kInt8 ? tile * 2 * kScoreHeadsPerGroup : 0);
+    std::vector<int32_t> digit_acc(split ? tile * 2 * kScoreHeadsPerGroup : 0);
     // Codes with r padded to a multiple of 4 (zero columns), for brgemm.
     const int64_t r4 = padded_rank(r);
-    std::vector<int8_t> codes_padded(scores_on == ScoreGemm::kInt8 && r4 != r ? tile * r4 : 0, 0);
-    at::Tensor x_buf = scores_on == ScoreGemm::kInt8 ? at::empty({H, tile}, f32) : at::Tensor();
+    std::vector<int8_t> codes_padded(split && r4 != r ? tile * r4 : 0, 0);
+    at::Tensor x_buf = split ? at::empty({H, tile}, f32) : at::Tensor();
+    // Split V: codes in bf16 [T, r], w = p s as bf16 hi rows then lo rows
+    // [2H, tile], and the two accumulators [2H, r].
+    std::vector<uint16_t> codes_bf16(split ? tile * r : 0), w_split(split ? 2 * H * tile : 0);
+    at::Tensor acc2 = split ? at::empty({2 * H, r}, f32) : at::Tensor();
     at::Tensor pw = at::empty({H, tile}, f32);  // p_t s_t
     for (int64_t ti = task0; ti < task1; ++ti) {
       const Task task = tasks[ti];
@@ -471,13 +509,17 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
       float* l = l_all.data_ptr<float>() + ti * H;
       at::Tensor acc = acc_all.narrow(0, ti, 1).view({H, r});
       acc.zero_();
+      if (split) acc2.zero_();
       const at::Tensor q_b = s.rope ? q.narrow(0, task.b, 1).view({H_kv, G, d}) : q_lat.narrow(0, task.b, 1).view({H, r});
       for (int64_t h = 0; h < H; ++h) m[h] = -std::numeric_limits<float>::infinity(), l[h] = 0.f;
       for (int64_t t0 = task.t0; t0 < task.t1; t0 += tile) {
         const int64_t T = std::min(tile, task.t1 - t0);
         at::Tensor c = codes.narrow(0, 0, T), cf = codes_f.narrow(0, 0, T);
         rows.gather(t0, T, c.data_ptr<int8_t>(), scales.data());
-        qsvd::cpu::int8_to_float(c.data_ptr<int8_t>(), T * r, cf.data_ptr<float>());
+        if (split)
+          qsvd::cpu::int8_to_bf16(c.data_ptr<int8_t>(), T * r, codes_bf16.data());
+        else
+          qsvd::cpu::int8_to_float(c.data_ptr<int8_t>(), T * r, cf.data_ptr<float>());
 
         // Scores x [H, T] in log2 units.
         at::Tensor x;
@@ -492,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
           // [H_kv, G, d] x [H_kv, d, T]
           x = at::bmm(q_b, kt.view({T, H_kv, d}).permute({1, 2, 0})).view({H, T});
           x = x.contiguous();
-        } else if (scores_on == ScoreGemm::kInt8) {
+        } else if (split) {
           x = T == tile ? x_buf : at::empty({H, T}, f32);  // [H, T]
           const int8_t* a = c.data_ptr<int8_t>();
           if (r4 != r) {
@@ -500,6 +542,10 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
             a = codes_padded.data();
           }
           int8_scores(digits, task.b, H, r4, a, T, scales.data(), digit_acc.data(), x.data_ptr<float>());
+          // MKL's bf16 GEMM below configures the AMX tiles its own way:
+          // give them back so the next brgemm call configures them again
+          // (a stale configuration is a SIGILL).
+          release_gemm_state(gemm_on);
         } else {
           x = at::mm(q_b, cf.t()).contiguous();  // [H, T]
           float* xp = x.data_ptr<float>();
@@ -543,11 +589,23 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
         // acc = acc * factor + (p s)[H, T] x codes[T, r]
         bool rescale = false;
         for (int64_t h = 0; h < H; ++h) rescale |= factor[h] != 1.f;
+        if (split) {
+          if (rescale) {
+            const at::Tensor f = at::from_blob(factor.data(), {1, H, 1}, f32);
+            acc2.view({2, H, r}).mul_(f);
+          }
+          for (int64_t h = 0; h < H; ++h)
+            qsvd::cpu::split_bf16_row(pp + h * tile, T, w_split.data() + h * tile, w_split.data() + (H + h) * tile);
+          gemm_bf16_f32()(kCblasRowMajor, kCblasNoTrans, kCblasNoTrans, 2 * H, r, T, 1.f, w_split.data(), tile,
+                          codes_bf16.data(), r, 1.f, acc2.data_ptr<float>(), r);
+          continue;
+        }
         if (rescale) acc.mul_(at::from_blob(factor.data(), {H, 1}, f32));
         acc.addmm_(pwt, cf);
       }
+      if (split) at::add_out(acc, acc2.narrow(0, 0, H), acc2.narrow(0, H, H));  // hi + lo, one rounding
     }
-    release_gemm_state(scores_on);
+    release_gemm_state(gemm_on);
   });
 
   // Per kv head (one parallel region): merge the splits of each sequence

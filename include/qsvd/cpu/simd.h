@@ -198,48 +198,13 @@ QSVD_CPU_CLONES float quantize_row(const float* v, int64_t n, int bits, float cl
   return scale;
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
-// 128 codes (64 bytes) per step: nibbles sign-extended by (x ^ 8) - 8, then
-// interleaved low/high (vpunpck*bw works within 128-bit lanes; the qword
-// permutes put the lanes back in order).
-__attribute__((target("avx512f,avx512bw"))) inline int64_t unpack_int4_avx512(const uint8_t* in, int64_t n,
-                                                                              int8_t* out) {
-  const __m512i mask = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(0x08);
-  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-  int64_t i = 0;
-  for (; i + 128 <= n; i += 128) {
-    const __m512i x = _mm512_loadu_si512(in + i / 2);
-    const __m512i lo = _mm512_sub_epi8(_mm512_xor_si512(_mm512_and_si512(x, mask), eight), eight);
-    const __m512i hi =
-        _mm512_sub_epi8(_mm512_xor_si512(_mm512_and_si512(_mm512_srli_epi16(x, 4), mask), eight), eight);
-    const __m512i a = _mm512_unpacklo_epi8(lo, hi), b = _mm512_unpackhi_epi8(lo, hi);
-    _mm512_storeu_si512(out + i, _mm512_permutex2var_epi64(a, first, b));
-    _mm512_storeu_si512(out + i + 64, _mm512_permutex2var_epi64(a, second, b));
-  }
-  return i;
-}
-inline bool unpack_int4_fast_available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  return ok;
-}
-#else
-inline int64_t unpack_int4_avx512(const uint8_t*, int64_t, int8_t*) { return 0; }
-inline bool unpack_int4_fast_available() { return false; }
-#endif
-
 // INT4 (two's-complement nibbles, element 2i low) -> int8, n even.
-QSVD_CPU_CLONES void unpack_int4_row_scalar(const uint8_t* in, int64_t n, int8_t* out) {
+QSVD_CPU_CLONES void unpack_int4_row(const uint8_t* in, int64_t n, int8_t* out) {
   for (int64_t i = 0; i < n / 2; ++i) {
     const uint8_t b = in[i];
     out[2 * i] = static_cast<int8_t>(static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4);
     out[2 * i + 1] = static_cast<int8_t>(static_cast<int8_t>(b) >> 4);
   }
-}
-
-inline void unpack_int4_row(const uint8_t* in, int64_t n, int8_t* out) {
-  const int64_t done = unpack_int4_fast_available() ? unpack_int4_avx512(in, n, out) : 0;
-  unpack_int4_row_scalar(in + done / 2, n - done, out + done);
 }
 
 // Stored codes of a row (INT8, or packed INT4) -> int8 values.
@@ -259,6 +224,36 @@ QSVD_CPU_CLONES void dequant_row(const int32_t* acc, int64_t n, float s, const f
 // out[i] = float(in[i]) for int8 codes.
 QSVD_CPU_CLONES void int8_to_float(const int8_t* in, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+// int8 codes -> bf16 bits (exact: |code| <= 128 needs 8 significant bits).
+QSVD_CPU_CLONES void int8_to_bf16(const int8_t* in, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = static_cast<float>(in[i]);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    out[i] = static_cast<uint16_t>(u >> 16);
+  }
+}
+
+// x = hi + lo + e with hi = bf16(x), lo = bf16(x - hi) (x - hi is exact),
+// |e| <= 2^-18 |x| (two 8-bit significands; NaN and inf stay in hi).
+QSVD_CPU_CLONES void split_bf16_row(const float* x, int64_t n, uint16_t* hi, uint16_t* lo) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    const uint16_t h = x[i] != x[i] ? static_cast<uint16_t>(0x7FC0)
+                                    : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    const uint32_t hu = static_cast<uint32_t>(h) << 16;
+    float hf;
+    std::memcpy(&hf, &hu, 4);
+    const float r = x[i] - hf;
+    uint32_t ru;
+    std::memcpy(&ru, &r, 4);
+    const uint16_t l = r != r ? static_cast<uint16_t>(0) : static_cast<uint16_t>((ru + 0x7FFFu + ((ru >> 16) & 1u)) >> 16);
+    hi[i] = h;
+    lo[i] = l;
+  }
 }
 
 // fp32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16).
