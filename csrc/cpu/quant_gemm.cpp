@@ -146,10 +146,7 @@ at::Tensor quant_gemm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale, con
     }
 
     // An INT4 operand: tiles of about 1 MiB of unpacked int8 of b (4 MiB of a).
-    // Small M: 256 KiB tiles of b (L2-resident between unpack and GEMM);
-    // large M: 1 MiB, fewer and larger GEMMs.
-    const int64_t tile_n_bytes = M <= 64 ? (int64_t{1} << 18) : (int64_t{1} << 20);
-    const int64_t tile_n = std::clamp<int64_t>((tile_n_bytes / K) / 16 * 16, 16, 1024);
+    const int64_t tile_n = std::clamp<int64_t>(((int64_t{1} << 20) / K) / 16 * 16, 16, 1024);
     const int64_t tile_m = a_bits == 4 ? std::clamp<int64_t>(((int64_t{1} << 22) / K) / 16 * 16, 16, 1024)
                                        : std::max<int64_t>(M, 1);
     const int64_t tiles_m = (M + tile_m - 1) / tile_m, tiles_n = (N + tile_n - 1) / tile_n;
