@@ -244,8 +244,10 @@ const void* head_ptr(const at::Tensor& w /* contiguous [H_kv, r, d] */, int64_t 
 // run time, so a torch without it takes the fp32 path). The hi and lo rows
 // accumulate separately and are added once per task.
 //
-// On AMX hosts these run at 3 to 6 times the rate of the fp32 GEMMs at
-// these shapes.
+// Measured on this project's AMX host, one thread, r = 1536, a 256-token
+// tile, 32 heads: the digit scores (both digits in one call) take 1/4 to
+// 1/6 of the fp32 score GEMM's time, the bf16 V GEMM (hi and lo rows)
+// about 0.6 of the fp32 one's.
 
 enum class AbsorbedGemm { kFp32, kSplit };
 
