@@ -10,6 +10,7 @@ stray read fails the test.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -96,13 +97,16 @@ def test_cpu_absorbed_gemm_paths(monkeypatch, bits, wdtype, rope, H, H_kv, block
     4 (130) exercise the padded codes; a long sequence spans several token
     tiles and splits."""
     if gemm == "split" and not _split_available():
-        pytest.skip("this CPU or torch build lacks the int8 brgemm or MKL's bf16 GEMM (the kernel uses fp32)")
+        pytest.skip("no split path here: this CPU or torch build lacks oneDNN's int8 brgemm or MKL's bf16 GEMM, "
+                    "so the kernel always takes the fp32 path (tested by the fp32 case)")
     monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)
     out, lse, truth, bound, _ = _run("cpu", SEQ_LENS + [700], bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d)
     _check(out, lse, truth, bound, q_dtype, gemm)
 
 
+@functools.cache
 def _split_available():
+    """Whether the kernel accepts QSVD_CPU_LATENT_GEMM=split here (probed once)."""
     import os
 
     before = os.environ.get("QSVD_CPU_LATENT_GEMM")
@@ -125,7 +129,8 @@ def test_cpu_gemm_paths_differ_and_bad_knob_is_refused(monkeypatch):
     """The knob takes effect (the split path changes the last bits), and a
     bad value is an error naming it."""
     if not _split_available():
-        pytest.skip("this CPU or torch build lacks the split path's GEMMs")
+        pytest.skip("no split path here: this CPU or torch build lacks oneDNN's int8 brgemm or MKL's bf16 GEMM, "
+                    "so there is only the fp32 path and nothing to tell apart")
     outs = {}
     for gemm in ("fp32", "split"):
         monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)

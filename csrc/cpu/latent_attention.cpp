@@ -209,12 +209,12 @@ void head_weights_f32(const at::Tensor& w, int64_t hk, at::Tensor& buf) { buf.co
 // weights per query row.
 constexpr int64_t kWeightStreamRows = 8;
 
+// The weight dtypes check_latent_cache_and_weights admits.
 qsvd::cpu::WeightType weight_type(const at::Tensor& w) {
   switch (w.scalar_type()) {
     case at::kHalf: return qsvd::cpu::WeightType::kF16;
     case at::kBFloat16: return qsvd::cpu::WeightType::kBF16;
-    case at::kChar: return qsvd::cpu::WeightType::kI8;
-    default: return qsvd::cpu::WeightType::kF32;
+    default: TORCH_INTERNAL_ASSERT(w.scalar_type() == at::kChar); return qsvd::cpu::WeightType::kI8;
   }
 }
 
@@ -383,16 +383,12 @@ void int8_scores(const QueryDigits& qd, int64_t b, int64_t H, int64_t r4, const 
       }
     }
   }
+  // MKL's bf16 GEMM (the V step) configures the AMX tiles its own way:
+  // give them back, so the next brgemm call configures them again (a stale
+  // configuration is a SIGILL).
+  at::native::cpublas::brgemm_release();
 #else
   (void)qd, (void)b, (void)H, (void)r4, (void)codes, (void)T, (void)scales, (void)acc, (void)x;
-#endif
-}
-
-void release_gemm_state(AbsorbedGemm g) {
-#if defined(CPUBLAS_BRGEMM_I8I8I32)
-  if (g == AbsorbedGemm::kSplit) at::native::cpublas::brgemm_release();
-#else
-  (void)g;
 #endif
 }
 
@@ -491,7 +487,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
 
   parallel_tasks(0, n_tasks, 1, [&](int64_t task0, int64_t task1) {
     at::Tensor codes = at::empty({tile, r}, f32.dtype(at::kChar));
-    at::Tensor codes_f = at::empty({tile, r}, f32);
+    at::Tensor codes_f = split ? at::Tensor() : at::empty({tile, r}, f32);  // fp32 V (and fp32 scores)
     at::Tensor k_buf = s.rope ? at::empty({tile, E}, f32) : at::Tensor();
     std::vector<float> scales(tile), tmp(d), factor(H);
     std::vector<int32_t> digit_acc(split ? tile * 2 * kScoreHeadsPerGroup : 0);
@@ -516,7 +512,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
       for (int64_t h = 0; h < H; ++h) m[h] = -std::numeric_limits<float>::infinity(), l[h] = 0.f;
       for (int64_t t0 = task.t0; t0 < task.t1; t0 += tile) {
         const int64_t T = std::min(tile, task.t1 - t0);
-        at::Tensor c = codes.narrow(0, 0, T), cf = codes_f.narrow(0, 0, T);
+        at::Tensor c = codes.narrow(0, 0, T), cf = split ? at::Tensor() : codes_f.narrow(0, 0, T);
         rows.gather(t0, T, c.data_ptr<int8_t>(), scales.data());
         if (split)
           qsvd::cpu::int8_to_bf16(c.data_ptr<int8_t>(), T * r, codes_bf16.data());
@@ -544,10 +540,6 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
             a = codes_padded.data();
           }
           int8_scores(digits, task.b, H, r4, a, T, scales.data(), digit_acc.data(), x.data_ptr<float>());
-          // MKL's bf16 GEMM below configures the AMX tiles its own way:
-          // give them back so the next brgemm call configures them again
-          // (a stale configuration is a SIGILL).
-          release_gemm_state(gemm_on);
         } else {
           x = at::mm(q_b, cf.t()).contiguous();  // [H, T]
           float* xp = x.data_ptr<float>();
@@ -607,7 +599,6 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
       }
       if (split) at::add_out(acc, acc2.narrow(0, 0, H), acc2.narrow(0, H, H));  // hi + lo, one rounding
     }
-    release_gemm_state(gemm_on);
   });
 
   // Per kv head (one parallel region): merge the splits of each sequence

@@ -236,39 +236,35 @@ QSVD_CPU_CLONES void int8_to_bf16(const int8_t* in, int64_t n, uint16_t* out) {
   }
 }
 
+// fp32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16).
+inline __attribute__((always_inline)) uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return x != x ? static_cast<uint16_t>(0x7FC0) : rounded;
+}
+
+QSVD_CPU_CLONES void float_to_bf16_row(const float* in, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits(in[i]);
+}
+
 // x = hi + lo + e with hi = bf16(x), lo = bf16(x - hi) (x - hi is exact),
-// |e| <= 2^-18 |x| (two 8-bit significands; NaN and inf stay in hi).
+// |e| <= 2^-18 |x| (two 8-bit significands; NaN and inf stay in hi, lo 0).
 QSVD_CPU_CLONES void split_bf16_row(const float* x, int64_t n, uint16_t* hi, uint16_t* lo) {
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, x + i, 4);
-    const uint16_t h = x[i] != x[i] ? static_cast<uint16_t>(0x7FC0)
-                                    : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    const uint16_t h = bf16_bits(x[i]);
     const uint32_t hu = static_cast<uint32_t>(h) << 16;
     float hf;
     std::memcpy(&hf, &hu, 4);
     const float r = x[i] - hf;
-    uint32_t ru;
-    std::memcpy(&ru, &r, 4);
-    const uint16_t l = r != r ? static_cast<uint16_t>(0) : static_cast<uint16_t>((ru + 0x7FFFu + ((ru >> 16) & 1u)) >> 16);
     hi[i] = h;
-    lo[i] = l;
-  }
-}
-
-// fp32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16).
-QSVD_CPU_CLONES void float_to_bf16_row(const float* in, int64_t n, uint16_t* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, in + i, 4);
-    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    out[i] = in[i] != in[i] ? static_cast<uint16_t>(0x7FC0) : rounded;
+    lo[i] = r != r ? static_cast<uint16_t>(0) : bf16_bits(r);
   }
 }
 
 // ---------------------------------------------------------------------------
 // Matrix-vector products that read a weight matrix in its stored type
-// (fp32, fp16, bf16 or int8), on AVX-512 hosts.
+// (fp16, bf16 or int8: the latent ops' weight dtypes), on AVX-512 hosts.
 //
 // Why not torch: at B = 1 decode the latent ops multiply a few query rows
 // by each head's weights ([r, d], 2 bytes a weight). torch's GEMMs need
@@ -285,7 +281,7 @@ QSVD_CPU_CLONES void float_to_bf16_row(const float* in, int64_t n, uint16_t* out
 // |error| <= n u sum|terms|: the bound the error analysis assumes for a
 // GEMM of any order.
 
-enum class WeightType { kF32, kF16, kBF16, kI8 };
+enum class WeightType { kF16, kBF16, kI8 };
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define QSVD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
@@ -293,9 +289,7 @@ enum class WeightType { kF32, kF16, kBF16, kI8 };
 // 16 weights from element i (the first `n` of them; the rest read as 0).
 template <WeightType W>
 QSVD_AVX512 inline __m512 weights16_avx512(const void* w, int64_t i, __mmask16 m) {
-  if constexpr (W == WeightType::kF32) {
-    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(w) + i);
-  } else if constexpr (W == WeightType::kF16) {
+  if constexpr (W == WeightType::kF16) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + i));
   } else if constexpr (W == WeightType::kBF16) {
     const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + i));
@@ -421,7 +415,6 @@ inline bool weight_streaming_available() {
 inline void weight_dot_rows(WeightType t, const void* w, int64_t rows, int64_t d, const float* x, int64_t G,
                             float* y, int64_t ldy) {
   switch (t) {
-    case WeightType::kF32: return dot_rows_avx512<WeightType::kF32>(w, rows, d, x, G, y, ldy);
     case WeightType::kF16: return dot_rows_avx512<WeightType::kF16>(w, rows, d, x, G, y, ldy);
     case WeightType::kBF16: return dot_rows_avx512<WeightType::kBF16>(w, rows, d, x, G, y, ldy);
     case WeightType::kI8: return dot_rows_avx512<WeightType::kI8>(w, rows, d, x, G, y, ldy);
@@ -430,7 +423,6 @@ inline void weight_dot_rows(WeightType t, const void* w, int64_t rows, int64_t d
 inline void weight_axpy_rows(WeightType t, const void* w, int64_t rows, int64_t d, const float* a, int64_t lda,
                              int64_t G, float* y) {
   switch (t) {
-    case WeightType::kF32: return axpy_rows_avx512<WeightType::kF32>(w, rows, d, a, lda, G, y);
     case WeightType::kF16: return axpy_rows_avx512<WeightType::kF16>(w, rows, d, a, lda, G, y);
     case WeightType::kBF16: return axpy_rows_avx512<WeightType::kBF16>(w, rows, d, a, lda, G, y);
     case WeightType::kI8: return axpy_rows_avx512<WeightType::kI8>(w, rows, d, a, lda, G, y);
