@@ -234,3 +234,28 @@ def test_the_mistral_and_qwen2_variants_serve_the_hf_integrations_tokens(family,
     prompts = _prompts()[0][:3]
     got = _run_vllm(tmp_path, {"model": str(tmp_path / "vllm"), "rounds": [prompts]})
     assert got["rounds"][0]["tokens"] == _hf_greedy({"model": model, "W8A8": cm}, "W8A8", prompts)
+
+
+def test_a_step_without_its_metadata_or_with_a_foreign_cache_raises(monkeypatch):
+    """Never computing without the state a step needs: a layer vLLM built no
+    metadata for, and a cache that is not this layer's page layout (wrong
+    row bytes, wrong dtype, not one contiguous buffer) are errors naming the
+    layer, before anything is computed."""
+    from types import SimpleNamespace
+
+    from qsvd_kernels.integrations.vllm import model as vm
+
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", page_row_bytes=68,
+                            attend=lambda *a: pytest.fail("attend ran without metadata"))
+    ctx = SimpleNamespace(no_compile_layers={layer.layer_name: layer}, attn_metadata={"model.layers.1": object()})
+    monkeypatch.setattr(vm, "get_forward_context", lambda: ctx)
+    c, pos, out = torch.zeros(2, 64), torch.zeros(2, dtype=torch.long), torch.zeros(2, 128)
+    with pytest.raises(RuntimeError, match="model.layers.0.self_attn.attn: vLLM built no attention metadata"):
+        vm._qsvd_latent_attention(c, pos, out, layer.layer_name)
+
+    for kv, what in [(torch.zeros(4, 32, 72, dtype=torch.uint8), "expected uint8 \\[num_blocks, block_size, 68\\]"),
+                     (torch.zeros(4, 32, 68, dtype=torch.bfloat16), "expected uint8"),
+                     (torch.zeros(4, 68, 32, dtype=torch.uint8).transpose(1, 2), "not one contiguous buffer")]:
+        layer.kv_cache = kv
+        with pytest.raises(RuntimeError, match=what):
+            vm.QSVDAttention.page(layer)
