@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import pytest
 import torch
 
@@ -108,6 +111,67 @@ def test_noncontiguous_operands(device):
     got = qk.quant_gemm(At.to(device), sa.to(device), B[::1].to(device), sb.to(device), 8, 8, torch.float32).cpu()
     want = qk.quant_gemm(A, sa, B, sb, 8, 8, torch.float32)
     assert torch.equal(got, want)
+
+
+@functools.cache
+def _brgemm_available():
+    """Whether the CPU kernel accepts QSVD_CPU_QUANT_GEMM=brgemm here (probed once)."""
+    before = os.environ.get("QSVD_CPU_QUANT_GEMM")
+    os.environ["QSVD_CPU_QUANT_GEMM"] = "brgemm"
+    try:
+        qk.quant_gemm(torch.ones(1, 4, dtype=torch.int8), torch.ones(1), torch.ones(2, 4, dtype=torch.int8),
+                      torch.ones(2), 8, 8, torch.float32)
+        return True
+    except RuntimeError as e:
+        if "QSVD_CPU_QUANT_GEMM=brgemm, but" in str(e):
+            return False
+        raise
+    finally:
+        if before is None:
+            del os.environ["QSVD_CPU_QUANT_GEMM"]
+        else:
+            os.environ["QSVD_CPU_QUANT_GEMM"] = before
+
+
+# M over brgemm's padded column counts (1, 16, 17, 33, 64); K: one slice, a
+# multiple of 4 or not (zero padding), several 512-code slices with a tail
+# that is not whole 128-code unpack chunks, and a 2-code last slice; N not a
+# multiple of the 64-row chunks.
+_CPU_PATH_SHAPES = [(1, 129, 2), (1, 200, 130), (16, 64, 1100), (17, 3, 4098), (33, 70, 512), (64, 129, 1026),
+                    (5, 96, 4096)]
+
+
+@pytest.mark.parametrize("a_bits,b_bits", BITS)
+@pytest.mark.parametrize("M,N,K", _CPU_PATH_SHAPES)
+def test_cpu_gemm_paths_agree_bit_for_bit(monkeypatch, a_bits, b_bits, M, N, K):
+    """The CPU kernel's two paths for small M (brgemm with b as the row
+    operand, INT4 unpacked per K slice in the unpack's order of K; and
+    at::_int_mm tiles) give the same bits: both sums are exact int32 and the
+    epilogue is the same, so equality is the test, and both equal the exact
+    integer product where the output is fp32 with unit scales."""
+    if not _brgemm_available():
+        pytest.skip("no exact int8 brgemm on this CPU or torch build: every M takes the at::_int_mm path, "
+                    "which test_matches_exact_product covers")
+    g = torch.Generator().manual_seed(M * 7919 + N * 31 + K)
+    a, b, A, B = _operands(M, N, K, a_bits, b_bits, g)
+    sa = torch.rand(M, generator=g) * 0.02 + 1e-3
+    sb = torch.rand(N, generator=g) * 0.02 + 1e-3
+    bias = torch.randn(N, generator=g).to(torch.bfloat16)
+    outs = {}
+    for path in ("onednn", "brgemm"):
+        monkeypatch.setenv("QSVD_CPU_QUANT_GEMM", path)
+        outs[path] = (qk.quant_gemm(A, sa, B, sb, a_bits, b_bits, torch.bfloat16, bias),
+                      qk.quant_gemm(A, torch.ones(M), B, torch.ones(N), a_bits, b_bits, torch.float32))
+    assert torch.equal(outs["onednn"][0], outs["brgemm"][0])
+    want = (a.to(torch.int64) @ b.to(torch.int64).T).to(torch.float32)  # |sum| < 2^24 here
+    assert torch.equal(outs["brgemm"][1], want) and torch.equal(outs["onednn"][1], want)
+
+
+def test_cpu_gemm_knob_is_checked(monkeypatch):
+    monkeypatch.setenv("QSVD_CPU_QUANT_GEMM", "fast")
+    with pytest.raises(RuntimeError, match="QSVD_CPU_QUANT_GEMM must be onednn, brgemm or auto"):
+        qk.quant_gemm(torch.ones(1, 4, dtype=torch.int8), torch.ones(1), torch.ones(2, 4, dtype=torch.int8),
+                      torch.ones(2), 8, 8, torch.float32)
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -19,11 +19,15 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
+
+#include <ATen/native/CPUBlas.h>
 
 #include "../checks.h"
 #include "../ops.h"
-#include <ATen/Parallel.h>
 #include "store.h"
 #include "qsvd/cpu/simd.h"
 #include "qsvd/formats.h"
@@ -91,6 +95,150 @@ at::Tensor int8_rows(const at::Tensor& codes, int64_t bits, int64_t r0, int64_t 
   return out;
 }
 
+// ---- Small M: b streams once, as the row operand of torch's brgemm ----
+//
+// For M <= 64 the GEMM is a stream over b (N K codes against a few rows of
+// a). It runs transposed, acc^T [N, M] = b [N, K] x a^T [K, M], on torch's
+// int8 batch-reduce GEMM (at::native::cpublas::brgemm): a^T is packed once
+// (M padded to a multiple of 16: brgemm's N must be one, up to 64), and
+// every call takes rows of b as they are stored. INT8 rows go straight from
+// memory, all of K in one call. INT4 rows are unpacked one K slice at a
+// time into a buffer that stays in L1 (kBrgemmRows x kBrgemmSlice = 32 KiB):
+// on this project's host, brgemm ran at about 2.5x the rate on an L1
+// buffer that it did on 128 KiB ones (L2), and at 2 KiB slices the call
+// overhead (about 0.13 us a call) starts to count.
+//
+// The INT4 unpack writes each 128-code chunk of a slice as its 64 even and
+// then its 64 odd codes (one table lookup per 64 codes,
+// qsvd::cpu::unpack_int4_deinterleaved); a^T is packed in the same order of
+// K. The int32 sums are exact in any order, so nothing changes but speed.
+//
+// Measured at N = K = 4096, one thread (bench/test_bench_cpu.py has the
+// committed numbers): INT8 at M = 1 streams b at the memory's rate, 0.4-0.6x
+// the time of at::_int_mm, which reorders b on every call. INT4 takes about
+// the unpack (reads 8 MiB) plus brgemm on L1 (16 MiB of int8), one after the
+// other, about 1.0-1.3x the INT8 time.
+constexpr int64_t kBrgemmMaxColumns = 64;
+constexpr int64_t kBrgemmRows = 64;
+constexpr int64_t kBrgemmSlice = 512;  // codes; a multiple of the unpack's 128-code chunks
+
+// Whether brgemm returns exact int32 sums for full-range codes (the probe
+// int_mm_is_exact makes for oneDNN's GEMM, here for its brgemm; on CPUs
+// without AMX or VNNI could_pack is false and the path is never taken).
+bool brgemm_is_exact() {
+#if defined(CPUBLAS_BRGEMM_I8I8I32)
+  static const bool exact = [] {
+    if (!at::native::cpublas::could_pack(at::kChar)) return false;
+    const int64_t R = 20, M = 16, K = 256;
+    std::vector<int8_t> rows(R * K, 127), plain(K * M, 127), packed(K * M, 0);
+    for (int64_t k = 0; k < K; ++k) rows[1 * K + k] = -128, rows[3 * K + k] = k % 2 ? 127 : -128;
+    for (int64_t k = 0; k < K; ++k) plain[k * M + 2] = -127, plain[k * M + 5] = -128;
+    at::native::cpublas::pack(K, M, M, M, at::kChar, at::kChar, plain.data(), packed.data());
+    std::vector<int32_t> got(R * M);
+    at::native::cpublas::brgemm(R, M, K, K, M, M, false, reinterpret_cast<const signed char*>(rows.data()),
+                                reinterpret_cast<const signed char*>(packed.data()), got.data());
+    at::native::cpublas::brgemm_release();
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t j = 0; j < M; ++j) {
+        int64_t want = 0;
+        for (int64_t k = 0; k < K; ++k) want += int64_t{rows[i * K + k]} * plain[k * M + j];
+        if (want != got[i * M + j]) return false;
+      }
+    return true;
+  }();
+  return exact;
+#else
+  return false;
+#endif
+}
+
+// QSVD_CPU_QUANT_GEMM (read per call): auto (the default) takes the brgemm
+// path for M <= 64 where brgemm is exact; onednn keeps every M on
+// at::_int_mm; brgemm insists (an error where it is not available).
+bool use_brgemm_path(int64_t M) {
+  const char* v = std::getenv("QSVD_CPU_QUANT_GEMM");
+  const bool automatic = v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0;
+  if (!automatic && std::strcmp(v, "onednn") == 0) return false;
+  QSVD_CHECK(automatic || std::strcmp(v, "brgemm") == 0, "quant_gemm",
+             "QSVD_CPU_QUANT_GEMM must be onednn, brgemm or auto, got '", v, "'");
+  if (M > kBrgemmMaxColumns) return false;
+  if (automatic) return brgemm_is_exact();
+  QSVD_CHECK(brgemm_is_exact(), "quant_gemm",
+             "QSVD_CPU_QUANT_GEMM=brgemm, but this CPU or torch build has no exact int8 brgemm "
+             "(at::native::cpublas::brgemm)");
+  return true;
+}
+
+template <typename scalar_t>
+void quant_gemm_brgemm(const at::Tensor& a, const at::Tensor& b, int64_t a_bits, int64_t b_bits, int64_t M,
+                       int64_t N, int64_t K, const float* sap, const float* sbp, const scalar_t* biasp,
+                       scalar_t* op) {
+#if defined(CPUBLAS_BRGEMM_I8I8I32)
+  const int64_t K4 = (K + 3) / 4 * 4;  // brgemm's K is a multiple of 4: zero codes pad it
+  const bool b_int4 = b_bits == 4, b_direct = !b_int4 && K4 == K;
+  const int64_t Kc = b_direct ? K4 : std::min(kBrgemmSlice, K4);
+  const int64_t slices = (K4 + Kc - 1) / Kc;
+  const int64_t Mp = (M + 15) / 16 * 16;
+  const int64_t Kp = (Kc + 63) / 64 * 64;  // room for the packing's K blocking
+
+  // a^T per K slice, in the order of K that b's rows will have, zero padded.
+  std::vector<int8_t> a_rows(M * K), plain(K4 * Mp, 0), packed(slices * Kp * Mp, 0);
+  const int64_t a_row_bytes = qsvd::code_row_bytes(static_cast<int>(a_bits), K);
+  for (int64_t m = 0; m < M; ++m)
+    qsvd::cpu::unpack_codes_row(static_cast<const uint8_t*>(a.data_ptr()) + m * a_row_bytes, K,
+                                static_cast<int>(a_bits), a_rows.data() + m * K);
+  for (int64_t s = 0; s < slices; ++s) {
+    const int64_t k0 = s * Kc, kw = std::min(Kc, K4 - k0), kv = std::min(Kc, K - k0);
+    for (int64_t j = 0; j < kv; ++j) {
+      const int64_t k = k0 + (b_int4 ? qsvd::cpu::int4_deinterleaved_source(j, kv) : j);
+      for (int64_t m = 0; m < M; ++m) plain[(k0 + j) * Mp + m] = a_rows[m * K + k];
+    }
+    at::native::cpublas::pack(kw, Mp, Mp, Mp, at::kChar, at::kChar, plain.data() + k0 * Mp,
+                              packed.data() + s * Kp * Mp);
+  }
+
+  const uint8_t* bp = static_cast<const uint8_t*>(b.data_ptr());
+  const int64_t b_row_bytes = qsvd::code_row_bytes(static_cast<int>(b_bits), K);
+  const int64_t chunks = (N + kBrgemmRows - 1) / kBrgemmRows;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<int8_t> rows(b_direct ? 0 : kBrgemmRows * Kc);  // one K slice of a chunk's rows, [R, kw]
+    std::vector<int32_t> acc(kBrgemmRows * Mp), column(kBrgemmRows);
+    std::vector<float> row(kBrgemmRows);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * kBrgemmRows, R = std::min(kBrgemmRows, N - n0);
+      const uint8_t* b_chunk = bp + n0 * b_row_bytes;
+      if (b_direct) {
+        at::native::cpublas::brgemm(R, Mp, K, K, Mp, Mp, false, reinterpret_cast<const signed char*>(b_chunk),
+                                    reinterpret_cast<const signed char*>(packed.data()), acc.data());
+      } else {
+        for (int64_t s = 0; s < slices; ++s) {
+          const int64_t k0 = s * Kc, kw = std::min(Kc, K4 - k0), kv = std::min(Kc, K - k0);
+          for (int64_t i = 0; i < R; ++i) {
+            int8_t* dst = rows.data() + i * kw;
+            if (b_int4)
+              qsvd::cpu::unpack_int4_deinterleaved(b_chunk + i * b_row_bytes + k0 / 2, kv, dst);
+            else
+              std::memcpy(dst, b_chunk + i * b_row_bytes + k0, kv);
+            if (kv < kw) std::memset(dst + kv, 0, kw - kv);
+          }
+          at::native::cpublas::brgemm(R, Mp, kw, kw, Mp, Mp, s > 0, reinterpret_cast<const signed char*>(rows.data()),
+                                      reinterpret_cast<const signed char*>(packed.data() + s * Kp * Mp), acc.data());
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t i = 0; i < R; ++i) column[i] = acc[i * Mp + m];
+        epilogue(column.data(), 0, m, m + 1, n0, n0 + R, sap, sbp, biasp, op, N, row.data());
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+#else
+  (void)a, (void)b, (void)a_bits, (void)b_bits, (void)M, (void)N, (void)K, (void)sap, (void)sbp, (void)biasp,
+      (void)op;
+  TORCH_CHECK(false, "qsvd.quant_gemm: the brgemm path was chosen without brgemm");
+#endif
+}
+
 }  // namespace
 
 at::Tensor quant_gemm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale, const at::Tensor& b_in,
@@ -130,6 +278,11 @@ at::Tensor quant_gemm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale, con
           epilogue(acc.data(), 0, m, m + 1, 0, N, sap, sbp, biasp, op, N, row.data());
         }
       });
+      return;
+    }
+
+    if (use_brgemm_path(M)) {
+      quant_gemm_brgemm(a, b, a_bits, b_bits, M, N, K, sap, sbp, biasp, op);
       return;
     }
 

@@ -207,6 +207,58 @@ QSVD_CPU_CLONES void unpack_int4_row(const uint8_t* in, int64_t n, int8_t* out) 
   }
 }
 
+// INT4 -> int8 in "chunk-deinterleaved" order, for a GEMM whose two
+// operands agree on any order of K (an int32 dot product is exact in any
+// order): each 64-byte chunk (128 codes) becomes its 64 even codes, then
+// its 64 odd codes; a tail of fewer than 128 codes stays in natural order.
+// int4_deinterleaved_source(j, n) is the natural index of output j.
+constexpr int64_t kInt4ChunkCodes = 128;
+inline int64_t int4_deinterleaved_source(int64_t j, int64_t n) {
+  if (j >= n / kInt4ChunkCodes * kInt4ChunkCodes) return j;
+  const int64_t c = j / kInt4ChunkCodes, i = j % kInt4ChunkCodes;
+  return c * kInt4ChunkCodes + (i < 64 ? 2 * i : 2 * (i - 64) + 1);
+}
+
+inline void unpack_int4_deinterleaved_scalar(const uint8_t* in, int64_t n, int8_t* out) {
+  const int64_t full = n / kInt4ChunkCodes * kInt4ChunkCodes;
+  for (int64_t c = 0; c < full; c += kInt4ChunkCodes) {
+    const uint8_t* b = in + c / 2;
+    for (int64_t i = 0; i < 64; ++i) {
+      out[c + i] = static_cast<int8_t>(static_cast<int8_t>(static_cast<uint8_t>(b[i] << 4)) >> 4);
+      out[c + 64 + i] = static_cast<int8_t>(static_cast<int8_t>(b[i]) >> 4);
+    }
+  }
+  for (int64_t i = full / 2; i < n / 2; ++i) {
+    out[2 * i] = static_cast<int8_t>(static_cast<int8_t>(static_cast<uint8_t>(in[i] << 4)) >> 4);
+    out[2 * i + 1] = static_cast<int8_t>(static_cast<int8_t>(in[i]) >> 4);
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// A nibble -> its signed value by one table lookup per 64 codes.
+__attribute__((target("avx512f,avx512bw"))) inline void unpack_int4_deinterleaved_avx512(const uint8_t* in,
+                                                                                          int64_t n, int8_t* out) {
+  const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1));
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int64_t full = n / kInt4ChunkCodes * kInt4ChunkCodes;
+  for (int64_t c = 0; c < full; c += kInt4ChunkCodes) {
+    const __m512i v = _mm512_loadu_si512(in + c / 2);
+    const __m512i even = _mm512_and_si512(v, low4), odd = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    _mm512_storeu_si512(out + c, _mm512_shuffle_epi8(lut, even));
+    _mm512_storeu_si512(out + c + 64, _mm512_shuffle_epi8(lut, odd));
+  }
+  if (full < n) unpack_int4_deinterleaved_scalar(in + full / 2, n - full, out + full);
+}
+#endif
+
+inline void unpack_int4_deinterleaved(const uint8_t* in, int64_t n, int8_t* out) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  if (avx512) return unpack_int4_deinterleaved_avx512(in, n, out);
+#endif
+  unpack_int4_deinterleaved_scalar(in, n, out);
+}
+
 // Stored codes of a row (INT8, or packed INT4) -> int8 values.
 inline void unpack_codes_row(const void* codes, int64_t n, int bits, int8_t* out) {
   if (bits == 8)
