@@ -4,10 +4,11 @@
 // each step rounded, none fused: the CUDA kernels are tested bit for bit
 // against this order.
 //
-// W8A8 is one at::_int_mm over the whole problem. An INT4 operand is
-// unpacked to int8 one tile at a time (never the whole matrix): tasks of
-// (M tile, N tile) unpack what they need into thread-local buffers and run
-// a single-threaded at::_int_mm on the tile.
+// M <= 64: b streams through torch's int8 brgemm (below). Larger M: W8A8 is
+// one at::_int_mm over the whole problem; an INT4 operand is unpacked to
+// int8 one tile at a time (never the whole matrix): tasks of (M tile,
+// N tile) unpack what they need into thread-local buffers and run a
+// single-threaded at::_int_mm on the tile.
 //
 // Exactness: oneDNN sums int8 products in int32 with wrap-around
 // arithmetic on CPUs with VNNI or AMX, which is exact whenever the true sum
@@ -104,20 +105,18 @@ at::Tensor int8_rows(const at::Tensor& codes, int64_t bits, int64_t r0, int64_t 
 // every call takes rows of b as they are stored. INT8 rows go straight from
 // memory, all of K in one call. INT4 rows are unpacked one K slice at a
 // time into a buffer that stays in L1 (kBrgemmRows x kBrgemmSlice = 32 KiB):
-// on this project's host, brgemm ran at about 2.5x the rate on an L1
-// buffer that it did on 128 KiB ones (L2), and at 2 KiB slices the call
-// overhead (about 0.13 us a call) starts to count.
+// on this project's host brgemm ran about 2.5x faster on an L1 buffer than
+// on 128 KiB ones (L2), and smaller slices mean more calls (about 0.13 us
+// of overhead each).
 //
 // The INT4 unpack writes each 128-code chunk of a slice as its 64 even and
 // then its 64 odd codes (one table lookup per 64 codes,
 // qsvd::cpu::unpack_int4_deinterleaved); a^T is packed in the same order of
 // K. The int32 sums are exact in any order, so nothing changes but speed.
 //
-// Measured at N = K = 4096, one thread (bench/test_bench_cpu.py has the
-// committed numbers): INT8 at M = 1 streams b at the memory's rate, 0.4-0.6x
-// the time of at::_int_mm, which reorders b on every call. INT4 takes about
-// the unpack (reads 8 MiB) plus brgemm on L1 (16 MiB of int8), one after the
-// other, about 1.0-1.3x the INT8 time.
+// docs/ops.md has the measurements: INT8 rows straight into brgemm beat
+// at::_int_mm, which reorders b on every call; INT4 costs its unpack plus
+// brgemm on the L1 buffer, one after the other.
 constexpr int64_t kBrgemmMaxColumns = 64;
 constexpr int64_t kBrgemmRows = 64;
 constexpr int64_t kBrgemmSlice = 512;  // codes; a multiple of the unpack's 128-code chunks
