@@ -16,6 +16,10 @@ std::tuple<at::Tensor, at::Tensor> hadamard_quant_cpu(const at::Tensor& x, int64
 at::Tensor quant_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
                           const at::Tensor& b_scale, int64_t a_bits, int64_t b_bits, at::ScalarType out_dtype,
                           const std::optional<at::Tensor>& bias);
+// Which path quant_gemm_cpu takes for M rows and K (reads
+// QSVD_CPU_QUANT_GEMM; csrc/cpu/quant_gemm.cpp says why).
+enum class CpuGemmPath { kEmpty, kScalar, kBrgemm, kOneDnn };
+CpuGemmPath quant_gemm_cpu_path(int64_t M, int64_t K);
 void latent_cache_append_cpu(const at::Tensor& c, const at::Tensor& slot_mapping, at::Tensor& cache,
                              const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio);
 std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(

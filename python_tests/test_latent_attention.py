@@ -141,6 +141,24 @@ def test_cpu_gemm_paths_differ_and_bad_knob_is_refused(monkeypatch):
         _run("cpu", [3], 8, torch.float16, False, 2, 2, 16, torch.float32, 16, 16)
 
 
+def test_cpu_split_path_follows_onednn_switch(monkeypatch):
+    """With torch's oneDNN switched off after a call on the split path, the
+    next call takes the fp32 path (brgemm's availability is asked per call)
+    within the same bound, and a forced split is an error naming the knob."""
+    if not _split_available():
+        pytest.skip("no split path here: every call takes the fp32 path, with oneDNN on or off")
+    case = ("cpu", [300], 8, torch.float16, False, 4, 4, 16, torch.float32, 64, 64)
+    _run(*case)
+    with torch.backends.mkldnn.flags(enabled=False):
+        out, lse, truth, bound, _ = _run(*case)
+        _check(out, lse, truth, bound, torch.float32, "fp32")
+        monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", "fp32")
+        assert torch.equal(out, _run(*case)[0])
+        monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", "split")
+        with pytest.raises(RuntimeError, match="QSVD_CPU_LATENT_GEMM=split, but"):
+            _run(*case)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_zero_rows_and_large_magnitudes(device, bits):
     require_kernel("latent_attention", device)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import os
-
 import pytest
 import torch
 
@@ -113,53 +110,60 @@ def test_noncontiguous_operands(device):
     assert torch.equal(got, want)
 
 
-@functools.cache
 def _brgemm_available():
-    """Whether the CPU kernel accepts QSVD_CPU_QUANT_GEMM=brgemm here (probed once)."""
-    before = os.environ.get("QSVD_CPU_QUANT_GEMM")
-    os.environ["QSVD_CPU_QUANT_GEMM"] = "brgemm"
-    try:
-        qk.quant_gemm(torch.ones(1, 4, dtype=torch.int8), torch.ones(1), torch.ones(2, 4, dtype=torch.int8),
-                      torch.ones(2), 8, 8, torch.float32)
-        return True
-    except RuntimeError as e:
-        if "QSVD_CPU_QUANT_GEMM=brgemm, but" in str(e):
-            return False
-        raise
-    finally:
-        if before is None:
-            del os.environ["QSVD_CPU_QUANT_GEMM"]
-        else:
-            os.environ["QSVD_CPU_QUANT_GEMM"] = before
+    """Whether the CPU kernel's default takes brgemm for small M here (an AMX
+    CPU with torch's int8 brgemm, oneDNN enabled)."""
+    return qk._C.quant_gemm_cpu_path(1, 4096) == "brgemm"
 
 
-# M over brgemm's padded column counts (1, 16, 17, 33, 64); K: one slice, a
-# multiple of 4 or not (zero padding), several 512-code slices with a tail
-# that is not whole 128-code unpack chunks, and a 2-code last slice; N not a
-# multiple of the 64-row chunks.
-_CPU_PATH_SHAPES = [(1, 129, 2), (1, 200, 130), (16, 64, 1100), (17, 3, 4098), (33, 70, 512), (64, 129, 1026),
-                    (5, 96, 4096)]
+def _full_range_operands(M, N, K, a_bits, b_bits, g):
+    """Codes over the whole of their type: -128..127, and -8..7 for INT4."""
+    lo = {8: -128, 4: -8}
+    a = torch.randint(lo[a_bits], -lo[a_bits], (M, K), dtype=torch.int8, generator=g)
+    b = torch.randint(lo[b_bits], -lo[b_bits], (N, K), dtype=torch.int8, generator=g)
+    return a, b, (R.pack_int4(a) if a_bits == 4 else a), (R.pack_int4(b) if b_bits == 4 else b)
 
 
-@pytest.mark.parametrize("a_bits,b_bits", BITS)
-@pytest.mark.parametrize("M,N,K", _CPU_PATH_SHAPES)
+# M over brgemm's padded column counts (1, 16, 17, 33, 48, 64) and just past
+# them (65: at::_int_mm); K: one slice, a multiple of 4 or not (zero
+# padding), 126 past a 128-code unpack chunk, several 512-code slices with
+# a tail that is not whole chunks (1100, 642: a later slice of whole chunks
+# and a tail), a 2-code last slice (4098); N not a multiple of the 64-row
+# chunks. Odd K (INT8 only): K < 4 takes the exact scalar loop.
+_CPU_PATH_SHAPES = [(1, 129, 2), (1, 200, 130), (3, 65, 254), (16, 64, 1100), (17, 3, 4098), (33, 70, 512),
+                    (48, 40, 638), (2, 64, 642), (64, 129, 1026), (5, 96, 4096), (65, 33, 300)]
+_CPU_PATH_SHAPES_ODD_K = [(1, 7, 1), (4, 9, 3), (16, 70, 5), (20, 33, 1023), (65, 10, 1), (100, 5, 1)]
+
+
+def _cases():
+    for a_bits, b_bits in BITS:
+        for shape in _CPU_PATH_SHAPES:
+            yield a_bits, b_bits, *shape
+    for shape in _CPU_PATH_SHAPES_ODD_K:
+        yield 8, 8, *shape
+
+
+@pytest.mark.parametrize("a_bits,b_bits,M,N,K", list(_cases()))
 def test_cpu_gemm_paths_agree_bit_for_bit(monkeypatch, a_bits, b_bits, M, N, K):
-    """The CPU kernel's two paths for small M (brgemm with b as the row
+    """The CPU kernel's two paths for M <= 64 (brgemm with b as the row
     operand, INT4 unpacked per K slice in the unpack's order of K; and
-    at::_int_mm tiles) give the same bits: both sums are exact int32 and the
-    epilogue is the same, so equality is the test, and both equal the exact
-    integer product where the output is fp32 with unit scales."""
+    at::_int_mm) take the path the knob names and give the same bits: both
+    sums are exact int32 and the epilogue is the same. With unit scales and
+    an fp32 output both equal the exact integer product. Codes cover their
+    whole range (-128, and -8 for INT4)."""
     if not _brgemm_available():
-        pytest.skip("no exact int8 brgemm on this CPU or torch build: every M takes the at::_int_mm path, "
+        pytest.skip("no int8 brgemm here (it needs an AMX CPU and oneDNN enabled): every M takes at::_int_mm, "
                     "which test_matches_exact_product covers")
     g = torch.Generator().manual_seed(M * 7919 + N * 31 + K)
-    a, b, A, B = _operands(M, N, K, a_bits, b_bits, g)
+    a, b, A, B = _full_range_operands(M, N, K, a_bits, b_bits, g)
     sa = torch.rand(M, generator=g) * 0.02 + 1e-3
     sb = torch.rand(N, generator=g) * 0.02 + 1e-3
     bias = torch.randn(N, generator=g).to(torch.bfloat16)
     outs = {}
     for path in ("onednn", "brgemm"):
         monkeypatch.setenv("QSVD_CPU_QUANT_GEMM", path)
+        want_path = "scalar" if K < 4 else ("onednn" if M > 64 else path)
+        assert qk._C.quant_gemm_cpu_path(M, K) == want_path
         outs[path] = (qk.quant_gemm(A, sa, B, sb, a_bits, b_bits, torch.bfloat16, bias),
                       qk.quant_gemm(A, torch.ones(M), B, torch.ones(N), a_bits, b_bits, torch.float32))
     assert torch.equal(outs["onednn"][0], outs["brgemm"][0])
@@ -167,11 +171,46 @@ def test_cpu_gemm_paths_agree_bit_for_bit(monkeypatch, a_bits, b_bits, M, N, K):
     assert torch.equal(outs["brgemm"][1], want) and torch.equal(outs["onednn"][1], want)
 
 
+@pytest.mark.parametrize("M", [1, 65, 300])
+def test_cpu_k_of_one_is_exact(M):
+    """K = 1, where torch 2.14's at::_int_mm returns wrong sums: the kernel
+    takes its exact scalar loop for K < 4."""
+    g = torch.Generator().manual_seed(M)
+    a, b, A, B = _full_range_operands(M, 17, 1, 8, 8, g)
+    assert qk._C.quant_gemm_cpu_path(M, 1) == "scalar"
+    got = qk.quant_gemm(A, torch.ones(M), B, torch.ones(17), 8, 8, torch.float32)
+    assert torch.equal(got, (a.to(torch.int64) @ b.to(torch.int64).T).to(torch.float32))
+
+
+def test_cpu_gemm_with_onednn_switched_off(monkeypatch):
+    """torch.backends.mkldnn switched off after a call on the brgemm path:
+    the next call takes at::_int_mm (brgemm is asked per call), still exact;
+    a forced brgemm is then an error naming the knob, and works again once
+    oneDNN is back."""
+    g = torch.Generator().manual_seed(11)
+    a, b, A, B = _full_range_operands(2, 70, 640, 4, 4, g)
+    want = (a.to(torch.int64) @ b.to(torch.int64).T).to(torch.float32)
+    run = lambda: qk.quant_gemm(A, torch.ones(2), B, torch.ones(70), 4, 4, torch.float32)  # noqa: E731
+    assert torch.equal(run(), want)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert qk._C.quant_gemm_cpu_path(2, 640) == "onednn"
+        assert torch.equal(run(), want)
+        monkeypatch.setenv("QSVD_CPU_QUANT_GEMM", "brgemm")
+        with pytest.raises(RuntimeError, match="QSVD_CPU_QUANT_GEMM=brgemm, but"):
+            run()
+    if _brgemm_available():
+        assert qk._C.quant_gemm_cpu_path(2, 640) == "brgemm"
+        assert torch.equal(run(), want)
+
+
 def test_cpu_gemm_knob_is_checked(monkeypatch):
+    """A bad value is an error naming the knob, on every path (K = 0 and
+    K < 4 too)."""
     monkeypatch.setenv("QSVD_CPU_QUANT_GEMM", "fast")
-    with pytest.raises(RuntimeError, match="QSVD_CPU_QUANT_GEMM must be onednn, brgemm or auto"):
-        qk.quant_gemm(torch.ones(1, 4, dtype=torch.int8), torch.ones(1), torch.ones(2, 4, dtype=torch.int8),
-                      torch.ones(2), 8, 8, torch.float32)
+    for K in (4, 2, 0):
+        with pytest.raises(RuntimeError, match="QSVD_CPU_QUANT_GEMM must be onednn, brgemm or auto"):
+            qk.quant_gemm(torch.ones(1, K, dtype=torch.int8), torch.ones(1), torch.ones(2, K, dtype=torch.int8),
+                          torch.ones(2), 8, 8, torch.float32)
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

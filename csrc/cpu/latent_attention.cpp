@@ -235,7 +235,7 @@ const void* head_ptr(const at::Tensor& w /* contiguous [H_kv, r, d] */, int64_t 
 // |q_lat - sigma (a + b / 254)| <= sigma / 508 (+ one rounding of
 // q_lat / sigma): 2^-16 of the head's largest entry. Both digit GEMMs sum
 // exactly in int32 (|sum| <= 127^2 r) through torch's oneDNN batch-reduce
-// GEMM (at::native::cpublas::brgemm: AMX or AVX-512 VNNI).
+// GEMM (at::native::cpublas::brgemm, which torch offers on AMX CPUs).
 //
 // V absorbed: acc += w[H, T] x codes[T, r] with w = p s split into bf16
 // hi + lo (|w - hi - lo| <= 2^-18 |w|) and the codes exact in bf16: one
@@ -251,10 +251,12 @@ const void* head_ptr(const at::Tensor& w /* contiguous [H_kv, r, d] */, int64_t 
 
 enum class AbsorbedGemm { kFp32, kSplit };
 
+// Asked per call: torch answers false on CPUs without AMX and while oneDNN
+// is switched off (torch.backends.mkldnn.flags(enabled=False)), which can
+// change at any time.
 bool int8_brgemm_available() {
 #if defined(CPUBLAS_BRGEMM_I8I8I32)
-  static const bool ok = at::native::cpublas::could_pack(at::kChar);
-  return ok;
+  return at::native::cpublas::could_pack(at::kChar);
 #else
   return false;
 #endif
@@ -290,7 +292,7 @@ AbsorbedGemm absorbed_gemm(const char* op) {
   if (std::strcmp(v, "fp32") == 0) return AbsorbedGemm::kFp32;
   QSVD_CHECK(std::strcmp(v, "split") == 0, op, "QSVD_CPU_LATENT_GEMM must be fp32, split or auto, got '", v, "'");
   QSVD_CHECK(available, op,
-             "QSVD_CPU_LATENT_GEMM=split, but this CPU or torch build lacks the int8 batch-reduce GEMM "
+             "QSVD_CPU_LATENT_GEMM=split, but this CPU or torch build (or oneDNN, switched off) lacks the int8 batch-reduce GEMM "
              "(at::native::cpublas::brgemm) or MKL's cblas_gemm_bf16bf16f32");
   return AbsorbedGemm::kSplit;
 }

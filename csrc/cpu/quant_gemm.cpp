@@ -12,10 +12,11 @@
 //
 // Exactness: oneDNN sums int8 products in int32 with wrap-around
 // arithmetic on CPUs with VNNI or AMX, which is exact whenever the true sum
-// fits int32 (K <= 131072 guarantees it). Older CPUs without VNNI multiply
-// through saturating 16-bit pairs, which is not exact for full-range codes;
-// a probe at the first call detects that and the kernel then uses the
-// exact scalar int32 loop instead, with a warning (never wrong numbers).
+// fits int32 (K <= 131072 guarantees it for codes in [-127, 127]). Older
+// CPUs without VNNI multiply through saturating 16-bit pairs, which is not
+// exact for full-range codes; a probe at the first call detects that and
+// the kernel then uses the exact scalar int32 loop instead, with a warning
+// (never wrong numbers).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -103,7 +104,8 @@ at::Tensor int8_rows(const at::Tensor& codes, int64_t bits, int64_t r0, int64_t 
 // int8 batch-reduce GEMM (at::native::cpublas::brgemm): a^T is packed once
 // (M padded to a multiple of 16: brgemm's N must be one, up to 64), and
 // every call takes rows of b as they are stored. INT8 rows go straight from
-// memory, all of K in one call. INT4 rows are unpacked one K slice at a
+// memory, all of K in one call (when K % 4 == 0; else they are copied per
+// K slice, zero padded, like INT4). INT4 rows are unpacked one K slice at a
 // time into a buffer that stays in L1 (kBrgemmRows x kBrgemmSlice = 32 KiB):
 // on this project's host brgemm ran about 2.5x faster on an L1 buffer than
 // on 128 KiB ones (L2), and smaller slices mean more calls (about 0.13 us
@@ -121,13 +123,16 @@ constexpr int64_t kBrgemmMaxColumns = 64;
 constexpr int64_t kBrgemmRows = 64;
 constexpr int64_t kBrgemmSlice = 512;  // codes; a multiple of the unpack's 128-code chunks
 
-// Whether brgemm returns exact int32 sums for full-range codes (the probe
-// int_mm_is_exact makes for oneDNN's GEMM, here for its brgemm; on CPUs
-// without AMX or VNNI could_pack is false and the path is never taken).
-bool brgemm_is_exact() {
+// Whether brgemm serves this call with exact int32 sums. could_pack is
+// asked on every call: torch answers false on CPUs without AMX and while
+// oneDNN is switched off (torch.backends.mkldnn.flags(enabled=False)),
+// which can change at any time. The arithmetic is probed once, on
+// full-range codes against an int64 product (as int_mm_is_exact does for
+// oneDNN's GEMM).
+bool brgemm_ready() {
 #if defined(CPUBLAS_BRGEMM_I8I8I32)
+  if (!at::native::cpublas::could_pack(at::kChar)) return false;
   static const bool exact = [] {
-    if (!at::native::cpublas::could_pack(at::kChar)) return false;
     const int64_t R = 20, M = 16, K = 256;
     std::vector<int8_t> rows(R * K, 127), plain(K * M, 127), packed(K * M, 0);
     for (int64_t k = 0; k < K; ++k) rows[1 * K + k] = -128, rows[3 * K + k] = k % 2 ? 127 : -128;
@@ -151,22 +156,33 @@ bool brgemm_is_exact() {
 #endif
 }
 
-// QSVD_CPU_QUANT_GEMM (read per call): auto (the default) takes the brgemm
-// path for M <= 64 where brgemm is exact; onednn keeps every M on
-// at::_int_mm; brgemm insists (an error where it is not available).
-bool use_brgemm_path(int64_t M) {
+}  // namespace
+
+// The path a CPU call takes (qsvd_kernels._C.quant_gemm_cpu_path names it).
+// QSVD_CPU_QUANT_GEMM, read per call: auto (the default) takes brgemm for
+// M <= 64 where it is ready; onednn keeps every M on at::_int_mm; brgemm
+// insists for M <= 64 (an error where brgemm is not ready). K < 4 always
+// takes the exact scalar loop: at most 3 products per output, and torch
+// 2.14's at::_int_mm returns wrong (and unrepeatable) sums at K = 1.
+CpuGemmPath quant_gemm_cpu_path(int64_t M, int64_t K) {
   const char* v = std::getenv("QSVD_CPU_QUANT_GEMM");
   const bool automatic = v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0;
-  if (!automatic && std::strcmp(v, "onednn") == 0) return false;
-  QSVD_CHECK(automatic || std::strcmp(v, "brgemm") == 0, "quant_gemm",
+  const bool onednn = !automatic && std::strcmp(v, "onednn") == 0;
+  const bool brgemm = !automatic && std::strcmp(v, "brgemm") == 0;
+  QSVD_CHECK(automatic || onednn || brgemm, "quant_gemm",
              "QSVD_CPU_QUANT_GEMM must be onednn, brgemm or auto, got '", v, "'");
-  if (M > kBrgemmMaxColumns) return false;
-  if (automatic) return brgemm_is_exact();
-  QSVD_CHECK(brgemm_is_exact(), "quant_gemm",
-             "QSVD_CPU_QUANT_GEMM=brgemm, but this CPU or torch build has no exact int8 brgemm "
-             "(at::native::cpublas::brgemm)");
-  return true;
+  const bool small = M <= kBrgemmMaxColumns;
+  if (brgemm && small)
+    QSVD_CHECK(brgemm_ready(), "quant_gemm",
+               "QSVD_CPU_QUANT_GEMM=brgemm, but torch's int8 brgemm (at::native::cpublas::brgemm) is not "
+               "available here (it needs an AMX CPU and oneDNN enabled)");
+  if (K == 0) return CpuGemmPath::kEmpty;
+  if (K < 4) return CpuGemmPath::kScalar;
+  if (small && !onednn && brgemm_ready()) return CpuGemmPath::kBrgemm;
+  return int_mm_is_exact() ? CpuGemmPath::kOneDnn : CpuGemmPath::kScalar;
 }
+
+namespace {
 
 template <typename scalar_t>
 void quant_gemm_brgemm(const at::Tensor& a, const at::Tensor& b, int64_t a_bits, int64_t b_bits, int64_t M,
@@ -250,7 +266,7 @@ at::Tensor quant_gemm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale, con
   const at::Tensor sa = a_scale.contiguous(), sb = b_scale.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const int64_t M = s.M, N = s.N, K = s.K;
-  const bool exact_mm = K == 0 || int_mm_is_exact();
+  const CpuGemmPath path = quant_gemm_cpu_path(M, K);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "quant_gemm_cpu", [&] {
     const float* sap = sa.data_ptr<float>();
@@ -258,14 +274,14 @@ at::Tensor quant_gemm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale, con
     const scalar_t* biasp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
 
-    if (K == 0) {  // an empty sum is 0; the bias still lands
+    if (path == CpuGemmPath::kEmpty) {  // an empty sum is 0; the bias still lands
       const std::vector<int32_t> zeros(N, 0);
       std::vector<float> row(N);
       for (int64_t m = 0; m < M; ++m) epilogue(zeros.data(), 0, m, m + 1, 0, N, sap, sbp, biasp, op, N, row.data());
       return;
     }
 
-    if (!exact_mm) {
+    if (path == CpuGemmPath::kScalar) {
       const at::Tensor A = int8_rows(a, a_bits, 0, M, K), B = int8_rows(b, b_bits, 0, N, K);
       const int8_t* ap = A.data_ptr<int8_t>();
       const int8_t* bp = B.data_ptr<int8_t>();
@@ -280,7 +296,7 @@ at::Tensor quant_gemm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale, con
       return;
     }
 
-    if (use_brgemm_path(M)) {
+    if (path == CpuGemmPath::kBrgemm) {
       quant_gemm_brgemm(a, b, a_bits, b_bits, M, N, K, sap, sbp, biasp, op);
       return;
     }

@@ -211,7 +211,8 @@ QSVD_CPU_CLONES void unpack_int4_row(const uint8_t* in, int64_t n, int8_t* out) 
 // operands agree on any order of K (an int32 dot product is exact in any
 // order): each 64-byte chunk (128 codes) becomes its 64 even codes, then
 // its 64 odd codes; a tail of fewer than 128 codes stays in natural order.
-// int4_deinterleaved_source(j, n) is the natural index of output j.
+// int4_deinterleaved_source(j, n) is the natural index of output j. n is
+// even (INT4 codes come two to a byte).
 constexpr int64_t kInt4ChunkCodes = 128;
 inline int64_t int4_deinterleaved_source(int64_t j, int64_t n) {
   if (j >= n / kInt4ChunkCodes * kInt4ChunkCodes) return j;
