@@ -97,8 +97,8 @@ def test_cpu_absorbed_gemm_paths(monkeypatch, bits, wdtype, rope, H, H_kv, block
     4 (130) exercise the padded codes; a long sequence spans several token
     tiles and splits."""
     if gemm == "split" and not _split_available():
-        pytest.skip("no split path here: this CPU or torch build lacks oneDNN's int8 brgemm or MKL's bf16 GEMM, "
-                    "so the kernel always takes the fp32 path (tested by the fp32 case)")
+        pytest.skip("no split path here (it needs torch's int8 brgemm, on an AMX CPU with oneDNN enabled, and MKL's "
+                    "bf16 GEMM): the kernel always takes the fp32 path, which the fp32 case tests")
     monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)
     out, lse, truth, bound, _ = _run("cpu", SEQ_LENS + [700], bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d)
     _check(out, lse, truth, bound, q_dtype, gemm)
@@ -129,8 +129,8 @@ def test_cpu_gemm_paths_differ_and_bad_knob_is_refused(monkeypatch):
     """The knob takes effect (the split path changes the last bits), and a
     bad value is an error naming it."""
     if not _split_available():
-        pytest.skip("no split path here: this CPU or torch build lacks oneDNN's int8 brgemm or MKL's bf16 GEMM, "
-                    "so there is only the fp32 path and nothing to tell apart")
+        pytest.skip("no split path here (it needs torch's int8 brgemm, on an AMX CPU with oneDNN enabled, and MKL's "
+                    "bf16 GEMM): there is only the fp32 path, so nothing to tell apart")
     outs = {}
     for gemm in ("fp32", "split"):
         monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)

@@ -47,8 +47,8 @@
 #include "../checks.h"
 #include "../ops.h"
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 #include <c10/core/InferenceMode.h>
+#include "int8_brgemm.h"
 #include "qsvd/cpu/simd.h"
 #include "qsvd/formats.h"
 #include "qsvd/latent_cache_layout.h"
@@ -251,17 +251,6 @@ const void* head_ptr(const at::Tensor& w /* contiguous [H_kv, r, d] */, int64_t 
 
 enum class AbsorbedGemm { kFp32, kSplit };
 
-// Asked per call: torch answers false on CPUs without AMX and while oneDNN
-// is switched off (torch.backends.mkldnn.flags(enabled=False)), which can
-// change at any time.
-bool int8_brgemm_available() {
-#if defined(CPUBLAS_BRGEMM_I8I8I32)
-  return at::native::cpublas::could_pack(at::kChar);
-#else
-  return false;
-#endif
-}
-
 // MKL's C = alpha A B + beta C with bf16 A, B and fp32 C (row-major,
 // no transposes). Integer arguments go as 64-bit registers, which reads
 // right whether this MKL's MKL_INT is 32- or 64-bit.
@@ -285,7 +274,7 @@ GemmBf16F32 gemm_bf16_f32() {
 }
 
 AbsorbedGemm absorbed_gemm(const char* op) {
-  const bool available = int8_brgemm_available() && gemm_bf16_f32() != nullptr;
+  const bool available = cpu::int8_brgemm_ready() && gemm_bf16_f32() != nullptr;
   const char* v = std::getenv("QSVD_CPU_LATENT_GEMM");
   const bool automatic = v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0;
   if (automatic) return available ? AbsorbedGemm::kSplit : AbsorbedGemm::kFp32;
@@ -297,14 +286,12 @@ AbsorbedGemm absorbed_gemm(const char* op) {
   return AbsorbedGemm::kSplit;
 }
 
-// Shapes oneDNN's int8 brgemm takes (torch 2.13/2.14 on AMX; others end
-// in SIGILL or a packing error): K a multiple of 4 (the codes are padded
-// with zero columns when r is not) and N a multiple of 16 up to 64. So a
-// packed operand holds one group of up to 32 query heads: a digits in
-// columns [0, Hg), b digits in [Hg, 2 Hg), zeros up to N.
-constexpr int64_t kScoreHeadsPerGroup = 32;
-inline int64_t padded_rank(int64_t r) { return (r + 3) / 4 * 4; }
-inline int64_t group_columns(int64_t Hg) { return (2 * Hg + 15) / 16 * 16; }
+// brgemm takes K a multiple of 4 (the codes are padded with zero columns
+// when r is not) and N up to 64 (cpu/int8_brgemm.h). So a packed operand
+// holds one group of up to 32 query heads: a digits in columns [0, Hg),
+// b digits in [Hg, 2 Hg), zeros up to N.
+constexpr int64_t kScoreHeadsPerGroup = cpu::kInt8BrgemmMaxN / 2;
+inline int64_t group_columns(int64_t Hg) { return cpu::int8_brgemm_n(2 * Hg); }
 
 // q_lat [B, H, r] as int8 digits, packed for brgemm per (sequence, head
 // group): packed [B, groups, Kp, 64] and sigma [B, H].
@@ -317,10 +304,10 @@ struct QueryDigits {
 };
 
 QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */) {
-  const int64_t B = q_lat.size(0), H = q_lat.size(1), r = q_lat.size(2), r4 = padded_rank(r);
+  const int64_t B = q_lat.size(0), H = q_lat.size(1), r = q_lat.size(2), r4 = cpu::int8_brgemm_k(r);
   QueryDigits qd;
   qd.groups = (H + kScoreHeadsPerGroup - 1) / kScoreHeadsPerGroup;
-  qd.Kp = (r4 + 63) / 64 * 64;  // room for the packing's K blocking
+  qd.Kp = cpu::int8_brgemm_packed_k(r4);
   qd.packed = at::zeros({B, qd.groups, qd.Kp, 2 * kScoreHeadsPerGroup}, q_lat.options().dtype(at::kChar));
   qd.sigma = at::empty({B, H}, q_lat.options());
   const float* qp = q_lat.data_ptr<float>();
@@ -494,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     std::vector<float> scales(tile), tmp(d), factor(H);
     std::vector<int32_t> digit_acc(split ? tile * 2 * kScoreHeadsPerGroup : 0);
     // Codes with r padded to a multiple of 4 (zero columns), for brgemm.
-    const int64_t r4 = padded_rank(r);
+    const int64_t r4 = cpu::int8_brgemm_k(r);
     std::vector<int8_t> codes_padded(split && r4 != r ? tile * r4 : 0, 0);
     at::Tensor x_buf = split ? at::empty({H, tile}, f32) : at::Tensor();
     // Split V: codes in bf16 [T, r], w = p s as bf16 hi rows then lo rows

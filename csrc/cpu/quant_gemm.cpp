@@ -26,10 +26,9 @@
 #include <cstring>
 #include <vector>
 
-#include <ATen/native/CPUBlas.h>
-
 #include "../checks.h"
 #include "../ops.h"
+#include "int8_brgemm.h"
 #include "store.h"
 #include "qsvd/cpu/simd.h"
 #include "qsvd/formats.h"
@@ -119,42 +118,8 @@ at::Tensor int8_rows(const at::Tensor& codes, int64_t bits, int64_t r0, int64_t 
 // docs/ops.md has the measurements: INT8 rows straight into brgemm beat
 // at::_int_mm, which reorders b on every call; INT4 costs its unpack plus
 // brgemm on the L1 buffer, one after the other.
-constexpr int64_t kBrgemmMaxColumns = 64;
 constexpr int64_t kBrgemmRows = 64;
 constexpr int64_t kBrgemmSlice = 512;  // codes; a multiple of the unpack's 128-code chunks
-
-// Whether brgemm serves this call with exact int32 sums. could_pack is
-// asked on every call: torch answers false on CPUs without AMX and while
-// oneDNN is switched off (torch.backends.mkldnn.flags(enabled=False)),
-// which can change at any time. The arithmetic is probed once, on
-// full-range codes against an int64 product (as int_mm_is_exact does for
-// oneDNN's GEMM).
-bool brgemm_ready() {
-#if defined(CPUBLAS_BRGEMM_I8I8I32)
-  if (!at::native::cpublas::could_pack(at::kChar)) return false;
-  static const bool exact = [] {
-    const int64_t R = 20, M = 16, K = 256;
-    std::vector<int8_t> rows(R * K, 127), plain(K * M, 127), packed(K * M, 0);
-    for (int64_t k = 0; k < K; ++k) rows[1 * K + k] = -128, rows[3 * K + k] = k % 2 ? 127 : -128;
-    for (int64_t k = 0; k < K; ++k) plain[k * M + 2] = -127, plain[k * M + 5] = -128;
-    at::native::cpublas::pack(K, M, M, M, at::kChar, at::kChar, plain.data(), packed.data());
-    std::vector<int32_t> got(R * M);
-    at::native::cpublas::brgemm(R, M, K, K, M, M, false, reinterpret_cast<const signed char*>(rows.data()),
-                                reinterpret_cast<const signed char*>(packed.data()), got.data());
-    at::native::cpublas::brgemm_release();
-    for (int64_t i = 0; i < R; ++i)
-      for (int64_t j = 0; j < M; ++j) {
-        int64_t want = 0;
-        for (int64_t k = 0; k < K; ++k) want += int64_t{rows[i * K + k]} * plain[k * M + j];
-        if (want != got[i * M + j]) return false;
-      }
-    return true;
-  }();
-  return exact;
-#else
-  return false;
-#endif
-}
 
 }  // namespace
 
@@ -171,14 +136,14 @@ CpuGemmPath quant_gemm_cpu_path(int64_t M, int64_t K) {
   const bool brgemm = !automatic && std::strcmp(v, "brgemm") == 0;
   QSVD_CHECK(automatic || onednn || brgemm, "quant_gemm",
              "QSVD_CPU_QUANT_GEMM must be onednn, brgemm or auto, got '", v, "'");
-  const bool small = M <= kBrgemmMaxColumns;
+  const bool small = M <= cpu::kInt8BrgemmMaxN;
   if (brgemm && small)
-    QSVD_CHECK(brgemm_ready(), "quant_gemm",
+    QSVD_CHECK(cpu::int8_brgemm_ready(), "quant_gemm",
                "QSVD_CPU_QUANT_GEMM=brgemm, but torch's int8 brgemm (at::native::cpublas::brgemm) is not "
                "available here (it needs an AMX CPU and oneDNN enabled)");
   if (K == 0) return CpuGemmPath::kEmpty;
   if (K < 4) return CpuGemmPath::kScalar;
-  if (small && !onednn && brgemm_ready()) return CpuGemmPath::kBrgemm;
+  if (small && !onednn && cpu::int8_brgemm_ready()) return CpuGemmPath::kBrgemm;
   return int_mm_is_exact() ? CpuGemmPath::kOneDnn : CpuGemmPath::kScalar;
 }
 
@@ -189,12 +154,11 @@ void quant_gemm_brgemm(const at::Tensor& a, const at::Tensor& b, int64_t a_bits,
                        int64_t N, int64_t K, const float* sap, const float* sbp, const scalar_t* biasp,
                        scalar_t* op) {
 #if defined(CPUBLAS_BRGEMM_I8I8I32)
-  const int64_t K4 = (K + 3) / 4 * 4;  // brgemm's K is a multiple of 4: zero codes pad it
+  const int64_t K4 = cpu::int8_brgemm_k(K);
   const bool b_int4 = b_bits == 4, b_direct = !b_int4 && K4 == K;
   const int64_t Kc = b_direct ? K4 : std::min(kBrgemmSlice, K4);
   const int64_t slices = (K4 + Kc - 1) / Kc;
-  const int64_t Mp = (M + 15) / 16 * 16;
-  const int64_t Kp = (Kc + 63) / 64 * 64;  // room for the packing's K blocking
+  const int64_t Mp = cpu::int8_brgemm_n(M), Kp = cpu::int8_brgemm_packed_k(Kc);
 
   // a^T per K slice, in the order of K that b's rows will have, zero padded.
   std::vector<int8_t> a_rows(M * K), plain(K4 * Mp, 0), packed(slices * Kp * Mp, 0);

@@ -229,10 +229,7 @@ inline void unpack_int4_deinterleaved_scalar(const uint8_t* in, int64_t n, int8_
       out[c + 64 + i] = static_cast<int8_t>(static_cast<int8_t>(b[i]) >> 4);
     }
   }
-  for (int64_t i = full / 2; i < n / 2; ++i) {
-    out[2 * i] = static_cast<int8_t>(static_cast<int8_t>(static_cast<uint8_t>(in[i] << 4)) >> 4);
-    out[2 * i + 1] = static_cast<int8_t>(static_cast<int8_t>(in[i]) >> 4);
-  }
+  unpack_int4_row(in + full / 2, n - full, out + full);  // the tail, in natural order
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -248,7 +245,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void unpack_int4_deinterleave
     _mm512_storeu_si512(out + c, _mm512_shuffle_epi8(lut, even));
     _mm512_storeu_si512(out + c + 64, _mm512_shuffle_epi8(lut, odd));
   }
-  if (full < n) unpack_int4_deinterleaved_scalar(in + full / 2, n - full, out + full);
+  unpack_int4_row(in + full / 2, n - full, out + full);
 }
 #endif
 
