@@ -2,11 +2,27 @@
 //
 // The library is built for the baseline x86-64 ISA (setup.py passes no
 // -march), so the loops that carry the element-wise work are compiled
-// three times with GCC's target_clones (AVX-512, AVX2, baseline) and picked
-// once at load time by the CPU's features. Everything here is plain IEEE
-// arithmetic with FMA contraction off (-ffp-contract=off; the clones do not
-// change that), so every clone returns the same bits as the scalar
+// three times, for the ISA levels of qsvd/cpu/isa.h (avx512, avx2,
+// baseline), and a call runs the variant of the process-wide level
+// (qsvd::cpu::active_isa(): the CPU's best unless QSVD_CPU_ISA or
+// qsvd_kernels._C.set_cpu_isa says otherwise). How: each loop's body is an
+// always_inline function compiled for the default target; three thin
+// wrappers with target attributes call it (GCC inlines a default-target
+// always_inline callee into a wider-target caller, so each wrapper is the
+// body compiled for its ISA, as target_clones would make it), and a switch
+// on the level picks the wrapper (QSVD_CPU_DISPATCH below).
+//
+// Everything here is plain IEEE arithmetic with FMA contraction off
+// (-ffp-contract=off, which setup.py and CMake pass: GCC's "avx512f"
+// target implies FMA, and only that flag keeps a * b + c two roundings
+// there; cpp_tests/test_simd.cpp and the Python tests check every level bit
+// for bit), so every variant returns the same bits as the scalar
 // definitions in qsvd/numerics.h and qsvd/hadamard.h.
+//
+// The AVX-512-only kernels (the weight-streaming products and the
+// deinterleaved INT4 unpack) run at the avx512 level only; below it their
+// callers take the fallback (weight_streaming_available() is false; the
+// unpack runs its scalar loop). F16C conversion runs from avx2 up.
 //
 // The GEMMs are not here: the CPU kernels take them from torch (oneDNN
 // int8, MKL / oneDNN fp32).
@@ -19,22 +35,33 @@
 #include <immintrin.h>
 #endif
 
+#include "qsvd/cpu/isa.h"
 #include "qsvd/formats.h"
 #include "qsvd/hadamard.h"
 #include "qsvd/numerics.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define QSVD_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define QSVD_CPU_CLONES
-#endif
+// name(params) runs name##_body(args) compiled for the active ISA level.
+// name##_body is an always_inline function; ret may be void.
+#define QSVD_CPU_DISPATCH(ret, name, params, args)                                                   \
+  QSVD_TARGET_AVX512 __attribute__((noinline)) inline ret name##_avx512 params { return name##_body args; } \
+  QSVD_TARGET_AVX2 __attribute__((noinline)) inline ret name##_avx2 params { return name##_body args; }     \
+  __attribute__((noinline)) inline ret name##_baseline params { return name##_body args; }                  \
+  inline ret name params {                                                                           \
+    switch (::qsvd::cpu::active_isa()) {                                                             \
+      case ::qsvd::cpu::Isa::kAvx512: return name##_avx512 args;                                     \
+      case ::qsvd::cpu::Isa::kAvx2: return name##_avx2 args;                                         \
+      default: return name##_baseline args;                                                          \
+    }                                                                                                \
+  }
+
+#define QSVD_CPU_BODY inline __attribute__((always_inline))
 
 namespace qsvd {
 namespace cpu {
 namespace {
 
 // 16 floats, unaligned access allowed. GCC lowers the operations to one
-// zmm, two ymm or four xmm instructions depending on the clone.
+// zmm, two ymm or four xmm instructions depending on the ISA level.
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 
@@ -69,8 +96,8 @@ inline __attribute__((always_inline)) v16f stage_in_register(v16f v) {
 // h = 1, 2, 4, 8 inside registers), step 4 (the norm) into the last one, and
 // the other stages run two per pass, so a row of 4096 is read and written
 // five times, in L1.
-QSVD_CPU_CLONES void hadamard_row(const float* in, const float* signs, float* v, float* dst,
-                                  hadamard::Factorization f, float norm, float* scratch) {
+QSVD_CPU_BODY void hadamard_row_body(const float* in, const float* signs, float* v, float* dst,
+                                     hadamard::Factorization f, float norm, float* scratch) {
   const int64_t n = int64_t{1} << f.log_n;
   const int64_t K = f.m * n;
   if (n < 16) {
@@ -155,10 +182,14 @@ QSVD_CPU_CLONES void hadamard_row(const float* in, const float* signs, float* v,
     }
   }
 }
+QSVD_CPU_DISPATCH(void, hadamard_row,
+                  (const float* in, const float* signs, float* v, float* dst, hadamard::Factorization f,
+                   float norm, float* scratch),
+                  (in, signs, v, dst, f, norm, scratch))
 
 // Per-row quantization, as qsvd::quantize_row_host (same operations, in
 // the same order per element; the max is order-independent).
-QSVD_CPU_CLONES float quantize_row(const float* v, int64_t n, int bits, float clip_ratio, void* codes) {
+QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float clip_ratio, void* codes) {
   float amax = 0.f;
   bool nan = false;
   for (int64_t i = 0; i < n; ++i) {
@@ -197,15 +228,18 @@ QSVD_CPU_CLONES float quantize_row(const float* v, int64_t n, int bits, float cl
   }
   return scale;
 }
+QSVD_CPU_DISPATCH(float, quantize_row, (const float* v, int64_t n, int bits, float clip_ratio, void* codes),
+                  (v, n, bits, clip_ratio, codes))
 
 // INT4 (two's-complement nibbles, element 2i low) -> int8, n even.
-QSVD_CPU_CLONES void unpack_int4_row(const uint8_t* in, int64_t n, int8_t* out) {
+QSVD_CPU_BODY void unpack_int4_row_body(const uint8_t* in, int64_t n, int8_t* out) {
   for (int64_t i = 0; i < n / 2; ++i) {
     const uint8_t b = in[i];
     out[2 * i] = static_cast<int8_t>(static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4);
     out[2 * i + 1] = static_cast<int8_t>(static_cast<int8_t>(b) >> 4);
   }
 }
+QSVD_CPU_DISPATCH(void, unpack_int4_row, (const uint8_t* in, int64_t n, int8_t* out), (in, n, out))
 
 // INT4 -> int8 in "chunk-deinterleaved" order, for a GEMM whose two
 // operands agree on any order of K (an int32 dot product is exact in any
@@ -232,11 +266,16 @@ inline void unpack_int4_deinterleaved_scalar(const uint8_t* in, int64_t n, int8_
   unpack_int4_row(in + full / 2, n - full, out + full);  // the tail, in natural order
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if QSVD_ISA_X86
 // A nibble -> its signed value by one table lookup per 64 codes.
-__attribute__((target("avx512f,avx512bw"))) inline void unpack_int4_deinterleaved_avx512(const uint8_t* in,
-                                                                                          int64_t n, int8_t* out) {
-  const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1));
+QSVD_TARGET_AVX512_KERNELS inline void unpack_int4_deinterleaved_avx512(const uint8_t* in, int64_t n, int8_t* out) {
+  // The 16-entry table in each 128-bit lane (a load, not _mm512_broadcast_i32x4,
+  // whose GCC 12 header trips -Wuninitialized).
+  alignas(64) static constexpr int8_t kLut[64] = {0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1,
+                                                  0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1,
+                                                  0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1,
+                                                  0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1};
+  const __m512i lut = _mm512_load_si512(kLut);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const int64_t full = n / kInt4ChunkCodes * kInt4ChunkCodes;
   for (int64_t c = 0; c < full; c += kInt4ChunkCodes) {
@@ -249,10 +288,11 @@ __attribute__((target("avx512f,avx512bw"))) inline void unpack_int4_deinterleave
 }
 #endif
 
+// The AVX-512 table lookup at the avx512 level, the scalar loop below it
+// (the same bytes).
 inline void unpack_int4_deinterleaved(const uint8_t* in, int64_t n, int8_t* out) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  if (avx512) return unpack_int4_deinterleaved_avx512(in, n, out);
+#if QSVD_ISA_X86
+  if (active_isa() == Isa::kAvx512) return unpack_int4_deinterleaved_avx512(in, n, out);
 #endif
   unpack_int4_deinterleaved_scalar(in, n, out);
 }
@@ -267,17 +307,20 @@ inline void unpack_codes_row(const void* codes, int64_t n, int bits, int8_t* out
 
 // The quant_gemm epilogue's first two steps, each product rounded once
 // (as qsvd::mul_rn): row[n] = (float(acc[n]) * s) * sb[n].
-QSVD_CPU_CLONES void dequant_row(const int32_t* acc, int64_t n, float s, const float* sb, float* row) {
+QSVD_CPU_BODY void dequant_row_body(const int32_t* acc, int64_t n, float s, const float* sb, float* row) {
   for (int64_t i = 0; i < n; ++i) row[i] = (static_cast<float>(acc[i]) * s) * sb[i];
 }
+QSVD_CPU_DISPATCH(void, dequant_row, (const int32_t* acc, int64_t n, float s, const float* sb, float* row),
+                  (acc, n, s, sb, row))
 
 // out[i] = float(in[i]) for int8 codes.
-QSVD_CPU_CLONES void int8_to_float(const int8_t* in, int64_t n, float* out) {
+QSVD_CPU_BODY void int8_to_float_body(const int8_t* in, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
 }
+QSVD_CPU_DISPATCH(void, int8_to_float, (const int8_t* in, int64_t n, float* out), (in, n, out))
 
 // int8 codes -> bf16 bits (exact: |code| <= 128 needs 8 significant bits).
-QSVD_CPU_CLONES void int8_to_bf16(const int8_t* in, int64_t n, uint16_t* out) {
+QSVD_CPU_BODY void int8_to_bf16_body(const int8_t* in, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; ++i) {
     const float f = static_cast<float>(in[i]);
     uint32_t u;
@@ -285,6 +328,7 @@ QSVD_CPU_CLONES void int8_to_bf16(const int8_t* in, int64_t n, uint16_t* out) {
     out[i] = static_cast<uint16_t>(u >> 16);
   }
 }
+QSVD_CPU_DISPATCH(void, int8_to_bf16, (const int8_t* in, int64_t n, uint16_t* out), (in, n, out))
 
 // fp32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16).
 inline __attribute__((always_inline)) uint16_t bf16_bits(float x) {
@@ -294,13 +338,14 @@ inline __attribute__((always_inline)) uint16_t bf16_bits(float x) {
   return x != x ? static_cast<uint16_t>(0x7FC0) : rounded;
 }
 
-QSVD_CPU_CLONES void float_to_bf16_row(const float* in, int64_t n, uint16_t* out) {
+QSVD_CPU_BODY void float_to_bf16_row_body(const float* in, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits(in[i]);
 }
+QSVD_CPU_DISPATCH(void, float_to_bf16_row, (const float* in, int64_t n, uint16_t* out), (in, n, out))
 
 // x = hi + lo + e with hi = bf16(x), lo = bf16(x - hi) (x - hi is exact),
 // |e| <= 2^-18 |x| (two 8-bit significands; NaN and inf stay in hi, lo 0).
-QSVD_CPU_CLONES void split_bf16_row(const float* x, int64_t n, uint16_t* hi, uint16_t* lo) {
+QSVD_CPU_BODY void split_bf16_row_body(const float* x, int64_t n, uint16_t* hi, uint16_t* lo) {
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t h = bf16_bits(x[i]);
     const uint32_t hu = static_cast<uint32_t>(h) << 16;
@@ -311,6 +356,8 @@ QSVD_CPU_CLONES void split_bf16_row(const float* x, int64_t n, uint16_t* hi, uin
     lo[i] = r != r ? static_cast<uint16_t>(0) : bf16_bits(r);
   }
 }
+QSVD_CPU_DISPATCH(void, split_bf16_row, (const float* x, int64_t n, uint16_t* hi, uint16_t* lo),
+                  (x, n, hi, lo))
 
 // ---------------------------------------------------------------------------
 // Matrix-vector products that read a weight matrix in its stored type
@@ -322,8 +369,9 @@ QSVD_CPU_CLONES void split_bf16_row(const float* x, int64_t n, uint16_t* hi, uin
 // first: 2 bytes read, 4 written and 4 read again per weight, most of the
 // absorbed decode's time. These read each weight once and convert it in
 // registers (vcvtph2ps, a shift, vpmovsxbd). Where they are not available
-// (no AVX-512, or more rows than kWeightStreamRows in the caller) the
-// caller converts once and uses torch's GEMM.
+// (an ISA level below avx512: no AVX-512 here, or QSVD_CPU_ISA /
+// set_cpu_isa chose a lower level; or more rows than kWeightStreamRows in
+// the caller) the caller converts once and uses torch's GEMM.
 //
 // Numerics: every weight converts exactly to fp32; an output sums n = d
 // (dot_rows) or n = r (axpy_rows) products with fused multiply-adds and a
@@ -333,8 +381,8 @@ QSVD_CPU_CLONES void split_bf16_row(const float* x, int64_t n, uint16_t* hi, uin
 
 enum class WeightType { kF16, kBF16, kI8 };
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define QSVD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#if QSVD_ISA_X86
+#define QSVD_AVX512 QSVD_TARGET_AVX512_KERNELS
 
 // 16 weights from element i (the first `n` of them; the rest read as 0).
 template <WeightType W>
@@ -452,13 +500,9 @@ QSVD_AVX512 void axpy_rows_avx512(const void* w, int64_t rows, int64_t d, const 
   if (g < G) axpy_pass_avx512<W, 1>(w, rows, d, a + g * lda, lda, y + g * d);
 }
 
-// Whether this CPU runs the kernels above.
-inline bool weight_streaming_available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("fma");
-  return ok;
-}
+// Whether the kernels above run now: at the avx512 level (which the CPU
+// has, or it could not be active).
+inline bool weight_streaming_available() { return active_isa() == Isa::kAvx512; }
 
 // The dispatch on the weights' stored type (callers check
 // weight_streaming_available() first).
@@ -485,11 +529,11 @@ inline void weight_dot_rows(WeightType, const void*, int64_t, int64_t, const flo
 inline void weight_axpy_rows(WeightType, const void*, int64_t, int64_t, const float*, int64_t, int64_t, float*) {}
 #endif
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if QSVD_ISA_X86
 // fp32 -> fp16 bits with F16C (round to nearest even, as c10::Half; a NaN
-// keeps a quiet NaN, its payload may differ). Returns false when the CPU has
-// no F16C: the caller converts with c10 then.
-__attribute__((target("avx,f16c"))) inline void float_to_half_f16c(const float* in, int64_t n, uint16_t* out) {
+// keeps a quiet NaN, its payload may differ). Returns false below the avx2
+// level (which F16C is part of): the caller converts with c10 then.
+QSVD_TARGET_F16C inline void float_to_half_f16c(const float* in, int64_t n, uint16_t* out) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -498,8 +542,7 @@ __attribute__((target("avx,f16c"))) inline void float_to_half_f16c(const float* 
   for (; i < n; ++i) out[i] = _cvtss_sh(in[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 inline bool float_to_half_row(const float* in, int64_t n, uint16_t* out) {
-  static const bool f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
-  if (!f16c) return false;
+  if (active_isa() == Isa::kBaseline) return false;
   float_to_half_f16c(in, n, out);
   return true;
 }
