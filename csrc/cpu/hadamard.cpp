@@ -14,6 +14,7 @@
 #include "../ops.h"
 #include <ATen/Parallel.h>
 #include "store.h"
+#include "cpu_paths.h"
 #include "qsvd/cpu/simd.h"
 #include "qsvd/formats.h"
 #include "qsvd/hadamard.h"
@@ -44,6 +45,7 @@ inline void rotate_row(const scalar_t* x, const float* signs, const HadamardShap
 }  // namespace
 
 at::Tensor hadamard_transform_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& signs_in) {
+  cpu::check_isa_env("hadamard_transform");
   const HadamardShape s = check_hadamard("hadamard_transform", x_in, signs_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor signs = signs_in.has_value() ? signs_in->contiguous() : at::Tensor();
@@ -73,6 +75,7 @@ at::Tensor hadamard_transform_cpu(const at::Tensor& x_in, const std::optional<at
 
 std::tuple<at::Tensor, at::Tensor> hadamard_quant_cpu(const at::Tensor& x_in, int64_t bits, double clip_ratio,
                                                       const std::optional<at::Tensor>& signs_in) {
+  cpu::check_isa_env("hadamard_quant");
   const HadamardShape s = check_hadamard_quant(x_in, bits, clip_ratio, signs_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor signs = signs_in.has_value() ? signs_in->contiguous() : at::Tensor();

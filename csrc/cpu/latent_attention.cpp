@@ -38,7 +38,6 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
-#include <dlfcn.h>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -48,6 +47,7 @@
 #include "../ops.h"
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
+#include "cpu_paths.h"
 #include "int8_brgemm.h"
 #include "qsvd/cpu/simd.h"
 #include "qsvd/formats.h"
@@ -202,7 +202,7 @@ inline void scale_and_rope(float* k, int64_t H_kv, int64_t d, float s_t, const f
 // fp32 copy of one kv head's weights [r, d] (exact for fp16/bf16/int8).
 void head_weights_f32(const at::Tensor& w, int64_t hk, at::Tensor& buf) { buf.copy_(w.select(0, hk)); }
 
-// Up to this many query rows per kv head (on AVX-512 hosts), q_lat =
+// Up to this many query rows per kv head (at the avx512 ISA level), q_lat =
 // W_uk q and o = acc W_uv read the weights in their stored type
 // (qsvd/cpu/simd.h, one pass over them); above it, one fp32 conversion
 // per head and a torch GEMM, which then costs less than re-reading the
@@ -248,43 +248,6 @@ const void* head_ptr(const at::Tensor& w /* contiguous [H_kv, r, d] */, int64_t 
 // tile, 32 heads: the digit scores (both digits in one call) take 1/4 to
 // 1/6 of the fp32 score GEMM's time, the bf16 V GEMM (hi and lo rows)
 // about 0.6 of the fp32 one's.
-
-enum class AbsorbedGemm { kFp32, kSplit };
-
-// MKL's C = alpha A B + beta C with bf16 A, B and fp32 C (row-major,
-// no transposes). Integer arguments go as 64-bit registers, which reads
-// right whether this MKL's MKL_INT is 32- or 64-bit.
-using GemmBf16F32 = void (*)(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k, float alpha,
-                             const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c,
-                             int64_t ldc);
-constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111;
-
-GemmBf16F32 gemm_bf16_f32() {
-  static const GemmBf16F32 fn = [] {
-    // libtorch_cpu is loaded without RTLD_GLOBAL: look in it by name.
-    void* sym = nullptr;
-    Dl_info info;
-    if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) != 0 && info.dli_fname != nullptr) {
-      if (void* lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD)) sym = dlsym(lib, "cblas_gemm_bf16bf16f32");
-    }
-    if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32");
-    return reinterpret_cast<GemmBf16F32>(sym);
-  }();
-  return fn;
-}
-
-AbsorbedGemm absorbed_gemm(const char* op) {
-  const bool available = cpu::int8_brgemm_ready() && gemm_bf16_f32() != nullptr;
-  const char* v = std::getenv("QSVD_CPU_LATENT_GEMM");
-  const bool automatic = v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0;
-  if (automatic) return available ? AbsorbedGemm::kSplit : AbsorbedGemm::kFp32;
-  if (std::strcmp(v, "fp32") == 0) return AbsorbedGemm::kFp32;
-  QSVD_CHECK(std::strcmp(v, "split") == 0, op, "QSVD_CPU_LATENT_GEMM must be fp32, split or auto, got '", v, "'");
-  QSVD_CHECK(available, op,
-             "QSVD_CPU_LATENT_GEMM=split, but this CPU or torch build (or oneDNN, switched off) lacks the int8 batch-reduce GEMM "
-             "(at::native::cpublas::brgemm) or MKL's cblas_gemm_bf16bf16f32");
-  return AbsorbedGemm::kSplit;
-}
 
 // brgemm takes K a multiple of 4 (the codes are padded with zero columns
 // when r is not) and N up to 64 (cpu/int8_brgemm.h). So a packed operand
@@ -395,6 +358,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale_d,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin) {
   const char* op = "latent_attention";
+  cpu::check_isa_env(op);
   int64_t H = 0;
   const LatentShape s = check_latent_attention(q_in, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale,
                                                w_uv, w_uv_scale, bits, sm_scale_d, rope_cos, rope_sin, &H);
@@ -465,8 +429,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     q_lat = q_lat.view({B, H, r});
   }
   const Rebuild rb = s.rope ? rebuild_operand(w_uk, w_uk_scale) : Rebuild{};
-  const AbsorbedGemm gemm_on = s.rope ? AbsorbedGemm::kFp32 : absorbed_gemm(op);
-  const bool split = gemm_on == AbsorbedGemm::kSplit;
+  const bool split = !s.rope && cpu::latent_absorbed_split(op);  // QSVD_CPU_LATENT_GEMM (cpu_paths.h)
   const QueryDigits digits = split ? split_query(q_lat) : QueryDigits{};
 
   // Per-task partial state: M (integer running max, log2 units), l, acc.
@@ -579,8 +542,8 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
           }
           for (int64_t h = 0; h < H; ++h)
             qsvd::cpu::split_bf16_row(pp + h * tile, T, w_split.data() + h * tile, w_split.data() + (H + h) * tile);
-          gemm_bf16_f32()(kCblasRowMajor, kCblasNoTrans, kCblasNoTrans, 2 * H, r, T, 1.f, w_split.data(), tile,
-                          codes_bf16.data(), r, 1.f, acc2.data_ptr<float>(), r);
+          cpu::gemm_bf16_f32()(cpu::kCblasRowMajor, cpu::kCblasNoTrans, cpu::kCblasNoTrans, 2 * H, r, T, 1.f,
+                               w_split.data(), tile, codes_bf16.data(), r, 1.f, acc2.data_ptr<float>(), r);
           continue;
         }
         if (rescale) acc.mul_(at::from_blob(factor.data(), {H, 1}, f32));
@@ -670,6 +633,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
     std::optional<at::ScalarType> out_dtype_opt) {
   const char* op = "latent_reconstruct_kv";
+  cpu::check_isa_env(op);
   const LatentShape s = check_latent_cache_and_weights(op, cache, cache_scale, block_table, seq_lens, w_uk,
                                                        w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin);
   const at::ScalarType out_dtype = reconstruct_out_dtype(op, w_uk, out_dtype_opt);

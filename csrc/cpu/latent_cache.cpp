@@ -13,6 +13,7 @@
 #include "../checks.h"
 #include "../ops.h"
 #include <ATen/Parallel.h>
+#include "cpu_paths.h"
 #include "qsvd/cpu/simd.h"
 #include "qsvd/formats.h"
 #include "qsvd/latent_cache_layout.h"
@@ -22,6 +23,7 @@ namespace qsvd_torch {
 
 void latent_cache_append_cpu(const at::Tensor& c_in, const at::Tensor& slot_mapping_in, at::Tensor& cache,
                              const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio) {
+  cpu::check_isa_env("latent_cache_append");
   const CacheAppendShape s = check_latent_cache_append(c_in, slot_mapping_in, cache, cache_scale, bits, clip_ratio);
   if (s.T == 0) return;
   const at::Tensor slots = slot_mapping_in.to(at::kLong).contiguous();

@@ -22,12 +22,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "../checks.h"
 #include "../ops.h"
+#include "cpu_paths.h"
 #include "int8_brgemm.h"
 #include "store.h"
 #include "qsvd/cpu/simd.h"
@@ -124,26 +124,19 @@ constexpr int64_t kBrgemmSlice = 512;  // codes; a multiple of the unpack's 128-
 }  // namespace
 
 // The path a CPU call takes (qsvd_kernels._C.quant_gemm_cpu_path names it).
-// QSVD_CPU_QUANT_GEMM, read per call: auto (the default) takes brgemm for
-// M <= 64 where it is ready; onednn keeps every M on at::_int_mm; brgemm
-// insists for M <= 64 (an error where brgemm is not ready). K < 4 always
-// takes the exact scalar loop: at most 3 products per output, and torch
-// 2.14's at::_int_mm returns wrong (and unrepeatable) sums at K = 1.
+// QSVD_CPU_QUANT_GEMM, read per call (cpu_paths.h): auto (the default)
+// takes brgemm for M <= 64 where it is ready; onednn keeps every M on
+// at::_int_mm; brgemm insists for M <= 64 (an error where brgemm is not
+// ready). The knob is parsed, and a forced brgemm checked, before any path.
+// K < 4 always takes the exact scalar loop: at most 3 products per output,
+// and torch 2.14's at::_int_mm returns wrong (and unrepeatable) sums at
+// K = 1.
 CpuGemmPath quant_gemm_cpu_path(int64_t M, int64_t K) {
-  const char* v = std::getenv("QSVD_CPU_QUANT_GEMM");
-  const bool automatic = v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0;
-  const bool onednn = !automatic && std::strcmp(v, "onednn") == 0;
-  const bool brgemm = !automatic && std::strcmp(v, "brgemm") == 0;
-  QSVD_CHECK(automatic || onednn || brgemm, "quant_gemm",
-             "QSVD_CPU_QUANT_GEMM must be onednn, brgemm or auto, got '", v, "'");
-  const bool small = M <= cpu::kInt8BrgemmMaxN;
-  if (brgemm && small)
-    QSVD_CHECK(cpu::int8_brgemm_ready(), "quant_gemm",
-               "QSVD_CPU_QUANT_GEMM=brgemm, but torch's int8 brgemm (at::native::cpublas::brgemm) is not "
-               "available here (it needs an AMX CPU and oneDNN enabled)");
+  const cpu::QuantGemmKnob knob = cpu::quant_gemm_knob("quant_gemm");
+  const bool brgemm = M <= cpu::kInt8BrgemmMaxN && cpu::quant_gemm_small_m_brgemm(knob, "quant_gemm");
   if (K == 0) return CpuGemmPath::kEmpty;
   if (K < 4) return CpuGemmPath::kScalar;
-  if (small && !onednn && cpu::int8_brgemm_ready()) return CpuGemmPath::kBrgemm;
+  if (brgemm) return CpuGemmPath::kBrgemm;
   return int_mm_is_exact() ? CpuGemmPath::kOneDnn : CpuGemmPath::kScalar;
 }
 
@@ -223,6 +216,7 @@ void quant_gemm_brgemm(const at::Tensor& a, const at::Tensor& b, int64_t a_bits,
 at::Tensor quant_gemm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale, const at::Tensor& b_in,
                           const at::Tensor& b_scale, int64_t a_bits, int64_t b_bits, at::ScalarType out_dtype,
                           const std::optional<at::Tensor>& bias_in) {
+  cpu::check_isa_env("quant_gemm");
   const GemmShape s = check_quant_gemm(a_in, a_scale, b_in, b_scale, a_bits, b_bits, out_dtype, bias_in);
   at::Tensor out = at::empty({s.M, s.N}, a_in.options().dtype(out_dtype));
   if (s.M == 0 || s.N == 0) return out;
