@@ -29,6 +29,38 @@ def device(request):
     return request.param
 
 
+# The CPU kernels' ISA levels, best first (qsvd/cpu/isa.h).
+ISA_LEVELS = ["avx512", "avx2", "baseline"]
+
+
+def isa_levels_to_test() -> list:
+    """The ISA levels this CPU supports, best first, capped by QSVD_CPU_ISA
+    when it is set (CI's forced-fallback pass sets avx2: then that pass
+    tests avx2 and baseline)."""
+    paths = qsvd_kernels._C.cpu_paths()
+    forced = paths["knobs"]["QSVD_CPU_ISA"]
+    top = ISA_LEVELS.index(forced) if forced in ISA_LEVELS else 0
+    return [lvl for lvl in ISA_LEVELS[top:] if lvl in paths["isa_supported"]]
+
+
+@pytest.fixture(params=ISA_LEVELS)
+def isa(request):
+    """Runs the test with the CPU kernels at one ISA level (every level this
+    CPU supports; the element-wise loops are compiled for each and must give
+    the same bits), restoring the level afterwards. On CUDA the level changes
+    nothing the test measures, so the test runs once there."""
+    level = request.param
+    paths = qsvd_kernels._C.cpu_paths()
+    if level not in paths["isa_supported"]:
+        pytest.skip(f"this CPU lacks the {level} ISA level (it has {', '.join(paths['isa_supported'])})")
+    if level not in isa_levels_to_test():
+        pytest.skip(f"QSVD_CPU_ISA={paths['knobs']['QSVD_CPU_ISA']} caps the levels this run tests")
+    if "device" in request.fixturenames and request.getfixturevalue("device") != "cpu" and level != paths["isa"]:
+        pytest.skip("the ISA level only changes the CPU kernels: on CUDA the test runs at one level")
+    with qsvd_kernels.cpu_isa(level):
+        yield level
+
+
 def require_kernel(op: str, device: str) -> None:
     """Skip (with the reason) when op has no kernel for device yet."""
     if not qsvd_kernels.has_kernel(op, device):

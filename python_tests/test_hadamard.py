@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -34,31 +35,44 @@ def _random_signs(K, g):
     return torch.randint(0, 2, (K,), generator=g).float() * 2 - 1
 
 
-@pytest.mark.parametrize("K", SUPPORTED_K)
-def test_transform_every_size_bit_exact(device, K):
-    require_kernel("hadamard_transform", device)
+# The every-size cases run at every ISA level (the `isa` fixture): their
+# inputs and reference results are computed once per size.
+@functools.lru_cache(maxsize=None)
+def _transform_case(K):
     g = torch.Generator().manual_seed(K)
     rows = 3 if K >= 8192 else 5
     x = torch.randn(rows, K, generator=g)
     signs = _random_signs(K, g)
-    for dtype in DTYPES:
-        xd = x.to(dtype)
-        want = R.hadamard_transform_ref(xd, signs)
+    return signs, [(x.to(dtype), R.hadamard_transform_ref(x.to(dtype), signs)) for dtype in DTYPES]
+
+
+@functools.lru_cache(maxsize=None)
+def _quant_case(K):
+    g = torch.Generator().manual_seed(K + 1)
+    x = torch.randn(3, K, generator=g, dtype=torch.float32).to(torch.bfloat16)
+    signs = _random_signs(K, g)
+    return x, signs, {bits: R.hadamard_quant_ref(x, bits, 0.9, signs) for bits in (8, 4) if bits == 8 or K % 2 == 0}
+
+
+@pytest.mark.parametrize("K", SUPPORTED_K)
+def test_transform_every_size_bit_exact(device, K, isa):
+    require_kernel("hadamard_transform", device)
+    signs, cases = _transform_case(K)
+    for xd, want in cases:
+        dtype = xd.dtype
         got = qk.hadamard_transform(xd.to(device), signs.to(device)).cpu()
         assert got.dtype == dtype and got.shape == xd.shape
         assert torch.equal(got, want), f"K={K} {dtype}: max diff {(got.float() - want.float()).abs().max()}"
 
 
 @pytest.mark.parametrize("K", SUPPORTED_K)
-def test_quant_every_size_bit_exact(device, K):
+def test_quant_every_size_bit_exact(device, K, isa):
     require_kernel("hadamard_quant", device)
-    g = torch.Generator().manual_seed(K + 1)
-    x = torch.randn(3, K, generator=g, dtype=torch.float32).to(torch.bfloat16)
-    signs = _random_signs(K, g)
+    x, signs, wants = _quant_case(K)
     for bits in (8, 4):
         if bits == 4 and K % 2:
             continue
-        want = R.hadamard_quant_ref(x, bits, 0.9, signs)
+        want = wants[bits]
         got = qk.hadamard_quant(x.to(device), bits, 0.9, signs.to(device))
         assert torch.equal(got[0].cpu(), want[0]), f"K={K} bits={bits}: codes differ"
         assert torch.equal(got[1].cpu(), want[1]), f"K={K} bits={bits}: scales differ"
@@ -81,7 +95,7 @@ def test_reference_is_the_dense_orthogonal_matrix(K):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_leading_dims_noncontiguous_and_empty(device, dtype):
+def test_leading_dims_noncontiguous_and_empty(device, dtype, isa):
     require_kernel("hadamard_transform", device)
     g = torch.Generator().manual_seed(1)
     base = torch.randn(6, 256, 3, generator=g).to(dtype)
@@ -105,7 +119,7 @@ def test_leading_dims_noncontiguous_and_empty(device, dtype):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quant_zero_rows_large_rows_and_nan(device, bits):
+def test_quant_zero_rows_large_rows_and_nan(device, bits, isa):
     require_kernel("hadamard_quant", device)
     x = torch.randn(5, 1024)
     x[1] = 0.0  # all-zero row: scale 0, codes 0

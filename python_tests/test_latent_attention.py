@@ -10,7 +10,6 @@ stray read fails the test.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 
@@ -22,7 +21,7 @@ import qsvd_kernels as qk
 from qsvd_kernels import reference as R
 from qsvd_kernels.formats import code_row_bytes, pack_latent_rows, packed_row_bytes
 
-from conftest import require_kernel
+from conftest import isa_levels_to_test, require_kernel
 from helpers import (
     EPS,
     LATENT_BOUND,
@@ -104,25 +103,12 @@ def test_cpu_absorbed_gemm_paths(monkeypatch, bits, wdtype, rope, H, H_kv, block
     _check(out, lse, truth, bound, q_dtype, gemm)
 
 
-@functools.cache
 def _split_available():
-    """Whether the kernel accepts QSVD_CPU_LATENT_GEMM=split here (probed once)."""
-    import os
-
-    before = os.environ.get("QSVD_CPU_LATENT_GEMM")
-    os.environ["QSVD_CPU_LATENT_GEMM"] = "split"
-    try:
-        _run("cpu", [3], 8, torch.float16, False, 2, 2, 16, torch.float32, 16, 16)
-        return True
-    except RuntimeError as e:
-        if "QSVD_CPU_LATENT_GEMM=split, but" in str(e):
-            return False
-        raise
-    finally:
-        if before is None:
-            del os.environ["QSVD_CPU_LATENT_GEMM"]
-        else:
-            os.environ["QSVD_CPU_LATENT_GEMM"] = before
+    """Whether the absorbed path's split GEMMs serve here now (torch's int8
+    brgemm, on an AMX CPU with oneDNN enabled, and MKL's bf16 GEMM), whatever
+    QSVD_CPU_LATENT_GEMM says."""
+    paths = qk._C.cpu_paths()
+    return paths["int8_brgemm"] and paths["mkl_bf16_gemm"]
 
 
 def test_cpu_gemm_paths_differ_and_bad_knob_is_refused(monkeypatch):
@@ -157,6 +143,55 @@ def test_cpu_split_path_follows_onednn_switch(monkeypatch):
         monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", "split")
         with pytest.raises(RuntimeError, match="QSVD_CPU_LATENT_GEMM=split, but"):
             _run(*case)
+
+
+# (bits, weights, RoPE, H, H_kv, r, d, q dtype, seq_lens). B G query rows per
+# kv head <= 8 (kWeightStreamRows) take the weight-streaming products at the
+# avx512 ISA level (q_lat = W_uk q' without RoPE, acc W_uv always) and
+# torch's fp32 GEMM below it; B G > 8 take torch's GEMM at every level. d not
+# a multiple of 16 gives the streaming kernels masked tails.
+ISA_CASES = [
+    (8, torch.float16, False, 4, 4, 130, 64, torch.float32, [37, 0, 300]),  # B G = 3
+    (4, torch.bfloat16, False, 8, 2, 96, 40, torch.float16, [5, 70]),  # B G = 8
+    (8, torch.int8, False, 6, 1, 64, 64, torch.float32, [33, 1, 9]),  # B G = 18
+    (4, torch.int8, True, 4, 2, 48, 36, torch.float32, [300]),  # B G = 2, RoPE
+    (8, torch.bfloat16, True, 8, 1, 64, 128, torch.bfloat16, [64, 1]),  # B G = 16, RoPE
+]
+
+
+@pytest.mark.parametrize("gemm", ["fp32", "split"])
+@pytest.mark.parametrize("bits,wdtype,rope,H,H_kv,r,d,q_dtype,seq_lens", ISA_CASES,
+                         ids=[f"b{c[0]}-{str(c[1])[6:]}-{'rope' if c[2] else 'norope'}-BG{len(c[8]) * c[3] // c[4]}"
+                              for c in ISA_CASES])
+def test_cpu_every_isa_level(monkeypatch, gemm, bits, wdtype, rope, H, H_kv, r, d, q_dtype, seq_lens):
+    """latent_attention and latent_reconstruct_kv at every ISA level this CPU
+    supports: attention within the derived bound at each; the same bits at
+    levels that take the same paths (streaming or not: avx2 and baseline
+    always, avx512 too where B G > 8); reconstruct_kv (no weight streaming)
+    the same bits at every level."""
+    if gemm == "split" and (rope or not _split_available()):
+        pytest.skip("the split GEMMs serve the absorbed path (no RoPE) only, where torch's int8 brgemm (AMX, oneDNN "
+                    "enabled) and MKL's bf16 GEMM are present")
+    levels = isa_levels_to_test()
+    if len(levels) < 2:
+        pytest.skip(f"only one ISA level to test here ({levels})")
+    monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)
+    eligible = len(seq_lens) * (H // H_kv) <= 8
+    results = {}
+    for level in levels:
+        with qk.cpu_isa(level):
+            streaming = qk._C.cpu_paths()["weight_streaming"]
+            assert streaming == (level == "avx512")
+            out, lse, truth, bound, (q, args) = _run("cpu", seq_lens, bits, wdtype, rope, H, H_kv, 16, q_dtype, r, d,
+                                                     seed=31)
+            _check(out, lse, truth, bound, q_dtype, level)
+            kv = qk.latent_reconstruct_kv(*args[:9], *args[10:], out_dtype=torch.float32)
+            results[level] = (streaming and eligible, out, lse, kv)
+    for level, (streams, out, lse, kv) in results.items():
+        ref = results[levels[-1]]  # the lowest level: never streams
+        assert torch.equal(kv[0], ref[3][0]) and torch.equal(kv[1], ref[3][1]), level
+        if not streams:
+            assert torch.equal(out, ref[1]) and torch.equal(lse, ref[2]), level
 
 
 @pytest.mark.parametrize("bits", [8, 4])

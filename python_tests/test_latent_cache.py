@@ -29,7 +29,7 @@ def _empty_cache(num_blocks, block_size, r, bits, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [1, 16, 64, 256])
 @pytest.mark.parametrize("r", [2, 96, 512, 1000])
-def test_append_matches_reference(device, bits, dtype, block_size, r):
+def test_append_matches_reference(device, bits, dtype, block_size, r, isa):
     require_kernel("latent_cache_append", device)
     g = torch.Generator().manual_seed(r * 7 + block_size + bits)
     T = 9
@@ -316,7 +316,7 @@ PACKED_RANKS = [(8, 4), (8, 96), (8, 1000), (8, 1536), (4, 8), (4, 96), (4, 520)
 @pytest.mark.parametrize("bits,r", PACKED_RANKS, ids=[f"b{b}-r{r}" for b, r in PACKED_RANKS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [1, 16])
-def test_packed_append_bit_exact_with_separate_and_reference(device, bits, r, dtype, block_size):
+def test_packed_append_bit_exact_with_separate_and_reference(device, bits, r, dtype, block_size, isa):
     require_kernel("latent_cache_append", device)
     g = torch.Generator().manual_seed(r * 5 + bits + block_size)
     T = 11

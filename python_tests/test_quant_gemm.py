@@ -56,8 +56,9 @@ def test_matches_exact_product(device, a_bits, b_bits, M, N, K):
 
 
 @pytest.mark.parametrize("a_bits,b_bits", BITS)
-def test_integer_sums_are_exact(device, a_bits, b_bits):
-    """Unit scales, fp32 output and |sum| < 2^24: the output is the exact integer."""
+def test_integer_sums_are_exact(device, a_bits, b_bits, isa):
+    """Unit scales, fp32 output and |sum| < 2^24: the output is the exact
+    integer, at every ISA level (INT4 unpacked by each level's loop)."""
     require_kernel("quant_gemm", device)
     g = torch.Generator().manual_seed(3)
     a, b, A, B = _operands(9, 33, 512, a_bits, b_bits, g)
@@ -111,9 +112,10 @@ def test_noncontiguous_operands(device):
 
 
 def _brgemm_available():
-    """Whether the CPU kernel's default takes brgemm for small M here (an AMX
-    CPU with torch's int8 brgemm, oneDNN enabled)."""
-    return qk._C.quant_gemm_cpu_path(1, 4096) == "brgemm"
+    """Whether torch's int8 brgemm serves here now (an AMX CPU, oneDNN
+    enabled), whatever QSVD_CPU_QUANT_GEMM says: the capability, not the
+    path the knob picks."""
+    return qk._C.cpu_paths()["int8_brgemm"]
 
 
 def _full_range_operands(M, N, K, a_bits, b_bits, g):
@@ -144,13 +146,15 @@ def _cases():
 
 
 @pytest.mark.parametrize("a_bits,b_bits,M,N,K", list(_cases()))
-def test_cpu_gemm_paths_agree_bit_for_bit(monkeypatch, a_bits, b_bits, M, N, K):
+def test_cpu_gemm_paths_agree_bit_for_bit(monkeypatch, a_bits, b_bits, M, N, K, isa):
     """The CPU kernel's two paths for M <= 64 (brgemm with b as the row
     operand, INT4 unpacked per K slice in the unpack's order of K; and
     at::_int_mm) take the path the knob names and give the same bits: both
     sums are exact int32 and the epilogue is the same. With unit scales and
     an fp32 output both equal the exact integer product. Codes cover their
-    whole range (-128, and -8 for INT4)."""
+    whole range (-128, and -8 for INT4). At every ISA level: the INT4
+    unpack for brgemm is AVX-512's table lookup at avx512, a scalar loop
+    below."""
     if not _brgemm_available():
         pytest.skip("no int8 brgemm here (it needs an AMX CPU and oneDNN enabled): every M takes at::_int_mm, "
                     "which test_matches_exact_product covers")
