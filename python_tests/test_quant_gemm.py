@@ -187,17 +187,18 @@ def test_cpu_k_of_one_is_exact(M):
 
 
 def test_cpu_gemm_with_onednn_switched_off(monkeypatch):
-    """torch.backends.mkldnn switched off after a call on the brgemm path:
-    the next call takes at::_int_mm (brgemm is asked per call), still exact;
-    a forced brgemm is then an error naming the knob, and works again once
-    oneDNN is back."""
+    """torch.backends.mkldnn switched off after a call on the brgemm path
+    (where there is one): the next call takes at::_int_mm (brgemm is asked
+    per call; the scalar loop where oneDNN's int8 GEMM is not exact, as for
+    M > 64), still exact; a forced brgemm is then an error naming the knob,
+    and works again once oneDNN is back, where brgemm serves at all."""
     g = torch.Generator().manual_seed(11)
     a, b, A, B = _full_range_operands(2, 70, 640, 4, 4, g)
     want = (a.to(torch.int64) @ b.to(torch.int64).T).to(torch.float32)
     run = lambda: qk.quant_gemm(A, torch.ones(2), B, torch.ones(70), 4, 4, torch.float32)  # noqa: E731
     assert torch.equal(run(), want)
     with torch.backends.mkldnn.flags(enabled=False):
-        assert qk._C.quant_gemm_cpu_path(2, 640) == "onednn"
+        assert qk._C.quant_gemm_cpu_path(2, 640) == qk._C.quant_gemm_cpu_path(65, 640) != "brgemm"
         assert torch.equal(run(), want)
         monkeypatch.setenv("QSVD_CPU_QUANT_GEMM", "brgemm")
         with pytest.raises(RuntimeError, match="QSVD_CPU_QUANT_GEMM=brgemm, but"):
@@ -205,6 +206,9 @@ def test_cpu_gemm_with_onednn_switched_off(monkeypatch):
     if _brgemm_available():
         assert qk._C.quant_gemm_cpu_path(2, 640) == "brgemm"
         assert torch.equal(run(), want)
+    else:  # no AMX: a forced brgemm stays an error
+        with pytest.raises(RuntimeError, match="QSVD_CPU_QUANT_GEMM=brgemm, but"):
+            run()
 
 
 def test_cpu_gemm_knob_is_checked(monkeypatch):
