@@ -241,12 +241,15 @@ def test_stats_ignore_padding(toy):
 # ------------------------------------------------------------- scores
 
 
-def test_scores_equal_brute_force_per_sample_gradients(toy):
-    """I_i = mean_n (sigma_i u_i^T S^-T G_n v_i)^2 with G_n from one backward
-    pass per sample, against the hooks' single batched pass."""
+@pytest.mark.parametrize("form,metric", [("qkv", "none"), ("kv", "none"), ("qkv", "attention"), ("kv", "attention")])
+def test_scores_equal_brute_force_per_sample_gradients(toy, form, metric):
+    """I_i = mean_n (sigma_i u_i^T S^-T G_n T^-T v_i)^2 with G_n (the gradient
+    of the covered columns: all of q, k, v, or k, v) from one backward pass
+    per sample, against the hooks' single batched pass; T the output metric."""
     model, batches, comp = toy
     batch = batches[0]
-    svds = comp.svds("cholesky")
+    svds = comp.svds("cholesky", form=form, output_metric=metric)
+    assert all((s.metric is not None) == (metric != "none") and s.form == form for s in svds)
     sites = comp.sites
     fast = qc.importance_scores(model, sites, svds, qc.random_projection_loss(lambda m, b: pooled(m, b), seed=3),
                                 [batch], progress=False)
@@ -260,8 +263,11 @@ def test_scores_equal_brute_force_per_sample_gradients(toy):
         (z[n] * f[n]).sum().backward()
         for l, (site, svd) in enumerate(zip(sites, svds)):
             G = torch.cat([lin.weight.grad.T for lin in site.linears], dim=1).double()  # dL/dW_cat [E, out]
+            G = G[:, svd.latent_dims.first_col :]  # the columns the latent covers
             Gw = svd.whitening.solve(G) if svd.whitening.kind != "cholesky" else torch.linalg.solve_triangular(
                 svd.whitening.upper.T, G, upper=False)  # S^-T G
+            if svd.metric is not None:
+                Gw = svd.metric.solve(Gw)  # S^-T G T^-T (T symmetric)
             proj = torch.einsum("ei,eo,io->i", svd.U, Gw, svd.Vh)
             brute[l] += (svd.sigma * proj) ** 2
     model.zero_grad()
@@ -273,7 +279,7 @@ def test_scores_equal_brute_force_per_sample_gradients(toy):
 
 def test_losses_have_nonzero_gradients(toy):
     model, batches, comp = toy
-    s = comp.scores(qc.random_projection_loss(pooled), "cholesky")
+    s = comp.scores(qc.random_projection_loss(pooled))
     assert all(bool((x > 0).any()) for x in s)
 
 
@@ -348,7 +354,8 @@ def test_beta_search_beats_every_fixed_choice(toy):
     quant = qc.QuantConfig.parse("W4A4")
     cfg = qc.CompressionConfig(qc.Budget("mean_rank", 32), quant, allocation="uniform")
     cm = comp.compress(cfg)
-    for i, (layer, svd, st) in enumerate(zip(cm.layers, comp.svds("cholesky"), comp.stats)):
+    for i, (layer, svd, st) in enumerate(zip(cm.layers, comp.config_svds(cfg, cm.info["latent_form"]),
+                                             comp.stats)):
         X = st.rows
         Y = X.double() @ svd.W_cat + svd.bias
         err = lambda l: float(((l.project_cat(X) - Y) ** 2).sum())  # noqa: E731
@@ -419,3 +426,63 @@ def test_allocation_plot_is_written(toy, tmp_path):
 def test_unsupported_model_is_refused():
     with pytest.raises(ValueError, match="no supported attention layers"):
         qc.Compressor(torch.nn.Sequential(torch.nn.Linear(4, 4)), [torch.randn(1, 4)], progress=False)
+
+
+# ------------------------------------------------------- output metric
+
+
+def _rope_matrix(inv_freq, delta):
+    """The rotate-half rotation R (column vectors: x' = R x) at distance delta."""
+    h = inv_freq.numel()
+    c, s = torch.cos(delta * inv_freq), torch.sin(delta * inv_freq)
+    R = torch.zeros(2 * h, 2 * h, dtype=torch.float64)
+    idx = torch.arange(h)
+    R[idx, idx], R[idx + h, idx + h], R[idx, idx + h], R[idx + h, idx] = c, c, -s, s
+    return R
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rope_average_is_the_mean_over_distances(sign):
+    """metric.rope_average's closed form against the explicit mean of
+    R(sign delta) C R(sign delta)^T over delta = 0 .. context - 1, for a
+    random PSD C and frequencies from fast to slow (base 1e4, d = 16)."""
+    from qsvd_kernels.compress.metric import rope_average, rope_expectations
+
+    d, context = 16, 300
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    C = A @ A.T
+    want = sum(_rope_matrix(inv_freq, sign * t) @ C @ _rope_matrix(inv_freq, sign * t).T for t in range(context))
+    got = rope_average(C, rope_expectations(inv_freq, context, sign))
+    assert torch.allclose(got, want / context, rtol=1e-10, atol=1e-10 * float(C.abs().max()))
+
+
+def test_attention_metric_weights_key_errors_by_what_queries_see():
+    """A key error along a direction no query ever points to costs nothing
+    under the metric (up to its eigenvalue floor), one along the queries'
+    direction costs its score change; the metric's blocks are T^(1/2) with a
+    working inverse, and plain output energy is kept per projection."""
+    from qsvd_kernels.compress.metric import attention_output_metric
+
+    E, H, Hk, d = 8, 2, 1, 4
+    dims = qc.LayerDims(E, H, Hk, d)
+    g = torch.Generator().manual_seed(1)
+    Wq = torch.zeros(E, H * d, dtype=torch.float64)
+    Wq[0, 0] = 1.0  # both query heads only ever read x_0 into their dim 0
+    Wq[0, d] = 2.0
+    Wk = torch.randn(E, d, generator=g, dtype=torch.float64)
+    Wv = torch.randn(E, d, generator=g, dtype=torch.float64)
+    W_cat = torch.cat([Wq, Wk, Wv], 1)
+    gram = torch.eye(E, dtype=torch.float64)
+    m = attention_output_metric(dims, "kv", W_cat, None, gram, None, None, None)
+    assert m.blocks.shape == (2, d, d)  # one k head, one v head
+    eye = torch.eye(2 * d, dtype=torch.float64)
+    assert torch.allclose(m.solve(m.apply(eye)), eye, atol=1e-6)
+    Tk = m.blocks[0]
+    seen = Tk @ torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)
+    unseen = Tk @ torch.tensor([0, 1.0, 0, 0], dtype=torch.float64)
+    assert float(unseen.norm()) < 1e-2 * float(seen.norm())
+    # kept energy: tr(T C_k T) = tr(C_k) with C_k = Wk^T Wk
+    Ck = Wk.T @ Wk
+    assert torch.allclose(torch.trace(Tk @ Ck @ Tk), torch.trace(Ck), rtol=1e-9)

@@ -19,7 +19,7 @@ if not os.environ.get("QSVD_REQUIRE_MINILM"):
 from qsvd_kernels import cli  # noqa: E402
 from qsvd_kernels import compress as qc  # noqa: E402
 from qsvd_kernels.integrations import models as M  # noqa: E402
-from qsvd_kernels.integrations.export import TENSOR_NAMES, export_vllm  # noqa: E402
+from qsvd_kernels.integrations.export import export_vllm  # noqa: E402
 
 TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
 
@@ -49,16 +49,16 @@ def test_export_writes_a_self_contained_model_directory(made, tmp_path):
     q = cfg["qsvd"]
     assert q["ranks"] == cm.ranks and q["base_architecture"] == "LlamaForCausalLM" and q["family"] == "llama"
     assert q["quant"] == [l.quant.to_dict() for l in cm.layers]
+    assert q["layers"] == [l.spec().to_dict() for l in cm.layers]  # the one schema (model/layer_tensors.py)
     assert (out / "tokenizer_config.json").exists() and (out / "generation_config.json").exists()
     tensors = load_file(out / "model.safetensors")
     for i, layer in enumerate(cm.layers):
         kt = layer.kernel_tensors()
-        for name in TENSOR_NAMES:
-            key = f"model.layers.{i}.self_attn.qsvd.{name}"
-            if kt.get(name) is None:
-                assert key not in tensors
-            else:
-                assert torch.equal(tensors[key], kt[name]), key
+        prefix = f"model.layers.{i}.self_attn.qsvd."
+        assert {k[len(prefix):] for k in tensors if k.startswith(prefix)} == {n for n, t in kt.items() if t is not None}
+        for name, t in kt.items():
+            if t is not None:
+                assert torch.equal(tensors[prefix + name], t), name
         for proj in ("q_proj", "k_proj", "v_proj"):  # replaced by the latent factors
             assert f"model.layers.{i}.self_attn.{proj}.weight" not in tensors
     sd = model.state_dict()

@@ -144,7 +144,7 @@ def test_cli_compress_and_eval_minilm(tmp_path, capsys):
     (["compress", "--model", "tiny-llama", "--out", "X", "--budget", "r2=0.001"], "below what the minimum rank"),
     (["compress", "--model", "tiny-llama", "--out", "X", "--budget", "nonsense"], "--budget must look like"),
     (["compress", "--model", "tiny-llama", "--out", "X", "--quant", "W3A3"], "unknown quantization setting"),
-    (["compress", "--model", "/no/such/dir", "--out", "X"], "not 'minilm', 'tiny-llama' or a local model"),
+    (["compress", "--model", "/no/such/dir", "--out", "X"], "not 'minilm', 'smollm2', 'tiny-llama' or a local model"),
     (["eval", "--model", "tiny-llama", "--artefact", "/no/such/dir"], "not a qsvd-kernels artefact"),
 ])
 def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):

@@ -7,7 +7,9 @@ not installed. Each engine runs in its own process
 
 The yardstick is the Hugging Face integration on the same artefact: greedy
 tokens must be equal, token for token, under chunked prefill, prefix-cache
-hits, a batch of different lengths, INT8 and INT4, and tensor parallelism.
+hits, a batch of different lengths, INT8 and INT4, both latent forms (the
+W8A8 artefact is in the "kv" form, the W4A4 one in the paper's "qkv"), and
+tensor parallelism; and on the real SmolLM2-135M.
 """
 
 from __future__ import annotations
@@ -56,16 +58,17 @@ def exported(tmp_path_factory):
     model.save_pretrained(root / "hf")
     comp = qc.Compressor(model, M.random_token_batches(model.config.vocab_size, 32, 48, seed=0), progress=False)
     out = {"root": root, "model": model}
-    for q in ("W8A8", "W4A4"):
-        cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 64), qc.QuantConfig.parse(q)),
+    for q, form in (("W8A8", "kv"), ("W4A4", "qkv")):
+        cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 64), qc.QuantConfig.parse(q), latent=form),
                            qc.causal_lm_fisher_loss())
+        assert cm.info["latent_form"] == form
         cm.save(root / f"art-{q}")
         export_vllm(str(root / "hf"), str(root / f"art-{q}"), str(root / f"vllm-{q}"))
         out[q] = cm
     return out
 
 
-def _hf_greedy(exported, quant: str, prompts) -> list[list[int]]:
+def _hf_greedy(exported, quant: str, prompts, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
     """The Hugging Face integration's greedy tokens, one prompt at a time."""
     model = hf.apply_qsvd(copy.deepcopy(exported["model"]), exported[quant], backend="ops")
     model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos: both generate MAX_TOKENS
@@ -73,7 +76,7 @@ def _hf_greedy(exported, quant: str, prompts) -> list[list[int]]:
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p])
-            out, _ = hf.generate(model, ids, max_new_tokens=MAX_TOKENS, do_sample=False,
+            out, _ = hf.generate(model, ids, max_new_tokens=max_tokens, do_sample=False,
                                  attention_mask=torch.ones_like(ids))
             got.append(out[0, len(p):].tolist())
     return got
@@ -245,13 +248,13 @@ def test_a_step_without_its_metadata_or_with_a_foreign_cache_raises(monkeypatch)
 
     from qsvd_kernels.integrations.vllm import model as vm
 
-    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", page_row_bytes=68,
+    layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", spec=SimpleNamespace(cache_row_bytes=68),
                             attend=lambda *a: pytest.fail("attend ran without metadata"))
     ctx = SimpleNamespace(no_compile_layers={layer.layer_name: layer}, attn_metadata={"model.layers.1": object()})
     monkeypatch.setattr(vm, "get_forward_context", lambda: ctx)
     c, pos, out = torch.zeros(2, 64), torch.zeros(2, dtype=torch.long), torch.zeros(2, 128)
     with pytest.raises(RuntimeError, match="model.layers.0.self_attn.attn: vLLM built no attention metadata"):
-        vm._qsvd_latent_attention(c, pos, out, layer.layer_name)
+        vm._qsvd_latent_attention(c, c.new_empty(0), pos, out, layer.layer_name)
 
     for kv, what in [(torch.zeros(4, 32, 72, dtype=torch.uint8), "expected uint8 \\[num_blocks, block_size, 68\\]"),
                      (torch.zeros(4, 32, 68, dtype=torch.bfloat16), "expected uint8"),
@@ -259,3 +262,37 @@ def test_a_step_without_its_metadata_or_with_a_foreign_cache_raises(monkeypatch)
         layer.kv_cache = kv
         with pytest.raises(RuntimeError, match=what):
             vm.QSVDAttention.page(layer)
+
+
+def test_smollm2_served_on_vllm_gives_the_hf_integrations_tokens(tmp_path):
+    """The real SmolLM2-135M (30 layers, GQA 9/3, RoPE base 1e5), compressed
+    to W8A8 at R2 = 25 % (the latent form chosen by measurement: "kv" on this
+    model), exported and served by vLLM's engine with chunked prefill: the
+    greedy tokens of English prompts equal the HF integration's."""
+    from qsvd_kernels.integrations.smollm2 import gguf_path
+
+    try:
+        gguf_path()
+    except ImportError as e:
+        if os.environ.get("QSVD_REQUIRE_VLLM"):
+            raise
+        pytest.skip(str(e))
+    model, tok, _ = M.load_model("smollm2")
+    calib, _, _ = M.lm_calibration(tok, n=64, seq_len=256)
+    cm = qc.compress_model(model, calib, qc.CompressionConfig(qc.Budget("r2", 0.25), qc.QuantConfig.parse("W8A8")),
+                           loss_fn=qc.causal_lm_fisher_loss(), progress=False)
+    assert cm.info["latent_form"] == "kv"
+    cm.save(tmp_path / "art")
+    from qsvd_kernels.integrations.smollm2 import smollm2_dir
+
+    export_vllm(smollm2_dir(), str(tmp_path / "art"), str(tmp_path / "vllm"))
+    texts = ["The capital of France is", "Photosynthesis is the process by which plants",
+             "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number, computed iteratively so that "
+             "large n do not overflow the recursion limit.\"\"\"\n"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert max(len(p) for p in prompts) > CHUNK  # prefilled in chunks
+    got = _run_vllm(tmp_path, {"model": str(tmp_path / "vllm"), "rounds": [prompts], "max_tokens": 16,
+                               "max_num_batched_tokens": CHUNK, "max_num_seqs": 4})
+    want = _hf_greedy({"model": model, "W8A8": cm}, "W8A8", prompts, max_tokens=16)
+    assert got["rounds"][0]["tokens"] == want
+    assert "Paris" in tok.decode(want[0])

@@ -46,6 +46,7 @@ def make_decode_steps(hidden=1024, heads=16, kv_heads=16, rank=384, context=512,
     """Two step functions over a context of ``context`` tokens per sequence:
     (qsvd_step, baseline_step, meta). Each call decodes one more token."""
     from . import has_kernel
+    from .integrations.core import Projection
     from .integrations.hf import OpsProjector
 
     for name in ("quant_gemm", "latent_cache_append", "latent_attention", "hadamard_quant"):
@@ -75,24 +76,26 @@ def make_decode_steps(hidden=1024, heads=16, kv_heads=16, rank=384, context=512,
     block_table = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks)
     filled = {"t": 0}
 
-    def append(c):  # c [batch, n, r]: the latent of n new tokens per sequence
-        t0, n = filled["t"], c.shape[1]
+    def append(p, n):  # p: the projection of n new tokens per sequence (c [batch * n, r])
+        t0 = filled["t"]
         t = torch.arange(t0, t0 + n, device=device)
         slots = (block_table[:, t // block_size].long() * block_size + t % block_size).reshape(-1)
-        rows = proj.store(pool, c.reshape(-1, rank), slots, torch.ones_like(slots, dtype=torch.bool))
+        rows = proj.store(pool, p, slots, torch.ones_like(slots, dtype=torch.bool))
         filled["t"] = t0 + n
         return rows
 
-    for s in range(0, context, 1024):  # the context, written as prefill chunks
-        append(torch.randn(batch, min(1024, context - s), rank, device=device))
+    for s in range(0, context, 1024):  # the context, written as prefill chunks (random latents)
+        n = min(1024, context - s)
+        append(Projection(torch.randn(batch * n, rank, device=device), None, None), n)
     x = torch.randn(batch, hidden, device=device)
     dt = torch.float16 if device == "cuda" else torch.float32
     W_o_q = W_o.to(device, dt)
 
     def qsvd_step():
         t = filled["t"]
-        rows = append(proj.latent(x)[:, None])
-        q = R.apply_rope_ref(proj.queries(rows).view(batch, H, d), cos[t], sin[t])
+        p = proj.latent(x)
+        rows = append(p, 1)
+        q = R.apply_rope_ref(proj.queries(p, rows).view(batch, H, d), cos[t], sin[t])
         seq_lens = torch.full((batch,), t + 1, dtype=torch.int32, device=device)
         o = proj.decode(q.to(dt), pool, block_table, seq_lens, cos[: t + 1], sin[: t + 1], d**-0.5)
         return o.reshape(batch, -1).to(dt) @ W_o_q

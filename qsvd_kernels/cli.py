@@ -5,8 +5,9 @@
     python -m qsvd_kernels bench --hidden 1024 --rank 384 --context 512
     python -m qsvd_kernels demo
 
-Models: ``minilm`` (real all-MiniLM-L6-v2, offline), ``tiny-llama`` (small
-LLaMA with seeded random weights), or a local Hugging Face model directory.
+Models: ``minilm`` (real all-MiniLM-L6-v2, offline), ``smollm2`` (real
+SmolLM2-135M-Instruct, offline), ``tiny-llama`` (small LLaMA with seeded
+random weights), or a local Hugging Face model directory.
 Errors in the arguments, the model or the artefact print one line and exit 2.
 """
 
@@ -45,12 +46,14 @@ def cmd_compress(args, out=print) -> int:
             sentences = [l.strip() for l in f if l.strip()]
         if len(sentences) < 32:
             raise ValueError(f"--calib-file has {len(sentences)} samples; at least 32 are needed")
-    calib, _, calib_info = M.calibration_data(model, tok, kind, args.calib_samples, seq_len=args.seq_len,
-                                              seed=args.seed, sentences=sentences)
+    n = args.calib_samples if args.calib_samples is not None else (None if kind == "causal_lm" and tok else 256)
+    seq_len = args.seq_len if args.seq_len is not None else (256 if kind == "causal_lm" and tok else 64)
+    calib, _, calib_info = M.calibration_data(model, tok, kind, n, seq_len=seq_len, seed=args.seed,
+                                              sentences=sentences)
     quant = qc.QuantConfig.parse(args.quant)
     budget = _parse_budget(args.budget)
     config = qc.CompressionConfig(budget, quant, whitening=args.whitening, allocation=args.allocation,
-                                  align=args.align, seed=args.seed)
+                                  align=args.align, seed=args.seed, latent=args.latent)
     loss = qc.random_projection_loss(S.pooled_embedding, args.seed) if args.model == "minilm" else \
         M.default_loss(kind, args.seed)
     t0 = time.time()
@@ -62,6 +65,10 @@ def cmd_compress(args, out=print) -> int:
     plot = qc.plot_allocation(cm, os.path.join(args.out, "ranks.png"))
     a = cm.info["achieved"]
     out(f"compressed {len(cm.layers)} attention layers of {args.model} in {time.time() - t0:.1f} s -> {args.out}")
+    choice = cm.info.get("latent_choice")
+    out(f"  latent form {cm.info['latent_form']}" + (
+        f" (chosen by {choice['metric']} on {choice['batches']} calibration batches: "
+        + ", ".join(f"{f} {v:.4g}" for f, v in choice["measured"].items()) + ")" if choice else ""))
     out(f"  ranks {cm.ranks}")
     out(f"  betas {cm.betas}")
     out(f"  R1 {a['r1']:.1%}  R2 {a['r2']:.1%}  ({quant.name}; R1/R2 as in the paper, bits included)")
@@ -79,24 +86,24 @@ def _sentence_eval(model, tok, cm, backend, sentences):
     return S.fidelity(ref, S.embed(m2, tok, sentences))
 
 
-def _causal_eval(model, cm, backend, batches, new_tokens=16):
+def _causal_eval(model, cm, backend, windows, new_tokens=16):
+    """Perplexity of both models on the held-out windows, next-token
+    agreement and KL against the original, greedy generation from the first
+    window's first 8 tokens, and the latent cache's bytes per token."""
+    from .integrations import causal_lm as C
     from .integrations import hf
 
     m2 = hf.apply_qsvd(copy.deepcopy(model), cm, backend=backend)
-    agree, kl, n = 0.0, 0.0, 0
+    res = C.compare(model, m2, windows)
     with torch.no_grad():
-        for b in batches:
-            p = torch.log_softmax(model(**b).logits.float(), -1)
-            q = torch.log_softmax(m2(**b).logits.float(), -1)
-            agree += float((p.argmax(-1) == q.argmax(-1)).float().sum())
-            kl += float((p.exp() * (p - q)).sum())
-            n += p.shape[0] * p.shape[1]
-        prompt = batches[0]["input_ids"][:1, :8]
-        ref = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
-        got, cache = hf.generate(m2, prompt, max_new_tokens=new_tokens, do_sample=False)
-    return {"next_token_agreement": agree / n, "mean_kl": kl / n,
-            "greedy_match": float((got[0, 8:] == ref[0, 8:]).float().mean()),
-            "cache_bytes_per_token": cache.token_nbytes(), "fp16_kv_bytes_per_token": cache.fp16_kv_token_nbytes()}
+        prompt = windows[:1, :8]
+        ref = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(prompt))
+        got, cache = hf.generate(m2, prompt, max_new_tokens=new_tokens, do_sample=False,
+                                 attention_mask=torch.ones_like(prompt))
+    res.update({"greedy_match": float((got[0, 8:] == ref[0, 8:]).float().mean()),
+                "cache_bytes_per_token": cache.token_nbytes(), "fp16_kv_bytes_per_token": cache.fp16_kv_token_nbytes()})
+    res["kv_bytes_ratio"] = res["fp16_kv_bytes_per_token"] / res["cache_bytes_per_token"]
+    return res
 
 
 def _backend_for(cm, requested):
@@ -109,21 +116,26 @@ def _backend_for(cm, requested):
 def cmd_eval(args, out=print) -> int:
     from .compress import CompressedModel
     from .integrations import models as M
-    from .integrations import sentence as S
 
     cm = CompressedModel.load(args.artefact)
     model, tok, kind = M.load_model(args.model, args.seed)
     calib_info = cm.info.get("calibration", {})
     backend = _backend_for(cm, args.backend)
-    _, held_out, _ = M.calibration_data(model, tok, kind, calib_info.get("n", 256) if tok is not None else 32,
-                                        seq_len=calib_info.get("seq_len", 64), seed=calib_info.get("seed", 0))
-    if kind == "encoder":
-        res = _sentence_eval(model, tok, cm, backend, held_out[: args.eval_samples])
+    if kind == "causal_lm" and tok is not None:  # held-out text: another corpus than the calibration sentences
+        from .integrations import causal_lm as C
+
+        windows, text = C.heldout_windows(tok, args.eval_windows, args.window_length)
+        res = {"heldout": text, **_causal_eval(model, cm, backend, windows)}
     else:
-        batches = held_out if tok is None else S.batches(tok, held_out[: args.eval_samples], 16)
-        res = _causal_eval(model, cm, backend, batches)
+        _, held_out, _ = M.calibration_data(model, tok, kind, calib_info.get("n", 256) if tok is not None else 32,
+                                            seq_len=calib_info.get("seq_len", 64), seed=calib_info.get("seed", 0))
+        if kind == "encoder":
+            res = _sentence_eval(model, tok, cm, backend, held_out[: args.eval_samples])
+        else:  # random tokens (tiny-llama): held-out sequences of another seed
+            res = _causal_eval(model, cm, backend, torch.cat([b["input_ids"] for b in held_out]))
     a = cm.info.get("achieved", {})
     res.update({"r1": a.get("r1"), "r2": a.get("r2"), "ranks": cm.ranks, "backend": backend,
+                "latent_form": cm.info.get("latent_form", "qkv"),
                 "weight_bytes": a.get("weight_bytes"), "original_weight_bytes_fp16": a.get("original_weight_bytes_fp16")})
     out(json.dumps(res, indent=1))
     return 0
@@ -171,17 +183,24 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a model's attention into an artefact")
-    c.add_argument("--model", required=True, help="minilm, tiny-llama, or a local Hugging Face model directory")
+    c.add_argument("--model", required=True,
+                   help="minilm, smollm2, tiny-llama, or a local Hugging Face model directory")
     c.add_argument("--out", required=True, help="artefact directory to write")
     c.add_argument("--budget", default="r2=0.15",
                    help="r1=F, r2=F (fractions or percents; bits included, as the paper counts) or mean_rank=N")
     c.add_argument("--quant", default="W8A8", help="fp, W8A8, W8A4 or W4A4")
     c.add_argument("--allocation", default="qsvd", choices=["qsvd", "uniform"])
     c.add_argument("--whitening", default="cholesky", choices=["cholesky", "diag", "none"])
+    c.add_argument("--latent", default="auto", choices=["auto", "qkv", "kv"],
+                   help="latent form: qkv (the paper's joint latent), kv (q from its own projection), or auto "
+                        "(both; the one closer to the original on calibration data)")
     c.add_argument("--align", type=int, default=16)
-    c.add_argument("--calib-samples", type=int, default=256)
+    c.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration sentences (default: 256 for encoders, all for causal LMs)")
     c.add_argument("--calib-file", help="text file, one calibration sample per line (default: built-in sentences)")
-    c.add_argument("--seq-len", type=int, default=64, help="calibration length for models without a tokenizer")
+    c.add_argument("--seq-len", type=int, default=None,
+                   help="calibration context length in tokens (default: 256 for causal LMs with a tokenizer, "
+                        "64 for random-token models)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=cmd_compress)
@@ -190,7 +209,9 @@ def build_parser():
     e.add_argument("--model", required=True)
     e.add_argument("--artefact", required=True)
     e.add_argument("--backend", default="auto", choices=["auto", "ops", "torch"])
-    e.add_argument("--eval-samples", type=int, default=384)
+    e.add_argument("--eval-samples", type=int, default=384, help="held-out sentences (encoders)")
+    e.add_argument("--eval-windows", type=int, default=32, help="held-out text windows (causal LMs)")
+    e.add_argument("--window-length", type=int, default=256, help="tokens per held-out window (causal LMs)")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(fn=cmd_eval)
 

@@ -24,12 +24,12 @@ import math
 
 import torch
 
-from ..model.dims import LayerDims
+from ..model.dims import LayerDims, latent_dims
 from .budget import Budget
 
 
 def _aligned_max(d: LayerDims, align: int) -> int:
-    return (d.max_rank // align) * align
+    return (latent_dims(d).max_rank // align) * align
 
 
 def _check(dims, align, min_rank):
@@ -71,6 +71,9 @@ def _on_counted_layers(fn, budget, dims, caches, per_layer=(), **kw):
 def _limit_in_blocks(budget, dims, align, min_rank):
     cost, limit = budget.rank_units(dims)
     base = sum(c * min_rank for c in cost)
+    if limit <= 0:
+        raise ValueError(f"the budget {budget.kind.upper()} = {budget.value:g} does not even cover the weights no "
+                         "rank scales (the 'kv' latent form keeps W_q whole): use a larger budget or the 'qkv' form")
     if base > limit * (1 + 1e-12):
         ach = limit / base
         raise ValueError(

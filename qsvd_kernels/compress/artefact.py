@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 from .layer import CompressedQKV
 
-FORMAT_VERSION = 1
+# 2: layers carry their latent form ("qkv" or "kv", with W_q as tensor "wq").
+# Version 1 artefacts (every layer "qkv") still load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "qsvd_config.json"
 TENSOR_FILE = "qsvd_layers.safetensors"
 
@@ -71,8 +74,9 @@ class CompressedModel:
                 config = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: corrupt JSON ({e})") from None
-        if config.get("format") != "qsvd-kernels" or config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{cfg_path}: not a qsvd-kernels artefact of format version {FORMAT_VERSION}")
+        if config.get("format") != "qsvd-kernels" or config.get("format_version") not in READABLE_VERSIONS:
+            raise ValueError(f"{cfg_path}: not a qsvd-kernels artefact of a format version this library reads "
+                             f"({', '.join(map(str, READABLE_VERSIONS))}); found {config.get('format_version')!r}")
         tpath = os.path.join(directory, os.path.basename(str(config.get("tensor_file", TENSOR_FILE))))
         if not os.path.exists(tpath):
             raise ValueError(f"{directory}: tensor file {os.path.basename(tpath)} is missing")
@@ -91,6 +95,8 @@ class CompressedModel:
             if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= len(metas):
                 raise ValueError(f"{tpath}: unexpected tensor {key!r}")
             per_layer[int(parts[1])][parts[2]] = t
+        if config["format_version"] == 1 and any(isinstance(m, dict) and "form" in m for m in metas):
+            raise ValueError(f"{cfg_path}: format version 1 has no latent forms, but a layer names one")
         layers = [CompressedQKV.from_saved(m, t, f"{directory}: layer {i} ({sites[i]})")
                   for i, (m, t) in enumerate(zip(metas, per_layer))]
         return cls(list(sites), layers, config.get("info", {}))

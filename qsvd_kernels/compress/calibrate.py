@@ -5,7 +5,7 @@
   as real (padding rows would bias the Gram matrix).
 - ``importance_scores``: per site, I_i = mean_n (sigma_i u_i^T G~_n v_i)^2 with
   G~_n the gradient of sample n's loss with respect to the whitened
-  W~ = S W_cat. Since y = x W_cat = (x S^-1) W~, that gradient is
+  W~ = S W_lat (W_lat: the projections the latent covers, svd.py). Since y = x W_lat = (x S^-1) W~, that gradient is
   S^-T sum_t x_t^T delta_t, so u_i^T G~_n v_i = sum_{t in n} (x_t S^-1 u_i)(delta_t v_i):
   two projections of activations and output gradients the hooks see, summed
   per sample. No per-sample backward pass is needed as long as the loss is a
@@ -18,6 +18,7 @@ loss of the batch (losses.py has two that need no labels).
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterable
 
@@ -77,14 +78,21 @@ def collect_stats(model: nn.Module, sites: list[AttentionSite], batches: Iterabl
 
 
 def _projections(svd: JointSVD, dtype=torch.float32):
-    """P_a = S^-1 U [E, k] and P_b = V [out, k] (V = Vh^T)."""
-    return svd.whitening.solve(svd.U).to(dtype), svd.Vh.T.contiguous().to(dtype)
+    """P_a = S^-1 U [E, k] and P_b = T^-T V [cols, k] (V = Vh^T; T the output
+    metric, identity without one): y = (x S^-1) (S W T) T^-1, so the output
+    gradient delta meets the singular vector v as delta T^-T v."""
+    V = svd.Vh.T.contiguous()
+    if svd.metric is not None:
+        V = svd.metric.solve_columns(V)
+    return svd.whitening.solve(svd.U).to(dtype), V.contiguous().to(dtype)
 
 
 def importance_scores(model: nn.Module, sites: list[AttentionSite], svds: list[JointSVD],
                       loss_fn: Callable, batches: Iterable, *, progress: bool = True) -> list[torch.Tensor]:
     """Per site, the importance of each singular value [k] (float64)."""
     proj = [_projections(s) for s in svds]
+    # The projections each latent covers (svd.py): q, k, v or k, v.
+    parts = [(0, 1, 2) if s.form == "qkv" else (1, 2) for s in svds]
     sums = [torch.zeros(s.max_rank, dtype=torch.float64) for s in svds]
     count = {"n": 0}
     pending: dict[int, dict] = {}
@@ -102,9 +110,11 @@ def importance_scores(model: nn.Module, sites: list[AttentionSite], svds: list[J
             entry = pending.get(i)
             if entry is None:
                 return
+            if j not in parts[i]:
+                return
             entry["grads"][j] = grad_output[0].detach().to(torch.float32)
-            if len(entry["grads"]) == 3:
-                delta = torch.cat([entry["grads"][0], entry["grads"][1], entry["grads"][2]], dim=-1)
+            if len(entry["grads"]) == len(parts[i]):
+                delta = torch.cat([entry["grads"][p] for p in parts[i]], dim=-1)
                 b = delta @ proj[i][1]  # [B, T, k]
                 a = entry["a"]
                 per_sample = (a * b).sum(dim=-2) if a.dim() == 3 else (a * b)  # [B, k]
@@ -124,14 +134,21 @@ def importance_scores(model: nn.Module, sites: list[AttentionSite], svds: list[J
     model.eval()
     params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in params]
+    # Only the projections' weights require gradients: their outputs then do,
+    # so the loss's gradient flows back through every layer after the first
+    # site, while no other weight gradient is ever computed (the backward
+    # pass costs one forward's worth of GEMMs instead of two).
+    site_weights = {id(lin.weight) for s in sites for lin in s.linears}
     try:
         with _hooks(handles), torch.enable_grad():  # also when the caller is under no_grad
-            for p in params:  # gradients must flow through the projections
-                p.requires_grad_(True)
+            for p in params:
+                p.requires_grad_(id(p) in site_weights)
             for batch in tqdm(list(batches), desc="importance scores", disable=not progress):
                 model.zero_grad(set_to_none=True)
                 loss = loss_fn(model, batch)
-                loss.backward()
+                with warnings.catch_warnings():  # the first site's input needs no gradient: by design
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
+                    loss.backward()
                 x_shape = next(iter(batch.values())).shape if isinstance(batch, dict) else batch.shape
                 count["n"] += int(x_shape[0])
                 pending.clear()

@@ -29,6 +29,7 @@ class LayerStats:
         self.dim = dim
         self.gram = torch.zeros(dim, dim, dtype=torch.float64)
         self.abs_sum = torch.zeros(dim, dtype=torch.float64)
+        self.sum = torch.zeros(dim, dtype=torch.float64)
         self.count = 0
         self.keep_rows = keep_rows
         self._rows = torch.empty(0, dim, dtype=torch.float32)
@@ -43,6 +44,7 @@ class LayerStats:
             raise ValueError("calibration inputs contain NaN or Inf")
         self.gram += x.T @ x
         self.abs_sum += x.abs().sum(0)
+        self.sum += x.sum(0)
         n0 = self.count
         self.count += x.shape[0]
         if self.keep_rows <= 0:
@@ -70,6 +72,11 @@ class LayerStats:
         if self.count == 0:
             raise ValueError("no calibration data was seen by this layer")
         return self.gram / self.count
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no calibration data was seen by this layer")
+        return self.sum / self.count
 
 
 class Whitening:

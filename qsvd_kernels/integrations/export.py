@@ -6,12 +6,12 @@ The directory holds:
 
 - ``config.json``: the original config with ``architectures`` set to the
   QSVD variant (``QSVDLlamaForCausalLM``, ...) and a ``qsvd`` block (format
-  version, per-layer ranks and quantization (bits and clip ratios), the
-  artefact's checksum);
+  version, one layer spec per layer (model.layer_tensors.QSVDLayerSpec:
+  dims, rank, latent form, bits and clip ratios), the artefact's checksum);
 - ``model.safetensors``: every original weight except the compressed
   layers' q/k/v projections, plus per layer the kernels' operands under
-  ``model.layers.{i}.self_attn.qsvd.{name}`` (``CompressedQKV.kernel_tensors``:
-  signs, W_d, W_uq, per-head W_uk / W_uv, their scales, biases);
+  ``model.layers.{i}.self_attn.qsvd.{name}`` (``CompressedQKV.kernel_tensors``,
+  named and shaped as model.layer_tensors says);
 - the tokenizer and generation config files, copied when present.
 
 Everything is checked before anything is written (artefact checksum, the
@@ -35,16 +35,18 @@ from .._version import __version__
 from ..compress.artefact import CompressedModel
 from ..model.families import causal_lm_architectures, family_of_architecture
 from ..model.sites import find_attention_sites
+from .core import K_BIAS_UNDER_ROPE, has_nonzero
 
 EXPORT_FORMAT = "qsvd-vllm"
-EXPORT_VERSION = 1
+# 2: per-layer specs (latent form included); version 1 (ranks and quant
+# lists, every layer in the "qkv" form) still loads.
+EXPORT_VERSION = 2
+READABLE_EXPORT_VERSIONS = (1, 2)
 QSVD_PREFIX = "QSVD"
 WEIGHTS_FILE = "model.safetensors"
 # Files copied verbatim from the original model directory when present.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-TENSOR_NAMES = ("signs", "wd", "wd_scale", "wuq", "wuq_scale", "wuk", "wuk_scale", "wuv", "wuv_scale", "bq", "bk",
-                "bv")
 
 
 def qsvd_architecture(architecture: str) -> str:
@@ -82,6 +84,7 @@ def export_vllm(model_dir: str, artefact_dir: str, out_dir: str) -> dict:
                          f"every decoder layer compressed ({len(names)} layers), the artefact has "
                          f"{len(cm.site_names)} sites" + (f"; missing {missing[:4]}" if missing else ""))
     tensors: dict[str, torch.Tensor] = {}
+    specs = []
     compressed_params = set()
     for i, (site, layer) in enumerate(zip(sites, cm.layers)):
         where = f"layer {i} ({site.name})"
@@ -99,9 +102,9 @@ def export_vllm(model_dir: str, artefact_dir: str, out_dir: str) -> dict:
         if row % 4:
             raise ValueError(f"{where}: rank {layer.rank} at {quant.latent_bits} bits gives {row}-byte cache rows; "
                              "the packed cache needs a multiple of 4 (compress with --align 16)")
-        if "bk" in kt and bool((kt["bk"] != 0).any()):
-            raise ValueError(f"{where}: a K bias under RoPE is position-dependent after rotation, which "
-                             "latent_attention does not model")
+        if has_nonzero(kt.get("bk")):
+            raise ValueError(f"{where}: {K_BIAS_UNDER_ROPE}")
+        specs.append(layer.spec().to_dict())
         for name, t in kt.items():
             if t is not None:
                 tensors[f"{site.name}.qsvd.{name}"] = t.contiguous().clone()
@@ -114,7 +117,7 @@ def export_vllm(model_dir: str, artefact_dir: str, out_dir: str) -> dict:
         tensors[name] = t.detach().contiguous().clone()
 
     qsvd = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "library_version": __version__,
-            "base_architecture": archs[0], "family": family.name, "ranks": cm.ranks,
+            "base_architecture": archs[0], "family": family.name, "layers": specs, "ranks": cm.ranks,
             "quant": [l.quant.to_dict() for l in cm.layers], "sites": names,
             "artefact_sha256": _artefact_sha(artefact_dir)}
     out_config = dict(config)

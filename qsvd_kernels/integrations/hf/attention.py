@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import reference as R
+from ..core import K_BIAS_UNDER_ROPE
 from .cache import QSVDLatentCache
 
 try:
@@ -137,9 +138,7 @@ class QSVDDecoderAttention(nn.Module):
         self.sliding_window = family.sliding_window(original)
         self._stack = stack  # plain object, not a submodule
         if projector.backend == "ops" and projector.has_k_bias:
-            raise NotImplementedError(
-                "a K bias under RoPE is position-dependent after rotation, which latent_attention does not model; "
-                "use backend='torch' for this model")
+            raise NotImplementedError(f"{K_BIAS_UNDER_ROPE}; use backend='torch' for this model")
 
     def _cache(self, kwargs) -> QSVDLatentCache:
         passed = [v for v in kwargs.values() if isinstance(v, QSVDLatentCache)]
@@ -175,9 +174,9 @@ class QSVDDecoderAttention(nn.Module):
         layer = cache.layers[self.layer_idx]
         real = step.real.reshape(-1)
 
-        c = self.projector.latent(hidden_states.reshape(B * T, E))
-        rows = self.projector.store(layer.pool, c, step.slots, real)
-        q = self.projector.queries(rows).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
+        proj = self.projector.latent(hidden_states.reshape(B * T, E))
+        rows = self.projector.store(layer.pool, proj, step.slots, real)
+        q = self.projector.queries(proj, rows).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
         q = R.apply_rope_ref(q, cos.reshape(-1, 1, T, hd).float(), sin.reshape(-1, 1, T, hd).float())
         L = max(step.max_len, 1)
         rope_cos, rope_sin = cache.rope_cos[:L], cache.rope_sin[:L]

