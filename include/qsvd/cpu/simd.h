@@ -10,7 +10,11 @@
 // wrappers with target attributes call it (GCC inlines a default-target
 // always_inline callee into a wider-target caller, so each wrapper is the
 // body compiled for its ISA, as target_clones would make it), and a switch
-// on the level picks the wrapper (QSVD_CPU_DISPATCH below).
+// on the level picks the wrapper (QSVD_CPU_DISPATCH below). The Hadamard
+// butterflies are written on GCC vectors of the level's register width
+// (16, 8 or 4 floats) instead, one body per level
+// (QSVD_CPU_DISPATCH_LEVEL): their shuffles and selects are what GCC
+// lowers badly on other widths.
 //
 // Everything here is plain IEEE arithmetic with FMA contraction off
 // (-ffp-contract=off, which setup.py and CMake pass: GCC's "avx512f"
@@ -30,6 +34,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -54,38 +59,101 @@
     }                                                                                                \
   }
 
+// The same, for a body that takes the level as its template argument
+// (name##_body<Isa::kAvx2>(...)): where one code does not suit every level.
+#define QSVD_CPU_DISPATCH_LEVEL(ret, name, params, args)                                                       \
+  QSVD_TARGET_AVX512 __attribute__((noinline)) inline ret name##_avx512 params {                           \
+    return name##_body<::qsvd::cpu::Isa::kAvx512> args;                                                    \
+  }                                                                                                        \
+  QSVD_TARGET_AVX2 __attribute__((noinline)) inline ret name##_avx2 params {                               \
+    return name##_body<::qsvd::cpu::Isa::kAvx2> args;                                                      \
+  }                                                                                                        \
+  __attribute__((noinline)) inline ret name##_baseline params {                                            \
+    return name##_body<::qsvd::cpu::Isa::kBaseline> args;                                                  \
+  }                                                                                                        \
+  inline ret name params {                                                                                 \
+    switch (::qsvd::cpu::active_isa()) {                                                                   \
+      case ::qsvd::cpu::Isa::kAvx512: return name##_avx512 args;                                           \
+      case ::qsvd::cpu::Isa::kAvx2: return name##_avx2 args;                                               \
+      default: return name##_baseline args;                                                                \
+    }                                                                                                      \
+  }
+
 #define QSVD_CPU_BODY inline __attribute__((always_inline))
 
 namespace qsvd {
 namespace cpu {
 namespace {
 
-// 16 floats, unaligned access allowed. GCC lowers the operations to one
-// zmm, two ymm or four xmm instructions depending on the ISA level.
-typedef float v16f __attribute__((vector_size(64), aligned(4)));
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+// VL floats (VL = 16, 8 or 4: one zmm, ymm or xmm register), unaligned
+// access allowed. Each ISA level runs the Hadamard code on its own register
+// width: GCC lowers a 16-lane __builtin_shuffle or lane select on ymm or xmm
+// registers element by element (measured 25 to 35 times slower per row
+// than the avx512 level), while at the native width each is one or two
+// shuffles and a blend.
+template <int VL>
+struct VecOf;
+template <>
+struct VecOf<16> {
+  typedef float f __attribute__((vector_size(64), aligned(4)));
+  typedef int32_t i __attribute__((vector_size(64), aligned(4)));
+};
+template <>
+struct VecOf<8> {
+  typedef float f __attribute__((vector_size(32), aligned(4)));
+  typedef int32_t i __attribute__((vector_size(32), aligned(4)));
+};
+template <>
+struct VecOf<4> {
+  typedef float f __attribute__((vector_size(16), aligned(4)));
+  typedef int32_t i __attribute__((vector_size(16), aligned(4)));
+};
 
-inline __attribute__((always_inline)) v16f load16(const float* p) {
-  v16f v;
+template <int VL>
+inline __attribute__((always_inline)) typename VecOf<VL>::f loadv(const float* p) {
+  typename VecOf<VL>::f v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline __attribute__((always_inline)) void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename V>
+inline __attribute__((always_inline)) void storev(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
-// One radix-2 stage with span h < 16 inside a block of 16 lanes:
-//   lane i without bit h: v[i] + v[i + h];  lane i with bit h: v[i - h] - v[i]
-// which is exactly row[j] = x + y, row[j + h] = x - y of the scalar spec.
-template <int H>
-inline __attribute__((always_inline)) v16f stage_in_register(v16f v) {
-  constexpr v16i partner = {0 ^ H, 1 ^ H, 2 ^ H, 3 ^ H, 4 ^ H, 5 ^ H, 6 ^ H, 7 ^ H,
-                            8 ^ H, 9 ^ H, 10 ^ H, 11 ^ H, 12 ^ H, 13 ^ H, 14 ^ H, 15 ^ H};
-  constexpr v16i has_bit = {(0 & H) ? -1 : 0,  (1 & H) ? -1 : 0,  (2 & H) ? -1 : 0,  (3 & H) ? -1 : 0,
-                            (4 & H) ? -1 : 0,  (5 & H) ? -1 : 0,  (6 & H) ? -1 : 0,  (7 & H) ? -1 : 0,
-                            (8 & H) ? -1 : 0,  (9 & H) ? -1 : 0,  (10 & H) ? -1 : 0, (11 & H) ? -1 : 0,
-                            (12 & H) ? -1 : 0, (13 & H) ? -1 : 0, (14 & H) ? -1 : 0, (15 & H) ? -1 : 0};
-  const v16f p = __builtin_shuffle(v, partner);
-  const v16f sum = v + p, diff = p - v;
+// One radix-2 stage with span H < VL inside a register of VL lanes:
+//   lane i without bit H: v[i] + v[i + H];  lane i with bit H: v[i - H] - v[i]
+// which is exactly row[j] = x + y, row[j + H] = x - y of the scalar spec.
+template <int VL, int H, int... I>
+inline __attribute__((always_inline)) typename VecOf<VL>::f stage_in_register(typename VecOf<VL>::f v,
+                                                                             std::integer_sequence<int, I...>) {
+  typedef typename VecOf<VL>::i vi;
+  constexpr vi partner = {(I ^ H)...};
+  constexpr vi has_bit = {((I & H) ? -1 : 0)...};
+  const typename VecOf<VL>::f p = __builtin_shuffle(v, partner);
+  const typename VecOf<VL>::f sum = v + p, diff = p - v;
   return has_bit ? diff : sum;
+}
+
+// Stages h = 1, 2, 4, 8 (in this order) on a block of 16 floats held as
+// 16 / VL registers: those with h < VL inside each register, the others
+// between registers.
+template <int VL>
+inline __attribute__((always_inline)) void stages_1_to_8(typename VecOf<VL>::f* y) {
+  constexpr int R = 16 / VL;
+  constexpr auto lanes = std::make_integer_sequence<int, VL>{};
+  for (int r = 0; r < R; ++r) {
+    if constexpr (VL > 1) y[r] = stage_in_register<VL, 1>(y[r], lanes);
+    if constexpr (VL > 2) y[r] = stage_in_register<VL, 2>(y[r], lanes);
+    if constexpr (VL > 4) y[r] = stage_in_register<VL, 4>(y[r], lanes);
+    if constexpr (VL > 8) y[r] = stage_in_register<VL, 8>(y[r], lanes);
+  }
+  for (int h = 1; h < R; h *= 2)  // span h registers = h VL floats
+    for (int r = 0; r < R; ++r)
+      if ((r & h) == 0) {
+        const typename VecOf<VL>::f a = y[r], b = y[r + h];
+        y[r] = a + b;
+        y[r + h] = a - b;
+      }
 }
 
 // The whole spec of qsvd/hadamard.h on one row of K = m * 2^log_n values,
@@ -93,11 +161,15 @@ inline __attribute__((always_inline)) v16f stage_in_register(v16f v) {
 // operations on the same operands, several at a time):
 //   in (fp32 K values; `signs` may be null) -> dst (fp32 K values; may be v).
 // v is a K-float work row. Step 1 is fused into the first pass (stages
-// h = 1, 2, 4, 8 inside registers), step 4 (the norm) into the last one, and
-// the other stages run two per pass, so a row of 4096 is read and written
-// five times, in L1.
+// h = 1, 2, 4, 8 on blocks of 16 in registers), step 4 (the norm) into the
+// last one, and the other stages run two per pass, so a row of 4096 is read
+// and written five times, in L1. VL is the level's register width in floats.
+template <Isa L>
 QSVD_CPU_BODY void hadamard_row_body(const float* in, const float* signs, float* v, float* dst,
                                      hadamard::Factorization f, float norm, float* scratch) {
+  constexpr int VL = L == Isa::kAvx512 ? 16 : L == Isa::kAvx2 ? 8 : 4;
+  typedef typename VecOf<VL>::f vf;
+  constexpr int R = 16 / VL;
   const int64_t n = int64_t{1} << f.log_n;
   const int64_t K = f.m * n;
   if (n < 16) {
@@ -110,7 +182,7 @@ QSVD_CPU_BODY void hadamard_row_body(const float* in, const float* signs, float*
     if (dst != v) std::memcpy(dst, v, K * sizeof(float));
     return;
   }
-  const v16f normv = v16f{} + norm;
+  const vf normv = vf{} + norm;
   // Radix-4 passes for h = 16, 64, ... while 4h <= n, then one radix-2 pass
   // if a stage is left. `last_pass` is the one that writes dst with the norm
   // (only when m == 1; otherwise the base transform does).
@@ -126,16 +198,18 @@ QSVD_CPU_BODY void hadamard_row_body(const float* in, const float* signs, float*
     float* out = dst + a * n;
     const bool block_last = f.m == 1 && passes == 0;
     for (int64_t i = 0; i < n; i += 16) {
-      v16f y = load16(x + i);
-      if (sg != nullptr) y = y * load16(sg + i);
-      y = stage_in_register<1>(y);
-      y = stage_in_register<2>(y);
-      y = stage_in_register<4>(y);
-      y = stage_in_register<8>(y);
-      if (block_last)
-        store16(out + i, y * normv);
-      else
-        store16(row + i, y);
+      vf y[R];
+      for (int r = 0; r < R; ++r) {
+        y[r] = loadv<VL>(x + i + r * VL);
+        if (sg != nullptr) y[r] = y[r] * loadv<VL>(sg + i + r * VL);
+      }
+      stages_1_to_8<VL>(y);
+      for (int r = 0; r < R; ++r) {
+        if (block_last)
+          storev(out + i + r * VL, y[r] * normv);
+        else
+          storev(row + i + r * VL, y[r]);
+      }
     }
     int pass = 0;
     int64_t h = 16;
@@ -143,49 +217,49 @@ QSVD_CPU_BODY void hadamard_row_body(const float* in, const float* signs, float*
       const bool last = f.m == 1 && ++pass == passes;
       float* o = last ? out : row;
       for (int64_t i = 0; i < n; i += 4 * h)
-        for (int64_t j = i; j < i + h; j += 16) {
-          const v16f x0 = load16(row + j), x1 = load16(row + j + h);
-          const v16f x2 = load16(row + j + 2 * h), x3 = load16(row + j + 3 * h);
-          const v16f y0 = x0 + x1, y1 = x0 - x1, y2 = x2 + x3, y3 = x2 - x3;  // stage h
-          v16f z0 = y0 + y2, z2 = y0 - y2, z1 = y1 + y3, z3 = y1 - y3;        // stage 2h
+        for (int64_t j = i; j < i + h; j += VL) {
+          const vf x0 = loadv<VL>(row + j), x1 = loadv<VL>(row + j + h);
+          const vf x2 = loadv<VL>(row + j + 2 * h), x3 = loadv<VL>(row + j + 3 * h);
+          const vf y0 = x0 + x1, y1 = x0 - x1, y2 = x2 + x3, y3 = x2 - x3;  // stage h
+          vf z0 = y0 + y2, z2 = y0 - y2, z1 = y1 + y3, z3 = y1 - y3;        // stage 2h
           if (last) z0 = z0 * normv, z1 = z1 * normv, z2 = z2 * normv, z3 = z3 * normv;
-          store16(o + j, z0);
-          store16(o + j + 2 * h, z2);
-          store16(o + j + h, z1);
-          store16(o + j + 3 * h, z3);
+          storev(o + j, z0);
+          storev(o + j + 2 * h, z2);
+          storev(o + j + h, z1);
+          storev(o + j + 3 * h, z3);
         }
     }
     if (radix2) {
       const bool last = f.m == 1;
       float* o = last ? out : row;
-      for (int64_t j = 0; j < h; j += 16) {
-        const v16f x0 = load16(row + j), x1 = load16(row + j + h);
-        v16f z0 = x0 + x1, z1 = x0 - x1;
+      for (int64_t j = 0; j < h; j += VL) {
+        const vf x0 = loadv<VL>(row + j), x1 = loadv<VL>(row + j + h);
+        vf z0 = x0 + x1, z1 = x0 - x1;
         if (last) z0 = z0 * normv, z1 = z1 * normv;
-        store16(o + j, z0);
-        store16(o + j + h, z1);
+        storev(o + j, z0);
+        storev(o + j + h, z1);
       }
     }
   }
   if (f.m > 1) {
-    // The m-point base transform, summed left to right, 16 columns at a
+    // The m-point base transform, summed left to right, VL columns at a
     // time, then the norm.
     const int8_t* Hm = hadamard::base_matrix_host(f.m);
-    for (int64_t b = 0; b < n; b += 16) {
-      v16f col[36];
-      for (int a = 0; a < f.m; ++a) col[a] = load16(v + a * n + b);
+    for (int64_t b = 0; b < n; b += VL) {
+      vf col[36];
+      for (int a = 0; a < f.m; ++a) col[a] = loadv<VL>(v + a * n + b);
       for (int a = 0; a < f.m; ++a) {
-        v16f acc = {};
+        vf acc = {};
         for (int ap = 0; ap < f.m; ++ap) acc = Hm[ap * f.m + a] > 0 ? acc + col[ap] : acc - col[ap];
-        store16(dst + a * n + b, acc * normv);
+        storev(dst + a * n + b, acc * normv);
       }
     }
   }
 }
-QSVD_CPU_DISPATCH(void, hadamard_row,
-                  (const float* in, const float* signs, float* v, float* dst, hadamard::Factorization f,
-                   float norm, float* scratch),
-                  (in, signs, v, dst, f, norm, scratch))
+QSVD_CPU_DISPATCH_LEVEL(void, hadamard_row,
+                        (const float* in, const float* signs, float* v, float* dst, hadamard::Factorization f,
+                         float norm, float* scratch),
+                        (in, signs, v, dst, f, norm, scratch))
 
 // Per-row quantization, as qsvd::quantize_row_host (same operations, in
 // the same order per element; the max is order-independent).
