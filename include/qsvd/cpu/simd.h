@@ -11,10 +11,10 @@
 // always_inline callee into a wider-target caller, so each wrapper is the
 // body compiled for its ISA, as target_clones would make it), and a switch
 // on the level picks the wrapper (QSVD_CPU_DISPATCH below). The Hadamard
-// butterflies are written on GCC vectors of the level's register width
-// (16, 8 or 4 floats) instead, one body per level
-// (QSVD_CPU_DISPATCH_LEVEL): their shuffles and selects are what GCC
-// lowers badly on other widths.
+// butterflies and the quantizer are written on GCC vectors of the level's
+// register width (16, 8 or 4 floats) instead, one body per level
+// (QSVD_CPU_DISPATCH_LEVEL): their shuffles, selects and reductions are
+// what GCC lowers badly on other widths, or does not vectorise at all.
 //
 // Everything here is plain IEEE arithmetic with FMA contraction off
 // (-ffp-contract=off, which setup.py and CMake pass: GCC's "avx512f"
@@ -261,12 +261,48 @@ QSVD_CPU_DISPATCH_LEVEL(void, hadamard_row,
                          float norm, float* scratch),
                         (in, signs, v, dst, f, norm, scratch))
 
-// Per-row quantization, as qsvd::quantize_row_host (same operations, in
-// the same order per element; the max is order-independent).
+// Per-row quantization, as qsvd::quantize_row_host: the same scale and the
+// same codes.
+//
+// max |v| runs on VL-lane registers, 16 / VL partial maxima per 16 values,
+// combined at the end: GCC does not vectorise one running max (whose NaN
+// and -0 rules it may not reorder without -ffast-math), and the result is
+// the same in any order (NaNs are counted apart; a > m ? a : m never takes
+// a -0 over the +0 every partial starts at).
+//
+// The codes: clamp(round(v / scale)) of the spec is computed as
+// round(clamp(v / scale)) (the same integer: the bounds +-qmax are
+// integers, and rounding is monotone), with round(q) = (q + 1.5 2^23) -
+// 1.5 2^23: for |q| < 2^22 the sum lies in [2^23, 2^24), where fp32 holds
+// exactly the integers, so the addition rounds q to an integer once, in the
+// current rounding mode, as nearbyintf does (only the sign of a zero may
+// differ, which its int code does not keep). Why not nearbyintf: baseline
+// x86-64 has no rounding instruction (SSE4.1's roundps), so GCC calls libm
+// per element there; and GCC vectorises this form at every level.
+template <Isa L>
 QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float clip_ratio, void* codes) {
+  constexpr int VL = L == Isa::kAvx512 ? 16 : L == Isa::kAvx2 ? 8 : 4;
+  constexpr int R = 16 / VL;
+  typedef typename VecOf<VL>::f vf;
+  typedef typename VecOf<VL>::i vi;
+  vf part[R] = {};
+  vi nans[R] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int r = 0; r < R; ++r) {
+      const vf x = loadv<VL>(v + i + r * VL);
+      const vf a = x < 0.f ? -x : x;
+      nans[r] |= a != a;
+      part[r] = a > part[r] ? a : part[r];
+    }
   float amax = 0.f;
   bool nan = false;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < VL; ++k) {
+      nan |= nans[r][k] != 0;
+      amax = part[r][k] > amax ? part[r][k] : amax;
+    }
+  for (; i < n; ++i) {
     const float a = v[i] < 0.f ? -v[i] : v[i];
     nan |= a != a;
     amax = a > amax ? a : amax;
@@ -280,30 +316,55 @@ QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float
     return scale;
   }
   const float hi = static_cast<float>(qmax);
+  const auto code = [scale, hi](float x) {
+    float q = x / scale;
+    q = q != q ? 0.f : q;  // NaN quotient: code 0
+    q = q < -hi ? -hi : q;
+    q = q > hi ? hi : q;
+    q = (q + 12582912.f) - 12582912.f;  // 1.5 2^23: rounds to an integer, |q| <= 127
+    return static_cast<int>(q);
+  };
+  // The same on registers (GCC does not vectorise the loop of `code`: it
+  // sees control flow in the selects).
+  const vf sv = vf{} + scale, hv = vf{} + hi, mhv = vf{} - hi, magic = vf{} + 12582912.f;
+  const auto codes_of = [&](const float* p) {
+    vf q = loadv<VL>(p) / sv;
+    q = q != q ? vf{} : q;
+    q = q < mhv ? mhv : q;
+    q = q > hv ? hv : q;
+    q = (q + magic) - magic;
+    return __builtin_convertvector(q, vi);
+  };
+  // Codes of 64 values at a time on registers into `c`, then narrowed to
+  // bytes by a plain loop (GCC packs that with pack instructions; a
+  // vector conversion to int8 it lowers lane by lane).
+  constexpr int64_t kChunk = 64;
+  int32_t c[kChunk];
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    for (int64_t k = 0; k < kChunk; k += VL) {
+      const vi ck = codes_of(v + j + k);
+      std::memcpy(c + k, &ck, sizeof(ck));
+    }
+    if (bits == 8) {
+      int8_t* out = static_cast<int8_t*>(codes) + j;
+      for (int64_t k = 0; k < kChunk; ++k) out[k] = static_cast<int8_t>(c[k]);
+    } else {
+      uint8_t* out = static_cast<uint8_t*>(codes) + j / 2;
+      for (int64_t k = 0; k < kChunk / 2; ++k) out[k] = pack_int4(c[2 * k], c[2 * k + 1]);
+    }
+  }
   if (bits == 8) {
     int8_t* out = static_cast<int8_t*>(codes);
-    for (int64_t i = 0; i < n; ++i) {
-      float q = __builtin_nearbyintf(v[i] / scale);
-      q = q != q ? 0.f : q;  // NaN quotient: code 0
-      q = q < -hi ? -hi : q;
-      q = q > hi ? hi : q;
-      out[i] = static_cast<int8_t>(static_cast<int>(q));
-    }
+    for (; j < n; ++j) out[j] = static_cast<int8_t>(code(v[j]));
   } else {
     uint8_t* out = static_cast<uint8_t*>(codes);
-    for (int64_t i = 0; i < n / 2; ++i) {
-      float q0 = __builtin_nearbyintf(v[2 * i] / scale), q1 = __builtin_nearbyintf(v[2 * i + 1] / scale);
-      q0 = q0 != q0 ? 0.f : q0;
-      q1 = q1 != q1 ? 0.f : q1;
-      q0 = q0 < -hi ? -hi : (q0 > hi ? hi : q0);
-      q1 = q1 < -hi ? -hi : (q1 > hi ? hi : q1);
-      out[i] = pack_int4(static_cast<int>(q0), static_cast<int>(q1));
-    }
+    for (; j < n; j += 2) out[j / 2] = pack_int4(code(v[j]), code(v[j + 1]));
   }
   return scale;
 }
-QSVD_CPU_DISPATCH(float, quantize_row, (const float* v, int64_t n, int bits, float clip_ratio, void* codes),
-                  (v, n, bits, clip_ratio, codes))
+QSVD_CPU_DISPATCH_LEVEL(float, quantize_row, (const float* v, int64_t n, int bits, float clip_ratio, void* codes),
+                        (v, n, bits, clip_ratio, codes))
 
 // INT4 (two's-complement nibbles, element 2i low) -> int8, n even.
 QSVD_CPU_BODY void unpack_int4_row_body(const uint8_t* in, int64_t n, int8_t* out) {
