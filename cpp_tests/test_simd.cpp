@@ -161,6 +161,9 @@ void test_unpack(const char* level) {
     bool ok = true;
     for (int64_t j = 0; j < n; ++j) ok &= deint[j] == want[qc::int4_deinterleaved_source(j, n)];
     CHECK(ok, "%s: unpack_int4_deinterleaved n=%lld", level, static_cast<long long>(n));
+    std::vector<int8_t> moved(n, 99);  // the natural int8 codes moved into the same order
+    qc::deinterleave_int8_row(want.data(), n, moved.data());
+    CHECK(moved == deint, "deinterleave_int8_row n=%lld", static_cast<long long>(n));
   }
 }
 

@@ -23,10 +23,11 @@
 // for bit), so every variant returns the same bits as the scalar
 // definitions in qsvd/numerics.h and qsvd/hadamard.h.
 //
-// The AVX-512-only kernels (the weight-streaming products and the
-// deinterleaved INT4 unpack) run at the avx512 level only; below it their
-// callers take the fallback (weight_streaming_available() is false; the
-// unpack runs its scalar loop). F16C conversion runs from avx2 up.
+// The AVX-512-only kernels (the weight-streaming products) run at the
+// avx512 level only; below it their callers take the fallback
+// (weight_streaming_available() is false). The deinterleaved INT4 unpack
+// has an AVX-512 and an AVX2 table lookup and a scalar loop at baseline.
+// F16C conversion runs from avx2 up.
 //
 // The GEMMs are not here: the CPU kernels take them from torch (oneDNN
 // int8, MKL / oneDNN fp32).
@@ -423,13 +424,45 @@ QSVD_TARGET_AVX512_KERNELS inline void unpack_int4_deinterleaved_avx512(const ui
 }
 #endif
 
-// The AVX-512 table lookup at the avx512 level, the scalar loop below it
-// (the same bytes).
+#if QSVD_ISA_X86
+// The same lookup on 32 codes at a time (AVX2's vpshufb).
+QSVD_TARGET_AVX2 inline void unpack_int4_deinterleaved_avx2(const uint8_t* in, int64_t n, int8_t* out) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6,
+                                       7, -8, -7, -6, -5, -4, -3, -2, -1);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int64_t full = n / kInt4ChunkCodes * kInt4ChunkCodes;
+  for (int64_t c = 0; c < full; c += kInt4ChunkCodes)
+    for (int64_t h = 0; h < 64; h += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + c / 2 + h));
+      const __m256i even = _mm256_and_si256(v, low4), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c + h), _mm256_shuffle_epi8(lut, even));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c + 64 + h), _mm256_shuffle_epi8(lut, odd));
+    }
+  unpack_int4_row(in + full / 2, n - full, out + full);
+}
+#endif
+
+// The table lookup at the avx512 and avx2 levels, the scalar loop at
+// baseline (the same bytes).
 inline void unpack_int4_deinterleaved(const uint8_t* in, int64_t n, int8_t* out) {
 #if QSVD_ISA_X86
   if (active_isa() == Isa::kAvx512) return unpack_int4_deinterleaved_avx512(in, n, out);
+  if (active_isa() == Isa::kAvx2) return unpack_int4_deinterleaved_avx2(in, n, out);
 #endif
   unpack_int4_deinterleaved_scalar(in, n, out);
+}
+
+// int8 codes in natural order -> the chunk-deinterleaved order of K
+// (out[j] = in[int4_deinterleaved_source(j, n)]), for an INT8 operand that
+// meets an INT4 one unpacked by unpack_int4_deinterleaved.
+inline void deinterleave_int8_row(const int8_t* in, int64_t n, int8_t* out) {
+  const int64_t full = n / kInt4ChunkCodes * kInt4ChunkCodes;
+  for (int64_t c = 0; c < full; c += kInt4ChunkCodes)
+    for (int64_t i = 0; i < 64; ++i) {
+      out[c + i] = in[c + 2 * i];
+      out[c + 64 + i] = in[c + 2 * i + 1];
+    }
+  std::memcpy(out + full, in + full, n - full);
 }
 
 // Stored codes of a row (INT8, or packed INT4) -> int8 values.
