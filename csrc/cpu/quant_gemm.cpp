@@ -276,7 +276,11 @@ at::Tensor quant_gemm_cpu(const at::Tensor& a_in, const at::Tensor& a_scale, con
       // One oneDNN GEMM (threaded inside), then the epilogue over rows.
       const at::Tensor acc = at::_int_mm(a, b.t());
       const int32_t* accp = acc.data_ptr<int32_t>();
-      const int64_t grain = std::max<int64_t>(1, 32768 / N);
+      // Tasks of at least 256 K outputs (about 0.2 ms): a decode step's
+      // epilogue (M = 16, N = 4096: 60 us) runs on the calling thread, not
+      // in a second parallel region after oneDNN's, whose start can cost
+      // more than the work (a scheduler tick on a busy machine).
+      const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / N);
       at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
         std::vector<float> row(N);
         epilogue(accp + m0 * N, N, m0, m1, 0, N, sap, sbp, biasp, op, N, row.data());
