@@ -89,7 +89,7 @@ namespace {
 // VL floats (VL = 16, 8 or 4: one zmm, ymm or xmm register), unaligned
 // access allowed. Each ISA level runs the Hadamard code on its own register
 // width: GCC lowers a 16-lane __builtin_shuffle or lane select on ymm or xmm
-// registers element by element (measured 25 to 35 times slower per row
+// registers element by element (measured 20 to 30 times slower per row
 // than the avx512 level), while at the native width each is one or two
 // shuffles and a blend.
 template <int VL>
@@ -109,6 +109,10 @@ struct VecOf<4> {
   typedef float f __attribute__((vector_size(16), aligned(4)));
   typedef int32_t i __attribute__((vector_size(16), aligned(4)));
 };
+
+// The register width of a level, in floats.
+template <Isa L>
+constexpr int kFloatLanes = L == Isa::kAvx512 ? 16 : L == Isa::kAvx2 ? 8 : 4;
 
 template <int VL>
 inline __attribute__((always_inline)) typename VecOf<VL>::f loadv(const float* p) {
@@ -143,8 +147,8 @@ inline __attribute__((always_inline)) void stages_1_to_8(typename VecOf<VL>::f* 
   constexpr int R = 16 / VL;
   constexpr auto lanes = std::make_integer_sequence<int, VL>{};
   for (int r = 0; r < R; ++r) {
-    if constexpr (VL > 1) y[r] = stage_in_register<VL, 1>(y[r], lanes);
-    if constexpr (VL > 2) y[r] = stage_in_register<VL, 2>(y[r], lanes);
+    y[r] = stage_in_register<VL, 1>(y[r], lanes);
+    y[r] = stage_in_register<VL, 2>(y[r], lanes);
     if constexpr (VL > 4) y[r] = stage_in_register<VL, 4>(y[r], lanes);
     if constexpr (VL > 8) y[r] = stage_in_register<VL, 8>(y[r], lanes);
   }
@@ -168,7 +172,7 @@ inline __attribute__((always_inline)) void stages_1_to_8(typename VecOf<VL>::f* 
 template <Isa L>
 QSVD_CPU_BODY void hadamard_row_body(const float* in, const float* signs, float* v, float* dst,
                                      hadamard::Factorization f, float norm, float* scratch) {
-  constexpr int VL = L == Isa::kAvx512 ? 16 : L == Isa::kAvx2 ? 8 : 4;
+  constexpr int VL = kFloatLanes<L>;
   typedef typename VecOf<VL>::f vf;
   constexpr int R = 16 / VL;
   const int64_t n = int64_t{1} << f.log_n;
@@ -282,7 +286,7 @@ QSVD_CPU_DISPATCH_LEVEL(void, hadamard_row,
 // per element there; and GCC vectorises this form at every level.
 template <Isa L>
 QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float clip_ratio, void* codes) {
-  constexpr int VL = L == Isa::kAvx512 ? 16 : L == Isa::kAvx2 ? 8 : 4;
+  constexpr int VL = kFloatLanes<L>;
   constexpr int R = 16 / VL;
   typedef typename VecOf<VL>::f vf;
   typedef typename VecOf<VL>::i vi;
