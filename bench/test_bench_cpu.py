@@ -1,8 +1,25 @@
 """The CPU kernels against torch on the same data, in the same run (issue 15).
 
     python -m pytest bench/test_bench_cpu.py -p no:cacheprovider \\
-        --benchmark-json=bench/results/cpu-<date>.json
-    python bench/test_bench_cpu.py bench/results/cpu-<date>.json   # writes the .md next to it
+        --benchmark-json=bench/results/cpu-<date>[-<tag>].json
+    python bench/test_bench_cpu.py bench/results/cpu-<date>[-<tag>].json   # writes the .md next to it
+    python bench/update_readme.py                                          # README's merged CPU table
+
+Rows for other paths on the same CPU come from runs with the knobs that
+force them (qsvd_kernels._C.cpu_paths() reports what they chose), each in
+its own file, e.g. on a CPU with AMX and AVX-512:
+
+    QSVD_CPU_QUANT_GEMM=onednn QSVD_CPU_LATENT_GEMM=fp32 python -m pytest bench/test_bench_cpu.py \\
+        -p no:cacheprovider --benchmark-json=bench/results/cpu-<date>-no-amx-paths.json
+    QSVD_CPU_ISA=avx2 python -m pytest ... --benchmark-json=bench/results/cpu-<date>-avx2.json
+
+Every row records what produced it (bench/cpu_rows.py): the CPU's model
+name (/proc/cpuinfo) and whether it has AMX, the ISA level, quant_gemm's
+path at the row's M, latent_attention's GEMMs, weight streaming, and the
+QSVD_CPU_* knobs that were set. README's table keeps the newest run per
+(CPU, AMX, knobs), so runs on several CPUs and with several knob sets sit
+side by side, each row against its baseline from the same run. A quick
+partial run (-k, e.g. -k "quant_gemm and t1") checks the scripts.
 
 Every case times the qsvd op (pytest-benchmark, median of `rounds`) and its
 baseline (the same median over the same number of rounds, interleaved in
@@ -62,6 +79,8 @@ from qsvd_kernels import reference as R
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python_tests"))
 
+import cpu_rows  # noqa: E402
+
 L_CTX, H, H_KV, D = 4096, 32, 32, 128
 
 
@@ -105,7 +124,7 @@ def _bench(benchmark, fn, baseline, *, rounds, ops, bytes_moved, baseline_name, 
         "device": "cpu", "threads": torch.get_num_threads(), "impl": "qsvd", "ops": ops, "bytes": bytes_moved,
         "median_s": t, "gops": ops / t / 1e9, "gbps": bytes_moved / t / 1e9, "baseline": baseline_name,
         "baseline_s": tb, "ratio": t / tb, "goal_ratio": goal, "goal_met": (t / tb) <= goal if goal else None,
-        **info})
+        "cpu": cpu_rows.cpu_record(), **info})
 
 
 def _latent_case(r, wdtype, rope, seed=0):
@@ -186,7 +205,7 @@ def test_quant_gemm(benchmark, M, quant):
         goal = 1.3
     rounds = 40 if M < 512 else 12
     _bench(benchmark, lambda: qk.quant_gemm(a, sa, b, sb, bits, bits, torch.float16), baseline, rounds=rounds,
-           ops=ops, bytes_moved=bytes_moved, baseline_name=name, goal=goal)
+           ops=ops, bytes_moved=bytes_moved, baseline_name=name, goal=goal, path=qk._C.quant_gemm_cpu_path(M, K))
 
 
 @pytest.mark.parametrize("rows", [4096, 64])
@@ -205,27 +224,22 @@ def summarize(path: str) -> str:
     import json
 
     data = json.load(open(path))
-    machine = data.get("machine_info", {})
+    rec = cpu_rows.run_record(data)
     lines = [f"# CPU kernels against torch, same run: {os.path.basename(path)}", "",
              f"- date: {data.get('datetime', '?')}", f"- commit: {data.get('commit_info', {}).get('id', '?')}",
-             f"- host: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
+             f"- CPU: {cpu_rows.cpu_label(rec)}, "
              f"{next((b['extra_info'].get('threads') for b in data['benchmarks']), '?')} threads (shared, noisy)",
+             f"- ISA level: {rec.get('isa') or 'not recorded'}; knobs set: {cpu_rows.knobs_label(rec)}",
              f"- torch {torch.__version__}", "",
              "Ratio = qsvd median time / baseline median time, both measured in the same test (lower is better).",
              "The op and byte models are at the top of bench/test_bench_cpu.py. Cases run at 2 threads (t2) and 1",
              "(t1). On this shared machine, 2-thread times of small ops that sit near multiples of 4 ms (a 1 MiB",
              "`clone` among them) are scheduler ticks, a thread of the parallel region waiting for its core, not",
-             "kernel time: the 1-thread rows are the steadier comparison.", "",
-             "| case | qsvd median (ms) | GOPS | GB/s | baseline | baseline (ms) | ratio | goal | met |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
-    for b in data["benchmarks"]:
-        i = b["extra_info"]
-        goal = f"<= {i['goal_ratio']}x" if i.get("goal_ratio") else (
-            f"< {i['goal_abs_s'] * 1e3:.1f} ms" if i.get("goal_abs_s") else "-")
-        met = {True: "yes", False: "no", None: "-"}[i.get("goal_met")]
-        lines.append(f"| {b['name'].replace('test_', '')} | {i['median_s'] * 1e3:.3f} | {i['gops']:.1f} | "
-                     f"{i['gbps']:.2f} | {i['baseline']} | {i['baseline_s'] * 1e3:.3f} | {i['ratio']:.2f} | {goal} | "
-                     f"{met} |")
+             "kernel time: the 1-thread rows are the steadier comparison. Paths: the ISA level, then quant_gemm's",
+             "path at the row's M or latent_attention's GEMMs (bench/cpu_rows.py).", ""]
+    lines += cpu_rows.HEADER + cpu_rows.table_rows(data)
+    missed = cpu_rows.missed_goals(data)
+    lines += ["", "Goals not met: " + ("; ".join(missed) if missed else "none") + "."]
     extra = [b for b in data["benchmarks"] if "ratio_vs_sdpa_fp32" in b["extra_info"]]
     if extra:
         lines += ["", "RoPE decode against SDPA fp32 over a full K/V cache (the uncompressed alternative), same test:", ""]

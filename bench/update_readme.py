@@ -5,8 +5,10 @@
 Everything between <!-- perf:begin --> and <!-- perf:end --> is rewritten:
 for each GPU with results in bench/results/<gpu>-<date>.json (the newest
 per GPU), the GPU, date and commit and the summary of bench/summarize.py;
-the newest CPU kernel benchmark (bench/results/cpu-<date>.md, written by
-bench/test_bench_cpu.py) as a table labelled CPU; the newest vLLM serving
+the CPU kernel benchmarks (bench/results/cpu-<date>[-<tag>].json, written by
+bench/test_bench_cpu.py) merged into one table, the newest run per CPU and
+knob set (bench/cpu_rows.py), every row naming its CPU and paths, with the
+goals each run missed; the newest vLLM serving
 benchmark (bench/results/vllm-cpu-<date>.md, bench/vllm_serving.py); the other CPU-side
 results (compression fidelity and cost, capacity arithmetic) are linked.
 What has not been measured is said to be not measured.
@@ -48,6 +50,39 @@ def cpu_results(prefix: str = "cpu"):
     return max(found) if found else None
 
 
+def cpu_section(results: str = RESULTS) -> list[str]:
+    """README's CPU kernel table: the newest run per (CPU, AMX, knobs) in
+    `results`, its rows labelled by CPU and paths, each against its baseline
+    from the same run; then the goals each run missed."""
+    import cpu_rows
+
+    runs = cpu_rows.newest_runs(results)
+    if not runs:
+        return ["### CPU kernels", "", "Not measured yet (`bench/test_bench_cpu.py`).", ""]
+    lines = ["### CPU kernels", "",
+             "Each qsvd CPU op against its torch baseline in the same run (op and byte models in"
+             " bench/test_bench_cpu.py); ratio = qsvd time / baseline time. One run per CPU and set of forced"
+             " paths (the newest); a row's paths are the ISA level, then quant_gemm's path at its M or"
+             " latent_attention's GEMMs, \"(forced)\" where a QSVD_CPU_* knob chose it. Runs:", ""]
+    for date, path, data in runs:
+        rec = cpu_rows.run_record(data)
+        md = os.path.splitext(path)[0] + ".md"
+        ref = os.path.relpath(md if os.path.exists(md) else path, ROOT)
+        commit = (data.get("commit_info", {}).get("id") or "?")[:7]
+        lines.append(f"- {cpu_rows.cpu_label(rec)}, {date}, commit {commit}, knobs: {cpu_rows.knobs_label(rec)}"
+                     f" ([{ref}]({ref}))")
+    lines += [""] + cpu_rows.HEADER
+    for _, _, data in runs:
+        lines += cpu_rows.table_rows(data)
+    lines += ["", "Goals not met:", ""]
+    for _, _, data in runs:
+        rec = cpu_rows.run_record(data)
+        missed = cpu_rows.missed_goals(data)
+        lines.append(f"- {cpu_rows.cpu_label(rec)}, knobs: {cpu_rows.knobs_label(rec)}: "
+                     + ("; ".join(missed) if missed else "none (every goal row met)"))
+    return lines + [""]
+
+
 def section() -> str:
     from summarize import main as summarize
 
@@ -63,16 +98,7 @@ def section() -> str:
     for gpu, (date, path) in sorted(gpus.items()):
         text = summarize(path)
         lines += [f"### {gpu.replace('-', ' ')}, {date}", "", text.split("\n", 1)[1].strip(), ""]
-    cpu = cpu_results()
-    if cpu:
-        date, md = cpu
-        table = [ln for ln in open(md).read().splitlines() if ln.startswith("|")]
-        lines += [f"### CPU kernels, {date}", "",
-                  f"Each qsvd CPU op against its torch baseline in the same run ([{os.path.relpath(md, ROOT)}]"
-                  f"({os.path.relpath(md, ROOT)}); op and byte models in bench/test_bench_cpu.py). Ratio = qsvd time"
-                  " / baseline time.", ""] + table + [""]
-    else:
-        lines += ["### CPU kernels", "", "Not measured yet (`bench/test_bench_cpu.py`).", ""]
+    lines += cpu_section()
     serving = cpu_results("vllm-cpu")
     if serving:
         date, md = serving

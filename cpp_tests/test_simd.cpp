@@ -126,6 +126,28 @@ void test_quantize_row(const char* level) {
   }
 }
 
+// Quotients v / scale that are exact ties (k + 1/2) for every k, and ones
+// past +-qmax: the rounding (ties to even) and the clamp of the codes. The
+// scale is 1/8 exactly (clip_ratio amax / qmax with amax = +-row[0]).
+void test_quantize_ties(const char* level) {
+  for (int bits : {8, 4}) {
+    const int qmax = bits == 8 ? 127 : 7;
+    const float amax = bits == 8 ? 16.f : 1.f, clip = bits == 8 ? 127.f / 128.f : 7.f / 8.f;
+    for (int64_t n : {1000, 64, 30}) {
+      std::vector<float> v(n);
+      v[0] = amax, v[1] = -amax;  // quotients +-(qmax + 1): clamped
+      for (int64_t i = 2; i < n; ++i) v[i] = (static_cast<float>((i - 2) % (2 * qmax + 2) - qmax - 1) + 0.5f) / 8.f;
+      const int64_t bytes = qsvd::code_row_bytes(bits, n);
+      std::vector<uint8_t> want(bytes), got(bytes, 0xA5);
+      const float ws = qsvd::quantize_row_host(v.data(), n, bits, clip, want.data());
+      const float gs = qc::quantize_row(v.data(), n, bits, clip, got.data());
+      CHECK(ws == 0.125f, "the test's scale is 1/8: %g", ws);
+      CHECK(same_float(gs, ws), "%s: quantize_row ties scale bits=%d n=%lld", level, bits, static_cast<long long>(n));
+      CHECK(got == want, "%s: quantize_row ties codes bits=%d n=%lld", level, bits, static_cast<long long>(n));
+    }
+  }
+}
+
 void test_unpack(const char* level) {
   std::mt19937 rng(3);
   for (int64_t n : {2, 8, 30, 128, 254, 256, 642, 1100, 4098}) {
@@ -139,6 +161,9 @@ void test_unpack(const char* level) {
     bool ok = true;
     for (int64_t j = 0; j < n; ++j) ok &= deint[j] == want[qc::int4_deinterleaved_source(j, n)];
     CHECK(ok, "%s: unpack_int4_deinterleaved n=%lld", level, static_cast<long long>(n));
+    std::vector<int8_t> moved(n, 99);  // the natural int8 codes moved into the same order
+    qc::deinterleave_int8_row(want.data(), n, moved.data());
+    CHECK(moved == deint, "deinterleave_int8_row n=%lld", static_cast<long long>(n));
   }
 }
 
@@ -253,6 +278,7 @@ int main(int argc, char** argv) {
     CHECK(qc::weight_streaming_available() == (l == qc::Isa::kAvx512), "weight streaming at %s", qc::isa_name(l));
     test_hadamard_row(qc::isa_name(l));
     test_quantize_row(qc::isa_name(l));
+    test_quantize_ties(qc::isa_name(l));
     test_unpack(qc::isa_name(l));
     test_conversions(qc::isa_name(l));
     ++levels;

@@ -153,8 +153,8 @@ def test_cpu_gemm_paths_agree_bit_for_bit(monkeypatch, a_bits, b_bits, M, N, K, 
     sums are exact int32 and the epilogue is the same. With unit scales and
     an fp32 output both equal the exact integer product. Codes cover their
     whole range (-128, and -8 for INT4). At every ISA level: the INT4
-    unpack for brgemm is AVX-512's table lookup at avx512, a scalar loop
-    below."""
+    unpack for brgemm is a table lookup at avx512 and avx2, a scalar loop
+    at baseline."""
     if not _brgemm_available():
         pytest.skip("no int8 brgemm here (it needs an AMX CPU and oneDNN enabled): every M takes at::_int_mm, "
                     "which test_matches_exact_product covers")
@@ -173,6 +173,22 @@ def test_cpu_gemm_paths_agree_bit_for_bit(monkeypatch, a_bits, b_bits, M, N, K, 
     assert torch.equal(outs["onednn"][0], outs["brgemm"][0])
     want = (a.to(torch.int64) @ b.to(torch.int64).T).to(torch.float32)  # |sum| < 2^24 here
     assert torch.equal(outs["brgemm"][1], want) and torch.equal(outs["onednn"][1], want)
+
+
+@pytest.mark.parametrize("a_bits,b_bits,M,N,K", list(_cases()) + [(8, 4, 300, 20, 4098), (4, 4, 300, 20, 1026)])
+def test_cpu_onednn_path_is_exact(monkeypatch, a_bits, b_bits, M, N, K, isa):
+    """The at::_int_mm path on every CPU (forced for M <= 64), full-range
+    codes, at every ISA level: with unit scales and an fp32 output, the
+    output is the exact int32 sum rounded once to fp32. With an INT4 b both
+    operands go in the chunk-deinterleaved order of K (each level's unpack,
+    an INT8 a copied into that order): the K shapes cover whole 128-code
+    chunks, tails, and no whole chunk."""
+    monkeypatch.setenv("QSVD_CPU_QUANT_GEMM", "onednn")
+    g = torch.Generator().manual_seed(M * 7919 + N * 31 + K)
+    a, b, A, B = _full_range_operands(M, N, K, a_bits, b_bits, g)
+    assert qk._C.quant_gemm_cpu_path(M, K) in (("scalar",) if K < 4 else ("onednn", "scalar"))
+    got = qk.quant_gemm(A, torch.ones(M), B, torch.ones(N), a_bits, b_bits, torch.float32)
+    assert torch.equal(got, (a.to(torch.int64) @ b.to(torch.int64).T).to(torch.float32))
 
 
 @pytest.mark.parametrize("M", [1, 65, 300])

@@ -1,8 +1,9 @@
 // CPU hadamard_transform / hadamard_quant: the arithmetic of qsvd/hadamard.h
 // row by row, threaded over rows, with the butterflies vectorised
-// (qsvd/cpu/simd.h: 16 lanes at a time, the low stages inside registers,
-// the others two stages per pass). Bit-exact with reference.py: the same
-// fp32 additions in the same order, only several at a time.
+// (qsvd/cpu/simd.h: 16, 8 or 4 lanes at a time by the ISA level, the low
+// stages inside registers, the others two stages per pass). Bit-exact with
+// reference.py: the same fp32 additions in the same order, only several at
+// a time.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 

@@ -10,7 +10,11 @@
 // wrappers with target attributes call it (GCC inlines a default-target
 // always_inline callee into a wider-target caller, so each wrapper is the
 // body compiled for its ISA, as target_clones would make it), and a switch
-// on the level picks the wrapper (QSVD_CPU_DISPATCH below).
+// on the level picks the wrapper (QSVD_CPU_DISPATCH below). The Hadamard
+// butterflies and the quantizer are written on GCC vectors of the level's
+// register width (16, 8 or 4 floats) instead, one body per level
+// (QSVD_CPU_DISPATCH_LEVEL): their shuffles, selects and reductions are
+// what GCC lowers badly on other widths, or does not vectorise at all.
 //
 // Everything here is plain IEEE arithmetic with FMA contraction off
 // (-ffp-contract=off, which setup.py and CMake pass: GCC's "avx512f"
@@ -19,10 +23,11 @@
 // for bit), so every variant returns the same bits as the scalar
 // definitions in qsvd/numerics.h and qsvd/hadamard.h.
 //
-// The AVX-512-only kernels (the weight-streaming products and the
-// deinterleaved INT4 unpack) run at the avx512 level only; below it their
-// callers take the fallback (weight_streaming_available() is false; the
-// unpack runs its scalar loop). F16C conversion runs from avx2 up.
+// The AVX-512-only kernels (the weight-streaming products) run at the
+// avx512 level only; below it their callers take the fallback
+// (weight_streaming_available() is false). The deinterleaved INT4 unpack
+// has an AVX-512 and an AVX2 table lookup and a scalar loop at baseline.
+// F16C conversion runs from avx2 up.
 //
 // The GEMMs are not here: the CPU kernels take them from torch (oneDNN
 // int8, MKL / oneDNN fp32).
@@ -30,6 +35,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -54,38 +60,105 @@
     }                                                                                                \
   }
 
+// The same, for a body that takes the level as its template argument
+// (name##_body<Isa::kAvx2>(...)): where one code does not suit every level.
+#define QSVD_CPU_DISPATCH_LEVEL(ret, name, params, args)                                                       \
+  QSVD_TARGET_AVX512 __attribute__((noinline)) inline ret name##_avx512 params {                           \
+    return name##_body<::qsvd::cpu::Isa::kAvx512> args;                                                    \
+  }                                                                                                        \
+  QSVD_TARGET_AVX2 __attribute__((noinline)) inline ret name##_avx2 params {                               \
+    return name##_body<::qsvd::cpu::Isa::kAvx2> args;                                                      \
+  }                                                                                                        \
+  __attribute__((noinline)) inline ret name##_baseline params {                                            \
+    return name##_body<::qsvd::cpu::Isa::kBaseline> args;                                                  \
+  }                                                                                                        \
+  inline ret name params {                                                                                 \
+    switch (::qsvd::cpu::active_isa()) {                                                                   \
+      case ::qsvd::cpu::Isa::kAvx512: return name##_avx512 args;                                           \
+      case ::qsvd::cpu::Isa::kAvx2: return name##_avx2 args;                                               \
+      default: return name##_baseline args;                                                                \
+    }                                                                                                      \
+  }
+
 #define QSVD_CPU_BODY inline __attribute__((always_inline))
 
 namespace qsvd {
 namespace cpu {
 namespace {
 
-// 16 floats, unaligned access allowed. GCC lowers the operations to one
-// zmm, two ymm or four xmm instructions depending on the ISA level.
-typedef float v16f __attribute__((vector_size(64), aligned(4)));
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+// VL floats (VL = 16, 8 or 4: one zmm, ymm or xmm register), unaligned
+// access allowed. Each ISA level runs the Hadamard code on its own register
+// width: GCC lowers a 16-lane __builtin_shuffle or lane select on ymm or xmm
+// registers element by element (measured 20 to 30 times slower per row
+// than the avx512 level), while at the native width each is one or two
+// shuffles and a blend.
+template <int VL>
+struct VecOf;
+template <>
+struct VecOf<16> {
+  typedef float f __attribute__((vector_size(64), aligned(4)));
+  typedef int32_t i __attribute__((vector_size(64), aligned(4)));
+};
+template <>
+struct VecOf<8> {
+  typedef float f __attribute__((vector_size(32), aligned(4)));
+  typedef int32_t i __attribute__((vector_size(32), aligned(4)));
+};
+template <>
+struct VecOf<4> {
+  typedef float f __attribute__((vector_size(16), aligned(4)));
+  typedef int32_t i __attribute__((vector_size(16), aligned(4)));
+};
 
-inline __attribute__((always_inline)) v16f load16(const float* p) {
-  v16f v;
+// The register width of a level, in floats.
+template <Isa L>
+constexpr int kFloatLanes = L == Isa::kAvx512 ? 16 : L == Isa::kAvx2 ? 8 : 4;
+
+template <int VL>
+inline __attribute__((always_inline)) typename VecOf<VL>::f loadv(const float* p) {
+  typename VecOf<VL>::f v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline __attribute__((always_inline)) void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename V>
+inline __attribute__((always_inline)) void storev(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
-// One radix-2 stage with span h < 16 inside a block of 16 lanes:
-//   lane i without bit h: v[i] + v[i + h];  lane i with bit h: v[i - h] - v[i]
-// which is exactly row[j] = x + y, row[j + h] = x - y of the scalar spec.
-template <int H>
-inline __attribute__((always_inline)) v16f stage_in_register(v16f v) {
-  constexpr v16i partner = {0 ^ H, 1 ^ H, 2 ^ H, 3 ^ H, 4 ^ H, 5 ^ H, 6 ^ H, 7 ^ H,
-                            8 ^ H, 9 ^ H, 10 ^ H, 11 ^ H, 12 ^ H, 13 ^ H, 14 ^ H, 15 ^ H};
-  constexpr v16i has_bit = {(0 & H) ? -1 : 0,  (1 & H) ? -1 : 0,  (2 & H) ? -1 : 0,  (3 & H) ? -1 : 0,
-                            (4 & H) ? -1 : 0,  (5 & H) ? -1 : 0,  (6 & H) ? -1 : 0,  (7 & H) ? -1 : 0,
-                            (8 & H) ? -1 : 0,  (9 & H) ? -1 : 0,  (10 & H) ? -1 : 0, (11 & H) ? -1 : 0,
-                            (12 & H) ? -1 : 0, (13 & H) ? -1 : 0, (14 & H) ? -1 : 0, (15 & H) ? -1 : 0};
-  const v16f p = __builtin_shuffle(v, partner);
-  const v16f sum = v + p, diff = p - v;
+// One radix-2 stage with span H < VL inside a register of VL lanes:
+//   lane i without bit H: v[i] + v[i + H];  lane i with bit H: v[i - H] - v[i]
+// which is exactly row[j] = x + y, row[j + H] = x - y of the scalar spec.
+template <int VL, int H, int... I>
+inline __attribute__((always_inline)) typename VecOf<VL>::f stage_in_register(typename VecOf<VL>::f v,
+                                                                             std::integer_sequence<int, I...>) {
+  typedef typename VecOf<VL>::i vi;
+  constexpr vi partner = {(I ^ H)...};
+  constexpr vi has_bit = {((I & H) ? -1 : 0)...};
+  const typename VecOf<VL>::f p = __builtin_shuffle(v, partner);
+  const typename VecOf<VL>::f sum = v + p, diff = p - v;
   return has_bit ? diff : sum;
+}
+
+// Stages h = 1, 2, 4, 8 (in this order) on a block of 16 floats held as
+// 16 / VL registers: those with h < VL inside each register, the others
+// between registers.
+template <int VL>
+inline __attribute__((always_inline)) void stages_1_to_8(typename VecOf<VL>::f* y) {
+  constexpr int R = 16 / VL;
+  constexpr auto lanes = std::make_integer_sequence<int, VL>{};
+  for (int r = 0; r < R; ++r) {
+    y[r] = stage_in_register<VL, 1>(y[r], lanes);
+    y[r] = stage_in_register<VL, 2>(y[r], lanes);
+    if constexpr (VL > 4) y[r] = stage_in_register<VL, 4>(y[r], lanes);
+    if constexpr (VL > 8) y[r] = stage_in_register<VL, 8>(y[r], lanes);
+  }
+  for (int h = 1; h < R; h *= 2)  // span h registers = h VL floats
+    for (int r = 0; r < R; ++r)
+      if ((r & h) == 0) {
+        const typename VecOf<VL>::f a = y[r], b = y[r + h];
+        y[r] = a + b;
+        y[r + h] = a - b;
+      }
 }
 
 // The whole spec of qsvd/hadamard.h on one row of K = m * 2^log_n values,
@@ -93,11 +166,15 @@ inline __attribute__((always_inline)) v16f stage_in_register(v16f v) {
 // operations on the same operands, several at a time):
 //   in (fp32 K values; `signs` may be null) -> dst (fp32 K values; may be v).
 // v is a K-float work row. Step 1 is fused into the first pass (stages
-// h = 1, 2, 4, 8 inside registers), step 4 (the norm) into the last one, and
-// the other stages run two per pass, so a row of 4096 is read and written
-// five times, in L1.
+// h = 1, 2, 4, 8 on blocks of 16 in registers), step 4 (the norm) into the
+// last one, and the other stages run two per pass, so a row of 4096 is read
+// and written five times, in L1. VL is the level's register width in floats.
+template <Isa L>
 QSVD_CPU_BODY void hadamard_row_body(const float* in, const float* signs, float* v, float* dst,
                                      hadamard::Factorization f, float norm, float* scratch) {
+  constexpr int VL = kFloatLanes<L>;
+  typedef typename VecOf<VL>::f vf;
+  constexpr int R = 16 / VL;
   const int64_t n = int64_t{1} << f.log_n;
   const int64_t K = f.m * n;
   if (n < 16) {
@@ -110,7 +187,7 @@ QSVD_CPU_BODY void hadamard_row_body(const float* in, const float* signs, float*
     if (dst != v) std::memcpy(dst, v, K * sizeof(float));
     return;
   }
-  const v16f normv = v16f{} + norm;
+  const vf normv = vf{} + norm;
   // Radix-4 passes for h = 16, 64, ... while 4h <= n, then one radix-2 pass
   // if a stage is left. `last_pass` is the one that writes dst with the norm
   // (only when m == 1; otherwise the base transform does).
@@ -126,16 +203,18 @@ QSVD_CPU_BODY void hadamard_row_body(const float* in, const float* signs, float*
     float* out = dst + a * n;
     const bool block_last = f.m == 1 && passes == 0;
     for (int64_t i = 0; i < n; i += 16) {
-      v16f y = load16(x + i);
-      if (sg != nullptr) y = y * load16(sg + i);
-      y = stage_in_register<1>(y);
-      y = stage_in_register<2>(y);
-      y = stage_in_register<4>(y);
-      y = stage_in_register<8>(y);
-      if (block_last)
-        store16(out + i, y * normv);
-      else
-        store16(row + i, y);
+      vf y[R];
+      for (int r = 0; r < R; ++r) {
+        y[r] = loadv<VL>(x + i + r * VL);
+        if (sg != nullptr) y[r] = y[r] * loadv<VL>(sg + i + r * VL);
+      }
+      stages_1_to_8<VL>(y);
+      for (int r = 0; r < R; ++r) {
+        if (block_last)
+          storev(out + i + r * VL, y[r] * normv);
+        else
+          storev(row + i + r * VL, y[r]);
+      }
     }
     int pass = 0;
     int64_t h = 16;
@@ -143,56 +222,92 @@ QSVD_CPU_BODY void hadamard_row_body(const float* in, const float* signs, float*
       const bool last = f.m == 1 && ++pass == passes;
       float* o = last ? out : row;
       for (int64_t i = 0; i < n; i += 4 * h)
-        for (int64_t j = i; j < i + h; j += 16) {
-          const v16f x0 = load16(row + j), x1 = load16(row + j + h);
-          const v16f x2 = load16(row + j + 2 * h), x3 = load16(row + j + 3 * h);
-          const v16f y0 = x0 + x1, y1 = x0 - x1, y2 = x2 + x3, y3 = x2 - x3;  // stage h
-          v16f z0 = y0 + y2, z2 = y0 - y2, z1 = y1 + y3, z3 = y1 - y3;        // stage 2h
+        for (int64_t j = i; j < i + h; j += VL) {
+          const vf x0 = loadv<VL>(row + j), x1 = loadv<VL>(row + j + h);
+          const vf x2 = loadv<VL>(row + j + 2 * h), x3 = loadv<VL>(row + j + 3 * h);
+          const vf y0 = x0 + x1, y1 = x0 - x1, y2 = x2 + x3, y3 = x2 - x3;  // stage h
+          vf z0 = y0 + y2, z2 = y0 - y2, z1 = y1 + y3, z3 = y1 - y3;        // stage 2h
           if (last) z0 = z0 * normv, z1 = z1 * normv, z2 = z2 * normv, z3 = z3 * normv;
-          store16(o + j, z0);
-          store16(o + j + 2 * h, z2);
-          store16(o + j + h, z1);
-          store16(o + j + 3 * h, z3);
+          storev(o + j, z0);
+          storev(o + j + 2 * h, z2);
+          storev(o + j + h, z1);
+          storev(o + j + 3 * h, z3);
         }
     }
     if (radix2) {
       const bool last = f.m == 1;
       float* o = last ? out : row;
-      for (int64_t j = 0; j < h; j += 16) {
-        const v16f x0 = load16(row + j), x1 = load16(row + j + h);
-        v16f z0 = x0 + x1, z1 = x0 - x1;
+      for (int64_t j = 0; j < h; j += VL) {
+        const vf x0 = loadv<VL>(row + j), x1 = loadv<VL>(row + j + h);
+        vf z0 = x0 + x1, z1 = x0 - x1;
         if (last) z0 = z0 * normv, z1 = z1 * normv;
-        store16(o + j, z0);
-        store16(o + j + h, z1);
+        storev(o + j, z0);
+        storev(o + j + h, z1);
       }
     }
   }
   if (f.m > 1) {
-    // The m-point base transform, summed left to right, 16 columns at a
+    // The m-point base transform, summed left to right, VL columns at a
     // time, then the norm.
     const int8_t* Hm = hadamard::base_matrix_host(f.m);
-    for (int64_t b = 0; b < n; b += 16) {
-      v16f col[36];
-      for (int a = 0; a < f.m; ++a) col[a] = load16(v + a * n + b);
+    for (int64_t b = 0; b < n; b += VL) {
+      vf col[36];
+      for (int a = 0; a < f.m; ++a) col[a] = loadv<VL>(v + a * n + b);
       for (int a = 0; a < f.m; ++a) {
-        v16f acc = {};
+        vf acc = {};
         for (int ap = 0; ap < f.m; ++ap) acc = Hm[ap * f.m + a] > 0 ? acc + col[ap] : acc - col[ap];
-        store16(dst + a * n + b, acc * normv);
+        storev(dst + a * n + b, acc * normv);
       }
     }
   }
 }
-QSVD_CPU_DISPATCH(void, hadamard_row,
-                  (const float* in, const float* signs, float* v, float* dst, hadamard::Factorization f,
-                   float norm, float* scratch),
-                  (in, signs, v, dst, f, norm, scratch))
+QSVD_CPU_DISPATCH_LEVEL(void, hadamard_row,
+                        (const float* in, const float* signs, float* v, float* dst, hadamard::Factorization f,
+                         float norm, float* scratch),
+                        (in, signs, v, dst, f, norm, scratch))
 
-// Per-row quantization, as qsvd::quantize_row_host (same operations, in
-// the same order per element; the max is order-independent).
+// Per-row quantization, as qsvd::quantize_row_host: the same scale and the
+// same codes.
+//
+// max |v| runs on VL-lane registers, 16 / VL partial maxima per 16 values,
+// combined at the end: GCC does not vectorise one running max (whose NaN
+// and -0 rules it may not reorder without -ffast-math), and the result is
+// the same in any order (NaNs are counted apart; a > m ? a : m never takes
+// a -0 over the +0 every partial starts at).
+//
+// The codes: clamp(round(v / scale)) of the spec is computed as
+// round(clamp(v / scale)) (the same integer: the bounds +-qmax are
+// integers, and rounding is monotone), with round(q) = (q + 1.5 2^23) -
+// 1.5 2^23: for |q| < 2^22 the sum lies in [2^23, 2^24), where fp32 holds
+// exactly the integers, so the addition rounds q to an integer once, in the
+// current rounding mode, as nearbyintf does (only the sign of a zero may
+// differ, which its int code does not keep). Why not nearbyintf: baseline
+// x86-64 has no rounding instruction (SSE4.1's roundps), so GCC calls libm
+// per element there; and GCC vectorises this form at every level.
+template <Isa L>
 QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float clip_ratio, void* codes) {
+  constexpr int VL = kFloatLanes<L>;
+  constexpr int R = 16 / VL;
+  typedef typename VecOf<VL>::f vf;
+  typedef typename VecOf<VL>::i vi;
+  vf part[R] = {};
+  vi nans[R] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int r = 0; r < R; ++r) {
+      const vf x = loadv<VL>(v + i + r * VL);
+      const vf a = x < 0.f ? -x : x;
+      nans[r] |= a != a;
+      part[r] = a > part[r] ? a : part[r];
+    }
   float amax = 0.f;
   bool nan = false;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < VL; ++k) {
+      nan |= nans[r][k] != 0;
+      amax = part[r][k] > amax ? part[r][k] : amax;
+    }
+  for (; i < n; ++i) {
     const float a = v[i] < 0.f ? -v[i] : v[i];
     nan |= a != a;
     amax = a > amax ? a : amax;
@@ -206,30 +321,55 @@ QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float
     return scale;
   }
   const float hi = static_cast<float>(qmax);
+  const auto code = [scale, hi](float x) {
+    float q = x / scale;
+    q = q != q ? 0.f : q;  // NaN quotient: code 0
+    q = q < -hi ? -hi : q;
+    q = q > hi ? hi : q;
+    q = (q + 12582912.f) - 12582912.f;  // 1.5 2^23: rounds to an integer, |q| <= 127
+    return static_cast<int>(q);
+  };
+  // The same on registers (GCC does not vectorise the loop of `code`: it
+  // sees control flow in the selects).
+  const vf sv = vf{} + scale, hv = vf{} + hi, mhv = vf{} - hi, magic = vf{} + 12582912.f;
+  const auto codes_of = [&](const float* p) {
+    vf q = loadv<VL>(p) / sv;
+    q = q != q ? vf{} : q;
+    q = q < mhv ? mhv : q;
+    q = q > hv ? hv : q;
+    q = (q + magic) - magic;
+    return __builtin_convertvector(q, vi);
+  };
+  // Codes of 64 values at a time on registers into `c`, then narrowed to
+  // bytes by a plain loop (GCC packs that with pack instructions; a
+  // vector conversion to int8 it lowers lane by lane).
+  constexpr int64_t kChunk = 64;
+  int32_t c[kChunk];
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    for (int64_t k = 0; k < kChunk; k += VL) {
+      const vi ck = codes_of(v + j + k);
+      std::memcpy(c + k, &ck, sizeof(ck));
+    }
+    if (bits == 8) {
+      int8_t* out = static_cast<int8_t*>(codes) + j;
+      for (int64_t k = 0; k < kChunk; ++k) out[k] = static_cast<int8_t>(c[k]);
+    } else {
+      uint8_t* out = static_cast<uint8_t*>(codes) + j / 2;
+      for (int64_t k = 0; k < kChunk / 2; ++k) out[k] = pack_int4(c[2 * k], c[2 * k + 1]);
+    }
+  }
   if (bits == 8) {
     int8_t* out = static_cast<int8_t*>(codes);
-    for (int64_t i = 0; i < n; ++i) {
-      float q = __builtin_nearbyintf(v[i] / scale);
-      q = q != q ? 0.f : q;  // NaN quotient: code 0
-      q = q < -hi ? -hi : q;
-      q = q > hi ? hi : q;
-      out[i] = static_cast<int8_t>(static_cast<int>(q));
-    }
+    for (; j < n; ++j) out[j] = static_cast<int8_t>(code(v[j]));
   } else {
     uint8_t* out = static_cast<uint8_t*>(codes);
-    for (int64_t i = 0; i < n / 2; ++i) {
-      float q0 = __builtin_nearbyintf(v[2 * i] / scale), q1 = __builtin_nearbyintf(v[2 * i + 1] / scale);
-      q0 = q0 != q0 ? 0.f : q0;
-      q1 = q1 != q1 ? 0.f : q1;
-      q0 = q0 < -hi ? -hi : (q0 > hi ? hi : q0);
-      q1 = q1 < -hi ? -hi : (q1 > hi ? hi : q1);
-      out[i] = pack_int4(static_cast<int>(q0), static_cast<int>(q1));
-    }
+    for (; j < n; j += 2) out[j / 2] = pack_int4(code(v[j]), code(v[j + 1]));
   }
   return scale;
 }
-QSVD_CPU_DISPATCH(float, quantize_row, (const float* v, int64_t n, int bits, float clip_ratio, void* codes),
-                  (v, n, bits, clip_ratio, codes))
+QSVD_CPU_DISPATCH_LEVEL(float, quantize_row, (const float* v, int64_t n, int bits, float clip_ratio, void* codes),
+                        (v, n, bits, clip_ratio, codes))
 
 // INT4 (two's-complement nibbles, element 2i low) -> int8, n even.
 QSVD_CPU_BODY void unpack_int4_row_body(const uint8_t* in, int64_t n, int8_t* out) {
@@ -288,13 +428,45 @@ QSVD_TARGET_AVX512_KERNELS inline void unpack_int4_deinterleaved_avx512(const ui
 }
 #endif
 
-// The AVX-512 table lookup at the avx512 level, the scalar loop below it
-// (the same bytes).
+#if QSVD_ISA_X86
+// The same lookup on 32 codes at a time (AVX2's vpshufb).
+QSVD_TARGET_AVX2 inline void unpack_int4_deinterleaved_avx2(const uint8_t* in, int64_t n, int8_t* out) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6,
+                                       7, -8, -7, -6, -5, -4, -3, -2, -1);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int64_t full = n / kInt4ChunkCodes * kInt4ChunkCodes;
+  for (int64_t c = 0; c < full; c += kInt4ChunkCodes)
+    for (int64_t h = 0; h < 64; h += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + c / 2 + h));
+      const __m256i even = _mm256_and_si256(v, low4), odd = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c + h), _mm256_shuffle_epi8(lut, even));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c + 64 + h), _mm256_shuffle_epi8(lut, odd));
+    }
+  unpack_int4_row(in + full / 2, n - full, out + full);
+}
+#endif
+
+// The table lookup at the avx512 and avx2 levels, the scalar loop at
+// baseline (the same bytes).
 inline void unpack_int4_deinterleaved(const uint8_t* in, int64_t n, int8_t* out) {
 #if QSVD_ISA_X86
   if (active_isa() == Isa::kAvx512) return unpack_int4_deinterleaved_avx512(in, n, out);
+  if (active_isa() == Isa::kAvx2) return unpack_int4_deinterleaved_avx2(in, n, out);
 #endif
   unpack_int4_deinterleaved_scalar(in, n, out);
+}
+
+// int8 codes in natural order -> the chunk-deinterleaved order of K
+// (out[j] = in[int4_deinterleaved_source(j, n)]), for an INT8 operand that
+// meets an INT4 one unpacked by unpack_int4_deinterleaved.
+inline void deinterleave_int8_row(const int8_t* in, int64_t n, int8_t* out) {
+  const int64_t full = n / kInt4ChunkCodes * kInt4ChunkCodes;
+  for (int64_t c = 0; c < full; c += kInt4ChunkCodes)
+    for (int64_t i = 0; i < 64; ++i) {
+      out[c + i] = in[c + 2 * i];
+      out[c + 64 + i] = in[c + 2 * i + 1];
+    }
+  std::memcpy(out + full, in + full, n - full);
 }
 
 // Stored codes of a row (INT8, or packed INT4) -> int8 values.
