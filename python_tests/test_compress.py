@@ -157,6 +157,11 @@ def test_allocation_errors():
         qc.allocate_ranks(s, dims, qc.Budget("mean_rank", 8), align=16)
     with pytest.raises(ValueError, match="at or above full rank"):
         qc.allocate_ranks(s, dims, qc.Budget("mean_rank", 64), align=16)
+    with pytest.raises(ValueError, match="at or above full rank"):  # a rank budget: nothing compressed
+        qc.allocate_ranks(s, dims, qc.Budget("r2", 0.5, 16, 16), align=16)
+    # with an 8-bit latent the same ranks halve the cache: the budget is met at full rank
+    for alloc in (qc.allocate_ranks, lambda s_, *a, **k: qc.uniform_ranks(*a, **k)):
+        assert alloc(s, dims, qc.Budget("r2", 0.25, 8, 8), align=16) == [64, 64]
     with pytest.raises(ValueError, match="NaN"):
         qc.allocate_ranks([torch.full((64,), float("nan"))] * 2, dims, qc.Budget("mean_rank", 32))
     with pytest.raises(ValueError, match="min_rank"):

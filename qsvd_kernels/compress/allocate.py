@@ -81,9 +81,11 @@ def _limit_in_blocks(budget, dims, align, min_rank):
             f"(every layer at min_rank = {min_rank} already costs {1 / ach:.3g}x the budget)")
     full = sum(c * _aligned_max(d, align) for c, d in zip(cost, dims))
     if full <= limit:
-        raise ValueError(
-            f"the budget {budget.kind.upper()} = {budget.value:g} is at or above full rank for every layer: "
-            "nothing would be compressed")
+        if budget.kind == "mean_rank" or (budget.w_bits or 16) >= 16 and (budget.latent_bits or 16) >= 16:
+            raise ValueError(
+                f"the budget {budget.kind.upper()} = {budget.value:g} is at or above full rank for every layer: "
+                "nothing would be compressed")
+        return cost, None  # quantization alone meets it: every layer keeps its full (aligned) rank
     return cost, limit - base
 
 
@@ -108,6 +110,8 @@ def uniform_ranks(dims: list[LayerDims], budget: Budget, *, align: int = 16, min
     min_rank = align if min_rank is None else min_rank
     _check(dims, align, min_rank)
     cost, room = _limit_in_blocks(budget, dims, align, min_rank)
+    if room is None:
+        return [_aligned_max(d, align) for d in dims]
     r = min_rank
     while True:
         nxt = [min(r + align, _aligned_max(d, align)) for d in dims]
@@ -151,6 +155,8 @@ def allocate_ranks(scores: list[torch.Tensor], dims: list[LayerDims], budget: Bu
     min_rank = align if min_rank is None else min_rank
     _check(dims, align, min_rank)
     cost, room = _limit_in_blocks(budget, dims, align, min_rank)
+    if room is None:
+        return [_aligned_max(d, align) for d in dims]
 
     blocks_of = []
     for l, (s, d) in enumerate(zip(scores, dims)):
