@@ -119,6 +119,8 @@ def section() -> str:
         lines += [""]
     lines += ["CPU-side results (measured here, committed):", ""]
     for name, what in (("compress_minilm.md", "compression fidelity on the real all-MiniLM-L6-v2"),
+                       ("compress_smollm2.md", "held-out perplexity of SmolLM2-135M over R2 and bit widths, with the"
+                                               " paper's baselines and plain KV quantization at the same bytes"),
                        ("compress_cost.md", "time and memory of the joint SVD and scoring at 7B layer shapes"),
                        ("capacity.md", "batch x context that fit a 12 GiB budget, fp16 vs QSVD (arithmetic over the"
                                        " allocated tensors; throughput needs a GPU)")):

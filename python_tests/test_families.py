@@ -165,6 +165,44 @@ def test_a_context_past_the_sliding_window_is_refused(make):
             model(torch.ones(1, 5, dtype=torch.long))
 
 
+@pytest.mark.parametrize("extra, refused", [
+    (dict(attn_logit_softcapping=30.0), "soft-capping"),
+    (dict(clip_qkv=8.0), "clip_qkv"),
+    (dict(partial_rotary_factor=0.5), "partial rotary"),
+    (dict(llama_4_scaling={"beta": 0.1}), "Llama-4"),
+])
+def test_one_rule_refuses_config_features_for_every_integration(extra, refused):
+    """The family table's config rule is the one every integration asks (the
+    HF block through its module's config, vLLM's plugin from the config
+    alone): the same features refused, by name, and none on a plain config."""
+    from qsvd_kernels.model.families import family_of_architecture
+
+    fam = family_of_architecture("LlamaForCausalLM")
+    assert fam.config_unsupported(tr.LlamaConfig(**TEXT)) == []
+    cfg = tr.LlamaConfig(**TEXT)
+    for k, v in extra.items():
+        setattr(cfg, k, v)
+    found = fam.config_unsupported(cfg)
+    assert len(found) == 1 and refused in found[0]
+    module = tr.LlamaForCausalLM(tr.LlamaConfig(**TEXT)).model.layers[0].self_attn
+    module.config = cfg
+    assert fam.unsupported(module) == found
+
+
+def test_one_rule_reads_a_configs_sliding_window():
+    """Mistral: the config's window; Qwen2: only with use_sliding_window,
+    and only on the layers layer_types marks; Llama: none."""
+    from qsvd_kernels.model.families import config_sliding_window
+
+    assert config_sliding_window(tr.LlamaConfig(**TEXT)) is None
+    assert config_sliding_window(tr.MistralConfig(**TEXT, sliding_window=4)) == 4
+    assert config_sliding_window(tr.Qwen2Config(**TEXT, sliding_window=4)) is None  # use_sliding_window=False
+    qwen = tr.Qwen2Config(**TEXT, sliding_window=4, use_sliding_window=True, max_window_layers=1)
+    assert [config_sliding_window(qwen, i) for i in range(2)] == [
+        4 if t == "sliding_attention" else None for t in qwen.layer_types]
+    assert config_sliding_window(qwen) == (4 if "sliding_attention" in qwen.layer_types else None)
+
+
 def test_dual_encoder_text_and_vision_towers_are_told_apart():
     cfg = tr.CLIPConfig(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2),

@@ -39,13 +39,20 @@ from ..model.layer_tensors import QSVDLayerSpec
 # A K bias adds q.b_k to every score, which cancels in softmax without RoPE;
 # under RoPE, q.R(b_k) depends on the key's position, which latent_attention
 # does not model. Export, the Hugging Face ops backend and the vLLM layer
-# refuse it with this one message.
+# refuse it through refuse_k_bias.
 K_BIAS_UNDER_ROPE = ("a K bias under RoPE is position-dependent after rotation, which latent_attention does not "
                      "model")
 
 
 def has_nonzero(t: torch.Tensor | None) -> bool:
     return t is not None and bool((t != 0).any())
+
+
+def refuse_k_bias(bk: torch.Tensor | None, where: str, error: type[Exception] = ValueError, hint: str = "") -> None:
+    """Raise ``error`` naming ``where`` when ``bk`` (a layer's K bias, under
+    RoPE) has a nonzero entry; a zero bias changes nothing and passes."""
+    if has_nonzero(bk):
+        raise error(f"{where}: {K_BIAS_UNDER_ROPE}" + (f"; {hint}" if hint else ""))
 
 
 class LatentCache(NamedTuple):

@@ -35,7 +35,7 @@ from .._version import __version__
 from ..compress.artefact import CompressedModel
 from ..model.families import causal_lm_architectures, family_of_architecture
 from ..model.sites import find_attention_sites
-from .core import K_BIAS_UNDER_ROPE, has_nonzero
+from .core import refuse_k_bias
 
 EXPORT_FORMAT = "qsvd-vllm"
 # 2: per-layer specs (latent form included); version 1 (ranks and quant
@@ -102,8 +102,7 @@ def export_vllm(model_dir: str, artefact_dir: str, out_dir: str) -> dict:
         if row % 4:
             raise ValueError(f"{where}: rank {layer.rank} at {quant.latent_bits} bits gives {row}-byte cache rows; "
                              "the packed cache needs a multiple of 4 (compress with --align 16)")
-        if has_nonzero(kt.get("bk")):
-            raise ValueError(f"{where}: {K_BIAS_UNDER_ROPE}")
+        refuse_k_bias(kt.get("bk"), where)
         specs.append(layer.spec().to_dict())
         for name, t in kt.items():
             if t is not None:

@@ -60,21 +60,26 @@ class HeadSpec:
         return H, d
 
 
-def _llama_unsupported(module: nn.Module) -> list[str]:
-    """Attention math beyond LLaMA's that the QSVD decoder block would drop."""
-    found = [n for n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm") if getattr(module, n, None) is not None]
-    cfg = getattr(module, "config", None)
-    if cfg is not None:
-        if getattr(cfg, "clip_qkv", None):
-            found.append("q/k/v clipping (clip_qkv)")
-        if getattr(cfg, "attn_logit_softcapping", None):
-            found.append("attention logit soft-capping")
-        if getattr(cfg, "partial_rotary_factor", 1.0) not in (None, 1.0):
-            found.append("partial rotary embedding")
+def _llama_config_unsupported(cfg) -> list[str]:
+    """Attention math beyond LLaMA's, set in a model config, that the QSVD
+    decoder block (Hugging Face's and vLLM's alike) would drop."""
+    found = []
+    for attr, what in (("clip_qkv", "q/k/v clipping (clip_qkv)"),
+                       ("attn_logit_softcapping", "attention logit soft-capping (attn_logit_softcapping)"),
+                       ("llama_4_scaling", "Llama-4 attention scaling (llama_4_scaling)")):
+        if getattr(cfg, attr, None):
+            found.append(what)
+    if getattr(cfg, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        found.append("partial rotary embedding (partial_rotary_factor)")
     return found
 
 
-def _nothing_unsupported(module: nn.Module) -> list[str]:
+def _llama_module_unsupported(module: nn.Module) -> list[str]:
+    """q/k norms, found on the module (they have no config flag of their own)."""
+    return [n for n in ("q_norm", "k_norm", "q_layernorm", "k_layernorm") if getattr(module, n, None) is not None]
+
+
+def _nothing_unsupported(_) -> list[str]:
     return []
 
 
@@ -88,8 +93,11 @@ class AttentionFamily:
     rope: str | None = None  # "llama": rotate-half RoPE from the model's position_embeddings
     heads: HeadSpec = field(default_factory=HeadSpec)
     modality: str = "text"  # "text" or "vision"
-    # Features the QSVD block does not implement, found on a module: refused.
-    unsupported: Callable[[nn.Module], list[str]] = _nothing_unsupported
+    # Features the QSVD block does not implement, refused (never dropped):
+    # those a model config asks for (read by every integration, vLLM's from
+    # the config alone) and those found on an attention module.
+    config_unsupported: Callable[[object], list[str]] = _nothing_unsupported
+    module_unsupported: Callable[[nn.Module], list[str]] = _nothing_unsupported
     duck_typed: bool = False
     # Hugging Face causal-LM architectures (config.architectures) built on
     # this attention, which serving integrations (vLLM) can run compressed.
@@ -102,23 +110,40 @@ class AttentionFamily:
     def sliding_window(self, module: nn.Module) -> int | None:
         """A decoder's sliding window, if it has one (enforced at run time:
         the QSVD block attends to the whole context, so a longer context
-        raises). Read from the module (Qwen2 sets it per layer) or, as
-        Mistral does, from its config, honouring ``use_sliding_window`` and
-        per-layer ``layer_types``."""
+        raises). Read from the module (Qwen2 sets it per layer) or else from
+        its config (``config_sliding_window``)."""
         if hasattr(module, "sliding_window"):
             w = module.sliding_window
-        else:
-            cfg = getattr(module, "config", None)
-            w = getattr(cfg, "sliding_window", None)
-            if getattr(cfg, "use_sliding_window", True) is False:
-                w = None
-            types, idx = getattr(cfg, "layer_types", None), getattr(module, "layer_idx", None)
-            if types is not None and idx is not None and idx < len(types) and types[idx] != "sliding_attention":
-                w = None
-        return int(w) if w else None
+            return int(w) if w else None
+        return config_sliding_window(getattr(module, "config", None), getattr(module, "layer_idx", None))
+
+    def unsupported(self, module: nn.Module) -> list[str]:
+        """Everything this block of this family would drop: its module's
+        features and its config's."""
+        cfg = getattr(module, "config", None)
+        return self.module_unsupported(module) + (self.config_unsupported(cfg) if cfg is not None else [])
 
 
-_LLAMA_LIKE = dict(kind=DECODER, rope="llama", unsupported=_llama_unsupported,
+def config_sliding_window(cfg, layer_idx: int | None = None) -> int | None:
+    """The sliding window a config gives one layer (``layer_idx``) or, with
+    None, any layer: ``sliding_window`` (Mistral), unless
+    ``use_sliding_window`` is False (Qwen2's default) or ``layer_types`` says
+    the layer attends fully."""
+    w = getattr(cfg, "sliding_window", None)
+    if not w or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        sliding = [t == "sliding_attention" for t in types]
+        if layer_idx is None and not any(sliding):
+            return None
+        if layer_idx is not None and layer_idx < len(types) and not sliding[layer_idx]:
+            return None
+    return int(w)
+
+
+_LLAMA_LIKE = dict(kind=DECODER, rope="llama", config_unsupported=_llama_config_unsupported,
+                   module_unsupported=_llama_module_unsupported,
                    heads=HeadSpec(heads=(), head_dim=("head_dim",)))
 
 FAMILIES: tuple[AttentionFamily, ...] = (
@@ -182,7 +207,8 @@ def family_of(module: nn.Module) -> AttentionFamily | None:
             return AttentionFamily(
                 f"duck-typed ({type(module).__name__})", (type(module).__name__,), DECODER if decoder else ENCODER,
                 qkv=names, out_proj="o_proj" if decoder else None, rope="llama" if decoder else None,
-                unsupported=_llama_unsupported if decoder else _nothing_unsupported, duck_typed=True)
+                config_unsupported=_llama_config_unsupported if decoder else _nothing_unsupported,
+                module_unsupported=_llama_module_unsupported if decoder else _nothing_unsupported, duck_typed=True)
     return None
 
 

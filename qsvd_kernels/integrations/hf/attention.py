@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import reference as R
-from ..core import K_BIAS_UNDER_ROPE
+from ..core import refuse_k_bias
 from .cache import QSVDLatentCache
 
 try:
@@ -137,8 +137,9 @@ class QSVDDecoderAttention(nn.Module):
         self.is_causal = True
         self.sliding_window = family.sliding_window(original)
         self._stack = stack  # plain object, not a submodule
-        if projector.backend == "ops" and projector.has_k_bias:
-            raise NotImplementedError(f"{K_BIAS_UNDER_ROPE}; use backend='torch' for this model")
+        if projector.backend == "ops":
+            refuse_k_bias(projector.k_bias, f"layer {self.layer_idx}", NotImplementedError,
+                          "use backend='torch' for this model")
 
     def _cache(self, kwargs) -> QSVDLatentCache:
         passed = [v for v in kwargs.values() if isinstance(v, QSVDLatentCache)]

@@ -32,7 +32,7 @@ from torch import nn
 from ... import formats, ops
 from ... import reference as R
 from ...compress.layer import CompressedQKV
-from ..core import LatentCache, QSVDAttentionCore, has_nonzero
+from ..core import LatentCache, QSVDAttentionCore
 
 
 class LatentPool:
@@ -74,9 +74,9 @@ class _Projector(nn.Module):
         return self
 
     @property
-    def has_k_bias(self) -> bool:
+    def k_bias(self) -> torch.Tensor | None:
         b, d = self.layer.bias, self.dims
-        return b is not None and has_nonzero(b[d.q_dim : d.q_dim + d.kv_dim])
+        return None if b is None else b[d.q_dim : d.q_dim + d.kv_dim]
 
     def project(self, x: torch.Tensor):
         """(q, k, v) in x's dtype, for encoders (no cache)."""

@@ -64,9 +64,10 @@ from vllm.v1.attention.backend import (  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
 from ... import reference as R  # noqa: E402
-from ...model.families import causal_lm_architectures, family_of_architecture  # noqa: E402
+from ...model.families import causal_lm_architectures, config_sliding_window, family_of_architecture  # noqa: E402
 from ...model.layer_tensors import BIAS_NAMES, QSVDLayerSpec  # noqa: E402
-from ..core import K_BIAS_UNDER_ROPE, LatentCache, Projection, QSVDAttentionCore, has_nonzero  # noqa: E402
+from ...compress.quant import QuantConfig  # noqa: E402
+from ..core import LatentCache, Projection, QSVDAttentionCore, refuse_k_bias  # noqa: E402
 from ..export import EXPORT_FORMAT, QSVD_PREFIX, READABLE_EXPORT_VERSIONS  # noqa: E402
 
 
@@ -229,9 +230,6 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         rope = get_rope(head_dim, max_position=max_position_embeddings,
                         rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True,
                         dtype=torch.float32)
-        if rope.rotary_dim != head_dim:
-            raise NotImplementedError(f"{prefix}: partial rotary embedding (rotary_dim {rope.rotary_dim} of "
-                                      f"{head_dim}) is not implemented by the QSVD attention layer")
         cos, sin = rope._compute_cos_sin_cache().float().chunk(2, dim=-1)  # fp32 [max_pos, d/2] each
         # rotate-half tables [max_pos, d] (docs/ops.md), shared by q and the op's K rebuild
         self.register_buffer("rope_cos", torch.cat((cos, cos), -1).contiguous(), persistent=False)
@@ -283,9 +281,8 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         return loaded
 
     def _add_bias(self, key: str, tensor: torch.Tensor) -> None:
-        if key == "bk" and has_nonzero(tensor):
-            raise ValueError(f"{self.layer_name}: {K_BIAS_UNDER_ROPE}")
         if key == "bk":
+            refuse_k_bias(tensor, self.layer_name)
             return  # zero: nothing to add
         ts = self.spec.tensors(biases=(key,))[key]
         t = self._shard_of(tensor, ts.shard)
@@ -425,17 +422,26 @@ def _qsvd_config(config) -> dict:
 
 def _layer_specs(config) -> list[QSVDLayerSpec]:
     """Every layer's spec from config.qsvd: version 2 states them; version 1
-    (ranks and quant lists) means the "qkv" latent form with the config's dims."""
+    (ranks and quant lists) means the "qkv" latent form with the config's dims.
+    Each layer's bit widths and clips are checked as a QuantConfig."""
     qsvd = _qsvd_config(config)
     try:
         if qsvd["format_version"] >= 2:
-            return [QSVDLayerSpec.from_dict(d) for d in qsvd["layers"]]
-        E, H = config.hidden_size, config.num_attention_heads
-        H_kv, d = getattr(config, "num_key_value_heads", None) or H, getattr(config, "head_dim", None) or E // H
-        return [QSVDLayerSpec(E, H, H_kv, d, int(r), "qkv", int(q["w_bits"]), int(q["a_bits"]), int(q["latent_bits"]),
-                              float(q["a_clip"]), float(q["latent_clip"])) for r, q in zip(qsvd["ranks"], qsvd["quant"])]
+            specs = [QSVDLayerSpec.from_dict(d) for d in qsvd["layers"]]
+            quants = [QuantConfig(s.w_bits, s.a_bits, s.latent_bits, s.a_clip, s.latent_clip) for s in specs]
+        else:
+            E, H = config.hidden_size, config.num_attention_heads
+            H_kv, d = getattr(config, "num_key_value_heads", None) or H, getattr(config, "head_dim", None) or E // H
+            quants = [QuantConfig(**q) for q in qsvd["quant"]]
+            specs = [QSVDLayerSpec(E, H, H_kv, d, int(r), "qkv", q.w_bits, q.a_bits, q.latent_bits, q.a_clip,
+                                   q.latent_clip) for r, q in zip(qsvd["ranks"], quants)]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"config.qsvd's layer specs are malformed ({e}): re-export the model") from None
+    for i, q in enumerate(quants):
+        if not (q.w_bits < 16 and q.a_bits < 16 and q.latent_bits < 16):
+            raise ValueError(f"config.qsvd layer {i} is {q.name}: vLLM serves quantized artefacts only (W8A8, W8A4 "
+                             "or W4A4): re-export one")
+    return specs
 
 
 def _copy_checked(param: nn.Parameter, loaded: torch.Tensor, where: str) -> None:
@@ -460,16 +466,14 @@ class _QSVDCausalLM(LlamaForCausalLM):
                 self.base_architecture) is None:
             raise ValueError(f"config.qsvd.base_architecture is {qsvd.get('base_architecture')!r}, but this is "
                              f"{type(self).__name__}: re-export the model")
-        for attr, what in (("llama_4_scaling", "Llama-4 attention scaling"), ("clip_qkv", "q/k/v clipping"),
-                           ("attn_logit_softcapping", "attention logit soft-capping")):
-            if getattr(config, attr, None):
-                raise NotImplementedError(f"{what} ({attr}) is not implemented by the QSVD attention layer")
-        if getattr(config, "use_sliding_window", False) or (
-                getattr(config, "sliding_window", None) and self.base_architecture == "MistralForCausalLM"
-                and getattr(config, "sliding_window", 0) < vllm_config.model_config.max_model_len):
-            raise NotImplementedError(f"sliding-window attention (window {config.sliding_window}) is not "
-                                      "implemented by the QSVD attention layer; set max_model_len to at most the "
-                                      "window")
+        family = family_of_architecture(self.base_architecture)
+        problems = family.config_unsupported(config)
+        if problems:
+            raise NotImplementedError(f"{', '.join(problems)} is not implemented by the QSVD attention layer")
+        window = config_sliding_window(config)
+        if window is not None and window < vllm_config.model_config.max_model_len:
+            raise NotImplementedError(f"sliding-window attention (window {window}) is not implemented by the QSVD "
+                                      "attention layer; set max_model_len to at most the window")
         super().__init__(vllm_config=vllm_config, prefix=prefix,
                          layer_type=partial(LlamaDecoderLayer, attn_layer_type=QSVDAttention))
 

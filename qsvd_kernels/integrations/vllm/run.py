@@ -7,9 +7,10 @@ per engine (one vLLM engine per process is what vLLM supports).
 SPEC: {"model": dir, "dtype": "float32", "max_model_len": 256, "block_size": 16,
        "max_num_batched_tokens": null, "enable_prefix_caching": true,
        "tensor_parallel_size": 1, "rounds": [[prompt token ids, ...], ...],
-       "max_tokens": 12, "timed": false}
+       "max_tokens": 12, "logprobs": null, "timed": false}
 
-OUT: {"rounds": [{"tokens": [[...], ...], "num_cached_tokens": [...], "seconds": s}],
+OUT: {"rounds": [{"tokens": [[...], ...], "num_cached_tokens": [...], "seconds": s,
+                  "logprobs": [[{token id: logprob, ...} per step] per prompt]  (with "logprobs": k)}],
       "num_blocks": n, "block_size": b, "kv_bytes_per_block": p,
       "max_concurrency": c, "vllm_version": v}
 """
@@ -40,7 +41,8 @@ def main(argv=None) -> int:
     if spec.get("max_num_seqs"):
         kw["max_num_seqs"] = spec["max_num_seqs"]
     llm = LLM(**kw)
-    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 12), ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 12), ignore_eos=True,
+                            logprobs=spec.get("logprobs"))
     out = {"rounds": []}
     for prompts in spec["rounds"]:
         t0 = time.perf_counter()
@@ -48,6 +50,9 @@ def main(argv=None) -> int:
         dt = time.perf_counter() - t0
         out["rounds"].append({"tokens": [list(r.outputs[0].token_ids) for r in res],
                               "num_cached_tokens": [r.num_cached_tokens or 0 for r in res], "seconds": dt})
+        if spec.get("logprobs") is not None:  # the model's log-softmax: the top k and the sampled token per step
+            out["rounds"][-1]["logprobs"] = [[{str(t): lp.logprob for t, lp in step.items()}
+                                              for step in r.outputs[0].logprobs] for r in res]
     cfg = llm.llm_engine.vllm_config
     out["num_blocks"] = cfg.cache_config.num_gpu_blocks
     out["block_size"] = cfg.cache_config.block_size
