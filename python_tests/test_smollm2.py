@@ -207,6 +207,31 @@ def test_perplexity_on_held_out_text(smol):
         assert res["next_token_agreement"] > 0.4, (qname, res)
 
 
+def test_cli_eval_reports_perplexity_agreement_kl_and_bytes(smol, tmp_path, capsys):
+    """`python -m qsvd_kernels eval --model smollm2`: perplexity of both
+    models on held-out text (not the calibration sentences), next-token
+    agreement, KL, and the latent's bytes per token against fp16 K/V."""
+    import json
+
+    from qsvd_kernels.cli import main as cli_main
+
+    model, _, cms = smol
+    cm = cms["W8A8"]
+    cm.save(tmp_path / "art")
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", "smollm2", "--artefact", str(tmp_path / "art"), "--eval-windows", "2",
+                     "--window-length", "64"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["heldout"]["source"] == "pydoc_data.topics" and res["heldout"]["windows"] == 2
+    assert res["backend"] == "ops" and res["latent_form"] == cm.info["latent_form"]
+    assert res["perplexity"] > res["perplexity_original"] > 1 and res["mean_kl"] > 0
+    assert 0 < res["next_token_agreement"] <= 1
+    L, E_kv = model.config.num_hidden_layers, 2 * model.config.num_key_value_heads * 64
+    assert res["fp16_kv_bytes_per_token"] == L * E_kv * 2
+    assert res["cache_bytes_per_token"] == sum(r + 4 for r in cm.ranks)  # 8-bit codes + an fp32 scale per layer
+    assert res["kv_bytes_ratio"] == res["fp16_kv_bytes_per_token"] / res["cache_bytes_per_token"]
+
+
 def test_cli_names_smollm2():
     from qsvd_kernels import cli
 
