@@ -491,3 +491,15 @@ def test_attention_metric_weights_key_errors_by_what_queries_see():
     # kept energy: tr(T C_k T) = tr(C_k) with C_k = Wk^T Wk
     Ck = Wk.T @ Wk
     assert torch.allclose(torch.trace(Tk @ Ck @ Tk), torch.trace(Ck), rtol=1e-9)
+
+
+def test_quant_setting_names_parse_back():
+    """Every setting's name parses to the same setting (the CLI's --quant takes
+    them), the latent's own width included; anything else is one clear error."""
+    for q in (qc.QuantConfig(), qc.QuantConfig(8, 8, 8), qc.QuantConfig(8, 4, 4), qc.QuantConfig(4, 4, 4),
+              qc.QuantConfig(8, 8, 4), qc.QuantConfig(4, 4, 8)):
+        assert qc.QuantConfig.parse(q.name) == q, q.name
+    assert qc.QuantConfig.parse("w8a8l4") == qc.QuantConfig(8, 8, 4)
+    for bad in ("W8A8L2", "W8", "int8", "W8A8L"):
+        with pytest.raises(ValueError, match="unknown quantization setting"):
+            qc.QuantConfig.parse(bad)

@@ -188,7 +188,7 @@ def build_parser():
     c.add_argument("--out", required=True, help="artefact directory to write")
     c.add_argument("--budget", default="r2=0.15",
                    help="r1=F, r2=F (fractions or percents; bits included, as the paper counts) or mean_rank=N")
-    c.add_argument("--quant", default="W8A8", help="fp, W8A8, W8A4 or W4A4")
+    c.add_argument("--quant", default="W8A8", help="fp, W8A8, W8A4, W4A4, or with the latent's width: W8A8L4")
     c.add_argument("--allocation", default="qsvd", choices=["qsvd", "uniform"])
     c.add_argument("--whitening", default="cholesky", choices=["cholesky", "diag", "none"])
     c.add_argument("--latent", default="auto", choices=["auto", "qkv", "kv"],

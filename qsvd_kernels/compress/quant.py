@@ -70,17 +70,19 @@ class QuantConfig:
 
     @staticmethod
     def parse(name: str) -> "QuantConfig":
-        """'fp', 'W8A8', 'W8A4', 'W4A4' (latent bits = activation bits)."""
+        """'fp', 'W8A8', 'W8A4', 'W4A4' (latent bits = activation bits), or
+        with the latent's own width, 'W8A8L4' (the inverse of ``name``)."""
         key = name.strip().upper()
         if key in ("FP", "FP16", "NONE"):
             return QuantConfig()
         import re
 
-        m = re.fullmatch(r"W(4|8|16)A(4|8|16)", key)
+        m = re.fullmatch(r"W(4|8|16)A(4|8|16)(?:L(4|8|16))?", key)
         if not m:
-            raise ValueError(f"unknown quantization setting {name!r}: use fp, W8A8, W8A4 or W4A4")
+            raise ValueError(f"unknown quantization setting {name!r}: use fp, W8A8, W8A4, W4A4, or one with the "
+                             "latent's width, e.g. W8A8L4")
         w, a = int(m.group(1)), int(m.group(2))
-        return QuantConfig(w, a, a)
+        return QuantConfig(w, a, int(m.group(3)) if m.group(3) else a)
 
 
 def quantize_weight_rows(w: torch.Tensor, bits: int, clip_grid=CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
