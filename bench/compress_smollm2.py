@@ -72,7 +72,8 @@ def _cpu_name() -> str:
 
 
 def run(quick: bool = False, threads: int | None = None, log=print, partial: str | None = None,
-        tables=("kv_quant", "quant", "forms"), quant_budgets=QUANT_BUDGETS, rows: list | None = None) -> dict:
+        tables=("kv_quant", "quant", "forms"), quant_budgets=QUANT_BUDGETS, rows: list | None = None,
+        latent: str = "auto") -> dict:
     """The three tables, in the order of what matters most if a run is cut
     short (each row is saved to ``partial`` as it lands): plain KV
     quantization, the quantized settings at R2 = 25 % first, then the forms
@@ -132,7 +133,7 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
     # there (the choice costs a second compression per row)
     ops_checked = False
     for r2 in ((0.25,) if quick else quant_budgets) if "quant" in tables else ():
-        form = "auto"
+        form = latent
         for qname in (("W8A8", "W4A4") if quick else SETTINGS):
             cfg = qc.CompressionConfig(qc.Budget("r2", r2), SETTINGS[qname], latent=form)
             try:
@@ -140,7 +141,8 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
             except ValueError as e:  # e.g. a budget at or above full rank
                 log(f"quant {qname} R2 {r2}: skipped ({e})")
                 continue
-            entry = qsvd_row("quant", f"qsvd ({'measured' if form == 'auto' else 'as W8A8'})", cm, r2, qname)
+            how = "measured" if form == "auto" else ("as W8A8" if latent == "auto" else "given")
+            entry = qsvd_row("quant", f"qsvd ({how})", cm, r2, qname)
             form = cm.info["latent_form"]
             if qname == "W8A8" and r2 == 0.25 and not ops_checked:  # the same artefact on the kernels
                 ops = C.compare(model, hf.apply_qsvd(copy.deepcopy(model), cm, backend="ops"), windows)
@@ -214,7 +216,7 @@ def to_markdown(res: dict) -> str:
     order = list(SETTINGS)
     for r in sorted((r for r in rows if r["table"] == "quant"), key=lambda r: (r["r2"], order.index(r["quant"]))):
         ops = f" (ops: {r['ops_perplexity']:.3f})" if "ops_perplexity" in r else ""
-        form = r["form"] + (" (measured)" if "measured" in r["method"] else "")
+        form = r["form"] + (" (measured)" if "measured" in r["method"] else " (given)" if "given" in r["method"] else "")
         out.append(f"| {r['r2']:.2%} | {r['quant']} | {form} | {r['mean_rank']:.0f} | "
                    f"{r['bytes_per_token_layer']:.0f} | {r['bytes_vs_fp16']:.2f}x | {r['perplexity']:.3f}{ops} | "
                    f"{r['perplexity_ratio']:.4f} | {r['mean_kl']:.4f} | {r['next_token_agreement']:.3f} |")
@@ -244,6 +246,8 @@ def main(argv=None):
     p.add_argument("--tables", default="kv_quant,quant,forms", help="which tables to measure (comma-separated)")
     p.add_argument("--quant-budgets", default=",".join(map(str, QUANT_BUDGETS)),
                    help="R2 budgets of the quantized table")
+    p.add_argument("--latent", default="auto", choices=("auto", "qkv", "kv"),
+                   help="the quantized table's latent form: measured per budget (auto), or given")
     p.add_argument("--append", action="store_true",
                    help="continue <out>.partial.json: its rows stay, the new ones are added (the meta records both runs)")
     p.add_argument("--render-partial", action="store_true",
@@ -260,11 +264,11 @@ def main(argv=None):
             earlier = json.load(f)
     res = run(args.quick, args.threads, partial=args.out + ".partial.json", tables=tuple(args.tables.split(",")),
               quant_budgets=tuple(float(b) for b in args.quant_budgets.split(",")),
-              rows=earlier["rows"] if earlier else None)
+              rows=earlier["rows"] if earlier else None, latent=args.latent)
     if earlier:
         m = earlier["meta"]
-        res["meta"]["runs"] = [{k: m.get(k) for k in ("commit", "date", "seconds", "complete")},
-                               {k: res["meta"][k] for k in ("commit", "date", "seconds", "complete")}]
+        keys = ("commit", "date", "seconds", "complete")
+        res["meta"]["runs"] = m.get("runs", [{k: m.get(k) for k in keys}]) + [{k: res["meta"][k] for k in keys}]
         res["meta"]["seconds"] += m["seconds"]
     write_results(args.out, res, to_markdown(res))
 
