@@ -73,7 +73,7 @@ def _cpu_name() -> str:
 
 def run(quick: bool = False, threads: int | None = None, log=print, partial: str | None = None,
         tables=("kv_quant", "quant", "forms"), quant_budgets=QUANT_BUDGETS, rows: list | None = None,
-        latent: str = "auto") -> dict:
+        latent: str = "auto", earlier_runs: list | None = None) -> dict:
     """The three tables, in the order of what matters most if a run is cut
     short (each row is saved to ``partial`` as it lands): plain KV
     quantization, the quantized settings at R2 = 25 % first, then the forms
@@ -97,6 +97,14 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
             "threads": torch.get_num_threads(), "cpu": _cpu_name(), "fp16_kv_bytes_per_token_layer": fp16_bytes,
             "commit": commit, "date": time.strftime("%Y-%m-%d"), "complete": False}
 
+    def save():  # every row so far, in case a long run is cut short; the runs before this one kept
+        if partial:
+            this = {"commit": commit, "date": meta["date"], "seconds": time.time() - t0, "complete": meta["complete"]}
+            runs = list(earlier_runs or []) + [this]
+            with open(partial, "w") as f:
+                json.dump({"rows": rows, "meta": {**meta, "seconds": sum(r["seconds"] for r in runs), "runs": runs}},
+                          f, indent=1, default=str)
+
     def score(projectors, names, **entry):
         with qc.swapped_projections(work, projectors, names):
             res = C.compare(model, work, windows)
@@ -104,9 +112,7 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
         entry["original_perplexity"] = res["perplexity_original"]
         entry["bytes_vs_fp16"] = fp16_bytes / entry["bytes_per_token_layer"]
         rows.append(entry)
-        if partial:  # every row so far, in case a long run is cut short
-            with open(partial, "w") as f:
-                json.dump({"rows": rows, "meta": {**meta, "seconds": time.time() - t0}}, f, indent=1, default=str)
+        save()
         log(f"{entry['table']} {entry['method']:24s} {entry.get('quant', ''):5s} R2 {entry.get('r2', 0):.4f} "
             f"{entry['bytes_per_token_layer']:6.1f} B/token/layer ({entry['bytes_vs_fp16']:.2f}x fewer) "
             f"ppl {entry['perplexity']:.3f} ({entry['perplexity_ratio']:.4f}x) KL {entry['mean_kl']:.4f} "
@@ -166,7 +172,11 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
         score(base, [s.name for s in comp.sites], table="forms", method="per_matrix_kv_svd", quant="fp", r2=r2,
               ranks_k_v=list(base[0].ranks), bytes_per_token_layer=sum(base[0].ranks) * 2)
 
-    meta.update(seconds=time.time() - t0, complete=True)
+    meta.update(complete=True)
+    save()
+    runs = list(earlier_runs or []) + [{"commit": commit, "date": meta["date"], "seconds": time.time() - t0,
+                                         "complete": True}]
+    meta.update(seconds=sum(r["seconds"] for r in runs), runs=runs)
     return {"rows": rows, "meta": meta}
 
 
@@ -184,9 +194,9 @@ def to_markdown(res: dict) -> str:
     missing += [t for t, name in (("forms", "table 1 (forms and baselines)"), ("kv_quant", "table 3 (KV quantization)"))
                 if not any(r["table"] == t for r in rows) for t in [name]]
     if "runs" in m:
-        out += ["Measured in " + " and ".join(f"a run at commit {r['commit']} ({r['seconds']:.0f} s"
-                                             + ("" if r["complete"] else ", stopped before its end") + ")"
-                                             for r in m["runs"]) + ".", ""]
+        out += ["Measured in " + str(len(m["runs"])) + " runs: " + "; ".join(
+            f"commit {r['commit']}, {r['seconds']:.0f} s" + ("" if r["complete"] else ", stopped before its end")
+            + (f": {r['covers']}" if r.get("covers") else "") for r in m["runs"]) + ".", ""]
     if missing:
         out += ["**Not measured** (the run was cut short to fit a session; missing, not estimated): "
                 + "; ".join(missing) + ".", ""]
@@ -209,7 +219,7 @@ def to_markdown(res: dict) -> str:
         if r["table"] == "forms":
             rank = f"{r['mean_rank']:.0f}" if "mean_rank" in r else f"r_k = r_v = {r['ranks_k_v'][0]}"
             out.append(f"| {r['r2']:.1%} | {r['method']} | {rank} | {_ppl(r)} |")
-    out += ["", "## 2. Quantized settings, R2 with bits (the paper's count), latent form by measurement", "",
+    out += ["", "## 2. Quantized settings, R2 with bits (the paper's count); latent form measured (auto) or given", "",
             "| R2 | setting | form | mean rank | B/token/layer | fewer bytes than fp16 | perplexity | ratio | KL | "
             "next-token agreement |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -264,12 +274,8 @@ def main(argv=None):
             earlier = json.load(f)
     res = run(args.quick, args.threads, partial=args.out + ".partial.json", tables=tuple(args.tables.split(",")),
               quant_budgets=tuple(float(b) for b in args.quant_budgets.split(",")),
-              rows=earlier["rows"] if earlier else None, latent=args.latent)
-    if earlier:
-        m = earlier["meta"]
-        keys = ("commit", "date", "seconds", "complete")
-        res["meta"]["runs"] = m.get("runs", [{k: m.get(k) for k in keys}]) + [{k: res["meta"][k] for k in keys}]
-        res["meta"]["seconds"] += m["seconds"]
+              rows=earlier["rows"] if earlier else None, latent=args.latent,
+              earlier_runs=earlier["meta"].get("runs", []) if earlier else None)
     write_results(args.out, res, to_markdown(res))
 
 
