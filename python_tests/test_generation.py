@@ -41,7 +41,7 @@ def full_rank(llama):
 def quantized(llama):
     model, comp = llama
     return {q: comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), qc.QuantConfig.parse(q)),
-                             qc.causal_lm_fisher_loss()) for q in ("W8A8", "W4A4")}
+                             qc.causal_lm_fisher_loss()) for q in ("W8A8", "W4A4", "W8A8L4")}
 
 
 def _prompt(n=3, length=10, seed=5):
@@ -174,7 +174,7 @@ def test_use_cache_false_recomputes_and_matches(llama, full_rank):
 
 
 @pytest.mark.parametrize("backend", ["ops", "torch"])
-@pytest.mark.parametrize("qname", ["W8A8", "W4A4"])
+@pytest.mark.parametrize("qname", ["W8A8", "W4A4", "W8A8L4"])  # W8A8L4: 8-bit activations, a 4-bit latent cache
 @torch.no_grad()
 def test_decode_through_the_latent_cache_matches_recompute(llama, quantized, backend, qname):
     """Logits of one-token decode steps (latent_attention on the ops) against
