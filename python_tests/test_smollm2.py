@@ -20,7 +20,7 @@ import torch
 
 REQUIRED = bool(os.environ.get("QSVD_REQUIRE_MINILM"))  # CI: the real models must run, never skip
 if not REQUIRED:
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="the SmolLM2 tests load the model with transformers (requirements.txt)")
 
 from qsvd_kernels import compress as qc  # noqa: E402
 from qsvd_kernels import reference as R  # noqa: E402

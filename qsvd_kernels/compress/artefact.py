@@ -50,7 +50,7 @@ class CompressedModel:
         tensors = {f"layers.{i}.{k}": v.contiguous() for i, l in enumerate(self.layers) for k, v in l.tensors().items()}
         tmp = os.path.join(directory, TENSOR_FILE + ".tmp")
         save_file(tensors, tmp)
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
         config = {"format": "qsvd-kernels", "format_version": FORMAT_VERSION, "tensor_file": TENSOR_FILE,
                   "tensor_sha256": digest, "sites": self.site_names, "layers": [l.meta() for l in self.layers],
                   "info": self.info}
@@ -80,7 +80,7 @@ class CompressedModel:
         tpath = os.path.join(directory, os.path.basename(str(config.get("tensor_file", TENSOR_FILE))))
         if not os.path.exists(tpath):
             raise ValueError(f"{directory}: tensor file {os.path.basename(tpath)} is missing")
-        if _sha256(tpath) != config.get("tensor_sha256"):
+        if file_sha256(tpath) != config.get("tensor_sha256"):
             raise ValueError(f"{tpath}: checksum mismatch: the tensor file is corrupt or belongs to another artefact")
         try:
             flat = load_file(tpath)
@@ -102,7 +102,8 @@ class CompressedModel:
         return cls(list(sites), layers, config.get("info", {}))
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes, read in chunks (artefacts, model files)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

