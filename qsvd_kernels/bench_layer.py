@@ -72,7 +72,7 @@ def make_decode_steps(hidden=1024, heads=16, kv_heads=16, rank=384, context=512,
     # Sequence b owns blocks [b * blocks, (b + 1) * blocks) of the paged pool.
     block_size = 16
     blocks = -(-total // block_size)
-    pool = proj.new_pool(batch * blocks, block_size, device)
+    cache = proj.cache_view(proj.new_pool(batch * blocks, block_size, device))
     block_table = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks)
     filled = {"t": 0}
 
@@ -80,7 +80,7 @@ def make_decode_steps(hidden=1024, heads=16, kv_heads=16, rank=384, context=512,
         t0 = filled["t"]
         t = torch.arange(t0, t0 + n, device=device)
         slots = (block_table[:, t // block_size].long() * block_size + t % block_size).reshape(-1)
-        rows = proj.store(pool, p, slots, torch.ones_like(slots, dtype=torch.bool))
+        rows = proj.core.store(p, slots, cache)
         filled["t"] = t0 + n
         return rows
 
@@ -97,7 +97,7 @@ def make_decode_steps(hidden=1024, heads=16, kv_heads=16, rank=384, context=512,
         rows = append(p, 1)
         q = R.apply_rope_ref(proj.queries(p, rows).view(batch, H, d), cos[t], sin[t])
         seq_lens = torch.full((batch,), t + 1, dtype=torch.int32, device=device)
-        o = proj.decode(q.to(dt), pool, block_table, seq_lens, cos[: t + 1], sin[: t + 1], d**-0.5)
+        o = proj.core.decode(q.to(dt), cache, block_table, seq_lens, cos[: t + 1], sin[: t + 1], d**-0.5)
         return o.reshape(batch, -1).to(dt) @ W_o_q
 
     W_qkv = torch.cat(W, 1).to(device, dt)  # the uncompressed layer

@@ -54,6 +54,19 @@ void check_isa_env(const char* op) {
   QSVD_CHECK(err.empty(), op, err, " (it is read once, when the library loads)");
 }
 
+bool int_mm_exact() {
+  static const bool exact = [] {
+    const int64_t M = 4, N = 8, K = 256;
+    at::Tensor a = at::full({M, K}, 127, at::kChar);
+    at::Tensor b = at::full({N, K}, 127, at::kChar);
+    a.select(0, 1).fill_(-127);
+    b.select(0, 2).fill_(-127);
+    a.select(0, 3).narrow(0, 0, K / 2).fill_(-127);
+    return at::equal(at::_int_mm(a, b.t()).to(at::kLong), at::mm(a.to(at::kLong), b.to(at::kLong).t()));
+  }();
+  return exact;
+}
+
 bool int8_brgemm_ready() {
 #if defined(CPUBLAS_BRGEMM_I8I8I32)
   if (!at::native::cpublas::could_pack(at::kChar)) return false;

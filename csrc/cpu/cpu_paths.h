@@ -35,6 +35,13 @@ void check_isa_env(const char* op);
 // time; the arithmetic is probed once.
 bool int8_brgemm_ready();
 
+// Whether at::_int_mm (oneDNN's int8 GEMM) returns exact int32 sums for
+// full-range codes, probed once: 127 * 127 pairs are where a saturating
+// 16-bit pair sum (pmaddubsw after the s8 -> u8 shift, 255 * 127 * 2 >
+// 32767) would clip, as on CPUs without VNNI/AMX. quant_gemm and
+// latent_attention's RoPE rebuild take the exact int8 GEMM only then.
+bool int_mm_exact();
+
 // MKL's C = alpha A B + beta C with bf16 A, B and fp32 C (row-major, no
 // transposes), looked up at run time in torch's MKL; null when absent.
 // Integer arguments go as 64-bit registers, which reads right whether this

@@ -37,20 +37,10 @@
 namespace qsvd_torch {
 namespace {
 
-// Whether at::_int_mm returns exact int32 sums for full-range codes:
-// 127 * 127 pairs are where a saturating 16-bit pair sum (pmaddubsw after
-// the s8 -> u8 shift, 255 * 127 * 2 > 32767) would clip.
+// cpu_paths.h's probe, with a warning (once) where it fails.
 bool int_mm_is_exact() {
   static const bool exact = [] {
-    const int64_t M = 4, N = 8, K = 256;
-    at::Tensor a = at::full({M, K}, 127, at::kChar);
-    at::Tensor b = at::full({N, K}, 127, at::kChar);
-    a.select(0, 1).fill_(-127);
-    b.select(0, 2).fill_(-127);
-    a.select(0, 3).narrow(0, 0, K / 2).fill_(-127);
-    const at::Tensor got = at::_int_mm(a, b.t()).to(at::kLong);
-    const at::Tensor want = at::mm(a.to(at::kLong), b.to(at::kLong).t());
-    const bool ok = at::equal(got, want);
+    const bool ok = cpu::int_mm_exact();
     if (!ok)
       TORCH_WARN("qsvd.quant_gemm: torch's int8 GEMM (oneDNN) does not return exact int32 sums on this CPU ",
                  "(no VNNI/AMX); using the exact scalar loop, which is much slower");

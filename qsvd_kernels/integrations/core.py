@@ -1,38 +1,48 @@
 """The QSVD decoder attention step on torch.ops.qsvd, engine-neutral: what
-the Hugging Face block and the vLLM layer both run (their adapters turn
-their engine's metadata into the arguments here, and add nothing to the
-arithmetic).
+the Hugging Face block and the vLLM layer both run. Their adapters turn
+their engine's metadata into a ``StepMetadata`` and call ``run``; they add
+nothing to the arithmetic.
 
-Per step, for N new tokens ``x`` [N, E]:
+Per step, for N new token rows ``x`` [N, E] (any mix of prefills, chunks of
+prefills, decodes and padding rows):
 
 1. ``project(x)``: x codes = hadamard_quant(x) (H1, per-token
    quantization), c = x W_d (quant_gemm, fp32 [N, r]);
-2. ``append(proj, slots, cache)``: latent_cache_append writes each token's
-   quantized c at its slot of the paged cache;
-3. ``queries(proj, rows)``: q, fp32 [N, H d] (plus b_q), unrotated: in the
-   "qkv" latent form from the *cached* rows (``read_rows``: queries see
-   exactly what later steps' keys are made of), in the "kv" form from x's
-   codes with W_q (the same activation codes as c; q is never cached);
-4. attention over the cache, the caller having rotated q with RoPE:
-   ``decode`` (one new token per sequence: latent_attention, K rebuilt and
-   V absorbed inside the op) or ``keys_values`` (K rotated, V, for any
-   dense attention: prefill). The V bias is added here (softmax weights sum
-   to 1, so it is added once, after attention).
+2. ``store``: latent_cache_append writes each real row's quantized c at its
+   slot of the paged cache (padding rows have slot -1), and reads the rows
+   back when q is made from them;
+3. ``queries``: q, fp32 [N, H d] (plus b_q): in the "qkv" latent form from
+   the *cached* rows (queries see exactly what later steps' keys are made
+   of), in the "kv" form from x's codes with W_q (the same activation codes
+   as c; q is never cached); then rotated at each row's position;
+4. attention over the cache: a sequence with one new row is decoded by
+   ``latent_attention`` (K rebuilt and V absorbed inside the op); the rows of
+   a sequence with several are attended causally over its whole context,
+   K (rotated) and V rebuilt by ``latent_reconstruct_kv`` for this call only
+   (prefill, chunked prefill, prefix-cache hits). The V bias is added once,
+   after attention (softmax weights sum to 1). Padding rows give zeros.
 
 A cache is ``LatentCache(codes, scale)``: separate codes and fp32 scales,
 or packed rows (``scale`` None; docs/ops.md "The latent cache layouts").
 The operands are read by name from ``operands`` (a module holding them as
 buffers or parameters, laid out as model.layer_tensors says), at every
 call, so moving or loading them needs nothing from the core.
+
+``run`` is written once over the primitives (``project``, ``store``,
+``queries``, ``decode``, ``keys_values``); the Hugging Face integration's
+plain-PyTorch simulation (hf/projector.py) provides the same primitives.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .. import formats, ops
+from .. import reference as R
 from ..model.layer_tensors import QSVDLayerSpec
 
 
@@ -66,7 +76,94 @@ class Projection(NamedTuple):
     x_scale: torch.Tensor  # [N] fp32
 
 
-class QSVDAttentionCore:
+@dataclass
+class StepMetadata:
+    """One step's rows and sequences, made once per step by the engine's
+    adapter and reused by every layer (as FlashInfer's plan)."""
+
+    slots: torch.Tensor  # [N] int64: each row's cache slot; -1: a padding row (not stored, output zero)
+    positions: torch.Tensor  # [N] int64: each row's index in its sequence (its RoPE position)
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32: each sequence's cached tokens, this step's included
+    decode_rows: torch.Tensor  # [n] int64: rows that are their sequence's only new token
+    decode_seqs: torch.Tensor  # [n] int64: those sequences
+    # (sequence, its rows in position order [n_i] int64, sequence length L_i) of the
+    # sequences with several new rows: host values, as their K/V sizes depend on them
+    prefills: list[tuple[int, torch.Tensor, int]]
+
+
+def step_metadata(slots: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  rows_of_seq: list, seq_lens_host: list[int]) -> StepMetadata:
+    """``StepMetadata`` from each sequence's new rows (host: ``rows_of_seq[b]``,
+    a range or list of row indices in position order) and host sequence
+    lengths (read for sequences with several new rows only)."""
+    dev = slots.device
+    dec = [b for b, rows in enumerate(rows_of_seq) if len(rows) == 1]
+    return StepMetadata(
+        slots, positions, block_table, seq_lens,
+        decode_rows=torch.tensor([rows_of_seq[b][0] for b in dec], dtype=torch.long, device=dev),
+        decode_seqs=torch.tensor(dec, dtype=torch.long, device=dev),
+        prefills=[(b, torch.as_tensor(list(rows), dtype=torch.long, device=dev), int(seq_lens_host[b]))
+                  for b, rows in enumerate(rows_of_seq) if len(rows) > 1])
+
+
+class AttentionStep:
+    """``run``: the step over the primitives a subclass provides (module
+    docstring). ``fused_decode`` False: ``decode`` is not offered, and
+    decoded sequences take the prefill path."""
+
+    spec: QSVDLayerSpec
+    fused_decode = True
+
+    def run(self, proj, cache, meta: StepMetadata, rope_cos: torch.Tensor, rope_sin: torch.Tensor, sm_scale: float,
+            q: torch.Tensor | None = None) -> torch.Tensor:
+        """Store the step's latents and attend: out fp32 [N, H, d], zero at
+        padding rows. ``rope_cos``/``rope_sin`` [max_len, d] fp32 hold row t =
+        position t (rotate-half tables); ``q`` [N, H d] may be given already
+        made ("kv" form: an engine that projects outside its attention op)."""
+        s = self.spec
+        N = meta.slots.shape[0]
+        rows = self.store(proj, meta.slots, cache)
+        if q is None:
+            q = self.queries(proj, rows)
+        pos = meta.positions.clamp(min=0)
+        q = R.apply_rope_ref(q.reshape(N, s.num_heads, s.head_dim), rope_cos[pos][:, None], rope_sin[pos][:, None])
+        out = q.new_zeros(N, s.num_heads, s.head_dim)
+        prefills = meta.prefills
+        if meta.decode_rows.numel():
+            if self.fused_decode:
+                seqs = meta.decode_seqs
+                out[meta.decode_rows] = self.decode(q[meta.decode_rows], cache, meta.block_table[seqs],
+                                                    meta.seq_lens[seqs], rope_cos, rope_sin, sm_scale)
+            else:
+                lens = meta.seq_lens[meta.decode_seqs].tolist()
+                prefills = prefills + [(int(b), r.view(1), int(n)) for b, r, n in
+                                       zip(meta.decode_seqs.tolist(), meta.decode_rows, lens)]
+        if prefills:
+            self._prefill(q, cache, meta, prefills, rope_cos, rope_sin, sm_scale, out)
+        return out
+
+    def _prefill(self, q, cache, meta: StepMetadata, prefills, rope_cos, rope_sin, sm_scale, out) -> None:
+        """Each listed sequence's new rows attend causally over its whole
+        context (cached prefix + these rows: the last n of its L tokens)."""
+        s = self.spec
+        seqs = torch.tensor([p[0] for p in prefills], dtype=torch.long, device=q.device)
+        k, v = self.keys_values(cache, meta.block_table[seqs], meta.seq_lens[seqs], rope_cos, rope_sin)
+        rep = s.num_heads // s.num_kv_heads
+        start = 0
+        for _, rows, L in prefills:
+            n = rows.shape[0]
+            K = k[start : start + L].transpose(0, 1).repeat_interleave(rep, 0)  # [H, L, d]
+            V = v[start : start + L].transpose(0, 1).repeat_interleave(rep, 0)
+            start += L
+            keys = torch.arange(L, device=q.device)
+            allowed = keys[None, :] <= (L - n + torch.arange(n, device=q.device))[:, None]  # causal, offset L - n
+            o = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], K[None], V[None],
+                                               attn_mask=allowed[None, None], scale=sm_scale)
+            out[rows] = o[0].transpose(0, 1)
+
+
+class QSVDAttentionCore(AttentionStep):
     """One layer's QSVD attention step (module docstring); ``spec`` is the
     layer (this rank's heads), ``operands`` holds its tensors by name."""
 
@@ -88,6 +185,12 @@ class QSVDAttentionCore:
         """Quantize the rows of ``proj.c`` whose slot is >= 0 into the cache (in place)."""
         ops.latent_cache_append(proj.c, slots, cache.codes, cache.scale, self.spec.latent_bits,
                                 self.spec.latent_clip)
+
+    def store(self, proj: Projection, slots: torch.Tensor, cache: LatentCache):
+        """Append, and return the cached rows when q is made from them ("qkv"
+        form), else None."""
+        self.append(proj, slots, cache)
+        return self.read_rows(cache, slots) if self.queries_need_rows else None
 
     def read_rows(self, cache: LatentCache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached rows at ``slots`` as quant_gemm operands (codes, fp32

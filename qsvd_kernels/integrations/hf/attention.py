@@ -1,12 +1,9 @@
 """The QSVD decoder attention block and the hook on the decoder stack that
-plans each step in the latent cache.
-
-Each step, for B sequences of T new columns: c = x W_d (hadamard_quant +
-quant_gemm), the real tokens' latents go into the paged cache
-(latent_cache_append), q comes from the *cached* latent (quant_gemm), then
-attention: one new token per sequence with latent_attention (K rebuilt and V
-absorbed inside the op), several with latent_reconstruct_kv + SDPA. K and V
-are never stored.
+plans each step in the latent cache: Hugging Face's adapter over the
+engine-neutral step (integrations/core.py). The cache plans each step once
+(its rows, slots, positions and sequences: ``core.StepMetadata``); every
+layer's block records the model's rotary tables and runs the core on it.
+K and V are never stored.
 
 Never silent: a block that finds no QSVDLatentCache for its step raises; it
 does not attend to only the current call.
@@ -17,10 +14,8 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ... import reference as R
 from ..core import refuse_k_bias
 from .cache import QSVDLatentCache
 
@@ -163,53 +158,14 @@ class QSVDDecoderAttention(nn.Module):
         B, T, E = hidden_states.shape
         if tuple(step.real.shape) != (B, T):
             raise RuntimeError(f"the cache planned a step of {tuple(step.real.shape)} columns, this call has {(B, T)}")
-        d = self.projector.dims
-        H, H_kv, hd = d.num_heads, d.num_kv_heads, d.head_dim
         if position_embeddings is None:
             raise ValueError("QSVDDecoderAttention needs the model's rotary position_embeddings")
         if self.sliding_window is not None and step.max_len > self.sliding_window:
             raise NotImplementedError(f"a sequence of {step.max_len} tokens exceeds this layer's sliding window "
                                       f"({self.sliding_window}); the QSVD block attends to the whole context")
-        cos, sin = position_embeddings
-        cache.record_rope(cos, sin)
+        cache.record_rope(*position_embeddings)
         layer = cache.layers[self.layer_idx]
-        real = step.real.reshape(-1)
-
         proj = self.projector.latent(hidden_states.reshape(B * T, E))
-        rows = self.projector.store(layer.pool, proj, step.slots, real)
-        q = self.projector.queries(proj, rows).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
-        q = R.apply_rope_ref(q, cos.reshape(-1, 1, T, hd).float(), sin.reshape(-1, 1, T, hd).float())
-        L = max(step.max_len, 1)
-        rope_cos, rope_sin = cache.rope_cos[:L], cache.rope_sin[:L]
-
-        out = None
-        if T == 1:
-            out = self.projector.decode(q[:, :, 0], layer.pool, cache.block_table, step.seq_lens, rope_cos, rope_sin,
-                                        self.scaling)
-        if out is not None:
-            attn = out[:, None]  # [B, 1, H, hd]
-        else:
-            attn = self._prefill(q, layer, cache, step, rope_cos, rope_sin, L)  # [B, T, H, hd]
-        attn = attn * step.real[:, :, None, None].to(attn.dtype)  # padding columns give zeros
-        return self.o_proj(attn.reshape(B, T, H * hd).to(hidden_states.dtype)), None
-
-    def _prefill(self, q, layer, cache, step, rope_cos, rope_sin, L):
-        """Attention of T new columns over each sequence's cached tokens
-        (K and V rebuilt from the latent for this call only)."""
-        d = self.projector.dims
-        B, H, T, hd = q.shape
-        k, v = self.projector.keys_values(layer.pool, cache.block_table, step.seq_lens, rope_cos, rope_sin)
-        lens = step.seq_lens.long()
-        b = torch.repeat_interleave(torch.arange(B, device=q.device), lens)
-        t = torch.arange(k.shape[0], device=q.device) - (torch.cumsum(lens, 0) - lens)[b]
-        K = k.new_zeros(B, L, d.num_kv_heads, hd)
-        V = v.new_zeros(B, L, d.num_kv_heads, hd)
-        K[b, t], V[b, t] = k, v
-        keys = torch.arange(L, device=q.device)
-        allowed = keys[None, None, :] <= step.idx[:, :, None]  # causal within each sequence
-        allowed = torch.where(step.real[:, :, None], allowed, keys[None, None, :] == 0)  # padding: any key, zeroed
-        rep = H // d.num_kv_heads
-        attn = F.scaled_dot_product_attention(
-            q, K.transpose(1, 2).repeat_interleave(rep, 1), V.transpose(1, 2).repeat_interleave(rep, 1),
-            attn_mask=allowed[:, None], scale=self.scaling)
-        return attn.transpose(1, 2)  # [B, T, H, hd]
+        out = self.projector.core.run(proj, self.projector.cache_view(layer.pool), step.meta, cache.rope_cos,
+                                      cache.rope_sin, self.scaling)  # [B T, H, hd], zero at padding columns
+        return self.o_proj(out.reshape(B, T, -1).to(hidden_states.dtype)), None

@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from ..core import StepMetadata, step_metadata
+
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin
 except ImportError:  # pragma: no cover - transformers is an optional extra
@@ -41,6 +43,7 @@ class StepPlan:
         self.seq_lens = seq_lens  # [B] int32: tokens per sequence after this step
         self.max_len = max_len  # int: max(seq_lens)
         self.rope_recorded = False
+        self.meta: StepMetadata | None = None  # the attention core's view of the step
 
 
 class QSVDLatentLayer(CacheLayerMixin):
@@ -298,6 +301,10 @@ class QSVDLatentCache(Cache):
         slots = torch.where(real, blk * self.block_size + idx.clamp(min=0) % self.block_size,
                             torch.full_like(idx, -1)).reshape(-1)
         self.step = StepPlan(real, idx, slots, new_lens, int(new_lens.max()) if B else 0, taken)
+        real_host = real.tolist()
+        self.step.meta = step_metadata(slots, idx.reshape(-1), self.block_table, new_lens,
+                                       [[b * T + t for t in range(T) if real_host[b][t]] for b in range(B)],
+                                       new_lens.tolist())
         self._pending = (T, new_lens)
         return self.step
 

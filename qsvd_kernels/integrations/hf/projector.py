@@ -3,28 +3,21 @@
 (``TorchProjector``, the compression pipeline's float64 simulation; serves
 unquantized artefacts too, e.g. the full-rank parity check).
 
-Both offer the same methods; the projections and "latent rows" they pass
-between them are each class's own type (codes and scales on the ops,
-dequantized values in torch), so the attention block never looks inside
-them:
+Both offer:
 
 - ``latent(x)``: the step's projection of x [N, E] (c = x W_d, and what q
-  needs in the "kv" latent form)
-- ``new_pool(num_blocks, block_size, device)``: the paged latent storage of one layer
-- ``store(pool, proj, slots, real)``: write the real rows into the pool, return
-  the latent rows the queries are computed from (read back from the pool:
-  queries see exactly what later steps' keys see)
-- ``queries(proj, rows)``: q (+ b_q), fp32 [N, H d]: rows W_uq ("qkv" form)
-  or x W_q ("kv" form)
-- ``keys_values(pool, block_table, seq_lens, cos, sin)``: K (rotated) and V of
-  every cached token, varlen [sum(seq_lens), H_kv, d] fp32
-- ``decode(q, pool, block_table, seq_lens, cos, sin, scale)``: one new token
-  per sequence attending over its cache, [B, H, d] fp32, or None when this
-  projector has no fused decode (the caller then uses keys_values)
+  needs in the "kv" latent form);
+- ``new_pool(num_blocks, block_size, device)``: one layer's paged latent
+  storage, and ``cache_view(pool)``: the view of it ``core`` takes;
+- ``core``: the decoder attention step (integrations/core.py ``run``); on the
+  ops, ``QSVDAttentionCore``; in torch, the same primitives simulated (the
+  cache keeps the dequantized latent in fp32, and there is no fused decode);
 - ``project(x)``: (q, k, v) for encoders, which keep no cache.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,7 +25,7 @@ from torch import nn
 from ... import formats, ops
 from ... import reference as R
 from ...compress.layer import CompressedQKV
-from ..core import LatentCache, QSVDAttentionCore
+from ..core import AttentionStep, LatentCache, QSVDAttentionCore
 
 
 class LatentPool:
@@ -122,12 +115,9 @@ class OpsProjector(_Projector):
             torch.zeros(num_blocks, block_size, self.code.row_bytes(self.rank), dtype=self.code.dtype, device=device),
             torch.zeros(num_blocks, block_size, dtype=torch.float32, device=device)])
 
-    def store(self, pool: LatentPool, proj, slots: torch.Tensor, real: torch.Tensor):
-        """Append the real rows (padding has slot -1); the cached rows when q
-        is made from them ("qkv" form), else None."""
-        cache = LatentCache(*pool.tensors)
-        self.core.append(proj, slots, cache)
-        return self.core.read_rows(cache, slots) if self.core.queries_need_rows else None
+    @staticmethod
+    def cache_view(pool: LatentPool) -> LatentCache:
+        return LatentCache(*pool.tensors)
 
     def quantize_latent(self, proj):
         """The latent's quantized form without a cache (encoders): quantized by
@@ -149,14 +139,6 @@ class OpsProjector(_Projector):
     def encoder_keys_values(self, rows):
         return self._up(rows, "wuk_rows", "bk"), self._up(rows, "wuv_rows", "bv")
 
-    def keys_values(self, pool, block_table, seq_lens, cos, sin):
-        return self.core.keys_values(LatentCache(*pool.tensors), block_table, seq_lens, cos, sin)
-
-    def decode(self, q, pool, block_table, seq_lens, cos, sin, scale: float):
-        """The decode step: latent_attention over the paged cache (K rebuilt
-        and V absorbed inside the op), plus the V bias."""
-        return self.core.decode(q, LatentCache(*pool.tensors), block_table, seq_lens, cos, sin, scale)
-
 
 class TorchProjector(_Projector):
     """The same layer in plain PyTorch (the pipeline's float64 simulation of
@@ -166,6 +148,7 @@ class TorchProjector(_Projector):
 
     def __init__(self, layer: CompressedQKV, encoder: bool = False):
         super().__init__(layer)
+        self.core = _TorchStep(self)
 
     @property
     def token_nbytes(self) -> float:
@@ -179,13 +162,12 @@ class TorchProjector(_Projector):
     def new_pool(self, num_blocks: int, block_size: int, device) -> LatentPool:
         return LatentPool([torch.zeros(num_blocks, block_size, self.rank, dtype=torch.float32, device=device)])
 
+    @staticmethod
+    def cache_view(pool: LatentPool) -> LatentCache:
+        return LatentCache(pool.tensors[0], None)  # fp32 rows [num_blocks, block_size, r]
+
     def quantize_latent(self, proj) -> torch.Tensor:
         return self.layer.quantized_latent(proj[0]).float()
-
-    def store(self, pool: LatentPool, proj, slots: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        rows = self.quantize_latent(proj)
-        pool.tensors[0].view(-1, self.rank)[slots[real]] = rows[real]
-        return rows
 
     def _up(self, rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Columns [lo, hi) of [q | k | v] from latent rows."""
@@ -205,18 +187,38 @@ class TorchProjector(_Projector):
         d = self.dims
         return self._up(rows, d.q_dim, d.q_dim + d.kv_dim), self._up(rows, d.q_dim + d.kv_dim, d.out_dim)
 
-    def keys_values(self, pool, block_table, seq_lens, cos, sin):
-        bs = pool.tensors[0].shape[1]
-        slots, t = _token_slots(block_table, seq_lens, bs)
-        rows = pool.tensors[0].view(-1, self.rank)[slots]
-        k, v = self.encoder_keys_values(rows)
-        d = self.dims
-        k = k.view(-1, d.num_kv_heads, d.head_dim)
-        k = R.apply_rope_ref(k, cos[t][:, None], sin[t][:, None])
+
+class _TorchStep(AttentionStep):
+    """The core's primitives in the torch simulation (no fused decode)."""
+
+    fused_decode = False
+
+    def __init__(self, projector: TorchProjector):
+        self.p = projector
+        d = projector.dims
+        self.spec = _Heads(d.num_heads, d.num_kv_heads, d.head_dim)
+
+    def store(self, proj, slots: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        rows = self.p.quantize_latent(proj)
+        real = slots >= 0
+        cache.codes.view(-1, self.p.rank)[slots[real]] = rows[real]
+        return rows
+
+    def queries(self, proj, rows) -> torch.Tensor:
+        return self.p.queries(proj, rows)
+
+    def keys_values(self, cache: LatentCache, block_table, seq_lens, cos, sin):
+        slots, t = _token_slots(block_table, seq_lens, cache.codes.shape[1])
+        k, v = self.p.encoder_keys_values(cache.codes.view(-1, self.p.rank)[slots])
+        d = self.p.dims
+        k = R.apply_rope_ref(k.view(-1, d.num_kv_heads, d.head_dim), cos[t][:, None], sin[t][:, None])
         return k, v.view(-1, d.num_kv_heads, d.head_dim)
 
-    def decode(self, q, pool, block_table, seq_lens, cos, sin, scale: float):
-        return None
+
+class _Heads(NamedTuple):
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
 
 
 def _token_slots(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int):

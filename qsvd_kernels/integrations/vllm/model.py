@@ -2,21 +2,14 @@
 latent cache and backend, and the QSVD variants of the LLaMA-family causal
 LMs (registered by ``qsvd_kernels.integrations.vllm.register``).
 
-Per layer and step, for the step's N tokens (any mix of prefills, chunked
-prefills, prefix-cache hits and decodes):
-
-1. ``c = x W_d``: hadamard_quant + quant_gemm, fp32 [N, r] (W_d and the
-   latent are replicated on every tensor-parallel rank, as vLLM does for MLA);
-2. latent_cache_append writes c's rows at vLLM's ``slot_mapping`` into the
-   layer's page: ``block_size`` packed rows of (codes | fp32 scale), the
-   layout of docs/ops.md, so vLLM counts every byte and prefix caching,
-   block zeroing and KV connectors move the scales with the codes;
-3. q from the *cached* rows (quant_gemm with W_uq; queries see exactly what
-   later keys see), rotated at the tokens' positions;
-4. decode tokens (one new token of a request): latent_attention over vLLM's
-   block table and sequence lengths (K rebuilt, V absorbed inside the op);
-   prefill tokens: latent_reconstruct_kv of the request's whole context plus
-   causal attention with the context offset. K and V live for this call only.
+Per layer and step, vLLM's N tokens (any mix of prefills, chunked
+prefills, prefix-cache hits and decodes) run the engine-neutral step,
+``integrations/core.py``: projection before the layer's one opaque op, then
+inside it the append at vLLM's ``slot_mapping``, the queries, and
+latent_attention (decodes) or the causal prefill over vLLM's block table.
+The page is ``block_size`` packed rows of (codes | fp32 scale), the layout
+of docs/ops.md, so vLLM counts every byte and prefix caching, block zeroing
+and KV connectors move the scales with the codes (``backend.py``).
 
 The layer is this rank's heads: q, W_uk / W_uv and o_proj are sharded by
 head (kv heads replicated when there are fewer than ranks, as vLLM does).
@@ -40,12 +33,11 @@ import os  # noqa: E402
 # index on the device (docs/ops.md). Read once, at the first op call.
 os.environ.setdefault("QSVD_SKIP_INDEX_CHECKS", "1")
 
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from functools import partial  # noqa: E402
 from typing import ClassVar  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from vllm.config import VllmConfig, get_current_vllm_config  # noqa: E402
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size  # noqa: E402
@@ -55,117 +47,13 @@ from vllm.model_executor.layers.linear import RowParallelLinear  # noqa: E402
 from vllm.model_executor.layers.rotary_embedding import get_rope  # noqa: E402
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM  # noqa: E402
 from vllm.utils.torch_utils import direct_register_custom_op  # noqa: E402
-from vllm.v1.attention.backend import (  # noqa: E402
-    AttentionBackend,
-    AttentionImpl,
-    AttentionMetadataBuilder,
-    CommonAttentionMetadata,
-)
-from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
-from ... import reference as R  # noqa: E402
 from ...model.families import causal_lm_architectures, config_sliding_window, family_of_architecture  # noqa: E402
-from ...model.layer_tensors import BIAS_NAMES, QSVDLayerSpec  # noqa: E402
-from ...compress.quant import QuantConfig  # noqa: E402
+from ...model.layer_tensors import BIAS_NAMES  # noqa: E402
 from ..core import LatentCache, Projection, QSVDAttentionCore, refuse_k_bias  # noqa: E402
-from ..export import EXPORT_FORMAT, QSVD_PREFIX, READABLE_EXPORT_VERSIONS  # noqa: E402
-
-
-# ----------------------------------------------------------------- KV cache spec
-@dataclass(frozen=True, kw_only=True)
-class QSVDLatentSpec(FullAttentionSpec):
-    """One layer's page: ``block_size`` packed latent rows of
-    ``packed_row_bytes(bits, rank)`` bytes (codes, then the fp32 scale).
-    Expressed as one uint8 "head" of that size with no V part, so vLLM's
-    page arithmetic counts exactly these bytes; ranks may differ per layer
-    (vLLM groups such layers under one block table)."""
-
-    rank: int = 0
-    bits: int = 8
-
-
-# ------------------------------------------------------------------ metadata
-@dataclass
-class QSVDMetadata:
-    num_tokens: int  # real tokens of the step (the input may be padded past them)
-    slot_mapping: torch.Tensor  # [num_tokens] int64
-    block_table: torch.Tensor  # [num_reqs, max_blocks] int32
-    seq_lens: torch.Tensor  # [num_reqs] int32: context incl. this step's tokens
-    decode_reqs: torch.Tensor  # requests with one new token
-    decode_tokens: torch.Tensor  # their token rows
-    # (request, first token row, number of tokens, sequence length) of the others
-    prefills: list[tuple[int, int, int, int]]
-    max_seq_len: int
-
-
-class QSVDMetadataBuilder(AttentionMetadataBuilder[QSVDMetadata]):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> QSVDMetadata:
-        m = common_attn_metadata
-        n, T = m.num_reqs, m.num_actual_tokens
-        qsl = m.query_start_loc_cpu[: n + 1].tolist()
-        # Host sequence lengths, for the prefills only (their K/V size depends
-        # on them): vLLM's host copy, exact for prefill rows, so no device
-        # sync; decodes never read them on the host (CUDA graphs).
-        host = m.seq_lens_cpu_upper_bound if m.seq_lens_cpu_upper_bound is not None else m.seq_lens.cpu()
-        seq_lens_host = host[:n].tolist()
-        qlens = [qsl[i + 1] - qsl[i] for i in range(n)]
-        dec = [i for i in range(n) if qlens[i] == 1]
-        prefills = [(i, qsl[i], qlens[i], int(seq_lens_host[i])) for i in range(n) if qlens[i] > 1]
-        dev = m.seq_lens.device
-        return QSVDMetadata(
-            num_tokens=T, slot_mapping=m.slot_mapping[:T].long(), block_table=m.block_table_tensor[:n],
-            seq_lens=m.seq_lens[:n].to(torch.int32), decode_reqs=torch.tensor(dec, dtype=torch.long, device=dev),
-            decode_tokens=torch.tensor([qsl[i] for i in dec], dtype=torch.long, device=dev), prefills=prefills,
-            max_seq_len=int(max(seq_lens_host, default=0)))
-
-
-class QSVDAttentionImpl(AttentionImpl):
-    """vLLM expects an impl object on every attention layer; the QSVD layer
-    does its own work (``QSVDAttention.attend``), so this one holds no state
-    and is never run."""
-
-    def __init__(self, *args, **kwargs):
-        self.kv_cache_dtype = "auto"
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("QSVDAttentionImpl.forward is not used: QSVDAttention.attend does the work")
-
-
-class QSVDLatentBackend(AttentionBackend):
-    """The backend of the QSVD latent cache (CPU and CUDA: the ops dispatch
-    by device)."""
-
-    forward_includes_kv_cache_update: bool = True
-    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-
-    @staticmethod
-    def get_name() -> str:
-        return "QSVD_LATENT"
-
-    @staticmethod
-    def get_impl_cls():
-        return QSVDAttentionImpl
-
-    @staticmethod
-    def get_builder_cls():
-        return QSVDMetadataBuilder
-
-    @staticmethod
-    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
-                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
-        return (num_blocks, block_size, head_size)
-
-    @classmethod
-    def get_supported_head_sizes(cls) -> list[int]:
-        return []  # any packed row size
-
-    @classmethod
-    def supports_head_size(cls, head_size: int) -> bool:
-        return head_size > 0
+from ..export import QSVD_PREFIX  # noqa: E402
+from .backend import QSVDAttentionImpl, QSVDLatentBackend, QSVDLatentSpec, QSVDMetadata  # noqa: E402
+from .config import layer_specs, qsvd_config  # noqa: E402
 
 
 # ------------------------------------------------------------ the attention
@@ -199,7 +87,7 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
                                       f"({type(quant_config).__name__}) cannot apply to it")
         self.layer_name = prefix
         layer_idx = int(prefix.split(".")[-2]) if prefix.split(".")[-1] == "self_attn" else None
-        specs = _layer_specs(config)
+        specs = layer_specs(config)
         if layer_idx is None or layer_idx >= len(specs):
             raise ValueError(f"{prefix}: no QSVD layer spec for this layer in config.qsvd")
         spec = specs[layer_idx]
@@ -336,41 +224,12 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
             # output is read. vLLM's own backends return without computing too.
             out.zero_()
             return
-        T, core = meta.num_tokens, self.core
-        cache = LatentCache(self.page(), None)
-        proj, slots = Projection(c[:T], None, None), meta.slot_mapping
-        core.append(proj, slots, cache)
-        q = core.queries(proj, core.read_rows(cache, slots)) if core.queries_need_rows else q[:T]
-        pos = positions[:T].long()
-        q = R.apply_rope_ref(q.view(T, self.num_heads, self.head_dim), self.rope_cos[pos][:, None],
-                             self.rope_sin[pos][:, None])
-        result = torch.empty(T, self.num_heads, self.head_dim, dtype=torch.float32, device=c.device)
-        if meta.decode_tokens.numel():
-            result[meta.decode_tokens] = core.decode(q[meta.decode_tokens], cache, meta.block_table[meta.decode_reqs],
-                                                     meta.seq_lens[meta.decode_reqs], self.rope_cos, self.rope_sin,
-                                                     self.scaling)
-        if meta.prefills:
-            self._prefill(q, cache, meta, result)
+        T = meta.num_tokens
+        step = replace(meta.step, positions=positions[:T].long())
+        result = self.core.run(Projection(c[:T], None, None), LatentCache(self.page(), None), step, self.rope_cos,
+                               self.rope_sin, self.scaling, q=None if self.core.queries_need_rows else q[:T])
         out[:T] = result.reshape(T, -1).to(out.dtype)
         out[T:] = 0
-
-    def _prefill(self, q, cache: LatentCache, meta: QSVDMetadata, result) -> None:
-        """Each prefilling request's new tokens attend causally over its whole
-        context (cached prefix + this chunk), rebuilt from the latent."""
-        reqs = torch.tensor([p[0] for p in meta.prefills], dtype=torch.long, device=q.device)
-        k, v = self.core.keys_values(cache, meta.block_table[reqs], meta.seq_lens[reqs], self.rope_cos, self.rope_sin)
-        rep = self.num_heads // self.num_kv_heads
-        start = 0
-        for _, t0, n, L in meta.prefills:
-            K = k[start : start + L].transpose(0, 1).repeat_interleave(rep, 0)  # [H, L, d]
-            V = v[start : start + L].transpose(0, 1).repeat_interleave(rep, 0)
-            start += L
-            qi = q[t0 : t0 + n].transpose(0, 1)  # [H, n, d]
-            keys = torch.arange(L, device=q.device)
-            allowed = keys[None, :] <= (L - n + torch.arange(n, device=q.device))[:, None]  # causal, offset L - n
-            o = F.scaled_dot_product_attention(qi[None], K[None], V[None], attn_mask=allowed[None, None],
-                                               scale=self.scaling)
-            result[t0 : t0 + n] = o[0].transpose(0, 1)
 
 
 def _qsvd_latent_attention(c: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, out: torch.Tensor,
@@ -399,51 +258,6 @@ direct_register_custom_op(op_name="qsvd_latent_attention", op_func=_qsvd_latent_
 
 
 # ------------------------------------------------------------------ models
-def _qsvd_config(config) -> dict:
-    qsvd = getattr(config, "qsvd", None)
-    if not isinstance(qsvd, dict):
-        raise ValueError("this model's config.json has no 'qsvd' block: export it with `python -m qsvd_kernels "
-                         "export --format vllm --model <hf dir> --artefact <qsvd dir> --out <dir>`")
-    if qsvd.get("format") != EXPORT_FORMAT or qsvd.get("format_version") not in READABLE_EXPORT_VERSIONS:
-        raise ValueError(f"config.qsvd is format {qsvd.get('format')!r} version {qsvd.get('format_version')!r}; "
-                         f"this qsvd-kernels reads {EXPORT_FORMAT!r} versions {READABLE_EXPORT_VERSIONS}: re-export "
-                         "the model")
-    for key in ("ranks", "quant"):
-        if key not in qsvd:
-            raise ValueError(f"config.qsvd lacks {key!r}: re-export the model")
-    n = getattr(config, "num_hidden_layers", None)
-    if not isinstance(qsvd["quant"], list) or len(qsvd["quant"]) != len(qsvd["ranks"]):
-        raise ValueError("config.qsvd.quant must hold one entry per layer (as config.qsvd.ranks): re-export the model")
-    if n is not None and len(qsvd["ranks"]) != n:
-        raise ValueError(f"config.qsvd has {len(qsvd['ranks'])} ranks for {n} layers: every decoder layer must be "
-                         "compressed")
-    return qsvd
-
-
-def _layer_specs(config) -> list[QSVDLayerSpec]:
-    """Every layer's spec from config.qsvd: version 2 states them; version 1
-    (ranks and quant lists) means the "qkv" latent form with the config's dims.
-    Each layer's bit widths and clips are checked as a QuantConfig."""
-    qsvd = _qsvd_config(config)
-    try:
-        if qsvd["format_version"] >= 2:
-            specs = [QSVDLayerSpec.from_dict(d) for d in qsvd["layers"]]
-            quants = [QuantConfig(s.w_bits, s.a_bits, s.latent_bits, s.a_clip, s.latent_clip) for s in specs]
-        else:
-            E, H = config.hidden_size, config.num_attention_heads
-            H_kv, d = getattr(config, "num_key_value_heads", None) or H, getattr(config, "head_dim", None) or E // H
-            quants = [QuantConfig(**q) for q in qsvd["quant"]]
-            specs = [QSVDLayerSpec(E, H, H_kv, d, int(r), "qkv", q.w_bits, q.a_bits, q.latent_bits, q.a_clip,
-                                   q.latent_clip) for r, q in zip(qsvd["ranks"], quants)]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"config.qsvd's layer specs are malformed ({e}): re-export the model") from None
-    for i, q in enumerate(quants):
-        if not (q.w_bits < 16 and q.a_bits < 16 and q.latent_bits < 16):
-            raise ValueError(f"config.qsvd layer {i} is {q.name}: vLLM serves quantized artefacts only (W8A8, W8A4 "
-                             "or W4A4): re-export one")
-    return specs
-
-
 def _copy_checked(param: nn.Parameter, loaded: torch.Tensor, where: str) -> None:
     if tuple(loaded.shape) != tuple(param.shape) or loaded.dtype != param.dtype:
         raise ValueError(f"{where}: checkpoint tensor {tuple(loaded.shape)} {loaded.dtype} does not fit "
@@ -461,7 +275,7 @@ class _QSVDCausalLM(LlamaForCausalLM):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         config = vllm_config.model_config.hf_config
-        qsvd = _qsvd_config(config)
+        qsvd = qsvd_config(config)
         if qsvd.get("base_architecture") != self.base_architecture or family_of_architecture(
                 self.base_architecture) is None:
             raise ValueError(f"config.qsvd.base_architecture is {qsvd.get('base_architecture')!r}, but this is "

@@ -1,0 +1,184 @@
+// latent_attention's absorbed path on split-precision GEMMs (CPU; no RoPE):
+// the default where torch has them; QSVD_CPU_LATENT_GEMM=fp32|split|auto
+// forces one (cpu_paths.h), so tests cover both on one host. Error bounds:
+// docs/ops.md and qsvd_kernels/testing.py (kernel="cpu"), which hold
+// either path.
+#pragma once
+
+#include "int8_brgemm.h"
+#include "latent_common.h"
+
+namespace qsvd_torch {
+namespace latent_cpu {
+
+// Scores: x_t = (c_t . q_lat) s_t with int8 codes c_t, already the left
+// operand of an int8 GEMM. q_lat (fp32) is written per query head as two
+// int8 digits, q_lat ~ sigma (a + b / 254), sigma = max|q_lat| / 127, so
+// |q_lat - sigma (a + b / 254)| <= sigma / 508 (+ one rounding of
+// q_lat / sigma): 2^-16 of the head's largest entry. Both digit GEMMs sum
+// exactly in int32 (|sum| <= 127^2 r) through torch's oneDNN batch-reduce
+// GEMM (at::native::cpublas::brgemm, which torch offers on AMX CPUs).
+//
+// V absorbed: acc += w[H, T] x codes[T, r] with w = p s split into bf16
+// hi + lo (|w - hi - lo| <= 2^-18 |w|) and the codes exact in bf16: one
+// bf16 x bf16 -> fp32 GEMM of [2H, T] x [T, r] (MKL's
+// cblas_gemm_bf16bf16f32, which torch's MKL build carries; looked up at
+// run time, so a torch without it takes the fp32 path). The hi and lo rows
+// accumulate separately and are added once per task.
+//
+// Measured on this project's AMX host, one thread, r = 1536, a 256-token
+// tile, 32 heads: the digit scores (both digits in one call) take 1/4 to
+// 1/6 of the fp32 score GEMM's time, the bf16 V GEMM (hi and lo rows)
+// about 0.6 of the fp32 one's.
+
+// brgemm takes K a multiple of 4 (the codes are padded with zero columns
+// when r is not) and N up to 64 (cpu/int8_brgemm.h). So a packed operand
+// holds one group of up to 32 query heads: a digits in columns [0, Hg),
+// b digits in [Hg, 2 Hg), zeros up to N.
+constexpr int64_t kScoreHeadsPerGroup = cpu::kInt8BrgemmMaxN / 2;
+inline int64_t group_columns(int64_t Hg) { return cpu::int8_brgemm_n(2 * Hg); }
+
+// q_lat [B, H, r] as int8 digits, packed for brgemm per (sequence, head
+// group): packed [B, groups, Kp, 64] and sigma [B, H].
+struct QueryDigits {
+  at::Tensor packed, sigma;
+  int64_t groups = 0, Kp = 0;
+  int8_t* group_ptr(int64_t b, int64_t g) const {
+    return packed.data_ptr<int8_t>() + ((b * groups + g) * Kp) * 2 * kScoreHeadsPerGroup;
+  }
+};
+
+inline QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */) {
+  const int64_t B = q_lat.size(0), H = q_lat.size(1), r = q_lat.size(2), r4 = cpu::int8_brgemm_k(r);
+  QueryDigits qd;
+  qd.groups = (H + kScoreHeadsPerGroup - 1) / kScoreHeadsPerGroup;
+  qd.Kp = cpu::int8_brgemm_packed_k(r4);
+  qd.packed = at::zeros({B, qd.groups, qd.Kp, 2 * kScoreHeadsPerGroup}, q_lat.options().dtype(at::kChar));
+  qd.sigma = at::empty({B, H}, q_lat.options());
+  const float* qp = q_lat.data_ptr<float>();
+  float* sg = qd.sigma.data_ptr<float>();
+  parallel_tasks(0, B * qd.groups, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / qd.groups, g = i % qd.groups, h0 = g * kScoreHeadsPerGroup;
+      const int64_t Hg = std::min(kScoreHeadsPerGroup, H - h0), N = group_columns(Hg);
+      std::vector<int8_t> plain(r4 * N, 0);  // [r4, N]: a digits, b digits, zero padding
+      for (int64_t h = 0; h < Hg; ++h) {
+        const float* row = qp + (b * H + h0 + h) * r;
+        float amax = 0.f;
+        bool nan = false;
+        for (int64_t k = 0; k < r; ++k) {
+          const float a = std::fabs(row[k]);
+          nan |= a != a;
+          amax = a > amax ? a : amax;
+        }
+        // A non-finite q_lat makes the head's scores NaN (digits 0, sigma NaN).
+        const bool finite = !nan && amax != std::numeric_limits<float>::infinity();
+        const float sigma = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+        sg[b * H + h0 + h] = sigma;
+        for (int64_t k = 0; k < r; ++k) {
+          int8_t da = 0, db = 0;
+          if (finite && amax > 0.f) {
+            const float t = row[k] / sigma;
+            const float a = std::min(127.f, std::max(-127.f, std::nearbyint(t)));
+            const float bq = std::min(127.f, std::max(-127.f, std::nearbyint((t - a) * 254.f)));
+            da = static_cast<int8_t>(a);
+            db = static_cast<int8_t>(bq);
+          }
+          plain[k * N + h] = da;
+          plain[k * N + Hg + h] = db;
+        }
+      }
+#if defined(CPUBLAS_BRGEMM_I8I8I32)
+      at::native::cpublas::pack(r4, N, N, N, at::kChar, at::kChar, plain.data(), qd.group_ptr(b, g));
+#endif
+    }
+  });
+  return qd;
+}
+
+// x[h T + i] = (A_hi + A_lo / 254) sigma_h s_i for the tile's codes
+// [T, r4] (zero columns past r) against one sequence's digits (every head
+// group).
+inline void int8_scores(const QueryDigits& qd, int64_t b, int64_t H, int64_t r4, const int8_t* codes, int64_t T,
+                 const float* scales, int32_t* acc /* [T, 64] */, float* x /* [H, T] */) {
+#if defined(CPUBLAS_BRGEMM_I8I8I32)
+  const float* sg = qd.sigma.data_ptr<float>() + b * H;
+  const float inv254 = 1.f / 254.f;
+  for (int64_t g = 0; g < qd.groups; ++g) {
+    const int64_t h0 = g * kScoreHeadsPerGroup, Hg = std::min(kScoreHeadsPerGroup, H - h0), N = group_columns(Hg);
+    at::native::cpublas::brgemm(T, N, r4, r4, N, N, false, reinterpret_cast<const signed char*>(codes),
+                                reinterpret_cast<const signed char*>(qd.group_ptr(b, g)), acc);
+    for (int64_t h = 0; h < Hg; ++h) {
+      const float sigma = sg[h0 + h];
+      float* xh = x + (h0 + h) * T;
+      for (int64_t i = 0; i < T; ++i) {
+        const float digits = static_cast<float>(acc[i * N + h]) + static_cast<float>(acc[i * N + Hg + h]) * inv254;
+        xh[i] = digits * sigma * scales[i];
+      }
+    }
+  }
+  // MKL's bf16 GEMM (the V step) configures the AMX tiles its own way:
+  // give them back, so the next brgemm call configures them again (a stale
+  // configuration is a SIGILL).
+  at::native::cpublas::brgemm_release();
+#else
+  (void)qd, (void)b, (void)H, (void)r4, (void)codes, (void)T, (void)scales, (void)acc, (void)x;
+#endif
+}
+
+struct AbsorbedSplitWorker {
+  const Call& c;
+  const QueryDigits& digits;
+  int64_t r4, b = 0;
+  std::vector<int32_t> digit_acc;
+  // Codes with r padded to a multiple of 4 (zero columns), for brgemm.
+  std::vector<int8_t> codes_padded;
+  at::Tensor x_buf;
+  // V: codes in bf16 [T, r], w = p s as bf16 hi rows then lo rows
+  // [2H, tile], and the two accumulators [2H, r].
+  std::vector<uint16_t> codes_bf16, w_split;
+  at::Tensor acc2;
+
+  AbsorbedSplitWorker(const Call& call, const QueryDigits& qd)
+      : c(call), digits(qd), r4(cpu::int8_brgemm_k(call.s.r)), digit_acc(call.tile * 2 * kScoreHeadsPerGroup),
+        codes_padded(r4 != call.s.r ? call.tile * r4 : 0, 0),
+        x_buf(at::empty({call.H, call.tile}, call.q.options())), codes_bf16(call.tile * call.s.r),
+        w_split(2 * call.H * call.tile), acc2(at::empty({2 * call.H, call.s.r}, call.q.options())) {}
+
+  void begin_task(int64_t seq) {
+    b = seq;
+    acc2.zero_();
+  }
+
+  at::Tensor scores(const at::Tensor& codes, const float* scales, int64_t, int64_t T) {
+    const int64_t r = c.s.r;
+    qsvd::cpu::int8_to_bf16(codes.data_ptr<int8_t>(), T * r, codes_bf16.data());
+    at::Tensor x = T == c.tile ? x_buf : at::empty({c.H, T}, c.q.options());  // [H, T]
+    const int8_t* a = codes.data_ptr<int8_t>();
+    if (r4 != r) {
+      for (int64_t i = 0; i < T; ++i) std::memcpy(codes_padded.data() + i * r4, a + i * r, r);
+      a = codes_padded.data();
+    }
+    int8_scores(digits, b, c.H, r4, a, T, scales, digit_acc.data(), x.data_ptr<float>());
+    return x;
+  }
+
+  // pw: [H, tile] (the first T columns hold this tile's p_t s_t).
+  void accumulate(at::Tensor&, const float* factor, bool rescale, const at::Tensor& pw, int64_t T) {
+    const int64_t H = c.H, r = c.s.r, tile = c.tile;
+    if (rescale) {
+      const at::Tensor f = at::from_blob(const_cast<float*>(factor), {1, H, 1}, acc2.options());
+      acc2.view({2, H, r}).mul_(f);
+    }
+    const float* pp = pw.data_ptr<float>();
+    for (int64_t h = 0; h < H; ++h)
+      qsvd::cpu::split_bf16_row(pp + h * tile, T, w_split.data() + h * tile, w_split.data() + (H + h) * tile);
+    cpu::gemm_bf16_f32()(cpu::kCblasRowMajor, cpu::kCblasNoTrans, cpu::kCblasNoTrans, 2 * H, r, T, 1.f,
+                         w_split.data(), tile, codes_bf16.data(), r, 1.f, acc2.data_ptr<float>(), r);
+  }
+
+  void end_task(at::Tensor& acc) { at::add_out(acc, acc2.narrow(0, 0, c.H), acc2.narrow(0, c.H, c.H)); }  // hi + lo
+};
+
+}  // namespace latent_cpu
+}  // namespace qsvd_torch
