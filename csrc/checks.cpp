@@ -338,14 +338,6 @@ int64_t check_paged_indices_host(const char* op, const at::Tensor& seq_lens_cpu,
   return total;
 }
 
-bool host_index_checks_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("QSVD_SKIP_INDEX_CHECKS");
-    return v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0;
-  }();
-  return enabled;
-}
-
 at::ScalarType reconstruct_out_dtype(const char* op, const at::Tensor& w_uk, std::optional<at::ScalarType> out_dtype) {
   if (out_dtype.has_value()) {
     QSVD_CHECK_VALUE(*out_dtype == at::kHalf || *out_dtype == at::kBFloat16 || *out_dtype == at::kFloat, op,

@@ -111,16 +111,6 @@ int64_t check_paged_indices_host(const char* op, const at::Tensor& seq_lens_cpu,
                                  const at::Tensor& block_table_cpu, const LatentShape& s,
                                  int64_t rope_positions);
 
-// Whether the CUDA launchers validate index *values* (slot_mapping,
-// seq_lens, block_table) on the host before launching: a device-to-host copy
-// and a stream sync per call, so that bad indices raise the same ValueError
-// as on the CPU before anything is written. On by default.
-// QSVD_SKIP_INDEX_CHECKS=1 (read once) turns the host check off, for CUDA
-// graphs and latency-critical serving; the kernels then still guard every
-// index on the device (a bad slot or block is skipped, a seq_len is clamped
-// to what block_table can address), so a bad index never reads or writes
-// out of bounds, but it is not reported.
-bool host_index_checks_enabled();
 
 // Default output dtype of latent_reconstruct_kv: the weights' dtype when
 // they are fp16/bf16, fp16 for int8 weights.

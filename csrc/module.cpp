@@ -14,6 +14,7 @@
 #include "checks.h"
 #include "cpu/cpu_paths.h"
 #include "ops.h"
+#include "plan.h"
 #include "qsvd/cpu/isa.h"
 #include "tuning.h"
 
@@ -125,8 +126,8 @@ pybind11::dict cpu_paths() {
   const qc::IsaState& st = qc::isa_state();
   knobs["QSVD_CPU_ISA"] = st.env_set ? pybind11::object(pybind11::str(st.env)) : pybind11::none();
   for (const char* knob : {"QSVD_CPU_QUANT_GEMM", "QSVD_CPU_LATENT_GEMM"}) {
-    const char* v = std::getenv(knob);
-    knobs[knob] = v != nullptr ? pybind11::object(pybind11::str(v)) : pybind11::none();
+    const std::optional<std::string> v = qsvd_torch::plan::knob_value(knob);
+    knobs[knob] = v ? pybind11::object(pybind11::str(*v)) : pybind11::none();
   }
   out["knobs"] = knobs;
   return out;
@@ -256,8 +257,8 @@ pybind11::dict latent_attention_plan(int64_t B, int64_t H, int64_t H_kv, int64_t
   return out;
 }
 
-// The plan the launcher makes from the installed table of `device` (no
-// forced knobs, no environment): plan, knobs, source, rule, label.
+// The plan the launcher makes on `device` (plan::latent_attention: forced >
+// environment > installed table > default): plan, knobs, source, rule, label.
 pybind11::dict latent_attention_decide(int64_t device, int64_t B, int64_t H, int64_t H_kv, int64_t r, int64_t d,
                                        int64_t bits, bool rope, const std::string& weight, int64_t token_capacity,
                                        int64_t sm_count, int64_t smem_limit) {
@@ -267,9 +268,9 @@ pybind11::dict latent_attention_decide(int64_t device, int64_t B, int64_t H, int
   lat::LatentAttentionParams p = fake_latent_params(B, H, H_kv, r, d, bits, rope, weight, token_capacity, smem_limit);
   qt::LatentDecision dec;
   std::string label;
-  const char* why = qsvd_torch::plan_latent_tuned(static_cast<int>(device), p, token_capacity,
-                                                  static_cast<int>(sm_count), static_cast<size_t>(smem_limit), &dec,
-                                                  &label);
+  const char* why = qsvd_torch::plan::latent_attention(static_cast<int>(device), p, token_capacity,
+                                                      static_cast<int>(sm_count), static_cast<size_t>(smem_limit),
+                                                      "latent_attention", &dec, &label);
   pybind11::dict out;
   plan_into(out, p, why);
   out["kernel"] = dec.choice == lat::KernelChoice::kSimt         ? "simt"
@@ -426,9 +427,10 @@ PYBIND11_MODULE(_C, m) {
       pybind11::arg("active"), pybind11::arg("kernel") = "auto", pybind11::arg("splits") = 0,
       pybind11::arg("tile_tokens") = 0, pybind11::arg("heads_per_cta") = 0, pybind11::arg("ctas_per_sm") = 2);
   m.def("latent_attention_decide", &latent_attention_decide,
-        "The plan the CUDA launcher would make from the installed table of a device (-2: none installed) for a "
-        "shape on a device with sm_count SMs and smem_limit bytes of opt-in shared memory (no forced knobs, no "
-        "environment): plan, knobs, source (table | fallback | default), rule, label.",
+        "The plan the CUDA launcher would make on a device (-2: one with nothing installed or forced) for a shape "
+        "on a device with sm_count SMs and smem_limit bytes of opt-in shared memory, by the launcher's own "
+        "function (forced > QSVD_LATENT_KERNEL / QSVD_LATENT_SPLITS > installed table > default): plan, knobs, "
+        "source (forced | env | table | fallback | default), rule, label.",
         pybind11::arg("device"), pybind11::arg("B"), pybind11::arg("H"), pybind11::arg("H_kv"), pybind11::arg("r"),
         pybind11::arg("d"), pybind11::arg("bits"), pybind11::arg("rope"), pybind11::arg("weight"),
         pybind11::arg("token_capacity"), pybind11::arg("sm_count"), pybind11::arg("smem_limit"));

@@ -788,6 +788,30 @@ def test_installed_latent_rules_decide_fall_back_or_default(_clean_op_rules):
     assert _decide_latent(FAKE_DEVICE, H100, rope=True, B=4)["source"] == "default"
 
 
+def test_explain_and_the_launcher_share_one_plan_function(_clean_op_rules, monkeypatch):
+    """explain() asks csrc/plan.h's latent_attention, the launcher's own
+    function: a forced plan, the environment (parsed there, a bad value
+    naming its variable) and a table each move it, in that precedence."""
+    t = tables.parse_table("/tables/t.json", data=_op_table())
+    assert _decide_latent(FAKE_DEVICE, H100, rope=True, B=4)["source"] == "default"
+    tuning.install_table(t, FAKE_DEVICE)
+    try:
+        assert _decide_latent(FAKE_DEVICE, H100, rope=True, B=4)["source"] == "table"
+        monkeypatch.setenv("QSVD_LATENT_SPLITS", "5")
+        p = _decide_latent(FAKE_DEVICE, H100, rope=True, B=4)
+        assert p["source"] == "env" and p["splits"] == 5
+        for bad in ("3x", "-1", "100000"):
+            monkeypatch.setenv("QSVD_LATENT_SPLITS", bad)
+            with pytest.raises(RuntimeError, match="QSVD_LATENT_SPLITS must be an integer"):
+                _decide_latent(FAKE_DEVICE, H100, rope=True, B=4)
+        monkeypatch.setenv("QSVD_LATENT_SPLITS", "5")
+        tuning.force("latent_attention", kernel="simt", splits=2, device=FAKE_DEVICE)
+        p = _decide_latent(FAKE_DEVICE, H100, rope=True, B=4)
+        assert p["source"] == "forced" and p["splits"] == 2 and p["split_kernel"] == "simt"
+    finally:
+        tuning.clear(FAKE_DEVICE)
+
+
 def test_latent_precedence_forced_over_env_over_table(_clean_op_rules, monkeypatch):
     t = tables.parse_table("/tables/t.json", data=_op_table())
     tuning.install_table(t, FAKE_DEVICE)

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "../checks.h"
+#include "../plan.h"
 #include "int8_brgemm.h"
 #include "qsvd/cpu/simd.h"
 
@@ -110,18 +111,6 @@ GemmBf16F32 gemm_bf16_f32() {
   return fn;
 }
 
-namespace {
-bool is_auto(const char* v) { return v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0; }
-}  // namespace
-
-QuantGemmKnob quant_gemm_knob(const char* op) {
-  const char* v = std::getenv("QSVD_CPU_QUANT_GEMM");
-  if (is_auto(v)) return QuantGemmKnob::kAuto;
-  if (std::strcmp(v, "onednn") == 0) return QuantGemmKnob::kOneDnn;
-  QSVD_CHECK(std::strcmp(v, "brgemm") == 0, op, "QSVD_CPU_QUANT_GEMM must be onednn, brgemm or auto, got '", v, "'");
-  return QuantGemmKnob::kBrgemm;
-}
-
 bool quant_gemm_small_m_brgemm(QuantGemmKnob knob, const char* op) {
   switch (knob) {
     case QuantGemmKnob::kOneDnn: return false;
@@ -135,18 +124,10 @@ bool quant_gemm_small_m_brgemm(QuantGemmKnob knob, const char* op) {
   return int8_brgemm_ready();
 }
 
-LatentGemmKnob latent_gemm_knob(const char* op) {
-  const char* v = std::getenv("QSVD_CPU_LATENT_GEMM");
-  if (is_auto(v)) return LatentGemmKnob::kAuto;
-  if (std::strcmp(v, "fp32") == 0) return LatentGemmKnob::kFp32;
-  QSVD_CHECK(std::strcmp(v, "split") == 0, op, "QSVD_CPU_LATENT_GEMM must be fp32, split or auto, got '", v, "'");
-  return LatentGemmKnob::kSplit;
-}
-
 bool latent_split_available() { return int8_brgemm_ready() && gemm_bf16_f32() != nullptr; }
 
 bool latent_absorbed_split(const char* op) {
-  switch (latent_gemm_knob(op)) {
+  switch (plan::cpu_latent_gemm_knob(op)) {
     case LatentGemmKnob::kFp32: return false;
     case LatentGemmKnob::kSplit:
       QSVD_CHECK(latent_split_available(), op,

@@ -1,12 +1,8 @@
 // One place for the CPU kernels' path choices: what the CPU has, the ISA
 // level of the element-wise loops (qsvd/cpu/isa.h), what torch offers
 // (oneDNN's int8 brgemm, MKL's bf16 GEMM), and the environment knobs that
-// force a path. The kernels ask here; qsvd_kernels._C.cpu_paths() reports
-// all of it (csrc/module.cpp).
-//
-//   QSVD_CPU_ISA=avx512|avx2|baseline|auto   read once, at load (isa.h)
-//   QSVD_CPU_QUANT_GEMM=onednn|brgemm|auto   read per call
-//   QSVD_CPU_LATENT_GEMM=fp32|split|auto     read per call
+// force a path (read by the plan module, csrc/plan.h). The kernels ask
+// here; qsvd_kernels._C.cpu_paths() reports all of it (csrc/module.cpp).
 #pragma once
 
 #include <cstdint>
@@ -52,18 +48,16 @@ using GemmBf16F32 = void (*)(int layout, int transa, int transb, int64_t m, int6
 constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111;
 GemmBf16F32 gemm_bf16_f32();
 
-// QSVD_CPU_QUANT_GEMM, parsed (a bad value raises, naming it, for `op`).
+// QSVD_CPU_QUANT_GEMM's values (plan::cpu_quant_gemm_knob reads it).
 enum class QuantGemmKnob { kAuto, kOneDnn, kBrgemm };
-QuantGemmKnob quant_gemm_knob(const char* op = "quant_gemm");
 
 // Whether quant_gemm's M <= 64 calls stream b through brgemm under `knob`:
 // auto where brgemm is ready, onednn never, brgemm always (an error naming
 // the knob where brgemm is not ready).
 bool quant_gemm_small_m_brgemm(QuantGemmKnob knob, const char* op = "quant_gemm");
 
-// QSVD_CPU_LATENT_GEMM, parsed (a bad value raises, naming it, for `op`).
+// QSVD_CPU_LATENT_GEMM's values (plan::cpu_latent_gemm_knob reads it).
 enum class LatentGemmKnob { kAuto, kFp32, kSplit };
-LatentGemmKnob latent_gemm_knob(const char* op);
 
 // Whether latent_attention's absorbed path (no RoPE) could take the split
 // GEMMs here now (int8 brgemm ready and MKL's bf16 GEMM found), and whether

@@ -27,6 +27,7 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include "../plan.h"
 #include "cpu_paths.h"
 #include "int8_brgemm.h"
 #include "store.h"
@@ -135,7 +136,7 @@ constexpr int64_t kBrgemmSlice = 512;  // codes; a multiple of the unpack's 128-
 // and torch 2.14's at::_int_mm returns wrong (and unrepeatable) sums at
 // K = 1.
 CpuGemmPath quant_gemm_cpu_path(int64_t M, int64_t K) {
-  const cpu::QuantGemmKnob knob = cpu::quant_gemm_knob("quant_gemm");
+  const cpu::QuantGemmKnob knob = plan::cpu_quant_gemm_knob("quant_gemm");
   const bool brgemm = M <= cpu::kInt8BrgemmMaxN && cpu::quant_gemm_small_m_brgemm(knob, "quant_gemm");
   if (K == 0) return CpuGemmPath::kEmpty;
   if (K < 4) return CpuGemmPath::kScalar;

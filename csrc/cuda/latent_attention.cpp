@@ -9,12 +9,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 #include "../checks.h"
 #include "../ops.h"
-#include "../tuning.h"
+#include "../plan.h"
 #include "launch.h"
 #include "qsvd/kernels/latent_attention_params.h"
 
@@ -23,29 +21,7 @@ namespace {
 
 namespace lat = qsvd::latent;
 
-// QSVD_LATENT_SPLITS=n forces n KV splits per sequence (capped at one split
-// per 32 tokens of capacity, per token tile of the tensor-core kernel): for
-// tests and tuning. Read at every call; unset,
-// empty or 0 lets the launcher choose.
-int forced_splits() {
-  const char* v = std::getenv("QSVD_LATENT_SPLITS");
-  if (v == nullptr || v[0] == '\0') return 0;
-  return std::max(0, std::atoi(v));
-}
-
-// QSVD_LATENT_KERNEL=simt|tc forces the CUDA-core or the tensor-core split
-// kernel, so the two can be compared on one GPU; unset, empty or "auto"
-// lets the launcher pick. Read at every call.
 using KernelChoice = lat::KernelChoice;
-
-KernelChoice kernel_choice(const char* op) {
-  const char* v = std::getenv("QSVD_LATENT_KERNEL");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return KernelChoice::kAuto;
-  if (std::strcmp(v, "simt") == 0) return KernelChoice::kSimt;
-  if (std::strcmp(v, "tc") == 0) return KernelChoice::kTensorCore;
-  QSVD_CHECK(false, op, "QSVD_LATENT_KERNEL must be simt, tc or auto, got '", v, "'");
-  return KernelChoice::kAuto;
-}
 
 }  // namespace
 
@@ -64,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   const at::Tensor block_table = block_table_in.contiguous();
   const at::Tensor seq_lens = seq_lens_in.contiguous();
   const int64_t rope_len = s.rope ? rope_cos->size(0) : 0;
-  if (host_index_checks_enabled())
+  if (plan::host_index_checks())
     check_paged_indices_host(op, seq_lens.cpu(), block_table.cpu(), s, rope_len);
 
   at::Tensor out = at::empty({s.B, H, s.d}, q_in.options());
@@ -122,33 +98,20 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   // r ~ 1950 on an H100, ~ 1300 on an A100; with RoPE, at d = 128, up to
   // r ~ 6300 and ~ 4300; with int8 weights, whose operands take half the
   // bytes, every r <= 8192 on an H100 and r ~ 8100 on an A100).
-  // Plan knobs: forced ones (qsvd_kernels.tuning.force("latent_attention",
-  // ...)) first, else QSVD_LATENT_KERNEL / QSVD_LATENT_SPLITS, else the
-  // installed table's rule (a rule whose plan the checker refuses for this
-  // call gives the default plan: never an error), else automatic. All from
-  // the shapes and the device properties: no device sync.
-  KernelChoice choice = KernelChoice::kAuto;
-  lat::LatentPlanKnobs knobs;
-  const int device = q_in.get_device();
-  const bool forced = forced_latent_plan(device, &choice, &knobs);
-  bool from_env = false;
-  if (!forced) {
-    choice = kernel_choice(op);
-    knobs.splits = forced_splits();
-    from_env = choice != KernelChoice::kAuto || knobs.splits != 0;
-  }
-  const int sms = prop->multiProcessorCount;
-  const size_t smem_limit = prop->sharedMemPerBlockOptin;
-  const char* why = "";
-  if (forced || from_env) {
-    why = lat::plan_latent_attention_auto(p, capacity, sms, smem_limit, knobs, choice);
-  } else {
-    qsvd::tuning::LatentDecision decision;
-    why = plan_latent_tuned(device, p, capacity, sms, smem_limit, &decision, nullptr);
-  }
-  const char* prefix = choice != KernelChoice::kTensorCore ? (forced ? "forced plan: " : "")
-                       : forced                            ? "forced plan with the tensor-core kernel, but "
-                                                           : "QSVD_LATENT_KERNEL=tc, but ";
+  // The plan: forced knobs (qsvd_kernels.tuning.force("latent_attention",
+  // ...)), else QSVD_LATENT_KERNEL / QSVD_LATENT_SPLITS, else the installed
+  // table's rule (a rule whose plan the checker refuses for this call gives
+  // the default plan: never an error), else automatic (plan::latent_attention,
+  // which explain() calls too). All from the shapes and the device
+  // properties: no device sync.
+  qsvd::tuning::LatentDecision decision;
+  const char* why = plan::latent_attention(q_in.get_device(), p, capacity, prop->multiProcessorCount,
+                                           prop->sharedMemPerBlockOptin, op, &decision, nullptr);
+  const bool forced = decision.source == qsvd::tuning::RuleSource::kForced;
+  const char* prefix = decision.choice != KernelChoice::kTensorCore ? (forced ? "forced plan: " : "")
+                       : forced ? "forced plan with the tensor-core kernel, but "
+                       : decision.source == qsvd::tuning::RuleSource::kEnv ? "QSVD_LATENT_KERNEL=tc, but "
+                                                                            : "";
   QSVD_CHECK(why[0] == '\0', op, prefix, why, " (got r = ", s.r, ", d = ", s.d, ", H / H_kv = ", H / s.H_kv,
              ", rope = ", s.rope, ")");
 

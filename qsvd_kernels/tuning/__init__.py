@@ -114,8 +114,6 @@ def installed() -> dict:
         return dict(_installed)
 
 
-_LATENT_FORCED: dict = {}
-
 
 def force(op: str = "quant_gemm", *, config: str | None = None, streamk_mode: str = "heuristic", splits: int | None = None,
           raster: str = "heuristic", kernel: str = "auto", tile_tokens: int = 0, heads_per_cta: int = 0,
@@ -145,8 +143,6 @@ def force(op: str = "quant_gemm", *, config: str | None = None, streamk_mode: st
             _C().set_latent_plan(device, True, **knobs)
         except RuntimeError as e:
             raise ValueError(f"force: {e}") from None
-        with _lock:
-            _LATENT_FORCED[device] = knobs
         return
     if op != "quant_gemm":
         raise ValueError(f"force: quant_gemm, latent_attention or hadamard, got {op!r}")
@@ -172,10 +168,6 @@ def clear(device: int = -1) -> None:
     _C().set_latent_plan(device, False)
     _C().set_hadamard_variant(device, 0)
     with _lock:
-        if device < 0:
-            _LATENT_FORCED.clear()
-        else:
-            _LATENT_FORCED.pop(device, None)
         if device < 0:
             _installed.clear()
         else:
@@ -284,8 +276,6 @@ def explain_latent_attention(*, B: int, H: int, H_kv: int, r: int, d: int, bits:
     that is not here (plain C++, no GPU needed). Knobs given here (kernel,
     splits, tile_tokens, heads_per_cta, ctas_per_sm) ask "what if" (source
     "given"); ok=False and the reason when the plan cannot honour them."""
-    knobs = {"kernel": "auto", "splits": 0, "tile_tokens": 0, "heads_per_cta": 0, "ctas_per_sm": 2}
-    source = "default"
     index = -1
     if device is not None:
         import torch
@@ -304,31 +294,24 @@ def explain_latent_attention(*, B: int, H: int, H_kv: int, r: int, d: int, bits:
         install()
     if device is None and rules_device is not None:
         index = rules_device
-    with _lock:
-        forced = _LATENT_FORCED.get(index, _LATENT_FORCED.get(-1)) if device is not None else None
-    if forced is not None:
-        knobs, source = dict(forced), "forced"
-    else:
-        env_kernel = os.environ.get("QSVD_LATENT_KERNEL", "") or "auto"
-        env_splits = os.environ.get("QSVD_LATENT_SPLITS", "")
-        if env_kernel != "auto" or (env_splits.strip() not in ("", "0")):
-            knobs["kernel"] = env_kernel
-            knobs["splits"] = max(0, int(env_splits)) if env_splits.strip().isdigit() else 0
-            source = "env"
+    weight = "i8" if weight_dtype in ("i8", "int8") else weight_dtype
+    # The launcher's own function: forced > env > table > default (csrc/plan.h).
+    plan = dict(_C().latent_attention_decide(index if index >= 0 else -2, B, H, H_kv, r, d, bits, rope, weight,
+                                             token_capacity, sm_count, smem_limit))
+    plan["knobs"] = dict(plan["knobs"])
+    plan["table"] = plan.pop("label") or None
+    plan.update(op="latent_attention", sm_count=sm_count, smem_limit=smem_limit)
     given = {k: v for k, v in dict(kernel=kernel, splits=splits, tile_tokens=tile_tokens, heads_per_cta=heads_per_cta,
                                    ctas_per_sm=ctas_per_sm).items() if v is not None}
-    if given:
-        knobs, source = {**knobs, **given}, "given"
-    weight = "i8" if weight_dtype in ("i8", "int8") else weight_dtype
-    if source == "default":  # the installed table's rule, if any (the launcher's own function)
-        plan = dict(_C().latent_attention_decide(index if index >= 0 else -2, B, H, H_kv, r, d, bits, rope, weight,
-                                                 token_capacity, sm_count, smem_limit))
-        plan["knobs"] = dict(plan["knobs"])
-        plan["table"] = plan.pop("label") or None
-        plan.update(op="latent_attention", sm_count=sm_count, smem_limit=smem_limit)
+    if not given:
         return plan
+    # "What if": the given knobs over the forced or environment ones (a table's
+    # rule is a suggestion the given knobs replace).
+    knobs = dict(plan["knobs"]) if plan["source"] in ("forced", "env") else \
+        {"kernel": "auto", "splits": 0, "tile_tokens": 0, "heads_per_cta": 0, "ctas_per_sm": 2}
+    knobs.update(given)
     plan = dict(_C().latent_attention_plan(B, H, H_kv, r, d, bits, rope, weight, token_capacity, sm_count,
                                            smem_limit, **knobs))
-    plan.update(op="latent_attention", source=source, knobs=knobs, table=None, rule=-1, sm_count=sm_count,
+    plan.update(op="latent_attention", source="given", knobs=knobs, table=None, rule=-1, sm_count=sm_count,
                 smem_limit=smem_limit)
     return plan

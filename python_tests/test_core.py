@@ -1,0 +1,162 @@
+"""The engine-neutral attention step (integrations/core.py): one step that
+mixes a decode, a prefill, a chunked prefill over a cached prefix and a
+padding row gives, row for row, what each sequence gets in a step of its own,
+and writes the same cache; padding rows give zeros and are not stored; the
+torch simulation (no fused decode) routes decodes through the prefill path
+over the same rows. Runs on cpu, and on cuda when present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qsvd_kernels import has_kernel
+from qsvd_kernels import reference as R
+from qsvd_kernels.compress import QuantConfig
+from qsvd_kernels.compress.layer import CompressedQKV
+from qsvd_kernels.compress.svd import JointSVD
+from qsvd_kernels.compress.whitening import Whitening
+from qsvd_kernels.integrations.core import step_metadata
+from qsvd_kernels.integrations.hf.projector import OpsProjector, TorchProjector
+from qsvd_kernels.model.dims import LayerDims
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BLOCK = 4
+
+
+def _layer(quant: str) -> CompressedQKV:
+    dims = LayerDims(64, 4, 2, 16)
+    g = torch.Generator().manual_seed(0)
+    rank = 24
+    U, _ = torch.linalg.qr(torch.randn(dims.hidden, rank, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(dims.out_dim, rank, generator=g, dtype=torch.float64))
+    svd = JointSVD(dims, Whitening("none"), U, torch.linspace(2, 1, rank, dtype=torch.float64), V.T.contiguous(),
+                   None, None)
+    return CompressedQKV.build(svd, rank, 0.5, QuantConfig.parse(quant), seed=0)
+
+
+class _Sequences:
+    """Paged storage for 3 sequences (sequence b owns blocks 4b..4b+3)."""
+
+    def __init__(self, projector, device):
+        self.p, self.device = projector, device
+        self.pool = projector.new_pool(12, BLOCK, device)
+        self.block_table = torch.arange(12, dtype=torch.int32, device=device).view(3, 4)
+        self.lens = [0, 0, 0]
+        d = projector.dims.head_dim
+        self.cos, self.sin = R.rope_tables(16, d, device=device)
+
+    def step(self, x: torch.Tensor, rows_of_seq: list[list[int]]) -> torch.Tensor:
+        """Run one step of x [N, E]; rows not listed are padding."""
+        N = x.shape[0]
+        slots = torch.full((N,), -1, dtype=torch.long)
+        positions = torch.zeros(N, dtype=torch.long)
+        new_lens = list(self.lens)
+        for b, rows in enumerate(rows_of_seq):
+            for i, row in enumerate(rows):
+                t = self.lens[b] + i
+                slots[row] = int(self.block_table[b, t // BLOCK]) * BLOCK + t % BLOCK
+                positions[row] = t
+            new_lens[b] += len(rows)
+        dev = self.device
+        meta = step_metadata(slots.to(dev), positions.to(dev), self.block_table,
+                             torch.tensor(new_lens, dtype=torch.int32, device=dev), rows_of_seq, new_lens)
+        out = self.p.core.run(self.p.latent(x), self.p.cache_view(self.pool), meta, self.cos, self.sin, 0.25)
+        self.lens = new_lens
+        return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant", ["W8A8", "W4A4", "W8A4"])
+def test_a_mixed_step_gives_each_sequence_what_its_own_step_gives(device, quant):
+    if not all(has_kernel(op, device) for op in ("quant_gemm", "latent_attention", "latent_cache_append")):
+        pytest.skip(f"the ops have no {device} kernels in this build")
+    layer = _layer(quant)
+    projector = OpsProjector(layer).to(device)
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randn(3, 64, generator=g).to(device)  # sequence 1's cached prefix
+    x = torch.randn(9, 64, generator=g).to(device)
+    # The mixed step: row 0 decodes sequence 0 (after 2 cached tokens), rows
+    # 1-4 prefill sequence 2 from nothing, row 5 is padding, rows 6-8 are a
+    # chunk of sequence 1 after its 3-token prefix.
+    mixed = _Sequences(projector, device)
+    mixed.step(torch.cat([x[:2], prefix]), [[0, 1], [2, 3, 4], []])
+    got = mixed.step(x, [[0], [6, 7, 8], [1, 2, 3, 4]])
+
+    alone = _Sequences(projector, device)
+    alone.step(torch.cat([x[:2], prefix]), [[0, 1], [2, 3, 4], []])
+    want = torch.zeros_like(got)
+    want[0] = alone.step(x[:1], [[0], [], []])[0]
+    want[6:9] = alone.step(x[6:9], [[], [0, 1, 2], []])
+    want[1:5] = alone.step(x[1:5], [[], [], [0, 1, 2, 3]])
+
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.count_nonzero(got[5]) == 0, "a padding row must give zeros"
+    assert mixed.lens == alone.lens == [3, 6, 4]
+    for a, b in zip(mixed.pool.tensors, alone.pool.tensors):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_torch_simulation_decodes_through_the_prefill_path():
+    """No fused decode: a decode row attends over its whole context through
+    keys_values + SDPA, the same rows the ops' latent_attention reads."""
+    projector = TorchProjector(_layer("W8A8"))
+    seqs = _Sequences(projector, "cpu")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 64, generator=g)
+    seqs.step(x[:5], [[0, 1, 2], [3, 4], []])
+    calls = []
+    original = projector.core.keys_values
+
+    def spy(cache, block_table, seq_lens, cos, sin):
+        calls.append(seq_lens.tolist())
+        return original(cache, block_table, seq_lens, cos, sin)
+
+    projector.core.keys_values = spy
+    out = seqs.step(x[5:], [[0], [], []])
+    assert calls == [[4]], calls
+    assert torch.isfinite(out).all() and torch.count_nonzero(out) > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_rows_attend_causally_from_their_positions(device):
+    """The prefill rows of a chunk after a cached prefix against float64
+    attention over the same K/V (the op's latent_reconstruct_kv) with the
+    mask written from the rows' positions, key j <= position: a wrong offset
+    or a future key shows here. Bound: fp32 SDPA on the same inputs, scores
+    off by (d + 2) u S (S = scale sum_j |q_j k_j|), weights by twice that,
+    the weighted sum of L values by (L + 8) u max|v|."""
+    if not all(has_kernel(op, device) for op in ("quant_gemm", "latent_reconstruct_kv", "latent_cache_append")):
+        pytest.skip(f"the ops have no {device} kernels in this build")
+    projector = OpsProjector(_layer("W8A8")).to(device)
+    core, d = projector.core, projector.dims
+    seqs = _Sequences(projector, device)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 64, generator=g).to(device)
+    seqs.step(x[:3], [[0, 1, 2], [], []])
+    proj = projector.latent(x[3:])
+    got = seqs.step(x[3:], [[0, 1, 2, 3], [], []])  # positions 3..6 over 7 keys
+
+    cache = projector.cache_view(seqs.pool)
+    slots = (seqs.block_table[0, torch.arange(3, 7) // BLOCK].long() * BLOCK + torch.arange(3, 7) % BLOCK).to(device)
+    q = core.queries(proj, core.read_rows(cache, slots)).view(4, d.num_heads, d.head_dim)
+    pos = torch.arange(3, 7, device=device)
+    q = R.apply_rope_ref(q, seqs.cos[pos][:, None], seqs.sin[pos][:, None]).double()
+    k, v = core.keys_values(cache, seqs.block_table[:1], torch.tensor([7], dtype=torch.int32, device=device),
+                            seqs.cos, seqs.sin)
+    rep = d.num_heads // d.num_kv_heads
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)  # [7, H, d]
+    scores = 0.25 * torch.einsum("nhd,lhd->nhl", q, k)
+    allowed = torch.arange(7, device=device)[None, :] <= pos[:, None]  # key j <= the row's position
+    want = torch.einsum("nhl,lhd->nhd", scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1), v)
+
+    u = 2.0**-24
+    S = 0.25 * torch.einsum("nhd,lhd->nhl", q.abs(), k.abs()).amax(-1)  # [n, H]
+    vmax = v.abs().amax()
+    bound = (2 * (d.head_dim + 2) * u * S + (7 + 8) * u) * vmax
+    err = (got.double() - want).abs().amax(-1)
+    assert (err <= bound).all(), (err.max().item(), bound.min().item())
+    # and the bound is tight enough to see a mask that admits one more key
+    leaky = torch.einsum("nhl,lhd->nhd", scores.masked_fill(
+        ~(torch.arange(7, device=device)[None, :] <= pos[:, None] + 1)[:, None], float("-inf")).softmax(-1), v)
+    assert ((leaky[:3] - want[:3]).abs().amax(-1) > bound[:3]).any()
