@@ -17,6 +17,7 @@
 #include "plan.h"
 #include "qsvd/cpu/isa.h"
 #include "tuning.h"
+#include "tuning_records.h"
 
 namespace {
 
@@ -131,39 +132,6 @@ pybind11::dict cpu_paths() {
   }
   out["knobs"] = knobs;
   return out;
-}
-
-qsvd::gemm::GemmConfig config_by_name(const std::string& name) {
-  qsvd::gemm::GemmConfig c{};
-  TORCH_CHECK(qsvd::gemm::find_config(name.c_str(), &c), "quant_gemm has no config named '", name, "'");
-  return c;
-}
-
-// rules: [(m_min, m_max, n_min, n_max, k_min, k_max, a_bits, b_bits, config, mode, splits, raster)], validated
-// by qsvd_kernels/tuning (mode 0 heuristic / 1 data-parallel / 2 split-K; raster 0 heuristic / 1 M / 2 N).
-void set_quant_gemm_rules(int64_t device, const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t,
-                                                                       int64_t, int64_t, int64_t, std::string,
-                                                                       int64_t, int64_t, int64_t>>& rules,
-                          const std::string& source, const std::string& label) {
-  namespace qg = qsvd::gemm;
-  TORCH_CHECK(source == "table" || source == "forced", "source must be 'table' or 'forced'");
-  TORCH_CHECK(device >= qsvd_torch::kTuningAllDevices && device < qsvd_torch::kTuningMaxDevices, "bad device ", device);
-  std::vector<qg::GemmRule> out;
-  for (const auto& t : rules) {
-    qg::GemmRule r;
-    std::tie(r.m_min, r.m_max, r.n_min, r.n_max, r.k_min, r.k_max) =
-        std::make_tuple(std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t), std::get<4>(t), std::get<5>(t));
-    r.a_bits = static_cast<int>(std::get<6>(t));
-    r.b_bits = static_cast<int>(std::get<7>(t));
-    r.choice.config = config_by_name(std::get<8>(t));
-    r.choice.mode = static_cast<qg::StreamKMode>(std::get<9>(t));
-    r.choice.splits = static_cast<int>(std::get<10>(t));
-    r.choice.raster = static_cast<qg::Raster>(std::get<11>(t));
-    TORCH_CHECK(qg::valid_knobs(r.choice.mode, r.choice.splits, r.choice.raster), "invalid stream-K knobs in a rule");
-    out.push_back(r);
-  }
-  qsvd_torch::set_gemm_rules(static_cast<int>(device), std::move(out),
-                             source == "forced" ? qg::ChoiceSource::kForced : qg::ChoiceSource::kTable, label);
 }
 
 pybind11::dict decision_dict(const qsvd::gemm::GemmDecision& d, const std::string& label) {
@@ -290,66 +258,6 @@ pybind11::dict latent_attention_decide(int64_t device, int64_t B, int64_t H, int
   return out;
 }
 
-int dtype_code(int64_t code, const char* what) {
-  // 0 any, else the qsvd::DType the code names (Python: qsvd_kernels/tuning/tables.py)
-  switch (code) {
-    case 0: return -1;
-    case 1: return static_cast<int>(qsvd::DType::kF16);
-    case 2: return static_cast<int>(qsvd::DType::kBF16);
-    case 3: return static_cast<int>(qsvd::DType::kI8);
-    case 4: return static_cast<int>(qsvd::DType::kF32);
-    default: TORCH_CHECK(false, what, ": bad dtype code ", code);
-  }
-  return -1;
-}
-
-// rules: [[rope (-1 any / 0 / 1), weight (0 any, 1 f16, 2 bf16, 3 i8), bits (0 any), r_min, r_max, d_min, d_max,
-// g_min, g_max, b_min, b_max, ctx_min, ctx_max, kernel (0 auto, 1 simt, 2 tc), splits, tile_tokens,
-// heads_per_cta, ctas_per_sm]], validated by qsvd_kernels/tuning.
-void set_latent_rules(int64_t device, const std::vector<std::vector<int64_t>>& rules, const std::string& label) {
-  namespace lat = qsvd::latent;
-  TORCH_CHECK(device >= qsvd_torch::kTuningAllDevices && device < qsvd_torch::kTuningMaxDevices, "bad device ", device);
-  std::vector<qsvd::tuning::LatentRule> out;
-  for (const auto& t : rules) {
-    TORCH_CHECK(t.size() == 18, "a latent_attention rule has 18 fields, got ", t.size());
-    qsvd::tuning::LatentRule r;
-    TORCH_CHECK(t[0] >= -1 && t[0] <= 1 && (t[2] == 0 || t[2] == 4 || t[2] == 8) && t[13] >= 0 && t[13] <= 2,
-                "bad latent_attention rule keys");
-    r.rope = static_cast<int>(t[0]);
-    r.weight_type = dtype_code(t[1], "latent_attention rule");
-    r.bits = static_cast<int>(t[2]);
-    r.r_min = t[3], r.r_max = t[4], r.d_min = t[5], r.d_max = t[6], r.g_min = t[7], r.g_max = t[8];
-    r.b_min = t[9], r.b_max = t[10], r.ctx_min = t[11], r.ctx_max = t[12];
-    r.choice = static_cast<lat::KernelChoice>(t[13]);
-    TORCH_CHECK(t[14] >= 0 && t[14] <= lat::kMaxSplits && t[15] >= 0 && t[16] >= 0 && t[17] >= 1 && t[17] <= 64,
-                "latent_attention rule: plan knobs out of range");
-    r.knobs.splits = static_cast<int>(t[14]);
-    r.knobs.tile_tokens = static_cast<int>(t[15]);
-    r.knobs.heads_per_cta = static_cast<int>(t[16]);
-    r.knobs.ctas_per_sm = static_cast<int>(t[17]);
-    out.push_back(r);
-  }
-  qsvd_torch::set_latent_rules(static_cast<int>(device), std::move(out), label);
-}
-
-// rules: [[k_min, k_max, dtype (0 any, 1 f16, 2 bf16, 4 f32), min_elems_per_thread]].
-void set_hadamard_rules(int64_t device, const std::vector<std::vector<int64_t>>& rules, const std::string& label) {
-  TORCH_CHECK(device >= qsvd_torch::kTuningAllDevices && device < qsvd_torch::kTuningMaxDevices, "bad device ", device);
-  std::vector<qsvd::tuning::HadamardRule> out;
-  for (const auto& t : rules) {
-    TORCH_CHECK(t.size() == 4, "a hadamard rule has 4 fields, got ", t.size());
-    qsvd::tuning::HadamardRule r;
-    r.k_min = t[0];
-    r.k_max = t[1];
-    r.x_type = dtype_code(t[2], "hadamard rule");
-    TORCH_CHECK(qsvd::tuning::valid_elems_per_thread(static_cast<int>(t[3])),
-                "hadamard rule: elems_per_thread is 0, 1, 2, 4, 8 or 32");
-    r.min_elems_per_thread = static_cast<int>(t[3]);
-    out.push_back(r);
-  }
-  qsvd_torch::set_hadamard_rules(static_cast<int>(device), std::move(out), label);
-}
-
 pybind11::dict hadamard_decide(int64_t device, int64_t K, const std::string& dtype) {
   TORCH_CHECK(dtype == "f16" || dtype == "bf16" || dtype == "f32", "dtype must be f16, bf16 or f32");
   const int x_type = static_cast<int>(dtype == "f16" ? qsvd::DType::kF16 : dtype == "bf16" ? qsvd::DType::kBF16
@@ -372,6 +280,7 @@ PYBIND11_MODULE(_C, m) {
   // Tuning (qsvd_kernels/tuning): torch-free C++ in every build, so the
   // choice logic is testable on CPU with a fake compute capability.
   m.def("gemm_menu", &gemm_menu, "quant_gemm's kernel configurations: every menu entry and whether it is compiled.");
+  qsvd_torch::records::bind(m);
   m.def(
       "quant_gemm_default_config",
       [](int64_t cc, int64_t M, int64_t a_bits, int64_t b_bits) -> std::string {
@@ -380,9 +289,18 @@ PYBIND11_MODULE(_C, m) {
       },
       "The built-in quant_gemm config (no table) for compute capability cc (10 * major + minor).",
       pybind11::arg("cc"), pybind11::arg("M"), pybind11::arg("a_bits"), pybind11::arg("b_bits"));
-  m.def("set_quant_gemm_rules", &set_quant_gemm_rules,
-        "Installs validated quant_gemm rules for a device (-1: all); an empty list restores the built-in choice.",
-        pybind11::arg("device"), pybind11::arg("rules"), pybind11::arg("source"), pybind11::arg("label"));
+  m.def(
+      "quant_gemm_runs_on",
+      [](const std::string& config, int64_t cc, int64_t a_bits, int64_t b_bits) {
+        namespace qg = qsvd::gemm;
+        qg::GemmConfig c{};
+        TORCH_CHECK(qg::find_config(config.c_str(), &c), "quant_gemm has no config named '", config, "'");
+        const int a = static_cast<int>(a_bits), b = static_cast<int>(b_bits);
+        return qg::serves_pair(c, a, b) && qg::arch_runs_on(qg::config_info(c).arch, static_cast<int>(cc), a, b);
+      },
+      "Whether a menu config is instantiated for the bit pair and of an arch family a device of compute "
+      "capability cc runs (can_serve without the 'compiled into this build' part).",
+      pybind11::arg("config"), pybind11::arg("cc"), pybind11::arg("a_bits"), pybind11::arg("b_bits"));
   m.def(
       "quant_gemm_decide",
       [](int64_t device, int64_t cc, int64_t M, int64_t N, int64_t K, int64_t a_bits, int64_t b_bits) {
@@ -434,12 +352,6 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("device"), pybind11::arg("B"), pybind11::arg("H"), pybind11::arg("H_kv"), pybind11::arg("r"),
         pybind11::arg("d"), pybind11::arg("bits"), pybind11::arg("rope"), pybind11::arg("weight"),
         pybind11::arg("token_capacity"), pybind11::arg("sm_count"), pybind11::arg("smem_limit"));
-  m.def("set_latent_rules", &set_latent_rules,
-        "Installs validated latent_attention rules for a device (-1: all); an empty list removes them.",
-        pybind11::arg("device"), pybind11::arg("rules"), pybind11::arg("label"));
-  m.def("set_hadamard_rules", &set_hadamard_rules,
-        "Installs validated hadamard rules for a device (-1: all); an empty list removes them.",
-        pybind11::arg("device"), pybind11::arg("rules"), pybind11::arg("label"));
   m.def("hadamard_decide", &hadamard_decide,
         "hadamard's variant knob for a call on a device: forced > table > built-in (0); source, rule, label.",
         pybind11::arg("device"), pybind11::arg("K"), pybind11::arg("dtype"));

@@ -11,6 +11,8 @@ import json
 import os
 import warnings
 
+import re
+
 import pytest
 import torch
 
@@ -295,7 +297,7 @@ def test_installed_rules_decide_or_fall_back():
     cannot run there gives the built-in choice (source 'fallback'), never an error."""
     t = tables.parse_table("t.json", data=_table())
     rules = t.rules["quant_gemm"]
-    qk._C.set_quant_gemm_rules(FAKE_DEVICE, [r.as_c_tuple() for r in rules], "table", "/x/t.json")
+    qk._C.set_quant_gemm_rules(FAKE_DEVICE, [r.as_json() for r in rules], "table", "/x/t.json")
     compiled = tuning.compiled_configs()
     for cc in (80, 89, 90):
         for M in GRID_M:
@@ -317,12 +319,48 @@ def test_installed_rules_decide_or_fall_back():
 
 
 def test_bad_rules_are_refused_by_the_extension():
-    with pytest.raises(RuntimeError, match="no config named"):
-        qk._C.set_quant_gemm_rules(FAKE_DEVICE, [(1, 2, 1, 2, 1, 2, 0, 0, "nope", 0, 1, 0)], "table", "")
-    with pytest.raises(RuntimeError, match="knobs"):
-        qk._C.set_quant_gemm_rules(
-            FAKE_DEVICE, [(1, 2, 1, 2, 1, 2, 0, 0, "sm80_decode_32x64_streamk", 2, 1, 0)], "table", ""
-        )
+    """Rules cross as named records; the extension converts and checks them
+    once, naming what is wrong."""
+    bad = [
+        ("set_quant_gemm_rules", {"m": [1, 2], "config": "nope"}, "no config named 'nope'"),
+        ("set_quant_gemm_rules", {"m": [1, 2], "config": "sm80_decode_32x64_streamk", "streamk_mode": "split_k",
+                                  "splits": 1}, "knobs"),
+        ("set_quant_gemm_rules", {"m": [1, 2], "config": "sm80_decode_32x64_streamk", "mm": 3}, "unknown key 'mm'"),
+        ("set_quant_gemm_rules", {"m": [5, 2], "config": "sm80_decode_32x64_streamk"}, "'m' must be 1 <= lo <= hi"),
+        ("set_latent_rules", {"b": [1, None], "weight_dtype": "f32"}, "'weight_dtype' 'f32'"),
+        ("set_latent_rules", {"b": [1, None], "kernel": "wgmma"}, "bad 'kernel'"),
+        ("set_latent_rules", {"b": [1, None], "ctas_per_sm": 0}, "plan knobs out of range"),
+        ("set_hadamard_rules", {"k": [1, None], "elems_per_thread": 3}, "elems_per_thread"),
+        ("set_hadamard_rules", {"k": [1, None], "dtype": "int8"}, "'dtype' 'int8'"),
+        ("set_hadamard_rules", {"k": [1, 2, 3]}, "'k' is [lo, hi]"),
+    ]
+    for setter, record, message in bad:
+        args = (FAKE_DEVICE, [record], "table", "") if setter == "set_quant_gemm_rules" else (FAKE_DEVICE, [record], "")
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            getattr(qk._C, setter)(*args)
+
+
+def test_rule_matching_is_the_extensions_own():
+    """tables.evaluate* ask the C++ matcher (first match wins, open upper
+    bounds, 'any' selectors), the one the launchers use."""
+    menu = {"sm80_decode_32x64_streamk", "sm80_prefill_128x128_streamk"}
+    rules = [tables._rule("t", {"m": [1, 16], "bits": [8, 8], "config": "sm80_decode_32x64_streamk"}, menu),
+             tables._rule("t", {"m": [1, None], "config": "sm80_prefill_128x128_streamk"}, menu)]
+    assert tables.evaluate(rules, 16, 64, 64, 8, 8)[0] == 0
+    assert tables.evaluate(rules, 17, 64, 64, 8, 8)[0] == 1
+    assert tables.evaluate(rules, 1, 64, 64, 4, 4)[0] == 1
+    assert tables.evaluate(rules[:1], 17, 64, 64, 8, 8) == (-1, None)
+    lat = [tables.latent_rule("t", {"rope": False, "weight_dtype": "int8", "b": [1, 4]}),
+           tables.latent_rule("t", {"b": [1, None]})]
+    shape = dict(B=2, H=8, H_kv=2, r=64, d=32, bits=8, token_capacity=100)
+    assert tables.evaluate_latent(lat, rope=False, weight_dtype="int8", **shape)[0] == 0
+    assert tables.evaluate_latent(lat, rope=True, weight_dtype="int8", **shape)[0] == 1
+    assert tables.evaluate_latent(lat, rope=False, weight_dtype="f16", **shape)[0] == 1
+    had = [tables.hadamard_rule("t", {"k": [1, 512], "dtype": "bf16", "elems_per_thread": 4}),
+           tables.hadamard_rule("t", {"k": [1, None], "elems_per_thread": 0})]
+    assert tables.evaluate_hadamard(had, 512, "bf16")[0] == 0
+    assert tables.evaluate_hadamard(had, 513, "bf16")[0] == 1
+    assert tables.evaluate_hadamard(had, 8, "f16")[0] == 1
 
 
 def test_explain_for_an_absent_device():
@@ -780,7 +818,7 @@ def test_installed_latent_rules_decide_fall_back_or_default(_clean_op_rules):
         assert {k: p.get(k) for k in PLAN_KEYS} == {k: d.get(k) for k in PLAN_KEYS}
         # rule 0 asks for heads_per_cta the group cannot give -> fallback, not an error
         qk._C.set_latent_rules(FAKE_DEVICE, [tables.latent_rule("x", {"b": [1, None], "heads_per_cta": 16})
-                                             .as_c_list()], "x.json")
+                                             .as_json()], "x.json")
         p = _decide_latent(FAKE_DEVICE, H100, rope=True)  # group 4 < 16
         assert p["source"] == "fallback" and "heads_per_cta" in p["rule_refused"] and p["ok"]
     finally:
@@ -892,18 +930,6 @@ def test_installed_hadamard_rules_and_precedence(_clean_op_rules):
     finally:
         tuning.clear(FAKE_DEVICE)
     assert _decide_hadamard(FAKE_DEVICE, 512, "f16")["source"] == "default"
-
-
-def test_bad_latent_and_hadamard_rules_are_refused_by_the_extension():
-    with pytest.raises(RuntimeError):
-        qk._C.set_latent_rules(FAKE_DEVICE, [[0] * 17], "x")
-    good = tables.latent_rule("x", {"b": [1, None]}).as_c_list()
-    with pytest.raises(RuntimeError):
-        qk._C.set_latent_rules(FAKE_DEVICE, [good[:13] + [7] + good[14:]], "x")  # kernel code 7
-    with pytest.raises(RuntimeError):
-        qk._C.set_hadamard_rules(FAKE_DEVICE, [[1, 10, 0, 3]], "x")  # 3 elements per thread
-    with pytest.raises(RuntimeError):
-        qk._C.set_hadamard_rules(FAKE_DEVICE, [[1, 10, 9, 0]], "x")  # dtype code 9
 
 
 # ---------------------------------------------------------------- tune --dry-run: latent_attention, hadamard

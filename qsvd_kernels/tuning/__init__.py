@@ -85,9 +85,9 @@ def install_table(table, device: int, compiled: set | None = None) -> dict:
     gemm = tables.compiled_rules(table, "quant_gemm", compiled)
     latent = table.rules.get("latent_attention", [])
     had = table.rules.get("hadamard", [])
-    _C().set_quant_gemm_rules(device, [r.as_c_tuple() for r in gemm], "table", table.path)
-    _C().set_latent_rules(device, [r.as_c_list() for r in latent], table.path)
-    _C().set_hadamard_rules(device, [r.as_c_list() for r in had], table.path)
+    _C().set_quant_gemm_rules(device, [r.as_json() for r in gemm], "table", table.path)
+    _C().set_latent_rules(device, [r.as_json() for r in latent], table.path)
+    _C().set_hadamard_rules(device, [r.as_json() for r in had], table.path)
     return {"source": "table", "path": table.path, "rules": len(gemm), "latent_attention_rules": len(latent),
             "hadamard_rules": len(had)}
 
@@ -153,7 +153,7 @@ def force(op: str = "quant_gemm", *, config: str | None = None, streamk_mode: st
         raise ValueError(f"force: {config!r} is not compiled into this build; compiled: {sorted(compiled_configs())}")
     rule = tables._rule("force", {"m": [1, None], "config": config, "streamk_mode": streamk_mode, "splits": splits,
                                   "raster": raster}, {config})
-    _C().set_quant_gemm_rules(device, [rule.as_c_tuple()], "forced", "forced")
+    _C().set_quant_gemm_rules(device, [rule.as_json()], "forced", "forced")
     with _lock:
         targets = [device] if device >= 0 else ["all"]
         for d in targets:

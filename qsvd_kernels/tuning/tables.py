@@ -1,6 +1,9 @@
 """Per-GPU tuning tables: JSON data, validated here, installed into the
 extension (``_C.set_quant_gemm_rules``, ``_C.set_latent_rules``,
-``_C.set_hadamard_rules``) per device.
+``_C.set_hadamard_rules``) per device. Each rule crosses as its JSON record
+(``as_json``), converted once in C++ (csrc/tuning_records.h); matching a
+shape against rules is the launchers' C++ (``_C.match_rule``), never a
+Python copy.
 
 Where tables are looked for, in this order: ``$QSVD_TUNING_DIR`` (if set),
 then ``qsvd_kernels/tuning/tables/`` (shipped with the package). For each CUDA
@@ -74,22 +77,9 @@ class GemmRule:
     splits: int = 1
     raster: str = "heuristic"
 
-    def matches(self, M: int, N: int, K: int, a_bits: int, b_bits: int) -> bool:
-        return (
-            self.m[0] <= M <= self.m[1]
-            and self.n[0] <= N <= self.n[1]
-            and self.k[0] <= K <= self.k[1]
-            and (self.bits is None or tuple(self.bits) == (a_bits, b_bits))
-        )
-
     @property
     def is_catch_all(self) -> bool:
         return self.m == (1, INT_MAX) and self.n == (1, INT_MAX) and self.k == (1, INT_MAX) and self.bits is None
-
-    def as_c_tuple(self) -> tuple:
-        a, b = self.bits if self.bits is not None else (0, 0)
-        return (*self.m, *self.n, *self.k, a, b, self.config, MODES[self.streamk_mode], self.splits,
-                RASTERS[self.raster])
 
     def as_json(self) -> dict:
         d = {"m": [self.m[0], None if self.m[1] == INT_MAX else self.m[1]]}
@@ -195,7 +185,7 @@ def check_rules(where: str, rules: list) -> None:
 # plan checker refuses for a call gives the default plan for that call.
 
 LATENT_KERNELS = {"auto": 0, "simt": 1, "tc": 2}
-LATENT_WEIGHTS = {"f16": 1, "bf16": 2, "int8": 3}  # codes of _C.set_latent_rules (0: any)
+LATENT_WEIGHTS = ("f16", "bf16", "int8")
 MAX_LATENT_SPLITS = 1024
 _LATENT_KEYS = {"rope", "weight_dtype", "bits", "r", "d", "group", "b", "ctx", "kernel", "splits", "tile_tokens",
                 "heads_per_cta", "ctas_per_sm", "note"}
@@ -230,18 +220,6 @@ class LatentRule:
     def knobs(self) -> dict:
         return {"kernel": self.kernel, "splits": self.splits, "tile_tokens": self.tile_tokens,
                 "heads_per_cta": self.heads_per_cta, "ctas_per_sm": self.ctas_per_sm}
-
-    def matches(self, *, B, H, H_kv, r, d, bits=8, rope=True, weight_dtype="f16", token_capacity) -> bool:
-        wd = "int8" if weight_dtype in ("i8", "int8") else weight_dtype
-        return ((self.rope is None or self.rope == bool(rope)) and (self.weight_dtype is None or self.weight_dtype == wd)
-                and (self.bits is None or self.bits == bits) and self.r[0] <= r <= self.r[1]
-                and self.d[0] <= d <= self.d[1] and self.group[0] <= H // H_kv <= self.group[1]
-                and self.b[0] <= B <= self.b[1] and self.ctx[0] <= token_capacity <= self.ctx[1])
-
-    def as_c_list(self) -> list:
-        return [-1 if self.rope is None else int(self.rope), LATENT_WEIGHTS.get(self.weight_dtype, 0), self.bits or 0,
-                *self.r, *self.d, *self.group, *self.b, *self.ctx, LATENT_KERNELS[self.kernel], self.splits,
-                self.tile_tokens, self.heads_per_cta, self.ctas_per_sm]
 
     def as_json(self) -> dict:
         out = {}
@@ -332,11 +310,9 @@ def check_latent_rules(where: str, rules: list) -> None:
 
 
 def evaluate_latent(rules: list, **shape):
-    """(index, rule) of the first matching latent rule, or (-1, None)."""
-    for i, r in enumerate(rules):
-        if r.matches(**shape):
-            return i, r
-    return -1, None
+    """(index, rule) of the first matching latent rule, or (-1, None): the
+    launchers' own matching (csrc/tuning_records.h)."""
+    return _first_match("latent_attention", rules, shape)
 
 
 # -- hadamard -----------------------------------------------------------------
@@ -348,7 +324,7 @@ def evaluate_latent(rules: list, **shape):
 # overlap; the last rule is a catch-all (k [1, null], no dtype), outside that
 # check.
 
-HADAMARD_DTYPES = {"f16": 1, "bf16": 2, "f32": 4}  # codes of _C.set_hadamard_rules (0: any)
+HADAMARD_DTYPES = ("f16", "bf16", "f32")
 HADAMARD_EPT = (0, 1, 2, 4, 8, 32)
 _HADAMARD_KEYS = {"k", "dtype", "elems_per_thread", "note"}
 
@@ -362,12 +338,6 @@ class HadamardRule:
     @property
     def is_catch_all(self) -> bool:
         return self.k == FULL and self.dtype is None
-
-    def matches(self, K: int, dtype: str) -> bool:
-        return self.k[0] <= K <= self.k[1] and (self.dtype is None or self.dtype == dtype)
-
-    def as_c_list(self) -> list:
-        return [*self.k, HADAMARD_DTYPES.get(self.dtype, 0), self.elems_per_thread]
 
     def as_json(self) -> dict:
         out = {"k": [self.k[0], None if self.k[1] == INT_MAX else self.k[1]]}
@@ -414,10 +384,7 @@ def check_hadamard_rules(where: str, rules: list) -> None:
 
 def evaluate_hadamard(rules: list, K: int, dtype: str):
     """(index, rule) of the first matching hadamard rule, or (-1, None)."""
-    for i, r in enumerate(rules):
-        if r.matches(K, dtype):
-            return i, r
-    return -1, None
+    return _first_match("hadamard", rules, {"K": K, "dtype": dtype})
 
 
 def parse_table(path: str, data=None, menu_names=None) -> Table:
@@ -536,15 +503,23 @@ def compiled_rules(table: Table, op: str, compiled: set, warn=True) -> list:
 
 
 def builtin_choice(cc: int, M: int, a_bits: int, b_bits: int) -> str:
-    """Python mirror of select_config (quant_gemm_menu.h), for tests and the tuner."""
-    if cc == 90 and (a_bits, b_bits) == (8, 8):
-        return "sm90_decode_128x64_cluster1x1_streamk" if M <= 64 else "sm90_prefill_128x128_cluster2x1_streamk"
-    return "sm80_decode_32x64_streamk" if M <= 32 else "sm80_prefill_128x128_streamk"
+    """quant_gemm's built-in config for a call (select_config, quant_gemm_menu.h)."""
+    return _C().quant_gemm_default_config(cc, M, a_bits, b_bits)
 
 
 def evaluate(rules: list, M: int, N: int, K: int, a_bits: int, b_bits: int):
-    """(index, rule) of the first matching rule, or (-1, None)."""
-    for i, r in enumerate(rules):
-        if r.matches(M, N, K, a_bits, b_bits):
-            return i, r
-    return -1, None
+    """(index, rule) of the first matching quant_gemm rule, or (-1, None)."""
+    return _first_match("quant_gemm", rules, {"M": M, "N": N, "K": K, "a_bits": a_bits, "b_bits": b_bits})
+
+
+def _C():
+    from .. import _C as ext
+
+    return ext
+
+
+def _first_match(op: str, rules: list, shape: dict):
+    """The launchers' rule matching, in C++ (one implementation; ctest covers
+    it): the rules cross as their JSON records."""
+    i = _C().match_rule(op, [r.as_json() for r in rules], shape)
+    return (i, rules[i]) if i >= 0 else (-1, None)

@@ -83,11 +83,10 @@ def _parse_bits(items) -> list:
 
 
 def _runs_on(entry, cc: int, a_bits: int, b_bits: int) -> bool:
-    if (a_bits, b_bits) not in entry.pairs:
-        return False
-    if entry.arch == "sm90":
-        return cc == 90 and (a_bits, b_bits) == (8, 8)
-    return 80 <= cc < 90 or (cc == 90 and (a_bits == 4 or b_bits == 4))
+    """The launcher's rule (quant_gemm_menu.h), compiled in or not."""
+    from .. import _C
+
+    return _C.quant_gemm_runs_on(entry.name, cc, a_bits, b_bits)
 
 
 def candidates(entries, cc: int, a_bits: int, b_bits: int, modes, splits, rasters) -> list:
