@@ -21,19 +21,20 @@ at::Tensor quant_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const 
 enum class CpuGemmPath { kEmpty, kScalar, kBrgemm, kOneDnn };
 CpuGemmPath quant_gemm_cpu_path(int64_t M, int64_t K);
 void latent_cache_append_cpu(const at::Tensor& c, const at::Tensor& slot_mapping, at::Tensor& cache,
-                             const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio);
+                             const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio,
+                             bool check_indices);
 std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     const at::Tensor& q, const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
     const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
-    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin);
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices);
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
     const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    std::optional<at::ScalarType> out_dtype);
+    std::optional<at::ScalarType> out_dtype, bool check_indices);
 
 // ---- CUDA (csrc/cuda/), built when QSVD_WITH_CUDA is defined ----
 #ifdef QSVD_WITH_CUDA
@@ -46,20 +47,21 @@ at::Tensor quant_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const
                            const std::optional<at::Tensor>& bias);
 // csrc/cuda/latent_cache.cpp
 void latent_cache_append_cuda(const at::Tensor& c, const at::Tensor& slot_mapping, at::Tensor& cache,
-                              const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio);
+                              const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio,
+                              bool check_indices);
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
     const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    std::optional<at::ScalarType> out_dtype);
+    std::optional<at::ScalarType> out_dtype, bool check_indices);
 // csrc/cuda/latent_attention.cpp
 std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
     const at::Tensor& q, const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
     const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
-    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin);
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices);
 #endif
 
 }  // namespace qsvd_torch

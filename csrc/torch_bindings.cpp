@@ -38,9 +38,15 @@ TORCH_LIBRARY(qsvd, m) {
   // block_size, row_bytes + 4]: each token's codes, then its fp32 scale), so
   // one tensor is written (two aliasing mutable arguments could not be
   // annotated); docs/ops.md, "The latent cache layouts".
+  // check_indices (latent_cache_append, latent_attention,
+  // latent_reconstruct_kv): False says the caller guarantees the index
+  // values (a serving engine's slot mappings and block tables), so the CUDA
+  // launchers skip their host check (a device-to-host copy and a sync per
+  // call, which CUDA graphs cannot capture); the kernels still guard every
+  // index on the device. The CPU kernels always check (a host loop, no sync).
   m.def(
       "latent_cache_append(Tensor c, Tensor slot_mapping, Tensor(a!) cache, Tensor(b!)? cache_scale, int bits, "
-      "float clip_ratio=1.0) -> ()");
+      "float clip_ratio=1.0, bool check_indices=True) -> ()");
 
   // Decode attention over the quantized latent cache with the per-head
   // up-projections w_uk / w_uv [H_kv, r, d] inside (int8 weights carry a
@@ -51,7 +57,7 @@ TORCH_LIBRARY(qsvd, m) {
   m.def(
       "latent_attention(Tensor q, Tensor cache, Tensor? cache_scale, Tensor block_table, Tensor seq_lens, "
       "Tensor w_uk, Tensor? w_uk_scale, Tensor w_uv, Tensor? w_uv_scale, int bits, float sm_scale, "
-      "Tensor? rope_cos=None, Tensor? rope_sin=None) -> (Tensor out, Tensor lse)");
+      "Tensor? rope_cos=None, Tensor? rope_sin=None, bool check_indices=True) -> (Tensor out, Tensor lse)");
 
   // Materialises K (RoPE-rotated when tables are given) and V, varlen-packed
   // [sum(seq_lens), H_kv, d], for prefill with any dense attention kernel.
@@ -62,7 +68,7 @@ TORCH_LIBRARY(qsvd, m) {
   m.def(
       "latent_reconstruct_kv(Tensor cache, Tensor? cache_scale, Tensor block_table, Tensor seq_lens, "
       "Tensor w_uk, Tensor? w_uk_scale, Tensor w_uv, Tensor? w_uv_scale, int bits, Tensor? rope_cos=None, "
-      "Tensor? rope_sin=None, ScalarType? out_dtype=None) -> (Tensor k, Tensor v)");
+      "Tensor? rope_sin=None, ScalarType? out_dtype=None, bool check_indices=True) -> (Tensor k, Tensor v)");
 }
 
 TORCH_LIBRARY_IMPL(qsvd, CPU, m) {

@@ -14,6 +14,7 @@ from qsvd_kernels import reference as R
 from qsvd_kernels.formats import pack_latent_rows, packed_row_bytes, split_latent_rows
 
 from conftest import require_kernel
+from helpers import make_paged_cache, make_weights
 
 
 def _empty_cache(num_blocks, block_size, r, bits, device):
@@ -62,6 +63,28 @@ def test_out_of_range_slot_raises_before_any_write(device):
     with pytest.raises(ValueError, match=r"`slot_mapping`\[2\] = 32 is past the end of the cache"):
         qk.latent_cache_append(c, torch.tensor([0, 1, 32], device=device), cache, scale, 8)
     assert torch.equal(cache, before[0]) and torch.equal(scale, before[1])
+
+
+def test_the_cpu_checks_indices_even_when_the_caller_vouches_for_them():
+    """check_indices=False skips a CUDA sync; the CPU kernels index host
+    memory without device-side guards, so they check regardless."""
+    require_kernel("latent_cache_append", "cpu")
+    cache, scale = _empty_cache(2, 16, 64, 8, "cpu")
+    before = cache.clone(), scale.clone()
+    with pytest.raises(ValueError, match=r"`slot_mapping`\[2\] = 32 is past the end of the cache"):
+        qk.latent_cache_append(torch.randn(3, 64), torch.tensor([0, 1, 32]), cache, scale, 8, check_indices=False)
+    assert torch.equal(cache, before[0]) and torch.equal(scale, before[1])
+    g = torch.Generator().manual_seed(0)
+    pc = make_paged_cache([5, 3], 64, 8, 16, generator=g)
+    w = make_weights(2, 64, 32, torch.float16, generator=g)
+    bad_table = pc.block_table.clone()
+    bad_table[1, 0] = pc.cache.shape[0] + 3
+    for call in (lambda: qk.latent_attention(torch.randn(2, 4, 32), pc.cache, pc.cache_scale, bad_table, pc.seq_lens,
+                                             *w, 8, 32**-0.5, check_indices=False),
+                 lambda: qk.latent_reconstruct_kv(pc.cache, pc.cache_scale, bad_table, pc.seq_lens, *w, 8,
+                                                  check_indices=False)):
+        with pytest.raises(ValueError, match="block_table"):
+            call()
 
 
 def test_empty_append_is_a_no_op(device):
@@ -216,7 +239,8 @@ def test_cuda_bad_slot_raises_before_any_write(slot_dtype):
     assert torch.equal(cache, before[0]) and torch.equal(scale, before[1])
 
 
-# With QSVD_SKIP_INDEX_CHECKS=1 (read once per process, hence the subprocess)
+# With check_indices=False (the argument an engine passes) or
+# QSVD_SKIP_INDEX_CHECKS=1 (read once per process, hence the subprocess)
 # the CUDA launchers skip the host validation; the kernels must still keep
 # every access in bounds: bad slots are skipped, bad blocks read as zeros,
 # lengths are clamped to what block_table and the RoPE table address.
@@ -229,6 +253,7 @@ from qsvd_kernels import reference as R
 from helpers import assert_within, latent_reconstruct_error_bound, make_paged_cache, make_weights
 
 g = torch.Generator().manual_seed(0)
+KW = {"check_indices": False} if sys.argv[2] == "argument" else {}
 
 # latent_cache_append: slots past the end are skipped, nothing outside the cache changes.
 for bits, slot_dtype, bad in ((8, torch.int64, [32, 33, 10**6, 2**40, -(2**40)]),
@@ -244,7 +269,7 @@ for bits, slot_dtype, bad in ((8, torch.int64, [32, 33, 10**6, 2**40, -(2**40)])
     gbuf, gsbuf = buf.cuda(), sbuf.cuda()
     cache = gbuf[bs * last : (nb + 1) * bs * last].view(nb, bs, last)
     scale = gsbuf[bs : (nb + 1) * bs].view(nb, bs)
-    qk.latent_cache_append(c.cuda(), slots.cuda(), cache, scale, bits)
+    qk.latent_cache_append(c.cuda(), slots.cuda(), cache, scale, bits, **KW)
     torch.cuda.synchronize()
     want = buf[bs * last : (nb + 1) * bs * last].view(nb, bs, last)
     want_scale = sbuf[bs : (nb + 1) * bs].view(nb, bs)
@@ -265,7 +290,7 @@ table[1, 0] = -5                      # tokens 0..15 of sequence 1
 lens[2] = capacity + 100              # clamped to capacity
 lens[3] = -4                          # clamped to 0
 args = [pc.cache, pc.cache_scale, table, lens, *w, 8, cos, sin]
-k, v = qk.latent_reconstruct_kv(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+k, v = qk.latent_reconstruct_kv(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args], **KW)
 torch.cuda.synchronize()
 assert k.shape == (40 + 20 + capacity, H_kv, d), k.shape
 k, v = k.cpu(), v.cpu()
@@ -281,13 +306,16 @@ print("unchecked ok")
 
 
 @CUDA
-def test_cuda_unchecked_bad_indices_stay_in_bounds():
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_cuda_unchecked_bad_indices_stay_in_bounds(how):
     require_kernel("latent_cache_append", "cuda")
     require_kernel("latent_reconstruct_kv", "cuda")
-    env = dict(os.environ, QSVD_SKIP_INDEX_CHECKS="1")
+    env = dict(os.environ, QSVD_SKIP_INDEX_CHECKS="1") if how == "environment" else dict(os.environ)
+    if how == "argument":
+        env.pop("QSVD_SKIP_INDEX_CHECKS", None)
     here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-c", _UNCHECKED_SCRIPT, here], capture_output=True, text=True, env=env,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", _UNCHECKED_SCRIPT, here, how], capture_output=True, text=True,
+                         env=env, timeout=300)
     assert out.returncode == 0 and "unchecked ok" in out.stdout, out.stdout + out.stderr
 
 

@@ -35,7 +35,7 @@ def _quant_gemm_fake(a, a_scale, b, b_scale, a_bits, b_bits, out_dtype, bias=Non
 
 
 @register_fake("qsvd::latent_cache_append")
-def _latent_cache_append_fake(c, slot_mapping, cache, cache_scale, bits, clip_ratio=1.0):
+def _latent_cache_append_fake(c, slot_mapping, cache, cache_scale, bits, clip_ratio=1.0, check_indices=True):
     # cache_scale may be None (packed rows): nothing is returned either way.
     return None
 
@@ -43,7 +43,7 @@ def _latent_cache_append_fake(c, slot_mapping, cache, cache_scale, bits, clip_ra
 @register_fake("qsvd::latent_attention")
 def _latent_attention_fake(
     q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, sm_scale,
-    rope_cos=None, rope_sin=None,
+    rope_cos=None, rope_sin=None, check_indices=True,
 ):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
@@ -51,7 +51,7 @@ def _latent_attention_fake(
 @register_fake("qsvd::latent_reconstruct_kv")
 def _latent_reconstruct_kv_fake(
     cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits,
-    rope_cos=None, rope_sin=None, out_dtype=None,
+    rope_cos=None, rope_sin=None, out_dtype=None, check_indices=True,
 ):
     # The row count is sum(seq_lens): data-dependent, so an unbacked size.
     total = torch.library.get_ctx().new_dynamic_size()

@@ -95,6 +95,7 @@ def latent_cache_append(
     cache_scale: torch.Tensor | None,
     bits: int,
     clip_ratio: float = 1.0,
+    check_indices: bool = True,
 ) -> None:
     """Quantize latent rows per token and write them into the paged cache (in place).
 
@@ -117,10 +118,14 @@ def latent_cache_append(
             None for a packed-rows ``cache``.
         bits: 8 or 4.
         clip_ratio: in (0, 1].
+        check_indices: False when the caller guarantees the slots (a serving
+            engine's slot mapping): the CUDA kernel then skips its host check
+            (a device-to-host copy and a sync), and still skips bad slots on
+            the device. The CPU kernel always checks.
 
     With duplicate slots, which row lands is unspecified.
     """
-    torch.ops.qsvd.latent_cache_append(c, slot_mapping, cache, cache_scale, bits, clip_ratio)
+    torch.ops.qsvd.latent_cache_append(c, slot_mapping, cache, cache_scale, bits, clip_ratio, check_indices)
 
 
 def latent_attention(
@@ -137,6 +142,7 @@ def latent_attention(
     sm_scale: float,
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
+    check_indices: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over the quantized latent cache, up-projections inside.
 
@@ -157,6 +163,10 @@ def latent_attention(
         rope_cos, rope_sin: ``[max_position, d]`` float32 LLaMA rotary tables
             (see :func:`qsvd_kernels.reference.rope_tables`); token ``t`` is at
             position ``t``. Omit both for layers without RoPE.
+        check_indices: False when the caller guarantees ``block_table`` and
+            ``seq_lens`` (a serving engine's): the CUDA launcher skips its
+            host check (a sync, which CUDA graphs cannot capture); the kernel
+            still guards every index. The CPU kernel always checks.
 
     Returns:
         ``out`` ``[B, H, d]`` in ``q``'s dtype and ``lse`` ``[B, H]`` float32
@@ -165,7 +175,7 @@ def latent_attention(
     """
     return torch.ops.qsvd.latent_attention(
         q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, sm_scale,
-        rope_cos, rope_sin,
+        rope_cos, rope_sin, check_indices,
     )
 
 
@@ -182,12 +192,14 @@ def latent_reconstruct_kv(
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    check_indices: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Materialise K (RoPE-rotated when tables are given) and V from the latent cache.
 
     Arguments as in :func:`latent_attention` (``cache_scale`` None: a
     packed-rows ``cache``). ``out_dtype`` defaults to the weights' dtype, or
-    float16 for int8 weights.
+    float16 for int8 weights. ``check_indices`` as in :func:`latent_attention`
+    (the lengths come to the host anyway, for the output size).
 
     Returns:
         ``k``, ``v``: ``[sum(seq_lens), H_kv, d]``, sequences packed in
@@ -195,5 +207,5 @@ def latent_reconstruct_kv(
     """
     return torch.ops.qsvd.latent_reconstruct_kv(
         cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin,
-        out_dtype,
+        out_dtype, check_indices,
     )

@@ -159,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale_d,
-    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin) {
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
+    bool /*check_indices: the CPU always checks (a host loop, no sync)*/) {
   const char* op = "latent_attention";
   cpu::check_isa_env(op);
   int64_t H = 0;
@@ -333,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    std::optional<at::ScalarType> out_dtype_opt) {
+    std::optional<at::ScalarType> out_dtype_opt, bool /*check_indices: the CPU always checks*/) {
   const char* op = "latent_reconstruct_kv";
   cpu::check_isa_env(op);
   const LatentShape s = check_latent_cache_and_weights(op, cache, cache_scale, block_table, seq_lens, w_uk,

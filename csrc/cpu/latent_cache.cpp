@@ -22,7 +22,8 @@
 namespace qsvd_torch {
 
 void latent_cache_append_cpu(const at::Tensor& c_in, const at::Tensor& slot_mapping_in, at::Tensor& cache,
-                             const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio) {
+                             const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio,
+                             bool /*check_indices: the CPU always checks (a host loop, no sync)*/) {
   cpu::check_isa_env("latent_cache_append");
   const CacheAppendShape s = check_latent_cache_append(c_in, slot_mapping_in, cache, cache_scale, bits, clip_ratio);
   if (s.T == 0) return;

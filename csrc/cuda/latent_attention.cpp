@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
     const at::Tensor& block_table_in, const at::Tensor& seq_lens_in, const at::Tensor& w_uk_in,
     const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv_in,
     const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
-    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin) {
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices) {
   const char* op = "latent_attention";
   int64_t H = 0;
   const LatentShape s = check_latent_attention(q_in, cache_in, cache_scale_in, block_table_in, seq_lens_in, w_uk_in,
@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   const at::Tensor block_table = block_table_in.contiguous();
   const at::Tensor seq_lens = seq_lens_in.contiguous();
   const int64_t rope_len = s.rope ? rope_cos->size(0) : 0;
-  if (plan::host_index_checks())
+  if (check_indices && plan::host_index_checks())
     check_paged_indices_host(op, seq_lens.cpu(), block_table.cpu(), s, rope_len);
 
   at::Tensor out = at::empty({s.B, H, s.d}, q_in.options());

@@ -30,14 +30,16 @@ constexpr int64_t kReconstructWorkspaceBytes = int64_t{256} << 20;
 }  // namespace
 
 void latent_cache_append_cuda(const at::Tensor& c_in, const at::Tensor& slot_mapping, at::Tensor& cache,
-                              const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio) {
+                              const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio,
+                              bool check_indices) {
   const char* op = "latent_cache_append";
   const CacheAppendShape s = check_latent_cache_append(c_in, slot_mapping, cache, cache_scale, bits, clip_ratio);
   const c10::cuda::CUDAGuard guard(c_in.device());
   if (s.T == 0) return;
   // Same ValueError as the CPU kernel, before any write (a D2H copy and a
   // sync). Without it the kernel still skips slots past the end.
-  if (plan::host_index_checks()) check_slot_mapping_host(slot_mapping.to(at::kCPU).to(at::kLong).contiguous(), s);
+  if (check_indices && plan::host_index_checks())
+    check_slot_mapping_host(slot_mapping.to(at::kCPU).to(at::kLong).contiguous(), s);
 
   const at::Tensor c = s.r > 1 && c_in.stride(1) != 1 ? c_in.contiguous() : c_in;
   const at::Tensor slots = slot_mapping.contiguous();
@@ -79,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    std::optional<at::ScalarType> out_dtype_opt) {
+    std::optional<at::ScalarType> out_dtype_opt, bool check_indices) {
   const char* op = "latent_reconstruct_kv";
   const LatentShape s = check_latent_cache_and_weights(op, cache, cache_scale, block_table, seq_lens, w_uk,
                                                        w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin);
@@ -92,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   const at::Tensor lens_cpu = seq_lens.to(at::kCPU).contiguous();
   const int32_t* lens = lens_cpu.data_ptr<int32_t>();
   std::vector<int64_t> cu_seqlens(s.B + 1, 0);
-  if (plan::host_index_checks()) {
+  if (check_indices && plan::host_index_checks()) {
     check_paged_indices_host(op, lens_cpu, block_table.to(at::kCPU).contiguous(), s, rope_positions);
     for (int64_t b = 0; b < s.B; ++b) cu_seqlens[b + 1] = cu_seqlens[b] + lens[b];
   } else {

@@ -165,11 +165,15 @@ class AttentionStep:
 
 class QSVDAttentionCore(AttentionStep):
     """One layer's QSVD attention step (module docstring); ``spec`` is the
-    layer (this rank's heads), ``operands`` holds its tensors by name."""
+    layer (this rank's heads), ``operands`` holds its tensors by name.
+    ``check_indices`` False: the engine guarantees its slots, block tables
+    and lengths (vLLM's are valid by construction), so the CUDA launchers skip
+    their host check (a sync per call); the kernels still guard every index."""
 
-    def __init__(self, spec: QSVDLayerSpec, operands):
+    def __init__(self, spec: QSVDLayerSpec, operands, check_indices: bool = True):
         self.spec = spec
         self.operands = operands
+        self.check_indices = check_indices
 
     def _t(self, name: str):
         return getattr(self.operands, name, None)
@@ -184,7 +188,7 @@ class QSVDAttentionCore(AttentionStep):
     def append(self, proj: Projection, slots: torch.Tensor, cache: LatentCache) -> None:
         """Quantize the rows of ``proj.c`` whose slot is >= 0 into the cache (in place)."""
         ops.latent_cache_append(proj.c, slots, cache.codes, cache.scale, self.spec.latent_bits,
-                                self.spec.latent_clip)
+                                self.spec.latent_clip, self.check_indices)
 
     def store(self, proj: Projection, slots: torch.Tensor, cache: LatentCache):
         """Append, and return the cached rows when q is made from them ("qkv"
@@ -229,7 +233,7 @@ class QSVDAttentionCore(AttentionStep):
         s = self.spec
         out, _ = ops.latent_attention(q.contiguous(), cache.codes, cache.scale, block_table, seq_lens, self._t("wuk"),
                                       self._t("wuk_scale"), self._t("wuv"), self._t("wuv_scale"), s.latent_bits,
-                                      sm_scale, cos, sin)
+                                      sm_scale, cos, sin, self.check_indices)
         bv = self.v_bias_per_query_head()
         return out.float() if bv is None else out.float() + bv
 
@@ -240,7 +244,7 @@ class QSVDAttentionCore(AttentionStep):
         s = self.spec
         k, v = ops.latent_reconstruct_kv(cache.codes, cache.scale, block_table, seq_lens, self._t("wuk"),
                                          self._t("wuk_scale"), self._t("wuv"), self._t("wuv_scale"), s.latent_bits,
-                                         cos, sin, torch.float32)
+                                         cos, sin, torch.float32, self.check_indices)
         bv = self._t("bv")
         if bv is not None:
             v = v + bv.view(1, s.num_kv_heads, s.head_dim)

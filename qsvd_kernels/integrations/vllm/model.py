@@ -25,14 +25,6 @@ from . import check_vllm_version
 
 check_vllm_version()  # before touching vLLM internals: an unsupported vLLM gets this error, not an ImportError
 
-import os  # noqa: E402
-
-# vLLM's block tables and slot mappings are valid by construction: skip the
-# ops' host-side index checks on CUDA (a device-to-host copy and a sync per
-# call, which CUDA graphs cannot capture). The kernels still guard every
-# index on the device (docs/ops.md). Read once, at the first op call.
-os.environ.setdefault("QSVD_SKIP_INDEX_CHECKS", "1")
-
 from dataclasses import replace  # noqa: E402
 from functools import partial  # noqa: E402
 from typing import ClassVar  # noqa: E402
@@ -111,7 +103,10 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
             p.weight_loader = partial(self._load_sharded, shard=ts.shard)
             setattr(self.qsvd, name, p)
         self._loaded: set[str] = set()
-        self.core = QSVDAttentionCore(self.spec, self.qsvd)
+        # vLLM's slot mappings and block tables are valid by construction: the
+        # CUDA launchers skip their host check of them (a sync per call, which
+        # CUDA graphs cannot capture); the kernels still guard every index.
+        self.core = QSVDAttentionCore(self.spec, self.qsvd, check_indices=False)
 
         self.o_proj = RowParallelLinear(input_size=num_heads * head_dim, output_size=hidden_size, bias=bias_o_proj,
                                         quant_config=None, prefix=f"{prefix}.o_proj")
