@@ -75,6 +75,7 @@ import torch.nn.functional as F
 
 import qsvd_kernels as qk
 from qsvd_kernels import reference as R
+from qsvd_kernels.testing import random_codes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python_tests"))
@@ -181,9 +182,7 @@ def test_latent_attention_absorbed(benchmark, r):
 
 
 def _codes(rows, K, bits, g):
-    q = 7 if bits == 4 else 127
-    c = torch.randint(-q, q + 1, (rows, K), dtype=torch.int8, generator=g)
-    return R.pack_int4(c) if bits == 4 else c
+    return random_codes(bits, (rows, K), g)[1]
 
 
 @pytest.mark.parametrize("M", [1, 16, 512])

@@ -69,15 +69,12 @@ def _cases():
 
 def _latent_inputs(H_kv, r, B, L, bits, rope):
     from qsvd_kernels import reference as R
+    from qsvd_kernels.testing import random_codes
 
     dev = "cuda"
     blocks = math.ceil(L / BLOCK)
     num_blocks = B * blocks
-    last = r // 2 if bits == 4 else r
-    if bits == 8:
-        cache = torch.randint(-127, 128, (num_blocks, BLOCK, last), dtype=torch.int8, device=dev)
-    else:
-        cache = torch.randint(0, 256, (num_blocks, BLOCK, last), dtype=torch.uint8, device=dev)
+    cache = random_codes(bits, (num_blocks, BLOCK, r), device=dev)[1]
     scale = torch.rand(num_blocks, BLOCK, device=dev) / 127
     table = torch.randperm(num_blocks, device=dev, dtype=torch.int32).reshape(B, blocks)
     lens = torch.full((B,), L, dtype=torch.int32, device=dev)
@@ -102,18 +99,9 @@ def sdpa_seconds(H_kv, B, L, reps=20):
     """Median SDPA decode time at this shape (CUDA events), measured once per session."""
     key = (H_kv, B, L)
     if key not in _SDPA_SECONDS:
-        fn = _sdpa_inputs(H_kv, B, L)
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        _SDPA_SECONDS[key] = sorted(times)[len(times) // 2]
+        from qsvd_kernels.tuning.tune_ops import median_cuda_seconds
+
+        _SDPA_SECONDS[key] = median_cuda_seconds(_sdpa_inputs(H_kv, B, L), reps, warmup=3)
     return _SDPA_SECONDS[key]
 
 

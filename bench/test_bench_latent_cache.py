@@ -22,6 +22,7 @@ import torch
 
 import qsvd_kernels as qk
 from qsvd_kernels import reference as R
+from qsvd_kernels.formats import code_format
 
 from conftest import device_peaks, run_benchmark
 
@@ -43,8 +44,8 @@ def test_latent_cache_append(benchmark, T, r, bits, impl):
     num_blocks = (T + block_size - 1) // block_size + 1
     c = torch.randn(T, r, device="cuda", dtype=torch.float16)
     slots = torch.randperm(num_blocks * block_size, device="cuda")[:T]
-    cache = torch.zeros(num_blocks, block_size, r // 2 if bits == 4 else r, device="cuda",
-                        dtype=torch.uint8 if bits == 4 else torch.int8)
+    fmt = code_format(bits)
+    cache = torch.zeros(num_blocks, block_size, fmt.row_bytes(r), device="cuda", dtype=fmt.dtype)
     scale = torch.zeros(num_blocks, block_size, device="cuda")
     op = qk.latent_cache_append if impl == "qsvd" else R.latent_cache_append_ref
     run_benchmark(benchmark, "cuda", lambda: op(c, slots, cache, scale, bits), bytes_moved=_append_bytes(T, r, bits),

@@ -31,7 +31,8 @@ import pytest
 import torch
 
 import qsvd_kernels as qk
-from qsvd_kernels import reference as R
+from qsvd_kernels.testing import random_codes
+from qsvd_kernels.tuning.tune_ops import median_cuda_seconds
 
 from conftest import run_benchmark
 
@@ -58,25 +59,12 @@ def _gemm_shape(E, r, M, proj):
 
 
 def _codes(rows, K, bits, device):
-    q = 7 if bits == 4 else 127
-    codes = torch.randint(-q, q + 1, (rows, K), dtype=torch.int8, device=device)
-    return R.pack_int4(codes) if bits == 4 else codes
+    return random_codes(bits, (rows, K), device=device)[1]
 
 
 def _median_seconds(fn, iters=20):
     """Median of CUDA-event times of fn (after a warm-up), in seconds."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return median_cuda_seconds(fn, iters, warmup=3)
 
 
 _BASELINES: dict = {}

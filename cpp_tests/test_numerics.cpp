@@ -6,23 +6,14 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "qsvd/hadamard.h"
 #include "qsvd/latent_cache_layout.h"
 #include "qsvd/numerics.h"
 
 namespace {
 
-int g_failures = 0;
-
-#define CHECK(cond, ...)                                              \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      ++g_failures;                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                              \
-      std::fprintf(stderr, "\n");                                     \
-    }                                                                 \
-  } while (0)
+using qsvd_test::g_failures;
 
 void test_int4_pack_unpack() {
   for (int lo = -8; lo <= 7; ++lo)

@@ -14,22 +14,13 @@
 
 #include "qsvd/cpu/isa.h"
 #include "qsvd/cpu/simd.h"
+#include "check.h"
 #include "qsvd/hadamard.h"
 #include "qsvd/numerics.h"
 
 namespace {
 
-int g_failures = 0;
-
-#define CHECK(cond, ...)                                                            \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      ++g_failures;                                                                 \
-      std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                            \
-      std::fprintf(stderr, "\n");                                                   \
-    }                                                                               \
-  } while (0)
+using qsvd_test::g_failures;
 
 namespace qc = qsvd::cpu;
 

@@ -6,19 +6,12 @@
 #include <cstring>
 #include <initializer_list>
 
+#include "check.h"
 #include "qsvd/kernels/tuning_rules.h"
 
 namespace {
 
-int failures = 0;
-
-#define CHECK(cond)                                                               \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
-      std::fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                 \
-    }                                                                             \
-  } while (0)
+using qsvd_test::g_failures;
 
 namespace lat = qsvd::latent;
 namespace qt = qsvd::tuning;
@@ -150,8 +143,8 @@ void test_hadamard() {
 int main() {
   test_latent();
   test_hadamard();
-  if (failures) {
-    std::fprintf(stderr, "%d failures\n", failures);
+  if (g_failures) {
+    std::fprintf(stderr, "%d failures\n", g_failures);
     return 1;
   }
   std::printf("tuning rules: ok\n");

@@ -117,4 +117,20 @@ int64_t check_paged_indices_host(const char* op, const at::Tensor& seq_lens_cpu,
 at::ScalarType reconstruct_out_dtype(const char* op, const at::Tensor& w_uk,
                                      std::optional<at::ScalarType> out_dtype);
 
+// The kernels' element enum (qsvd::DType, include/qsvd/formats.h: the one
+// numbering) of a torch dtype, CPU and CUDA alike. Callers have checked the
+// dtype against the op's allowed set, so anything else is an internal error.
+inline qsvd::DType to_dtype(const char* op, at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return qsvd::DType::kF32;
+    case at::kHalf: return qsvd::DType::kF16;
+    case at::kBFloat16: return qsvd::DType::kBF16;
+    case at::kChar: return qsvd::DType::kI8;
+    case at::kByte: return qsvd::DType::kU8;
+    default: break;
+  }
+  QSVD_CHECK(false, op, "internal error: no kernel element type for dtype ", t);
+  return qsvd::DType::kF32;
+}
+
 }  // namespace qsvd_torch

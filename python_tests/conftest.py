@@ -65,3 +65,15 @@ def require_kernel(op: str, device: str) -> None:
     """Skip (with the reason) when op has no kernel for device yet."""
     if not qsvd_kernels.has_kernel(op, device):
         pytest.skip(f"qsvd.{op} has no {device} kernel in this build")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_compressor():
+    """The tiny random LLaMA (seed 0) and its Compressor on random token
+    batches: the decoder tests' common start (they skip without transformers)."""
+    from qsvd_kernels import compress as qc
+    from qsvd_kernels.integrations import models as M
+
+    model, _, _ = M.tiny_llama(seed=0)
+    return model, qc.Compressor(model, M.random_token_batches(model.config.vocab_size, 32, 48, seed=0),
+                                progress=False)

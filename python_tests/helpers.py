@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qsvd_kernels import reference as R
+from qsvd_kernels.formats import code_format
 from qsvd_kernels.testing import (  # noqa: F401  (re-exported for the tests)
     EPS,
     TINY,
@@ -22,14 +22,8 @@ from qsvd_kernels.testing import (  # noqa: F401  (re-exported for the tests)
     assert_within,
     latent_attention_error_bound,
     latent_reconstruct_error_bound,
+    random_codes,
 )
-
-
-def random_codes(shape, bits, generator=None):
-    """Random stored codes (int8, or packed INT4) covering the full symmetric range."""
-    qmax = 7 if bits == 4 else 127
-    codes = torch.randint(-qmax, qmax + 1, shape, dtype=torch.int8, generator=generator)
-    return R.pack_int4(codes) if bits == 4 else codes
 
 
 @dataclass
@@ -60,9 +54,8 @@ def make_paged_cache(seq_lens, r, bits, block_size, *, extra_blocks=3, scale_mag
     for b, n in enumerate(blocks_per_seq):
         block_table[b, :n] = perm[k : k + n].to(torch.int32)
         k += n
-    last = r // 2 if bits == 4 else r
-    cache = random_codes((num_blocks, block_size, r), bits, g).reshape(num_blocks, block_size, last)
-    scale = (torch.rand(num_blocks, block_size, generator=g) + 0.5) * scale_mag / (7 if bits == 4 else 127)
+    cache = random_codes(bits, (num_blocks, block_size, r), g)[1]
+    scale = (torch.rand(num_blocks, block_size, generator=g) + 0.5) * scale_mag / code_format(bits).qmax
     used = torch.zeros(num_blocks, block_size, dtype=torch.bool)
     for b, L in enumerate(seq_lens):
         for t in range(L):

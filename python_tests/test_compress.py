@@ -11,6 +11,7 @@ import torch
 
 import qsvd_kernels as qk
 from qsvd_kernels import compress as qc
+from qsvd_kernels.formats import code_format
 from qsvd_kernels.compress.allocate import _envelope_items
 from qsvd_kernels.model.sites import find_attention_sites
 
@@ -307,8 +308,8 @@ def test_packed_tensors_run_on_the_ops(qname):
     assert torch.allclose(c.double(), c_sim, rtol=4 * U32, atol=4 * U32 * float(c_sim.abs().max()))
     # The latent goes through the paged cache; q from the cached codes.
     T, r = x.shape[0], layer.rank
-    cache = torch.zeros(2, 16, r if quant.latent_bits == 8 else r // 2,
-                        dtype=torch.int8 if quant.latent_bits == 8 else torch.uint8)
+    fmt = code_format(quant.latent_bits)
+    cache = torch.zeros(2, 16, fmt.row_bytes(r), dtype=fmt.dtype)
     cache_scale = torch.zeros(2, 16)
     qk.latent_cache_append(c, torch.arange(T), cache, cache_scale, quant.latent_bits, quant.latent_clip)
     flat, flat_scale = cache.view(32, -1)[:T], cache_scale.view(32)[:T]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import qsvd_kernels as qk
-from qsvd_kernels import reference as R
+from qsvd_kernels.formats import code_format
 
 from conftest import ISA_LEVELS, isa_levels_to_test
 
@@ -227,8 +227,7 @@ def test_quant_gemm_same_bits_at_every_level(a_bits, b_bits, M, N, K):
     lo = {8: -128, 4: -8}
     a = torch.randint(lo[a_bits], -lo[a_bits], (M, K), dtype=torch.int8, generator=g)
     b = torch.randint(lo[b_bits], -lo[b_bits], (N, K), dtype=torch.int8, generator=g)
-    A = R.pack_int4(a) if a_bits == 4 else a
-    B = R.pack_int4(b) if b_bits == 4 else b
+    A, B = code_format(a_bits).pack(a), code_format(b_bits).pack(b)
     sa, sb = torch.rand(M, generator=g) * 0.02 + 1e-3, torch.rand(N, generator=g) * 0.02 + 1e-3
     bias = torch.randn(N, generator=g)
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import qsvd_kernels as qk
 from qsvd_kernels import reference as R
-from qsvd_kernels.formats import pack_latent_rows, packed_row_bytes
+from qsvd_kernels.formats import code_format, pack_latent_rows, packed_row_bytes
 
 from conftest import DEVICES, require_kernel
 from helpers import (
@@ -24,11 +24,37 @@ from helpers import (
     latent_reconstruct_error_bound,
     make_paged_cache,
     make_weights,
+    random_codes,
 )
 
 SUPPORTED_K = [K for K in range(1, 4097) if qk._C.is_supported_hadamard_dim(K)]
 FLOATS = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 devices = st.sampled_from(DEVICES)
+
+
+def _append_inputs(T, r, n_slots, bad_slot, dtype, g):
+    """Up to T distinct slots (a quarter skipped with -1, one past the cache
+    when bad_slot) and their latent rows."""
+    T = min(T, n_slots)
+    slots = torch.randperm(n_slots, generator=g)[:T]
+    if T:
+        slots[torch.rand(T, generator=g) < 0.25] = -1
+    if bad_slot and T:
+        slots[int(torch.randint(0, T, (1,), generator=g))] = n_slots + int(torch.randint(0, 5, (1,), generator=g))
+    return slots, (torch.randn(T, r, generator=g) * 3).to(dtype)
+
+
+def _refused_untouched(append, buffers) -> None:
+    """A slot past the cache raises, naming slot_mapping, and nothing in the
+    guarded buffers (pairs of buffer, its copy before the call) changes."""
+    try:
+        append()
+    except ValueError as e:
+        assert "`slot_mapping`" in str(e)
+    else:
+        raise AssertionError("a slot past the cache was accepted")
+    for buf, before in buffers:
+        assert torch.equal(buf, before)
 
 
 def _snapshot(ts):
@@ -91,11 +117,7 @@ def test_fuzz_quant_gemm_legal(device, M, N, half_K, a_bits, b_bits, out_dtype, 
     require_kernel("quant_gemm", device)
     g = torch.Generator().manual_seed(seed)
     K = 2 * half_K
-    qa, qb = (7 if a_bits == 4 else 127), (7 if b_bits == 4 else 127)
-    a = torch.randint(-qa, qa + 1, (M, K), dtype=torch.int8, generator=g)
-    b = torch.randint(-qb, qb + 1, (N, K), dtype=torch.int8, generator=g)
-    A = R.pack_int4(a) if a_bits == 4 else a
-    B = R.pack_int4(b) if b_bits == 4 else b
+    (a, A), (b, B) = random_codes(a_bits, (M, K), g), random_codes(b_bits, (N, K), g)
     # Scales keep |out| inside fp16's range (K * 127 * 127 * sa * sb < 65504).
     sa, sb = torch.rand(M, generator=g) / 128, torch.rand(N, generator=g) / 128
     bias = torch.randn(N, generator=g).to(out_dtype) if use_bias else None
@@ -146,18 +168,11 @@ def test_fuzz_latent_cache_append(device, T, half_r, num_blocks, block_size, bit
     require_kernel("latent_cache_append", device)
     g = torch.Generator().manual_seed(seed)
     r = 2 * half_r
-    n_slots = num_blocks * block_size
-    T = min(T, n_slots)
-    slots = torch.randperm(n_slots, generator=g)[:T]
-    if T:
-        slots[torch.rand(T, generator=g) < 0.25] = -1
-    if bad_slot and T:
-        slots[int(torch.randint(0, T, (1,), generator=g))] = n_slots + int(torch.randint(0, 5, (1,), generator=g))
-    c = (torch.randn(T, r, generator=g) * 3).to(dtype)
-    last = r // 2 if bits == 4 else r
+    slots, c = _append_inputs(T, r, num_blocks * block_size, bad_slot, dtype, g)
+    T = len(slots)
+    fmt = code_format(bits)
     # The cache is the middle of a bigger buffer: one guard block each side.
-    buf = torch.randint(0, 127, (num_blocks + 2, block_size, last), generator=g).to(
-        torch.uint8 if bits == 4 else torch.int8).to(device)
+    buf = torch.randint(0, 127, (num_blocks + 2, block_size, fmt.row_bytes(r)), generator=g).to(fmt.dtype).to(device)
     sbuf = torch.full((num_blocks + 2, block_size), 7.0, device=device)
     cache, scale = buf[1:-1], sbuf[1:-1]
     assert cache.is_contiguous()
@@ -166,13 +181,8 @@ def test_fuzz_latent_cache_append(device, T, half_r, num_blocks, block_size, bit
     cd, sd = c.to(device), slots.to(device)
     snap = _snapshot([cd, sd])
     if bad_slot and T:
-        try:
-            qk.latent_cache_append(cd, sd, cache, scale, bits, clip)
-        except ValueError as e:
-            assert "`slot_mapping`" in str(e)
-        else:
-            raise AssertionError("a slot past the cache was accepted")
-        assert torch.equal(buf, before) and torch.equal(sbuf, sbefore)
+        _refused_untouched(lambda: qk.latent_cache_append(cd, sd, cache, scale, bits, clip), [(buf, before),
+                                                                                               (sbuf, sbefore)])
         return
     qk.latent_cache_append(cd, sd, cache, scale, bits, clip)
     R.latent_cache_append_ref(c, slots, want_cache, want_scale, bits, clip)
@@ -192,14 +202,8 @@ def test_fuzz_latent_cache_append_packed(device, T, eighth_r, num_blocks, block_
     require_kernel("latent_cache_append", device)
     g = torch.Generator().manual_seed(seed)
     r = 8 * eighth_r  # code bytes per row a multiple of 4 for both widths
-    n_slots = num_blocks * block_size
-    T = min(T, n_slots)
-    slots = torch.randperm(n_slots, generator=g)[:T]
-    if T:
-        slots[torch.rand(T, generator=g) < 0.25] = -1
-    if bad_slot and T:
-        slots[int(torch.randint(0, T, (1,), generator=g))] = n_slots + int(torch.randint(0, 5, (1,), generator=g))
-    c = (torch.randn(T, r, generator=g) * 3).to(dtype)
+    slots, c = _append_inputs(T, r, num_blocks * block_size, bad_slot, dtype, g)
+    T = len(slots)
     buf = torch.randint(0, 256, (num_blocks + 2, block_size, packed_row_bytes(bits, r)), dtype=torch.uint8,
                         generator=g)
     want = buf.clone()
@@ -210,13 +214,7 @@ def test_fuzz_latent_cache_append_packed(device, T, eighth_r, num_blocks, block_
     cd, sd = c.to(device), slots.to(device)
     snap = _snapshot([cd, sd])
     if bad_slot and T:
-        try:
-            qk.latent_cache_append(cd, sd, cache, None, bits, clip)
-        except ValueError as e:
-            assert "`slot_mapping`" in str(e)
-        else:
-            raise AssertionError("a slot past the cache was accepted")
-        assert torch.equal(buf, before)
+        _refused_untouched(lambda: qk.latent_cache_append(cd, sd, cache, None, bits, clip), [(buf, before)])
         return
     qk.latent_cache_append(cd, sd, cache, None, bits, clip)
     R.latent_cache_append_ref(c, slots, want[1:-1], None, bits, clip)

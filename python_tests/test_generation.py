@@ -21,10 +21,8 @@ from qsvd_kernels.integrations import models as M  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def llama():
-    model, _, _ = M.tiny_llama(seed=0)
-    comp = qc.Compressor(model, M.random_token_batches(model.config.vocab_size, 32, 48, seed=0), progress=False)
-    return model, comp
+def llama(tiny_llama_compressor):
+    return tiny_llama_compressor
 
 
 @pytest.fixture(scope="module")

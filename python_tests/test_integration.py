@@ -22,9 +22,8 @@ from qsvd_kernels.integrations import models as M  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def llama():
-    model, _, _ = M.tiny_llama(seed=0)
-    comp = qc.Compressor(model, M.random_token_batches(model.config.vocab_size, 32, 48, seed=0), progress=False)
+def llama(tiny_llama_compressor):
+    model, comp = tiny_llama_compressor
     prompt = M.random_token_batches(model.config.vocab_size, 3, 10, batch_size=3, seed=5)[0]["input_ids"]
     return model, comp, prompt
 

@@ -245,21 +245,7 @@ def test_identity_rope_equals_absorbed_k(device):
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])
 def test_reconstruct_matches_reference(device, rope, wdtype, out_dtype):
     require_kernel("latent_reconstruct_kv", device)
-    g = torch.Generator().manual_seed(5)
-    d, r, H_kv = 64, 130, 2
-    seq_lens = [23, 0, 70]
-    pc = make_paged_cache(seq_lens, r, 4, 16, generator=g)
-    w = make_weights(H_kv, r, d, wdtype, generator=g)
-    cos, sin = R.rope_tables(80, d) if rope else (None, None)
-    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 4, cos, sin]
-    k, v = qk.latent_reconstruct_kv(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args],
-                                    out_dtype=out_dtype)
-    want_dtype = out_dtype or (torch.float16 if wdtype == torch.int8 else wdtype)
-    assert k.dtype == want_dtype and k.shape == (sum(seq_lens), H_kv, d) and v.shape == k.shape
-    tk, tv = R.latent_reconstruct_kv_ref(*args, out_dtype=torch.float64)
-    bk, bv = latent_reconstruct_error_bound(*args, **RECONSTRUCT_BOUND[device])
-    assert_within(k.cpu(), tk, bk, want_dtype, "k")
-    assert_within(v.cpu(), tv, bv, want_dtype, "v")
+    _reconstruct_case(device, [23, 0, 70], 130, 4, 16, 2, 64, wdtype, rope, out_dtype, seed=5)
 
 
 def test_reconstruct_all_empty(device):

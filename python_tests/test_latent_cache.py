@@ -11,17 +11,16 @@ import torch
 
 import qsvd_kernels as qk
 from qsvd_kernels import reference as R
-from qsvd_kernels.formats import pack_latent_rows, packed_row_bytes, split_latent_rows
+from qsvd_kernels.formats import code_format, pack_latent_rows, packed_row_bytes, split_latent_rows
 
 from conftest import require_kernel
 from helpers import make_paged_cache, make_weights
 
 
 def _empty_cache(num_blocks, block_size, r, bits, device):
-    last = r // 2 if bits == 4 else r
-    dtype = torch.uint8 if bits == 4 else torch.int8
+    fmt = code_format(bits)
     # Sentinel contents: every slot not written must keep them.
-    cache = torch.full((num_blocks, block_size, last), 0x5A, dtype=dtype, device=device)
+    cache = torch.full((num_blocks, block_size, fmt.row_bytes(r)), 0x5A, dtype=fmt.dtype, device=device)
     scale = torch.full((num_blocks, block_size), -123.0, device=device)
     return cache, scale
 
@@ -131,11 +130,11 @@ def _guarded_cache(num_blocks, block_size, r, bits, device, shift, generator):
     side, filled with random bytes (a stray write of any code shows). `shift`
     moves it by one element, so its rows lose their 4/8-byte alignment and
     the kernel's scalar path runs. Returns (buf, sbuf, cache, scale)."""
-    last = r // 2 if bits == 4 else r
+    fmt = code_format(bits)
+    last = fmt.row_bytes(r)
     n = num_blocks * block_size * last
     buf = torch.randint(0, 256, ((num_blocks + 2) * block_size * last + 1,), dtype=torch.uint8, generator=generator)
-    if bits == 8:
-        buf = buf.view(torch.int8)
+    buf = buf.view(fmt.dtype)
     sbuf = torch.full(((num_blocks + 2) * block_size + 1,), -123.0)
     buf, sbuf = buf.to(device), sbuf.to(device)
     start, sstart = block_size * last + shift, block_size + shift
@@ -250,6 +249,7 @@ import torch
 sys.path.insert(0, sys.argv[1])
 import qsvd_kernels as qk
 from qsvd_kernels import reference as R
+from qsvd_kernels.formats import code_format
 from helpers import assert_within, latent_reconstruct_error_bound, make_paged_cache, make_weights
 
 g = torch.Generator().manual_seed(0)
@@ -259,9 +259,9 @@ KW = {"check_indices": False} if sys.argv[2] == "argument" else {}
 for bits, slot_dtype, bad in ((8, torch.int64, [32, 33, 10**6, 2**40, -(2**40)]),
                               (4, torch.int32, [32, 2**31 - 1, -(2**31)])):
     nb, bs, r = 2, 16, 64
-    last = r // 2 if bits == 4 else r
-    buf = torch.randint(0, 256, ((nb + 2) * bs * last,), dtype=torch.uint8, generator=g)
-    buf = buf.view(torch.int8) if bits == 8 else buf
+    fmt = code_format(bits)
+    last = fmt.row_bytes(r)
+    buf = torch.randint(0, 256, ((nb + 2) * bs * last,), dtype=torch.uint8, generator=g).view(fmt.dtype)
     sbuf = torch.full(((nb + 2) * bs,), -123.0)
     good = [0, 31, 7]
     slots = torch.tensor(good + bad, dtype=slot_dtype)

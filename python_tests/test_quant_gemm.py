@@ -6,20 +6,17 @@ import pytest
 import torch
 
 import qsvd_kernels as qk
-from qsvd_kernels import reference as R
+from qsvd_kernels.formats import code_format
 
 from conftest import require_kernel
-from helpers import EPS, TINY
+from helpers import EPS, TINY, random_codes
 
 BITS = [(8, 8), (8, 4), (4, 8), (4, 4)]
 OUT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
 def _operands(M, N, K, a_bits, b_bits, g):
-    a = torch.randint(-(7 if a_bits == 4 else 127), (8 if a_bits == 4 else 128), (M, K), dtype=torch.int8, generator=g)
-    b = torch.randint(-(7 if b_bits == 4 else 127), (8 if b_bits == 4 else 128), (N, K), dtype=torch.int8, generator=g)
-    A = R.pack_int4(a) if a_bits == 4 else a
-    B = R.pack_int4(b) if b_bits == 4 else b
+    (a, A), (b, B) = random_codes(a_bits, (M, K), g), random_codes(b_bits, (N, K), g)
     return a, b, A, B
 
 
@@ -123,7 +120,7 @@ def _full_range_operands(M, N, K, a_bits, b_bits, g):
     lo = {8: -128, 4: -8}
     a = torch.randint(lo[a_bits], -lo[a_bits], (M, K), dtype=torch.int8, generator=g)
     b = torch.randint(lo[b_bits], -lo[b_bits], (N, K), dtype=torch.int8, generator=g)
-    return a, b, (R.pack_int4(a) if a_bits == 4 else a), (R.pack_int4(b) if b_bits == 4 else b)
+    return a, b, code_format(a_bits).pack(a), code_format(b_bits).pack(b)
 
 
 # M over brgemm's padded column counts (1, 16, 17, 33, 48, 64) and just past
@@ -342,7 +339,7 @@ def test_cuda_large_sums_round_like_cpu(a_bits, b_bits):
     require_kernel("quant_gemm", "cuda")
     K = 4096 if (a_bits, b_bits) == (8, 8) else 65536
     M, N = 4, 40
-    qa, qb = (7 if a_bits == 4 else 127), (7 if b_bits == 4 else 127)
+    qa, qb = code_format(a_bits).qmax, code_format(b_bits).qmax
     g = torch.Generator().manual_seed(29)
     a = torch.full((M, K), qa, dtype=torch.int8)
     b = torch.full((N, K), qb, dtype=torch.int8)
@@ -350,8 +347,7 @@ def test_cuda_large_sums_round_like_cpu(a_bits, b_bits):
     b[:, :64] = torch.randint(-qb, qb + 1, (N, 64), dtype=torch.int8, generator=g)
     acc = a.to(torch.int64) @ b.to(torch.int64).T
     assert bool((acc >= 2**25).all()) and bool((acc.float().to(torch.int64) != acc).any())
-    A = R.pack_int4(a) if a_bits == 4 else a
-    B = R.pack_int4(b) if b_bits == 4 else b
+    A, B = code_format(a_bits).pack(a), code_format(b_bits).pack(b)
     got, want = _cuda_vs_cpu(A, torch.ones(M), B, torch.ones(N), a_bits, b_bits, torch.float32, None)
     assert torch.equal(want, acc.float())
     assert torch.equal(got.cpu(), want)

@@ -21,6 +21,7 @@ import math
 import torch
 
 from . import reference as R
+from .formats import code_format
 
 # Relative spacing of each dtype (ulp at 1.0), and the spacing of its
 # subnormals (the absolute error floor of a rounding near zero).
@@ -75,6 +76,15 @@ TC_MAX_TILE_TOKENS = 64
 # this fraction of max |logit|; a greedy choice may differ only where the
 # reference's own top two logits are that close.
 QUANTIZED_LM_LOGIT_DRIFT = 2e-2
+
+
+def random_codes(bits: int, shape, generator=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``bits``-bit codes over the full symmetric range [-qmax, qmax]:
+    (int8 codes ``shape``, their stored form: int8, or packed INT4 uint8 with
+    the last dimension halved). For tests and benches of the ops."""
+    fmt = code_format(bits)
+    codes = torch.randint(-fmt.qmax, fmt.qmax + 1, tuple(shape), dtype=torch.int8, generator=generator)
+    return codes.to(device), fmt.pack(codes).to(device)
 
 
 def assert_within(actual, truth, bound, out_dtype, what=""):
@@ -274,7 +284,7 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
                 t = torch.arange(L)
                 scales = cache_scale[block_table[b].long()[t // cache.shape[1]], t % cache.shape[1]]
                 w_v_rows = w_v.sum(dim=1).repeat_interleave(H // H_kv, dim=0)  # [H, d]
-                qmax = 7 if bits == 4 else 127
+                qmax = code_format(bits).qmax
                 floor_v = 2.0**-37 * L * scales.double().abs().max() * qmax * w_v_rows
             ds = score_terms * u * s_max + 5 * u + floor_s
             bound_out[b] = 2 * ds[:, None] * v_max + out_terms * u * v_max + floor_v
@@ -290,7 +300,7 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
                 floor_s = (1 + 2.0**-10) / 64516 * abs(sm_scale) * q_lat_abs.amax(dim=-1) * c_abs.sum(dim=-1).max()
                 ds = torch.maximum(ds, (d + 16) * u * s_max + 5 * u + floor_s)
                 out_terms = 2 * n_l + min(T, L) + r + 68
-                qmax = 7 if bits == 4 else 127
+                qmax = code_format(bits).qmax
                 floor_v = 2.0**-110 * L * qmax * w_v.sum(dim=1).repeat_interleave(H // H_kv, dim=0)  # [H, d]
             bound_out[b] = 2 * ds[:, None] * v_max + out_terms * u * v_max + floor_v
             bound_lse[b] = ds + (n_l + 2 + 2 * math.log(L)) * u + 3 * u * (s_max + math.log(L) + 1)

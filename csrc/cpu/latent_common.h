@@ -37,13 +37,11 @@ inline void parallel_tasks(int64_t begin, int64_t end, int64_t grain, const F& f
   });
 }
 
-
 // Token tiles: the RoPE path rebuilds [T, H_kv d] per tile (1 MiB at
 // H_kv d = 4096), the absorbed path keeps [T, r] fp32 codes in cache.
 // qsvd_kernels/testing.py (CPU_TILE_TOKENS) uses these in the error bound.
 constexpr int64_t kTileRope = 64;
 constexpr int64_t kTileAbsorbed = 256;
-
 
 // Read access to one sequence's latent rows in the paged cache (either
 // layout: qsvd/latent_cache_layout.h).
@@ -93,7 +91,6 @@ inline LatentRows rows_of(const Prepared& p, const LatentShape& s, int64_t b, in
   return {p.layout, p.block_table.data_ptr<int32_t>() + b * s.max_blocks, s.block_size, s.r,
           static_cast<int>(bits)};
 }
-
 
 // The up-projection of every kv head as one GEMM operand [r, H_kv d]:
 // int8 (exact int32 GEMM) when the weights are int8 and at::_int_mm is
@@ -155,31 +152,22 @@ inline void scale_and_rope(float* k, int64_t H_kv, int64_t d, float s_t, const f
   }
 }
 
-
 // fp32 copy of one kv head's weights [r, d] (exact for fp16/bf16/int8).
 inline void head_weights_f32(const at::Tensor& w, int64_t hk, at::Tensor& buf) { buf.copy_(w.select(0, hk)); }
 
-
-// The weight dtypes check_latent_cache_and_weights admits.
-inline qsvd::cpu::WeightType weight_type(const at::Tensor& w) {
-  switch (w.scalar_type()) {
-    case at::kHalf: return qsvd::cpu::WeightType::kF16;
-    case at::kBFloat16: return qsvd::cpu::WeightType::kBF16;
-    default: TORCH_INTERNAL_ASSERT(w.scalar_type() == at::kChar); return qsvd::cpu::WeightType::kI8;
-  }
-}
+// The weights' element type (fp16, bf16 or int8: what
+// check_latent_cache_and_weights admits).
+inline qsvd::DType weight_type(const at::Tensor& w) { return to_dtype("latent_attention", w.scalar_type()); }
 
 // One kv head's [r, d] weights in their stored type.
 inline const void* head_ptr(const at::Tensor& w /* contiguous [H_kv, r, d] */, int64_t hk) {
   return static_cast<const char*>(w.const_data_ptr()) + hk * w.stride(0) * w.element_size();
 }
 
-
 // A task: tokens [t0, t1) of sequence b.
 struct Task {
   int64_t b, t0, t1;
 };
-
 
 // The per-call state every path reads (made once per call by
 // latent_attention_cpu's plan).

@@ -1,6 +1,6 @@
-// What every CUDA launcher of csrc/cuda/ shares: the one converter from a
-// torch dtype to the kernels' element enum (qsvd::DType, include/qsvd/formats.h)
-// and the one launch-error check. Host code, compiled by the host compiler.
+// What every CUDA launcher of csrc/cuda/ shares: the one launch-error check
+// (the torch dtype -> qsvd::DType converter, to_dtype, is checks.h's, shared
+// with the CPU kernels). Host code, compiled by the host compiler.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -11,21 +11,6 @@
 #include "qsvd/formats.h"
 
 namespace qsvd_torch {
-
-// The kernels' element type of a torch dtype. Callers have checked the dtype
-// against the op's allowed set, so anything else is an internal error.
-inline qsvd::DType to_dtype(const char* op, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return qsvd::DType::kF32;
-    case at::kHalf: return qsvd::DType::kF16;
-    case at::kBFloat16: return qsvd::DType::kBF16;
-    case at::kChar: return qsvd::DType::kI8;
-    case at::kByte: return qsvd::DType::kU8;
-    default: break;
-  }
-  QSVD_CHECK(false, op, "internal error: no kernel element type for dtype ", t);
-  return qsvd::DType::kF32;
-}
 
 // Raises (RuntimeError, "qsvd.<op>: <what> failed: <CUDA error>") when err is
 // not cudaSuccess. It first clears the runtime's last error, which a failed

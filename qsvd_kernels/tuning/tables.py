@@ -114,12 +114,16 @@ def _range(where, v):
     return (lo, hi)
 
 
-def _rule(where, d, menu_names) -> GemmRule:
+def _check_object(where, d, keys) -> None:
     if not isinstance(d, dict):
         raise TableError(f"{where}: a rule is an object")
-    extra = set(d) - _RULE_KEYS
+    extra = set(d) - keys
     if extra:
         raise TableError(f"{where}: unknown keys {sorted(extra)}")
+
+
+def _rule(where, d, menu_names) -> GemmRule:
+    _check_object(where, d, _RULE_KEYS)
     if "m" not in d or "config" not in d:
         raise TableError(f"{where}: a rule needs 'm' (an M bucket) and 'config'")
     m = _range(f"{where}.m", d["m"])
@@ -241,11 +245,7 @@ def _int(where, v, lo, hi, what=""):
 
 
 def latent_rule(where, d) -> LatentRule:
-    if not isinstance(d, dict):
-        raise TableError(f"{where}: a rule is an object")
-    extra = set(d) - _LATENT_KEYS
-    if extra:
-        raise TableError(f"{where}: unknown keys {sorted(extra)}")
+    _check_object(where, d, _LATENT_KEYS)
     kw = {}
     if "rope" in d:
         if not isinstance(d["rope"], bool):
@@ -348,11 +348,7 @@ class HadamardRule:
 
 
 def hadamard_rule(where, d) -> HadamardRule:
-    if not isinstance(d, dict):
-        raise TableError(f"{where}: a rule is an object")
-    extra = set(d) - _HADAMARD_KEYS
-    if extra:
-        raise TableError(f"{where}: unknown keys {sorted(extra)}")
+    _check_object(where, d, _HADAMARD_KEYS)
     if "k" not in d or "elems_per_thread" not in d:
         raise TableError(f"{where}: a rule needs 'k' (a K bucket) and 'elems_per_thread'")
     k = _range(f"{where}.k", d["k"])

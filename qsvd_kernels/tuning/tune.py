@@ -404,16 +404,7 @@ def main(argv=None) -> int:
             table["ops"] = {**kept["ops"], "quant_gemm": rules}
             table["recorded"] = {**kept["recorded"], **table["recorded"],
                                  "measured": bool(kept["recorded"].get("measured", True)) and not args.dry_run}
-    tables.parse_table(args.out, data=table)  # the loader must accept what we write
-    with open(args.out, "w") as f:
-        json.dump(table, f, indent=1)
-        f.write("\n")
-    print(f"tune: {len(rules)} rules ({len({r['config'] for r in rules})} configs) written to {args.out}")
-    if gain["speedup"] is not None:
-        kind = "measured" if not args.dry_run else "FAKE (dry run)"
-        print(f"tune: {kind} total time over {gain['shapes']} shapes: default {gain['default_s']:.3e} s, "
-              f"tuned {gain['tuned_s']:.3e} s")
-    return 0
+    return _write_table(args, table, f"{len(rules)} rules ({len({r['config'] for r in rules})} configs)", gain)
 
 
 def _device_info(args):
@@ -543,11 +534,15 @@ def _main_op(args) -> int:
     print(f"tune: {counts['ok']} timed, {counts['failed']} failed, {counts['skipped']} skipped, "
           f"{counts['reused']} reused from {args.results}")
     table = _merged_table(args.out, gpu_name, sm_count, info, args, args.op, rules, described, gain)
+    return _write_table(args, table, f"{len(rules)} {args.op} rules", gain)
+
+
+def _write_table(args, table: dict, what: str, gain: dict) -> int:
     tables.parse_table(args.out, data=table)  # the loader must accept what we write
     with open(args.out, "w") as f:
         json.dump(table, f, indent=1)
         f.write("\n")
-    print(f"tune: {len(rules)} {args.op} rules written to {args.out}")
+    print(f"tune: {what} written to {args.out}")
     if gain["speedup"] is not None:
         kind = "measured" if not args.dry_run else "FAKE (dry run)"
         print(f"tune: {kind} total time over {gain['shapes']} shapes: default {gain['default_s']:.3e} s, "

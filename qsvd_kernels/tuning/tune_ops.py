@@ -104,8 +104,30 @@ def fake_latent_lookup(fake: dict, variant):
     return times, fails
 
 
-class LatentRunner:
-    """Checks a plan's output against the CPU kernel within the derived bound, then times it."""
+def median_cuda_seconds(fn, reps: int, warmup: int = 0) -> float:
+    """Median seconds of ``reps`` calls of ``fn`` (after ``warmup`` untimed
+    ones), each timed with CUDA events on the current stream (the tuner and
+    the GPU benches time this way)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+class _Runner:
+    """What the runners share: torch and the tuning module (imported on
+    first use: the tuner runs without a GPU too), the device, the timing
+    repetitions, and a cache of inputs per shape."""
 
     def __init__(self, device: int, warmup: int, reps: int):
         import torch
@@ -116,11 +138,19 @@ class LatentRunner:
         self.device, self.warmup, self.reps = device, warmup, reps
         self.cache = {}
 
+    def _median_time(self, call) -> float:
+        return median_cuda_seconds(call, self.reps)
+
+
+class LatentRunner(_Runner):
+    """Checks a plan's output against the CPU kernel within the derived bound, then times it."""
+
     def _inputs(self, shape, variant):
         import math
 
         from .. import reference as R
-        from ..testing import LATENT_BOUND, latent_attention_error_bound
+        from ..formats import code_format
+        from ..testing import LATENT_BOUND, latent_attention_error_bound, random_codes
 
         torch = self.torch
         key = (shape, variant)
@@ -134,10 +164,8 @@ class LatentRunner:
         num_blocks = B * per_seq
         perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
         block_table = perm.reshape(B, per_seq).contiguous()
-        qmax = 7 if bits == 4 else 127
-        codes = torch.randint(-qmax, qmax + 1, (num_blocks, block, r), dtype=torch.int8, generator=g)
-        cache = R.pack_int4(codes) if bits == 4 else codes
-        scale = (torch.rand(num_blocks, block, generator=g) + 0.5) / qmax
+        _, cache = random_codes(bits, (num_blocks, block, r), g)
+        scale = (torch.rand(num_blocks, block, generator=g) + 0.5) / code_format(bits).qmax
         seq_lens = torch.full((B,), ctx, dtype=torch.int32)
         w = [torch.randn(H_kv, r, d, generator=g) / math.sqrt(r) for _ in range(2)]
         if wd == "int8":
@@ -182,15 +210,7 @@ class LatentRunner:
                 return "failed", None, "output outside the derived bound around the CPU kernel's"
             for _ in range(self.warmup):
                 torch.ops.qsvd.latent_attention(q, *dargs)
-            times = []
-            for _ in range(self.reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                torch.ops.qsvd.latent_attention(q, *dargs)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return "ok", statistics.median(times), ""
+            return "ok", self._median_time(lambda: torch.ops.qsvd.latent_attention(q, *dargs)), ""
         except (RuntimeError, ValueError) as e:
             return "failed", None, str(e).splitlines()[0][:200]
         finally:
@@ -273,26 +293,34 @@ def reduce_latent(records: list, variant, tolerance: float) -> list:
     return rules
 
 
-def gain_latent(records: list, rules: list, variant) -> dict:
-    """Total time of the table's plans vs the default plan's, over the shapes where both were timed."""
-    rope, wd, bits = variant
-    parsed = [tables.latent_rule("tuned", d) for d in rules]
-    times = {(tuple(r["shape"]), _cand(r)): r["time_s"] for r in records if r["status"] == "ok"}
-    default = tuple(LATENT_DEFAULT[k] for k in KNOB_KEYS)
+def _gain(pairs) -> dict:
+    """Total tuned and default seconds over the shapes timed both ways
+    (pairs of (tuned, default), None where not timed)."""
     tuned = base = 0.0
     n = 0
-    for shape in sorted({s for s, _ in times}):
-        B, H, H_kv, r, d, ctx = shape
-        _, rule = tables.evaluate_latent(parsed, B=B, H=H, H_kv=H_kv, r=r, d=d, bits=bits, rope=rope,
-                                         weight_dtype=wd, token_capacity=ctx)
-        t = times.get((shape, tuple(rule.knobs[k] for k in KNOB_KEYS))) if rule is not None else None
-        b = times.get((shape, default))
+    for t, b in pairs:
         if t is None or b is None:
             continue
         tuned += t
         base += b
         n += 1
     return {"shapes": n, "default_s": base, "tuned_s": tuned, "speedup": (base / tuned) if tuned else None}
+
+
+def gain_latent(records: list, rules: list, variant) -> dict:
+    """Total time of the table's plans vs the default plan's, over the shapes where both were timed."""
+    rope, wd, bits = variant
+    parsed = [tables.latent_rule("tuned", d) for d in rules]
+    times = {(tuple(r["shape"]), _cand(r)): r["time_s"] for r in records if r["status"] == "ok"}
+    default = tuple(LATENT_DEFAULT[k] for k in KNOB_KEYS)
+    pairs = []
+    for shape in sorted({s for s, _ in times}):
+        B, H, H_kv, r, d, ctx = shape
+        _, rule = tables.evaluate_latent(parsed, B=B, H=H, H_kv=H_kv, r=r, d=d, bits=bits, rope=rope,
+                                         weight_dtype=wd, token_capacity=ctx)
+        pairs.append((times.get((shape, tuple(rule.knobs[k] for k in KNOB_KEYS))) if rule is not None else None,
+                      times.get((shape, default))))
+    return _gain(pairs)
 
 
 # -- hadamard ------------------------------------------------------------------
@@ -326,17 +354,8 @@ def fake_hadamard_lookup(fake: dict):
     return times, fails
 
 
-class HadamardRunner:
+class HadamardRunner(_Runner):
     """Checks a variant's output against the CPU kernel bit for bit, then times it."""
-
-    def __init__(self, device: int, warmup: int, reps: int):
-        import torch
-
-        from .. import tuning
-
-        self.torch, self.tuning = torch, tuning
-        self.device, self.warmup, self.reps = device, warmup, reps
-        self.cache = {}
 
     def run(self, ept: int, shape, dtype: str):
         torch = self.torch
@@ -357,15 +376,7 @@ class HadamardRunner:
                 return "failed", None, "output differs from the CPU kernel"
             for _ in range(self.warmup):
                 torch.ops.qsvd.hadamard_transform(x, signs)
-            times = []
-            for _ in range(self.reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                torch.ops.qsvd.hadamard_transform(x, signs)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return "ok", statistics.median(times), ""
+            return "ok", self._median_time(lambda: torch.ops.qsvd.hadamard_transform(x, signs)), ""
         except (RuntimeError, ValueError) as e:
             return "failed", None, str(e).splitlines()[0][:200]
         finally:
@@ -402,15 +413,8 @@ def gain_hadamard(records: list, rules: list) -> dict:
     parsed = [tables.hadamard_rule("tuned", d) for d in rules]
     times = {((r["dtype"], r["K"], r["rows"]), r["elems_per_thread"]): r["time_s"] for r in records
              if r["status"] == "ok"}
-    tuned = base = 0.0
-    n = 0
+    pairs = []
     for s in sorted({s for s, _ in times}):
         _, rule = tables.evaluate_hadamard(parsed, s[1], s[0])
-        t = times.get((s, rule.elems_per_thread)) if rule is not None else None
-        b = times.get((s, 0))
-        if t is None or b is None:
-            continue
-        tuned += t
-        base += b
-        n += 1
-    return {"shapes": n, "default_s": base, "tuned_s": tuned, "speedup": (base / tuned) if tuned else None}
+        pairs.append((times.get((s, rule.elems_per_thread)) if rule is not None else None, times.get((s, 0))))
+    return _gain(pairs)

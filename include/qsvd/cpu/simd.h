@@ -52,12 +52,16 @@
   QSVD_TARGET_AVX512 __attribute__((noinline)) inline ret name##_avx512 params { return name##_body args; } \
   QSVD_TARGET_AVX2 __attribute__((noinline)) inline ret name##_avx2 params { return name##_body args; }     \
   __attribute__((noinline)) inline ret name##_baseline params { return name##_body args; }                  \
-  inline ret name params {                                                                           \
-    switch (::qsvd::cpu::active_isa()) {                                                             \
-      case ::qsvd::cpu::Isa::kAvx512: return name##_avx512 args;                                     \
-      case ::qsvd::cpu::Isa::kAvx2: return name##_avx2 args;                                         \
-      default: return name##_baseline args;                                                          \
-    }                                                                                                \
+  QSVD_CPU_DISPATCH_SWITCH(ret, name, params, args)
+
+// The entry point both macros end with: the variant of the active level.
+#define QSVD_CPU_DISPATCH_SWITCH(ret, name, params, args) \
+  inline ret name params {                                \
+    switch (::qsvd::cpu::active_isa()) {                  \
+      case ::qsvd::cpu::Isa::kAvx512: return name##_avx512 args; \
+      case ::qsvd::cpu::Isa::kAvx2: return name##_avx2 args;     \
+      default: return name##_baseline args;                      \
+    }                                                            \
   }
 
 // The same, for a body that takes the level as its template argument
@@ -72,13 +76,7 @@
   __attribute__((noinline)) inline ret name##_baseline params {                                            \
     return name##_body<::qsvd::cpu::Isa::kBaseline> args;                                                  \
   }                                                                                                        \
-  inline ret name params {                                                                                 \
-    switch (::qsvd::cpu::active_isa()) {                                                                   \
-      case ::qsvd::cpu::Isa::kAvx512: return name##_avx512 args;                                           \
-      case ::qsvd::cpu::Isa::kAvx2: return name##_avx2 args;                                               \
-      default: return name##_baseline args;                                                                \
-    }                                                                                                      \
-  }
+  QSVD_CPU_DISPATCH_SWITCH(ret, name, params, args)
 
 #define QSVD_CPU_BODY inline __attribute__((always_inline))
 
@@ -551,17 +549,17 @@ QSVD_CPU_DISPATCH(void, split_bf16_row, (const float* x, int64_t n, uint16_t* hi
 // |error| <= n u sum|terms|: the bound the error analysis assumes for a
 // GEMM of any order.
 
-enum class WeightType { kF16, kBF16, kI8 };
+// Weights come as fp16, bf16 or int8 (qsvd::DType's kF16, kBF16, kI8).
 
 #if QSVD_ISA_X86
 #define QSVD_AVX512 QSVD_TARGET_AVX512_KERNELS
 
 // 16 weights from element i (the first `n` of them; the rest read as 0).
-template <WeightType W>
+template <DType W>
 QSVD_AVX512 inline __m512 weights16_avx512(const void* w, int64_t i, __mmask16 m) {
-  if constexpr (W == WeightType::kF16) {
+  if constexpr (W == DType::kF16) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + i));
-  } else if constexpr (W == WeightType::kBF16) {
+  } else if constexpr (W == DType::kBF16) {
     const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + i));
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
   } else {
@@ -576,7 +574,7 @@ inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __m
 // weight converted once per pass), each closed by the fixed tree of
 // _mm512_reduce_add_ps. Further pairs of query rows re-read the head's
 // weights from L2.
-template <WeightType W, int P>
+template <DType W, int P>
 QSVD_AVX512 inline void dot_pass_avx512(const void* w, int64_t rows, int64_t d, const float* x, float* y,
                                         int64_t ldy) {
   int64_t i = 0;
@@ -605,7 +603,7 @@ QSVD_AVX512 inline void dot_pass_avx512(const void* w, int64_t rows, int64_t d, 
   }
 }
 
-template <WeightType W>
+template <DType W>
 QSVD_AVX512 void dot_rows_avx512(const void* w, int64_t rows, int64_t d, const float* x, int64_t G, float* y,
                                  int64_t ldy) {
   int64_t g = 0;
@@ -616,7 +614,7 @@ QSVD_AVX512 void dot_rows_avx512(const void* w, int64_t rows, int64_t d, const f
 // y[p d + j] = sum_i a[p lda + i] w[i d + j0 + j] for the NC 16-column
 // chunks from j0 (the last one masked to `last` columns) and P <= 2 rows
 // of a, in registers over all rows of w.
-template <WeightType W, int NC, int P>
+template <DType W, int NC, int P>
 QSVD_AVX512 inline void axpy_block_avx512(const void* w, int64_t rows, int64_t d, int64_t j0, __mmask16 last,
                                           const float* a, int64_t lda, float* y) {
   __m512 acc[P][NC];
@@ -642,7 +640,7 @@ QSVD_AVX512 inline void axpy_block_avx512(const void* w, int64_t rows, int64_t d
       _mm512_mask_storeu_ps(y + p * d + j0 + 16 * c, c == NC - 1 ? last : 0xFFFF, acc[p][c]);
 }
 
-template <WeightType W, int P>
+template <DType W, int P>
 QSVD_AVX512 inline void axpy_pass_avx512(const void* w, int64_t rows, int64_t d, const float* a, int64_t lda,
                                          float* y) {
   for (int64_t j0 = 0; j0 < d; j0 += 128) {
@@ -664,7 +662,7 @@ QSVD_AVX512 inline void axpy_pass_avx512(const void* w, int64_t rows, int64_t d,
 
 // y[g d + j] = sum_i a[g lda + i] w[i d + j] for j < d, g < G (y is
 // overwritten): 128 columns by two rows of a at a time, in registers.
-template <WeightType W>
+template <DType W>
 QSVD_AVX512 void axpy_rows_avx512(const void* w, int64_t rows, int64_t d, const float* a, int64_t lda, int64_t G,
                                   float* y) {
   int64_t g = 0;
@@ -678,27 +676,29 @@ inline bool weight_streaming_available() { return active_isa() == Isa::kAvx512; 
 
 // The dispatch on the weights' stored type (callers check
 // weight_streaming_available() first).
-inline void weight_dot_rows(WeightType t, const void* w, int64_t rows, int64_t d, const float* x, int64_t G,
+inline void weight_dot_rows(DType t, const void* w, int64_t rows, int64_t d, const float* x, int64_t G,
                             float* y, int64_t ldy) {
   switch (t) {
-    case WeightType::kF16: return dot_rows_avx512<WeightType::kF16>(w, rows, d, x, G, y, ldy);
-    case WeightType::kBF16: return dot_rows_avx512<WeightType::kBF16>(w, rows, d, x, G, y, ldy);
-    case WeightType::kI8: return dot_rows_avx512<WeightType::kI8>(w, rows, d, x, G, y, ldy);
+    case DType::kF16: return dot_rows_avx512<DType::kF16>(w, rows, d, x, G, y, ldy);
+    case DType::kBF16: return dot_rows_avx512<DType::kBF16>(w, rows, d, x, G, y, ldy);
+    case DType::kI8: return dot_rows_avx512<DType::kI8>(w, rows, d, x, G, y, ldy);
+    default: return;  // not a weight type (callers pass only these)
   }
 }
-inline void weight_axpy_rows(WeightType t, const void* w, int64_t rows, int64_t d, const float* a, int64_t lda,
+inline void weight_axpy_rows(DType t, const void* w, int64_t rows, int64_t d, const float* a, int64_t lda,
                              int64_t G, float* y) {
   switch (t) {
-    case WeightType::kF16: return axpy_rows_avx512<WeightType::kF16>(w, rows, d, a, lda, G, y);
-    case WeightType::kBF16: return axpy_rows_avx512<WeightType::kBF16>(w, rows, d, a, lda, G, y);
-    case WeightType::kI8: return axpy_rows_avx512<WeightType::kI8>(w, rows, d, a, lda, G, y);
+    case DType::kF16: return axpy_rows_avx512<DType::kF16>(w, rows, d, a, lda, G, y);
+    case DType::kBF16: return axpy_rows_avx512<DType::kBF16>(w, rows, d, a, lda, G, y);
+    case DType::kI8: return axpy_rows_avx512<DType::kI8>(w, rows, d, a, lda, G, y);
+    default: return;  // not a weight type
   }
 }
 #undef QSVD_AVX512
 #else
 inline bool weight_streaming_available() { return false; }
-inline void weight_dot_rows(WeightType, const void*, int64_t, int64_t, const float*, int64_t, float*, int64_t) {}
-inline void weight_axpy_rows(WeightType, const void*, int64_t, int64_t, const float*, int64_t, int64_t, float*) {}
+inline void weight_dot_rows(DType, const void*, int64_t, int64_t, const float*, int64_t, float*, int64_t) {}
+inline void weight_axpy_rows(DType, const void*, int64_t, int64_t, const float*, int64_t, int64_t, float*) {}
 #endif
 
 #if QSVD_ISA_X86

@@ -87,7 +87,7 @@ __device__ __forceinline__ void load_code_rows(const uint8_t* __restrict__ cache
                                                int rp) {
   const int chunks = static_cast<int>(row_bytes / kVec);
   const int total = T * chunks;
-  constexpr int kCodesPerChunk = kBits == 4 ? 2 * kVec : kVec;
+  constexpr int kCodesPerChunk = kVec * code_format(kBits).codes_per_byte;  // codes in kVec stored bytes
   for (int idx = threadIdx.x; idx < total; idx += kThreads) {
     const int t = idx / chunks;
     const int c = idx - t * chunks;

@@ -83,7 +83,7 @@ __device__ __forceinline__ void load_code_rows_elems(const uint8_t* __restrict__
                                                      int ldc) {
   const int chunks = static_cast<int>(row_bytes / kVec);
   const int total = T * chunks;
-  constexpr int kCodesPerChunk = kBits == 4 ? 2 * kVec : kVec;
+  constexpr int kCodesPerChunk = kVec * code_format(kBits).codes_per_byte;  // codes in kVec stored bytes
   for (int idx = threadIdx.x; idx < total; idx += kThreads) {
     const int t = idx / chunks;
     const int c = idx - t * chunks;
@@ -167,7 +167,7 @@ __device__ __forceinline__ void load_code_rows_i8_blocks(const uint8_t* __restri
                                                          int8_t* codes_s, int code_block) {
   const int chunks = static_cast<int>(row_bytes / kVec);
   const int total = T * chunks;
-  constexpr int kCodesPerChunk = kBits == 4 ? 2 * kVec : kVec;
+  constexpr int kCodesPerChunk = kVec * code_format(kBits).codes_per_byte;  // codes in kVec stored bytes
   for (int idx = threadIdx.x; idx < total; idx += kThreads) {
     const int t = idx / chunks;
     const int c = idx - t * chunks;

@@ -13,6 +13,8 @@
 
 #include "cutlass/array.h"
 #include "cutlass/cutlass.h"
+#include "cutlass/numeric_types.h"
+#include "qsvd/formats.h"
 
 namespace qsvd {
 namespace gemm {
@@ -31,6 +33,20 @@ struct DequantScaleBias {
     for (int i = 0; i < N; ++i) out[i] = __fadd_rn(__fmul_rn(__fmul_rn(acc[i], a_scale[i]), b_scale[i]), bias[i]);
     return out;
   }
+};
+
+// The CUTLASS element of the output dtype (fp32 unless fp16/bf16).
+template <DType kOut>
+struct OutElementOf {
+  using type = float;
+};
+template <>
+struct OutElementOf<DType::kF16> {
+  using type = cutlass::half_t;
+};
+template <>
+struct OutElementOf<DType::kBF16> {
+  using type = cutlass::bfloat16_t;
 };
 
 }  // namespace gemm

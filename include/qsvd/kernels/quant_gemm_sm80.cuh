@@ -47,19 +47,6 @@ struct OperandOf<4> {
   using type = cutlass::int4b_t;
 };
 
-template <DType kOut>
-struct OutElementOf {
-  using type = float;
-};
-template <>
-struct OutElementOf<DType::kF16> {
-  using type = cutlass::half_t;
-};
-template <>
-struct OutElementOf<DType::kBF16> {
-  using type = cutlass::bfloat16_t;
-};
-
 using cutlass::gemm::GemmShape;
 
 // Tile shapes (M x N x K in elements) of a menu entry (quant_gemm_menu.h,

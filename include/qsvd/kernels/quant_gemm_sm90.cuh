@@ -54,19 +54,6 @@ namespace qsvd {
 namespace gemm {
 namespace sm90 {
 
-template <DType kOut>
-struct OutElementOf {
-  using type = float;
-};
-template <>
-struct OutElementOf<DType::kF16> {
-  using type = cutlass::half_t;
-};
-template <>
-struct OutElementOf<DType::kBF16> {
-  using type = cutlass::bfloat16_t;
-};
-
 // Tile and cluster of a menu entry (quant_gemm_menu.h, generated from
 // qsvd_kernels/tuning/gemm_menu.py).
 template <GemmConfig kConfig>

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 from torch import nn
 
 from ..core import refuse_k_bias

@@ -20,7 +20,6 @@ same plan.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
