@@ -368,9 +368,17 @@ def generate(gen_dir: str, selection: str | None = None, with_cuda: bool = True,
     return sources
 
 
-if __name__ == "__main__":  # python qsvd_kernels/tuning/gemm_menu.py [selection]: list what would compile
+if __name__ == "__main__":
+    # python qsvd_kernels/tuning/gemm_menu.py [selection]: list what would compile;
+    # ... --header DIR [selection]: write the menu header alone (CMake's ctest of
+    # the rules needs it; no kernel is compiled there).
     import sys
 
+    if len(sys.argv) > 2 and sys.argv[1] == "--header":
+        sel = sys.argv[3] if len(sys.argv) > 3 else "default"
+        os.makedirs(sys.argv[2], exist_ok=True)
+        _write(os.path.join(sys.argv[2], "qsvd_gemm_menu.inc"), menu_header(select(sel), sel))
+        sys.exit(0)
     check_menu()
     for e in select(sys.argv[1] if len(sys.argv) > 1 else None):
         print(f"{e.name:45s} {e.arch} {e.menu:8s} tile={e.tile} warp={e.warp} stages={e.stages} cluster={e.cluster}")
