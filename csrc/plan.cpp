@@ -42,12 +42,11 @@ cpu::LatentGemmKnob cpu_latent_gemm_knob(const char* op) {
   return cpu::LatentGemmKnob::kSplit;
 }
 
-bool host_index_checks() {
-  static const bool enabled = [] {
-    const char* v = env("QSVD_SKIP_INDEX_CHECKS");
-    return v == nullptr || std::strcmp(v, "0") == 0;
-  }();
-  return enabled;
+bool host_index_checks(const char* op) {
+  static const char* const value = env("QSVD_SKIP_INDEX_CHECKS");  // read once
+  if (value == nullptr || std::strcmp(value, "0") == 0) return true;
+  QSVD_CHECK(std::strcmp(value, "1") == 0, op, "QSVD_SKIP_INDEX_CHECKS must be 0 or 1, got '", value, "'");
+  return false;
 }
 
 LatentEnv latent_env(const char* op) {

@@ -45,7 +45,8 @@ cpu::LatentGemmKnob cpu_latent_gemm_knob(const char* op);
 // clamped to what block_table can address), so a bad index never reads or
 // writes out of bounds, but it is not reported. The CPU kernels always check
 // (a host loop, no sync).
-bool host_index_checks();
+// A value other than 0 or 1 raises, naming it.
+bool host_index_checks(const char* op);
 
 // latent_attention's CUDA plan knobs from the environment: `set` when either
 // variable asks for something other than the automatic choice.

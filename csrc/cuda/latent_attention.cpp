@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   const at::Tensor block_table = block_table_in.contiguous();
   const at::Tensor seq_lens = seq_lens_in.contiguous();
   const int64_t rope_len = s.rope ? rope_cos->size(0) : 0;
-  if (check_indices && plan::host_index_checks())
+  if (check_indices && plan::host_index_checks(op))
     check_paged_indices_host(op, seq_lens.cpu(), block_table.cpu(), s, rope_len);
 
   at::Tensor out = at::empty({s.B, H, s.d}, q_in.options());

@@ -38,7 +38,7 @@ void latent_cache_append_cuda(const at::Tensor& c_in, const at::Tensor& slot_map
   if (s.T == 0) return;
   // Same ValueError as the CPU kernel, before any write (a D2H copy and a
   // sync). Without it the kernel still skips slots past the end.
-  if (check_indices && plan::host_index_checks())
+  if (check_indices && plan::host_index_checks(op))
     check_slot_mapping_host(slot_mapping.to(at::kCPU).to(at::kLong).contiguous(), s);
 
   const at::Tensor c = s.r > 1 && c_in.stride(1) != 1 ? c_in.contiguous() : c_in;
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   const at::Tensor lens_cpu = seq_lens.to(at::kCPU).contiguous();
   const int32_t* lens = lens_cpu.data_ptr<int32_t>();
   std::vector<int64_t> cu_seqlens(s.B + 1, 0);
-  if (check_indices && plan::host_index_checks()) {
+  if (check_indices && plan::host_index_checks(op)) {
     check_paged_indices_host(op, lens_cpu, block_table.to(at::kCPU).contiguous(), s, rope_positions);
     for (int64_t b = 0; b < s.B; ++b) cu_seqlens[b + 1] = cu_seqlens[b] + lens[b];
   } else {

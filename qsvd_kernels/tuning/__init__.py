@@ -270,8 +270,10 @@ def explain_latent_attention(*, B: int, H: int, H_kv: int, r: int, d: int, bits:
     "table" (with ``table``: its path, and ``rule``), "fallback" (a table rule
     matched but the plan checker refused its knobs for this call: the default
     plan runs; ``rule_refused`` says why), or "default"). Precedence: forced >
-    env > table > default. ``device=None, rules_device=i`` plans with the
-    rules installed on device index i (install_table), without a GPU. token_capacity = max_blocks * block_size (capped by the RoPE
+    env > table > default, applied by the launcher's own C++ function
+    (csrc/plan.h). ``device=None, rules_device=i`` plans with what is forced
+    and installed on device index i (tuning.force, install_table), without a
+    GPU. token_capacity = max_blocks * block_size (capped by the RoPE
     table). ``device=None`` with sm_count and smem_limit plans for a device
     that is not here (plain C++, no GPU needed). Knobs given here (kernel,
     splits, tile_tokens, heads_per_cta, ctas_per_sm) ask "what if" (source

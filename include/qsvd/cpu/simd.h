@@ -682,7 +682,7 @@ inline void weight_dot_rows(DType t, const void* w, int64_t rows, int64_t d, con
     case DType::kF16: return dot_rows_avx512<DType::kF16>(w, rows, d, x, G, y, ldy);
     case DType::kBF16: return dot_rows_avx512<DType::kBF16>(w, rows, d, x, G, y, ldy);
     case DType::kI8: return dot_rows_avx512<DType::kI8>(w, rows, d, x, G, y, ldy);
-    default: return;  // not a weight type (callers pass only these)
+    default: __builtin_trap();  // not a weight type: callers pass only these
   }
 }
 inline void weight_axpy_rows(DType t, const void* w, int64_t rows, int64_t d, const float* a, int64_t lda,
@@ -691,7 +691,7 @@ inline void weight_axpy_rows(DType t, const void* w, int64_t rows, int64_t d, co
     case DType::kF16: return axpy_rows_avx512<DType::kF16>(w, rows, d, a, lda, G, y);
     case DType::kBF16: return axpy_rows_avx512<DType::kBF16>(w, rows, d, a, lda, G, y);
     case DType::kI8: return axpy_rows_avx512<DType::kI8>(w, rows, d, a, lda, G, y);
-    default: return;  // not a weight type
+    default: __builtin_trap();  // not a weight type
   }
 }
 #undef QSVD_AVX512

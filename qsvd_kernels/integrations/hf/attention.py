@@ -165,6 +165,7 @@ class QSVDDecoderAttention(nn.Module):
         cache.record_rope(*position_embeddings)
         layer = cache.layers[self.layer_idx]
         proj = self.projector.latent(hidden_states.reshape(B * T, E))
-        out = self.projector.core.run(proj, self.projector.cache_view(layer.pool), step.meta, cache.rope_cos,
-                                      cache.rope_sin, self.scaling)  # [B T, H, hd], zero at padding columns
+        L = max(step.max_len, 1)  # the tables as far as this step's positions: the ops plan from their length
+        out = self.projector.core.run(proj, self.projector.cache_view(layer.pool), step.meta, cache.rope_cos[:L],
+                                      cache.rope_sin[:L], self.scaling)  # [B T, H, hd], zero at padding columns
         return self.o_proj(out.reshape(B, T, -1).to(hidden_states.dtype)), None

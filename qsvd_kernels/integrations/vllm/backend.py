@@ -6,19 +6,23 @@ vLLM asks each layer for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from . import check_vllm_version
 
-import torch
-from vllm.v1.attention.backend import (
+check_vllm_version()  # before touching vLLM internals (as model.py does)
+
+from dataclasses import dataclass  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+import torch  # noqa: E402
+from vllm.v1.attention.backend import (  # noqa: E402
     AttentionBackend,
     AttentionImpl,
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
-from ..core import StepMetadata, step_metadata
+from ..core import StepMetadata, step_metadata  # noqa: E402
 
 
 # ----------------------------------------------------------------- KV cache spec
