@@ -3,6 +3,8 @@
 // loaded; the module adds what the dispatcher cannot carry: how it was built.
 #include <torch/extension.h>
 
+#include <algorithm>
+
 #include "qsvd/hadamard.h"
 #ifdef QSVD_WITH_CUDA
 #include "qsvd/kernels/quant_gemm_params.h"
@@ -162,7 +164,7 @@ qsvd::latent::LatentAttentionParams fake_latent_params(int64_t B, int64_t H, int
   namespace lat = qsvd::latent;
   TORCH_CHECK(B >= 1 && H >= 1 && H_kv >= 1 && H % H_kv == 0 && r >= 1 && d >= 1 && (bits == 4 || bits == 8) &&
                   token_capacity >= 1 && smem_limit >= 0,
-              "latent_attention_plan: bad sizes");
+              "plan_latent_attention_shape: bad sizes");
   TORCH_CHECK(weight == "f16" || weight == "bf16" || weight == "i8", "weight must be f16, bf16 or i8");
   lat::LatentAttentionParams p;
   // Only whether these are set (and w_uk's alignment) matters to the plan.
@@ -206,7 +208,7 @@ void plan_into(pybind11::dict& out, const qsvd::latent::LatentAttentionParams& p
   out["combine_smem"] = p.combine_smem;
 }
 
-pybind11::dict latent_attention_plan(int64_t B, int64_t H, int64_t H_kv, int64_t r, int64_t d, int64_t bits,
+pybind11::dict plan_latent_attention_shape(int64_t B, int64_t H, int64_t H_kv, int64_t r, int64_t d, int64_t bits,
                                      bool rope, const std::string& weight, int64_t token_capacity, int64_t sm_count,
                                      int64_t smem_limit, const std::string& kernel, int64_t splits,
                                      int64_t tile_tokens, int64_t heads_per_cta, int64_t ctas_per_sm) {
@@ -255,6 +257,35 @@ pybind11::dict latent_attention_decide(int64_t device, int64_t B, int64_t H, int
   out["rule"] = dec.rule;
   out["rule_refused"] = std::string(dec.rule_refused);
   out["label"] = label;
+  return out;
+}
+
+// A plan tensor's fields (csrc/plan.h), the device's own only, with the
+// device, path, kernel and source spelled out.
+pybind11::dict describe_latent_attention_plan(const at::Tensor& tensor) {
+  namespace pl = qsvd_torch::plan;
+  const pl::LatentPlan plan = pl::decode_latent_plan("describe_latent_attention_plan", tensor);
+  const bool cuda = plan.device_type == 1;
+  pybind11::dict out;
+  const std::vector<std::string> cpu_only = {"cpu_path", "cpu_threads"};
+  const std::vector<std::string> names = pl::latent_plan_field_names();
+  const int64_t* w = tensor.contiguous().data_ptr<int64_t>() + 1;
+  const size_t first_cuda = std::find(names.begin(), names.end(), "split_kernel") - names.begin();
+  for (size_t i = 0; i < names.size(); ++i) {
+    const bool is_cpu = std::find(cpu_only.begin(), cpu_only.end(), names[i]) != cpu_only.end();
+    if (names[i] == "device_type" || names[i] == "device_index" || (cuda && is_cpu) || (!cuda && i >= first_cuda))
+      continue;
+    out[names[i].c_str()] = w[i];
+  }
+  out["device"] = cuda ? "cuda:" + std::to_string(plan.device_index) : std::string("cpu");
+  out["rope"] = plan.rope != 0;
+  if (cuda) {
+    out["split_kernel"] = plan.split_kernel == 1 ? "tc" : "simt";
+    out["source"] = qsvd::tuning::rule_source_name(static_cast<qsvd::tuning::RuleSource>(plan.source));
+  } else {
+    const char* const paths[] = {"rope", "absorbed_split", "absorbed_fp32"};
+    out["cpu_path"] = plan.cpu_path >= 0 && plan.cpu_path <= 2 ? paths[plan.cpu_path] : "?";
+  }
   return out;
 }
 
@@ -312,7 +343,11 @@ PYBIND11_MODULE(_C, m) {
       "What quant_gemm would run on a device of compute capability cc: config, knobs and source.",
       pybind11::arg("device"), pybind11::arg("cc"), pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"),
       pybind11::arg("a_bits"), pybind11::arg("b_bits"));
-  m.def("latent_attention_plan", &latent_attention_plan,
+  m.def("latent_attention_plan_fields", &qsvd_torch::plan::latent_plan_field_names,
+        "The field names of torch.ops.qsvd.latent_attention_plan's tensor, in word order after its magic word.");
+  m.def("describe_latent_attention_plan", &describe_latent_attention_plan,
+        "A latent_attention_plan tensor's fields by name, its choices spelled out.", pybind11::arg("plan"));
+  m.def("plan_latent_attention_shape", &plan_latent_attention_shape,
         "The CUDA latent_attention plan (split kernel, splits, tile, heads per CTA, shared memory) for a shape on a "
         "device with sm_count SMs and smem_limit bytes of opt-in shared memory, with optional knobs (0 = choose); "
         "ok=False and the reason when the plan cannot be made.",

@@ -28,7 +28,15 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
-    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices);
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices,
+    const std::optional<at::Tensor>& plan);
+at::Tensor latent_attention_plan_cpu(const at::Tensor& q, const at::Tensor& cache,
+                                     const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
+                                     const at::Tensor& seq_lens, const at::Tensor& w_uk,
+                                     const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
+                                     const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
+                                     const std::optional<at::Tensor>& rope_cos,
+                                     const std::optional<at::Tensor>& rope_sin);
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
     const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
@@ -61,7 +69,15 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
     const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
-    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices);
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices,
+    const std::optional<at::Tensor>& plan);
+at::Tensor latent_attention_plan_cuda(const at::Tensor& q, const at::Tensor& cache,
+                                     const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
+                                     const at::Tensor& seq_lens, const at::Tensor& w_uk,
+                                     const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
+                                     const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
+                                     const std::optional<at::Tensor>& rope_cos,
+                                     const std::optional<at::Tensor>& rope_sin);
 #endif
 
 }  // namespace qsvd_torch

@@ -12,16 +12,25 @@
 //   QSVD_LATENT_SPLITS=n                     its KV splits per sequence (0 = choose)
 //   QSVD_SKIP_INDEX_CHECKS=1                 the CUDA launchers' host index checks off
 //
-// An op without an explicit plan object makes its plan at each call, so a
-// knob set between calls is honoured (tests flip them). A bad value raises,
-// naming the variable. explain() (qsvd_kernels.tuning) calls the same
-// functions, so it and the launchers agree by construction.
+// latent_attention takes an explicit plan (FlashInfer's plan/run): the op
+// latent_attention_plan makes it once per batch shape (every knob and table
+// read then), and every layer of that shape passes it to latent_attention,
+// which runs it without reading a knob or a table. The plan is a small CPU
+// int64 tensor (a LatentPlan, below), checked against each call it is given
+// to. A call without a plan makes its plan at the call, so a knob set
+// between calls is honoured (tests flip them). A bad value raises, naming
+// the variable. explain() (qsvd_kernels.tuning) calls the same functions, so
+// it and the launchers agree by construction.
 #pragma once
+
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
+#include "checks.h"
 #include "cpu/cpu_paths.h"
 #include "qsvd/kernels/latent_attention_plan.h"
 #include "qsvd/kernels/tuning_rules.h"
@@ -64,6 +73,67 @@ LatentEnv latent_env(const char* op);
 const char* latent_attention(int device, qsvd::latent::LatentAttentionParams& p, int64_t token_capacity,
                              int sm_count, size_t smem_limit, const char* op, qsvd::tuning::LatentDecision* d,
                              std::string* label);
+
+// ---------------------------------------------------------------------------
+// latent_attention's plan object. The words of its tensor, in order (one
+// list: the struct, the field names Python reads and the encoding come from
+// it). The first group is the call signature the plan was made for; a call
+// must match it (token_capacity: the call's may be smaller). Then the CPU
+// plan, then the CUDA plan (0 where the other device's).
+#define QSVD_LATENT_PLAN_FIELDS(X)                                                                        \
+  X(device_type)    /* 0 CPU, 1 CUDA */                                                                    \
+  X(device_index) X(B) X(H) X(H_kv) X(r) X(d) X(bits) X(rope) X(weight_dtype) /* qsvd::DType */           \
+  X(token_capacity) /* max_blocks * block_size, capped by the RoPE table: the calls' upper bound */       \
+  X(cpu_path)       /* CpuLatentPath */                                                                    \
+  X(cpu_threads)    /* threads the CPU task split aims at */                                               \
+  X(split_kernel)   /* qsvd::latent::SplitKernel */                                                        \
+  X(heads_per_cta) X(tile_tokens) X(splits) X(split_tokens) X(r_slices) X(slice_cols) X(split_smem)         \
+  X(combine_heads) X(combine_smem) X(source) /* qsvd::tuning::RuleSource of the CUDA choice */ X(rule)
+
+struct LatentPlan {
+#define QSVD_FIELD(name) int64_t name = 0;
+  QSVD_LATENT_PLAN_FIELDS(QSVD_FIELD)
+#undef QSVD_FIELD
+};
+
+// The CPU latent_attention paths: RoPE needs K rebuilt per token; without
+// it, the split-precision GEMMs where torch has them (or the knob
+// QSVD_CPU_LATENT_GEMM asks), else fp32 GEMMs.
+enum class CpuLatentPath : int { kRope = 0, kAbsorbedSplit = 1, kAbsorbedFp32 = 2 };
+
+// The signature part of a call's plan: device, sizes, RoPE, weight type,
+// token capacity (max_blocks * block_size, capped by the RoPE table).
+LatentPlan latent_plan_signature(const at::Tensor& q, const LatentShape& s, int64_t H, int64_t bits, const at::Tensor& w_uk,
+                                 const std::optional<at::Tensor>& rope_cos);
+
+// The field names, in word order (Python's describe_latent_attention_plan).
+std::vector<std::string> latent_plan_field_names();
+
+// The plan's tensor: int64 [1 + fields] on the CPU, word 0 a magic number
+// that names the format and its version.
+at::Tensor latent_plan_tensor(const LatentPlan& plan);
+
+// Reads a plan tensor, checking its form (dtype, size, magic, device type).
+LatentPlan decode_latent_plan(const char* op, const at::Tensor& tensor);
+
+// Reads a plan tensor, checking its form (dtype, size, magic, field ranges),
+// and that it was made for `expect`'s signature (device, sizes, RoPE, weight
+// type; token_capacity at least expect's). Raises naming `plan` otherwise.
+LatentPlan read_latent_plan(const char* op, const at::Tensor& tensor, const LatentPlan& expect);
+
+// The CPU plan of a call: its path (reads QSVD_CPU_LATENT_GEMM) and thread
+// count, into `plan` (signature already filled).
+void plan_latent_attention_cpu(LatentPlan& plan, const char* op);
+
+// The CUDA plan fields of `plan` from a planned p and its decision, and back.
+void store_cuda_plan(LatentPlan& plan, const qsvd::latent::LatentAttentionParams& p,
+                     const qsvd::tuning::LatentDecision& d);
+// Re-derives the plan for p from the plan's own choices (kernel, splits,
+// tile, heads per CTA; no knob or table read), so a plan that was edited, or
+// made by another build, cannot reach a kernel: it raises naming `plan`
+// unless every derived field equals the stored one.
+void apply_cuda_plan(const char* op, const LatentPlan& plan, qsvd::latent::LatentAttentionParams& p,
+                     size_t smem_limit);
 
 }  // namespace plan
 }  // namespace qsvd_torch

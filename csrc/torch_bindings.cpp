@@ -54,10 +54,23 @@ TORCH_LIBRARY(qsvd, m) {
   // absent: K is absorbed into the query. V is always absorbed.
   // Returns out [B, H, d] (q's dtype) and the natural-log lse [B, H] fp32.
   // cache_scale None: packed rows, as in latent_cache_append.
+  // plan (not in the first design): latent_attention_plan's tensor for this
+  // batch shape; the call then runs it, reading no knob or table (csrc/plan.h).
   m.def(
       "latent_attention(Tensor q, Tensor cache, Tensor? cache_scale, Tensor block_table, Tensor seq_lens, "
       "Tensor w_uk, Tensor? w_uk_scale, Tensor w_uv, Tensor? w_uv_scale, int bits, float sm_scale, "
-      "Tensor? rope_cos=None, Tensor? rope_sin=None, bool check_indices=True) -> (Tensor out, Tensor lse)");
+      "Tensor? rope_cos=None, Tensor? rope_sin=None, bool check_indices=True, Tensor? plan=None) "
+      "-> (Tensor out, Tensor lse)");
+
+  // latent_attention's plan for calls with these arguments' sizes, dtypes,
+  // device and token capacity (max_blocks * block_size, capped by the RoPE
+  // table; a call's may be smaller): made once per batch shape (FlashInfer's
+  // plan/run), with forced > environment > table > built-in applied here.
+  // An int64 CPU tensor whatever the device; seq_lens' values are not read.
+  m.def(
+      "latent_attention_plan(Tensor q, Tensor cache, Tensor? cache_scale, Tensor block_table, Tensor seq_lens, "
+      "Tensor w_uk, Tensor? w_uk_scale, Tensor w_uv, Tensor? w_uv_scale, int bits, Tensor? rope_cos=None, "
+      "Tensor? rope_sin=None) -> Tensor");
 
   // Materialises K (RoPE-rotated when tables are given) and V, varlen-packed
   // [sum(seq_lens), H_kv, d], for prefill with any dense attention kernel.
@@ -77,6 +90,7 @@ TORCH_LIBRARY_IMPL(qsvd, CPU, m) {
   m.impl("quant_gemm", &qsvd_torch::quant_gemm_cpu);
   m.impl("latent_cache_append", &qsvd_torch::latent_cache_append_cpu);
   m.impl("latent_attention", &qsvd_torch::latent_attention_cpu);
+  m.impl("latent_attention_plan", &qsvd_torch::latent_attention_plan_cpu);
   m.impl("latent_reconstruct_kv", &qsvd_torch::latent_reconstruct_kv_cpu);
 }
 
@@ -89,6 +103,7 @@ TORCH_LIBRARY_IMPL(qsvd, CUDA, m) {
   m.impl("quant_gemm", &qsvd_torch::quant_gemm_cuda);
   m.impl("latent_cache_append", &qsvd_torch::latent_cache_append_cuda);
   m.impl("latent_attention", &qsvd_torch::latent_attention_cuda);
+  m.impl("latent_attention_plan", &qsvd_torch::latent_attention_plan_cuda);
   m.impl("latent_reconstruct_kv", &qsvd_torch::latent_reconstruct_kv_cuda);
 }
 #endif

@@ -25,10 +25,9 @@ OPS = ("hadamard_quant", "quant_gemm", "latent_cache_append", "latent_attention"
 BLOCK = 4
 
 
-def _layer(quant: str) -> CompressedQKV:
+def _layer(quant: str, rank: int = 24) -> CompressedQKV:
     dims = LayerDims(64, 4, 2, 16)
     g = torch.Generator().manual_seed(0)
-    rank = 24
     U, _ = torch.linalg.qr(torch.randn(dims.hidden, rank, generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(dims.out_dim, rank, generator=g, dtype=torch.float64))
     svd = JointSVD(dims, Whitening("none"), U, torch.linspace(2, 1, rank, dtype=torch.float64), V.T.contiguous(),
@@ -160,3 +159,50 @@ def test_prefill_rows_attend_causally_from_their_positions(device):
     leaky = torch.einsum("nhl,lhd->nhd", scores.masked_fill(
         ~(torch.arange(7, device=device)[None, :] <= pos[:, None] + 1)[:, None], float("-inf")).softmax(-1), v)
     assert ((leaky[:3] - want[:3]).abs().amax(-1) > bound[:3]).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_plans_latent_attention_once_per_layer_shape(device, monkeypatch):
+    """The step's metadata carries the decode plans: the first layer of a
+    shape makes it (latent_attention_plan), the next layers of that shape
+    run it, a layer of another rank makes its own; and the outputs are those
+    of calls that plan themselves."""
+    if not all(has_kernel(op, device) for op in OPS):
+        pytest.skip(f"the ops have no {device} kernels in this build")
+    from qsvd_kernels import ops
+
+    made, run_with = [], []
+    plan_op, attention_op = ops.latent_attention_plan, ops.latent_attention
+
+    def plan_spy(*args):
+        made.append(args[5].shape[1])  # the rank of w_uk
+        return plan_op(*args)
+
+    def attention_spy(*args):
+        run_with.append(args[-1])
+        return attention_op(*args)
+
+    projector = OpsProjector(_layer("W8A8")).to(device)
+    seqs = _Sequences(projector, device)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 64, generator=g).to(device)
+    seqs.step(x[:5], [[0, 1, 2], [3, 4], []])
+    slots = torch.tensor([int(seqs.block_table[0, 0]) * BLOCK + 3, int(seqs.block_table[1, 0]) * BLOCK + 2], device=device)
+    meta = step_metadata(slots, torch.tensor([3, 2], device=device), seqs.block_table,
+                         torch.tensor([4, 3, 0], dtype=torch.int32, device=device), [[0], [1], []], [4, 3, 0])
+    cache = projector.cache_view(seqs.pool)
+    monkeypatch.setattr(ops, "latent_attention_plan", plan_spy)
+    monkeypatch.setattr(ops, "latent_attention", attention_spy)
+    proj = projector.latent(x[5:7])
+    outs = [projector.core.run(proj, cache, meta, seqs.cos, seqs.sin, 0.25) for _ in range(3)]  # three layers
+    assert made == [24] and len(meta.plans) == 1
+    assert all(p is run_with[0] for p in run_with) and len(run_with) == 3
+    other = OpsProjector(_layer("W8A8", rank=16)).to(device)  # a layer of another rank: its own plan
+    other.core.run(other.latent(x[5:7]), other.cache_view(other.new_pool(12, BLOCK, device)), meta, seqs.cos,
+                   seqs.sin, 0.25)
+    assert made == [24, 16] and len(meta.plans) == 2 and run_with[-1] is not run_with[0]
+    # Without the plans (a metadata whose plans the core does not see) the same numbers.
+    monkeypatch.setattr(ops, "latent_attention", lambda *a: attention_op(*a[:-1], None))
+    want = projector.core.run(proj, cache, meta, seqs.cos, seqs.sin, 0.25)
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=0, atol=0)

@@ -65,7 +65,11 @@ def _samples(device):
         packed = [pack_latent_rows(pc.cache, pc.cache_scale).to(device), None, *common[2:]]
         attn.append((q, *packed, bits, 0.125, *rope_args))
         recon.append((*packed, bits, *rope_args, torch.float32))
+    # With a plan (made for the call; an int64 CPU tensor whatever the device).
+    plans = [torch.ops.qsvd.latent_attention_plan(*a[:10], *a[11:13]) for a in attn]
+    attn += [(*a, True, p) for a, p in zip(attn, plans)]
     s["latent_attention"] = attn
+    s["latent_attention_plan"] = [(*a[:10], *a[11:13]) for a in attn[: len(plans)]]
     s["latent_reconstruct_kv"] = recon
     return s
 

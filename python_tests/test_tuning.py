@@ -417,7 +417,7 @@ def test_latent_plan_simt_split_count_follows_the_sm_count():
         assert p["ok"] and p["split_kernel"] == "simt" and p["heads_per_cta"] == 4
         want = min(-(-2 * sms // ctas), SHAPE["token_capacity"] // 256)
         assert p["splits"] == want, (sms, p)
-    more = qk._C.latent_attention_plan(**{k: v for k, v in SHAPE.items() if k != "weight_dtype"}, rope=True,
+    more = qk._C.plan_latent_attention_shape(**{k: v for k, v in SHAPE.items() if k != "weight_dtype"}, rope=True,
                                        weight="f16", sm_count=58, smem_limit=227 * 1024, kernel="simt",
                                        ctas_per_sm=8)
     assert more["splits"] > _plan(dict(sm_count=58, smem_limit=227 * 1024), kernel="simt")["splits"]

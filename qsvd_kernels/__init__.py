@@ -29,9 +29,11 @@ _C.cpu_isa()
 from . import _fake, reference  # noqa: E402,F401  (_fake registers the fake kernels)
 from . import ops as _ops  # noqa: E402
 from .ops import (  # noqa: E402
+    describe_latent_attention_plan,
     hadamard_quant,
     hadamard_transform,
     latent_attention,
+    latent_attention_plan,
     latent_cache_append,
     latent_reconstruct_kv,
     quant_gemm,

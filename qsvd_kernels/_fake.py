@@ -43,9 +43,20 @@ def _latent_cache_append_fake(c, slot_mapping, cache, cache_scale, bits, clip_ra
 @register_fake("qsvd::latent_attention")
 def _latent_attention_fake(
     q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, sm_scale,
-    rope_cos=None, rope_sin=None, check_indices=True,
+    rope_cos=None, rope_sin=None, check_indices=True, plan=None,
 ):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@register_fake("qsvd::latent_attention_plan")
+def _latent_attention_plan_fake(
+    q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits,
+    rope_cos=None, rope_sin=None,
+):
+    from . import _C  # loaded: the op is registered by it
+
+    # Its words: a magic number, then the fields (csrc/plan.h); on the CPU whatever q's device.
+    return torch.empty(1 + len(_C.latent_attention_plan_fields()), dtype=torch.int64, device="cpu")
 
 
 @register_fake("qsvd::latent_reconstruct_kv")

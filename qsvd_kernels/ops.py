@@ -17,6 +17,7 @@ __all__ = [
     "quant_gemm",
     "latent_cache_append",
     "latent_attention",
+    "latent_attention_plan",
     "latent_reconstruct_kv",
 ]
 
@@ -143,6 +144,7 @@ def latent_attention(
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
     check_indices: bool = True,
+    plan: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over the quantized latent cache, up-projections inside.
 
@@ -167,6 +169,12 @@ def latent_attention(
             ``seq_lens`` (a serving engine's): the CUDA launcher skips its
             host check (a sync, which CUDA graphs cannot capture); the kernel
             still guards every index. The CPU kernel always checks.
+        plan: :func:`latent_attention_plan`'s tensor for this batch shape
+            (made once, passed by every layer of that shape): the call runs
+            it, reading no environment knob, table or forced choice. It must
+            match the call (device, sizes, RoPE, weight dtype; the call's
+            token capacity at most the plan's), else ValueError naming
+            ``plan``. None: the call plans itself.
 
     Returns:
         ``out`` ``[B, H, d]`` in ``q``'s dtype and ``lse`` ``[B, H]`` float32
@@ -175,9 +183,48 @@ def latent_attention(
     """
     return torch.ops.qsvd.latent_attention(
         q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, sm_scale,
-        rope_cos, rope_sin, check_indices,
+        rope_cos, rope_sin, check_indices, plan,
     )
 
+
+def latent_attention_plan(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    cache_scale: torch.Tensor | None,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uk_scale: torch.Tensor | None,
+    w_uv: torch.Tensor,
+    w_uv_scale: torch.Tensor | None,
+    bits: int,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The plan of :func:`latent_attention` calls with these arguments'
+    device, sizes and dtypes (FlashInfer's plan/run): the CUDA split kernel,
+    KV splits, token tile, heads per CTA, or the CPU path, chosen once with
+    forced > environment > installed table > built-in. The token capacity
+    planned for is ``block_table``'s (``max_blocks * block_size``, capped
+    by the RoPE table): plan with the step's widest block table; the values
+    of ``seq_lens`` are not read. Returns an int64 CPU tensor to pass as
+    ``plan=``; :func:`describe_latent_attention_plan` reads it. The layers
+    of a QSVD model differ in rank, so an engine keeps one plan per rank
+    (integrations/core.py, ``StepMetadata.plans``)."""
+    return torch.ops.qsvd.latent_attention_plan(
+        q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin,
+    )
+
+
+def describe_latent_attention_plan(plan: torch.Tensor) -> dict:
+    """A plan tensor's fields by name (csrc/plan.h): ``device`` ("cpu" or
+    "cuda:i"), the signature (B, H, H_kv, r, d, bits, rope, weight_dtype,
+    token_capacity), then the CPU plan (``cpu_path``, ``cpu_threads``) or
+    the CUDA plan (``split_kernel``, ``splits``, ``tile_tokens``,
+    ``heads_per_cta``, shared memory, ``source`` and ``rule``)."""
+    from . import _C
+
+    return dict(_C.describe_latent_attention_plan(plan))
 
 def latent_reconstruct_kv(
     cache: torch.Tensor,

@@ -51,6 +51,7 @@
 
 #include "../checks.h"
 #include "../ops.h"
+#include "../plan.h"
 #include "latent_absorbed_fp32_path.h"
 #include "latent_absorbed_split_path.h"
 #include "latent_common.h"
@@ -63,15 +64,8 @@ namespace {
 
 using namespace latent_cpu;
 
-// The path of one latent_attention call: RoPE needs K rebuilt per token;
-// without it, the split-precision GEMMs where torch has them (or the knob
-// QSVD_CPU_LATENT_GEMM asks), else fp32 GEMMs.
-enum class Path { kRope, kAbsorbedSplit, kAbsorbedFp32 };
-
-Path plan_path(const LatentShape& s, const char* op) {
-  if (s.rope) return Path::kRope;
-  return cpu::latent_absorbed_split(op) ? Path::kAbsorbedSplit : Path::kAbsorbedFp32;
-}
+// The path of a call (plan::CpuLatentPath), chosen once by its plan.
+using Path = plan::CpuLatentPath;
 
 // Up to this many query rows per kv head (at the avx512 ISA level), q_lat =
 // W_uk q and o = acc W_uv read the weights in their stored type
@@ -160,12 +154,19 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale_d,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    bool /*check_indices: the CPU always checks (a host loop, no sync)*/) {
+    bool /*check_indices: the CPU always checks (a host loop, no sync)*/, const std::optional<at::Tensor>& plan_in) {
   const char* op = "latent_attention";
   cpu::check_isa_env(op);
   int64_t H = 0;
   const LatentShape s = check_latent_attention(q_in, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale,
                                                w_uv, w_uv_scale, bits, sm_scale_d, rope_cos, rope_sin, &H);
+  // The plan: the one given (made by latent_attention_plan, checked against
+  // this call), else made now (reads QSVD_CPU_LATENT_GEMM).
+  plan::LatentPlan call_plan = plan::latent_plan_signature(q_in, s, H, bits, w_uk, rope_cos);
+  if (plan_in.has_value())
+    call_plan = plan::read_latent_plan(op, *plan_in, call_plan);
+  else
+    plan::plan_latent_attention_cpu(call_plan, op);
   const Prepared p = prepare(op, s, bits, cache, cache_scale, block_table, seq_lens, rope_cos, rope_sin);
   const int64_t B = s.B, H_kv = s.H_kv, G = H / H_kv, r = s.r, d = s.d, E = H_kv * d;
   const auto f32 = q_in.options().dtype(at::kFloat);
@@ -179,11 +180,11 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   const float score_scale = static_cast<float>(sm_scale_d * 1.4426950408889634073599);
   const at::Tensor q = q_in.to(at::kFloat).mul(at::scalar_tensor(score_scale, f32)).contiguous();  // [B, H, d]
 
-  // The plan: the path (once per call), tasks of whole tiles, about 2 x
-  // threads per batch.
-  const Path path = plan_path(s, op);
+  // The plan's path, and tasks of whole tiles, about 2 x the plan's threads
+  // per batch.
+  const Path path = static_cast<Path>(call_plan.cpu_path);
   const int64_t tile = path == Path::kRope ? kTileRope : kTileAbsorbed;
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = call_plan.cpu_threads;
   int64_t nonempty = 0;
   for (int64_t b = 0; b < B; ++b) nonempty += lens[b] > 0;
   const int64_t splits_target = std::max<int64_t>(1, (2 * threads + std::max<int64_t>(nonempty, 1) - 1) /
@@ -327,6 +328,23 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     }
   }
   return {out.to(q_in.scalar_type()), lse};
+}
+
+at::Tensor latent_attention_plan_cpu(const at::Tensor& q, const at::Tensor& cache,
+                                     const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
+                                     const at::Tensor& seq_lens, const at::Tensor& w_uk,
+                                     const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
+                                     const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
+                                     const std::optional<at::Tensor>& rope_cos,
+                                     const std::optional<at::Tensor>& rope_sin) {
+  const char* op = "latent_attention_plan";
+  cpu::check_isa_env(op);
+  int64_t H = 0;
+  const LatentShape s = check_latent_attention(q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv,
+                                               w_uv_scale, bits, 1.0, rope_cos, rope_sin, &H);
+  plan::LatentPlan plan = plan::latent_plan_signature(q, s, H, bits, w_uk, rope_cos);
+  plan::plan_latent_attention_cpu(plan, op);
+  return plan::latent_plan_tensor(plan);
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(

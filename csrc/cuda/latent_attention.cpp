@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "../checks.h"
 #include "../ops.h"
@@ -23,32 +24,20 @@ namespace lat = qsvd::latent;
 
 using KernelChoice = lat::KernelChoice;
 
-}  // namespace
+// The launch parameters of a call: sizes, pointers of the contiguous
+// inputs (kept alive by `keep`), no plan yet.
+struct Launch {
+  lat::LatentAttentionParams p;
+  std::vector<at::Tensor> keep;
+};
 
-std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
-    const at::Tensor& q_in, const at::Tensor& cache_in, const std::optional<at::Tensor>& cache_scale_in,
-    const at::Tensor& block_table_in, const at::Tensor& seq_lens_in, const at::Tensor& w_uk_in,
-    const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv_in,
-    const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
-    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices) {
-  const char* op = "latent_attention";
-  int64_t H = 0;
-  const LatentShape s = check_latent_attention(q_in, cache_in, cache_scale_in, block_table_in, seq_lens_in, w_uk_in,
-                                               w_uk_scale, w_uv_in, w_uv_scale, bits, sm_scale, rope_cos, rope_sin,
-                                               &H);
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor block_table = block_table_in.contiguous();
-  const at::Tensor seq_lens = seq_lens_in.contiguous();
-  const int64_t rope_len = s.rope ? rope_cos->size(0) : 0;
-  if (check_indices && plan::host_index_checks(op))
-    check_paged_indices_host(op, seq_lens.cpu(), block_table.cpu(), s, rope_len);
-
-  at::Tensor out = at::empty({s.B, H, s.d}, q_in.options());
-  at::Tensor lse = at::empty({s.B, H}, q_in.options().dtype(at::kFloat));
-  if (s.B == 0) return {out, lse};
-  QSVD_CHECK(s.B <= 65535 && H <= 65535, op, "the CUDA kernel serves at most 65535 sequences and 65535 heads, got B = ",
-             s.B, ", H = ", H);
-
+Launch launch_params(const at::Tensor& q_in, const at::Tensor& cache_in, const std::optional<at::Tensor>& cache_scale_in,
+                     const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& w_uk_in,
+                     const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv_in,
+                     const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
+                     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
+                     const LatentShape& s, int64_t H, const char* op) {
+  Launch l;
   const at::Tensor q = q_in.to(at::kFloat).contiguous();
   const at::Tensor cache = cache_in.contiguous();  // packed rows: contiguous already (checked)
   const std::optional<at::Tensor> cache_scale =
@@ -59,8 +48,10 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   const at::Tensor wv_scale = w_uv_scale.has_value() ? w_uv_scale->contiguous() : at::Tensor();
   const at::Tensor cos = s.rope ? rope_cos->contiguous() : at::Tensor();
   const at::Tensor sin = s.rope ? rope_sin->contiguous() : at::Tensor();
+  l.keep = {q, cache, w_uk, w_uv, wk_scale, wv_scale, cos, sin};
+  if (cache_scale.has_value()) l.keep.push_back(*cache_scale);
 
-  lat::LatentAttentionParams p;
+  lat::LatentAttentionParams& p = l.p;
   p.q = q.data_ptr<float>();
   p.cache = latent_cache_layout(cache, cache_scale, bits, s.r);  // either layout
   p.block_table = block_table.data_ptr<int32_t>();
@@ -71,9 +62,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   p.w_uv_scale = wv_scale.defined() ? wv_scale.data_ptr<float>() : nullptr;
   p.rope_cos = s.rope ? cos.data_ptr<float>() : nullptr;
   p.rope_sin = s.rope ? sin.data_ptr<float>() : nullptr;
-  p.rope_len = rope_len;
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
+  p.rope_len = s.rope ? rope_cos->size(0) : 0;
   p.B = static_cast<int>(s.B);
   p.H = static_cast<int>(H);
   p.H_kv = static_cast<int>(s.H_kv);
@@ -87,35 +76,103 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   p.score_scale = static_cast<float>(sm_scale * 1.4426950408889634073599);
   p.weight_type = to_dtype(op, w_uk.scalar_type());
   p.out_type = to_dtype(op, q_in.scalar_type());
+  return l;
+}
 
+// The plan of a call (plan::latent_attention; the precedence is there).
+// Split kernel: the tensor-core one wherever it serves the shape, else the
+// CUDA-core one (plan_latent_attention_tc). It serves d <= 256, r <= 8192
+// and, with RoPE, d % 16 == 0 and a 16-byte aligned w_uk; in both paths a
+// token tile of >= 16 must fit shared memory (without RoPE that holds up to
+// r ~ 1950 on an H100, ~ 1300 on an A100; with RoPE, at d = 128, up to
+// r ~ 6300 and ~ 4300; with int8 weights, whose operands take half the
+// bytes, every r <= 8192 on an H100 and r ~ 8100 on an A100).
+// The plan: forced knobs (qsvd_kernels.tuning.force("latent_attention",
+// ...)), else QSVD_LATENT_KERNEL / QSVD_LATENT_SPLITS, else the installed
+// table's rule (a rule whose plan the checker refuses for this call gives
+// the default plan: never an error), else automatic. All from the shapes
+// and the device properties: no device sync.
+qsvd::tuning::LatentDecision plan_call(lat::LatentAttentionParams& p, const plan::LatentPlan& sig,
+                                       const LatentShape& s, int device, const char* op) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  int64_t capacity = s.max_blocks * s.block_size;
-  if (s.rope) capacity = std::min(capacity, rope_len);
-  // Split kernel: the tensor-core one wherever it serves the shape, else the
-  // CUDA-core one (plan_latent_attention_tc). It serves d <= 256, r <= 8192
-  // and, with RoPE, d % 16 == 0 and a 16-byte aligned w_uk; in both paths a
-  // token tile of >= 16 must fit shared memory (without RoPE that holds up to
-  // r ~ 1950 on an H100, ~ 1300 on an A100; with RoPE, at d = 128, up to
-  // r ~ 6300 and ~ 4300; with int8 weights, whose operands take half the
-  // bytes, every r <= 8192 on an H100 and r ~ 8100 on an A100).
-  // The plan: forced knobs (qsvd_kernels.tuning.force("latent_attention",
-  // ...)), else QSVD_LATENT_KERNEL / QSVD_LATENT_SPLITS, else the installed
-  // table's rule (a rule whose plan the checker refuses for this call gives
-  // the default plan: never an error), else automatic (plan::latent_attention,
-  // which explain() calls too). All from the shapes and the device
-  // properties: no device sync.
   qsvd::tuning::LatentDecision decision;
-  const char* why = plan::latent_attention(q_in.get_device(), p, capacity, prop->multiProcessorCount,
+  const char* why = plan::latent_attention(device, p, sig.token_capacity, prop->multiProcessorCount,
                                            prop->sharedMemPerBlockOptin, op, &decision, nullptr);
   const bool forced = decision.source == qsvd::tuning::RuleSource::kForced;
   const char* prefix = decision.choice != KernelChoice::kTensorCore ? (forced ? "forced plan: " : "")
                        : forced ? "forced plan with the tensor-core kernel, but "
                        : decision.source == qsvd::tuning::RuleSource::kEnv ? "QSVD_LATENT_KERNEL=tc, but "
                                                                             : "";
-  QSVD_CHECK(why[0] == '\0', op, prefix, why, " (got r = ", s.r, ", d = ", s.d, ", H / H_kv = ", H / s.H_kv,
+  QSVD_CHECK(why[0] == '\0', op, prefix, why, " (got r = ", s.r, ", d = ", s.d, ", H / H_kv = ", p.H / p.H_kv,
              ", rope = ", s.rope, ")");
+  return decision;
+}
 
-  const auto f32 = q.options();
+}  // namespace
+
+at::Tensor latent_attention_plan_cuda(const at::Tensor& q, const at::Tensor& cache,
+                                      const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
+                                      const at::Tensor& seq_lens, const at::Tensor& w_uk,
+                                      const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
+                                      const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
+                                      const std::optional<at::Tensor>& rope_cos,
+                                      const std::optional<at::Tensor>& rope_sin) {
+  const char* op = "latent_attention_plan";
+  int64_t H = 0;
+  const LatentShape s = check_latent_attention(q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv,
+                                               w_uv_scale, bits, 1.0, rope_cos, rope_sin, &H);
+  const c10::cuda::CUDAGuard guard(q.device());
+  plan::LatentPlan plan = plan::latent_plan_signature(q, s, H, bits, w_uk, rope_cos);
+  if (s.B > 0) {
+    const at::Tensor bt = block_table.contiguous(), lens = seq_lens.contiguous();
+    Launch l = launch_params(q, cache, cache_scale, bt, lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, 1.0,
+                             rope_cos, rope_sin, s, H, op);
+    const qsvd::tuning::LatentDecision d = plan_call(l.p, plan, s, q.get_device(), op);
+    plan::store_cuda_plan(plan, l.p, d);
+  }
+  return plan::latent_plan_tensor(plan);
+}
+
+std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
+    const at::Tensor& q_in, const at::Tensor& cache_in, const std::optional<at::Tensor>& cache_scale_in,
+    const at::Tensor& block_table_in, const at::Tensor& seq_lens_in, const at::Tensor& w_uk_in,
+    const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv_in,
+    const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
+    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices,
+    const std::optional<at::Tensor>& plan_in) {
+  const char* op = "latent_attention";
+  int64_t H = 0;
+  const LatentShape s = check_latent_attention(q_in, cache_in, cache_scale_in, block_table_in, seq_lens_in, w_uk_in,
+                                               w_uk_scale, w_uv_in, w_uv_scale, bits, sm_scale, rope_cos, rope_sin,
+                                               &H);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  // The plan given is checked against the call before anything else reads it.
+  const plan::LatentPlan sig = plan::latent_plan_signature(q_in, s, H, bits, w_uk_in, rope_cos);
+  const std::optional<plan::LatentPlan> given =
+      plan_in.has_value() ? std::optional<plan::LatentPlan>(plan::read_latent_plan(op, *plan_in, sig)) : std::nullopt;
+  const at::Tensor block_table = block_table_in.contiguous();
+  const at::Tensor seq_lens = seq_lens_in.contiguous();
+  const int64_t rope_len = s.rope ? rope_cos->size(0) : 0;
+  if (check_indices && plan::host_index_checks(op))
+    check_paged_indices_host(op, seq_lens.cpu(), block_table.cpu(), s, rope_len);
+
+  at::Tensor out = at::empty({s.B, H, s.d}, q_in.options());
+  at::Tensor lse = at::empty({s.B, H}, q_in.options().dtype(at::kFloat));
+  if (s.B == 0) return {out, lse};
+  QSVD_CHECK(s.B <= 65535 && H <= 65535, op, "the CUDA kernel serves at most 65535 sequences and 65535 heads, got B = ",
+             s.B, ", H = ", H);
+
+  Launch l = launch_params(q_in, cache_in, cache_scale_in, block_table, seq_lens, w_uk_in, w_uk_scale, w_uv_in,
+                           w_uv_scale, bits, sm_scale, rope_cos, rope_sin, s, H, op);
+  lat::LatentAttentionParams& p = l.p;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  if (given.has_value())
+    plan::apply_cuda_plan(op, *given, p, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  else
+    plan_call(p, sig, s, q_in.get_device(), op);
+
+  const auto f32 = q_in.options().dtype(at::kFloat);
   at::Tensor q_lat = s.rope ? at::Tensor() : at::empty({s.B, H, s.r}, f32);
   at::Tensor part_acc = at::empty({s.B, H, p.splits, s.r}, f32);
   at::Tensor part_ml = at::empty({s.B, H, p.splits, 2}, f32);

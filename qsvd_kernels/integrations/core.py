@@ -35,7 +35,7 @@ plain-PyTorch simulation (hf/projector.py) provides the same primitives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -90,6 +90,10 @@ class StepMetadata:
     # (sequence, its rows in position order [n_i] int64, sequence length L_i) of the
     # sequences with several new rows: host values, as their K/V sizes depend on them
     prefills: list[tuple[int, torch.Tensor, int]]
+    # latent_attention plans of this step's decode batch, one per layer shape
+    # (the layers of a QSVD model differ in rank): made by the first layer of
+    # each shape, run by the others (FlashInfer's plan/run)
+    plans: dict = field(default_factory=dict)
 
 
 def step_metadata(slots: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -134,7 +138,7 @@ class AttentionStep:
             if self.fused_decode:
                 seqs = meta.decode_seqs
                 out[meta.decode_rows] = self.decode(q[meta.decode_rows], cache, meta.block_table[seqs],
-                                                    meta.seq_lens[seqs], rope_cos, rope_sin, sm_scale)
+                                                    meta.seq_lens[seqs], rope_cos, rope_sin, sm_scale, meta.plans)
             else:
                 lens = meta.seq_lens[meta.decode_seqs].tolist()
                 prefills = prefills + [(int(b), r.view(1), int(n)) for b, r, n in
@@ -227,13 +231,23 @@ class QSVDAttentionCore(AttentionStep):
         return self.spec.form == "qkv"
 
     def decode(self, q: torch.Tensor, cache: LatentCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
-               cos: torch.Tensor | None, sin: torch.Tensor | None, sm_scale: float) -> torch.Tensor:
+               cos: torch.Tensor | None, sin: torch.Tensor | None, sm_scale: float,
+               plans: dict | None = None) -> torch.Tensor:
         """One new token per sequence over its cache: out fp32 [B, H, d]
-        (q [B, H, d], rotated)."""
+        (q [B, H, d], rotated). ``plans``: the step's plans by layer shape
+        (``StepMetadata.plans``), filled on first use."""
         s = self.spec
-        out, _ = ops.latent_attention(q.contiguous(), cache.codes, cache.scale, block_table, seq_lens, self._t("wuk"),
-                                      self._t("wuk_scale"), self._t("wuv"), self._t("wuv_scale"), s.latent_bits,
-                                      sm_scale, cos, sin, self.check_indices)
+        q = q.contiguous()
+        args = (q, cache.codes, cache.scale, block_table, seq_lens, self._t("wuk"), self._t("wuk_scale"),
+                self._t("wuv"), self._t("wuv_scale"), s.latent_bits)
+        plan = None
+        if plans is not None:
+            w = self._t("wuk")
+            key = (tuple(w.shape), w.dtype, w.device, q.shape[1], s.latent_bits, cache.scale is None)
+            plan = plans.get(key)
+            if plan is None:
+                plan = plans[key] = ops.latent_attention_plan(*args, cos, sin)
+        out, _ = ops.latent_attention(*args, sm_scale, cos, sin, self.check_indices, plan)
         bv = self.v_bias_per_query_head()
         return out.float() if bv is None else out.float() + bv
 

@@ -312,7 +312,7 @@ def explain_latent_attention(*, B: int, H: int, H_kv: int, r: int, d: int, bits:
     knobs = dict(plan["knobs"]) if plan["source"] in ("forced", "env") else \
         {"kernel": "auto", "splits": 0, "tile_tokens": 0, "heads_per_cta": 0, "ctas_per_sm": 2}
     knobs.update(given)
-    plan = dict(_C().latent_attention_plan(B, H, H_kv, r, d, bits, rope, weight, token_capacity, sm_count,
+    plan = dict(_C().plan_latent_attention_shape(B, H, H_kv, r, d, bits, rope, weight, token_capacity, sm_count,
                                            smem_limit, **knobs))
     plan.update(op="latent_attention", source="given", knobs=knobs, table=None, rule=-1, sm_count=sm_count,
                 smem_limit=smem_limit)

@@ -80,7 +80,7 @@ def latent_key(c: dict, shape, variant) -> str:
 def plan_of(C, c: dict, shape, variant, sm_count: int, smem_limit: int) -> dict:
     B, H, H_kv, r, d, ctx = shape
     rope, wd, bits = variant
-    return dict(C.latent_attention_plan(B, H, H_kv, r, d, bits, rope, "i8" if wd == "int8" else wd, ctx, sm_count,
+    return dict(C.plan_latent_attention_shape(B, H, H_kv, r, d, bits, rope, "i8" if wd == "int8" else wd, ctx, sm_count,
                                         smem_limit, **c))
 
 

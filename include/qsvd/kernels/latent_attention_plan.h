@@ -1,7 +1,7 @@
 // The plan of the CUDA latent_attention (decode) kernels: the parameter
 // struct, the shared-memory layouts and the choice of split kernel, splits,
 // token tile, heads per CTA and combine tile. Plain C++ (no CUDA, no torch),
-// so the plan checks run on any machine: qsvd_kernels._C.latent_attention_plan
+// so the plan checks run on any machine: qsvd_kernels._C.plan_latent_attention_shape
 // takes fake SM counts and shared-memory limits. The launch interface is
 // latent_attention_params.h.
 #pragma once
@@ -402,6 +402,33 @@ inline const char* plan_latent_attention_auto(LatentAttentionParams& p, int64_t 
     if (choice == KernelChoice::kTensorCore) return why_tc;
   }
   return plan_latent_attention_knobs(p, token_capacity, sm_count, smem_limit, k, false);
+}
+
+// Replays an earlier plan `planned` (made for the same sizes by any of the
+// functions above) on p: re-plans with its choices as knobs (kernel, splits,
+// tile, heads per CTA; the split count forced, so no SM count enters) and
+// returns "" when every derived field equals planned's, else why. The plan
+// object of latent_attention is checked this way, so an edited plan, or one
+// from another build, cannot reach a kernel. Replaying a plan gives it back
+// exactly (split_tokens = round_up(ceil(cap / splits), tile) is a fixed
+// point; cpp_tests/test_latent_plan.cpp).
+inline const char* replay_latent_plan(LatentAttentionParams& p, const LatentAttentionParams& planned,
+                                      int64_t token_capacity, size_t smem_limit) {
+  const bool tc = planned.split_kernel == SplitKernel::kTensorCore;
+  if (planned.splits < 1 || planned.splits > kMaxSplits || planned.tile_tokens < 1 || planned.heads_per_cta < 1)
+    return "the plan's splits, tile or heads per CTA are out of range";
+  LatentPlanKnobs k;
+  k.splits = planned.splits;
+  k.tile_tokens = planned.tile_tokens;
+  k.heads_per_cta = tc && p.rope_cos == nullptr ? 0 : planned.heads_per_cta;  // fixed 16-head tiles there
+  const char* why = plan_latent_attention_knobs(p, token_capacity, 1, smem_limit, k, tc);
+  if (why[0] != '\0') return why;
+  if (p.split_kernel != planned.split_kernel || p.heads_per_cta != planned.heads_per_cta ||
+      p.tile_tokens != planned.tile_tokens || p.splits != planned.splits || p.split_tokens != planned.split_tokens ||
+      p.r_slices != planned.r_slices || p.slice_cols != planned.slice_cols || p.split_smem != planned.split_smem ||
+      p.combine_heads != planned.combine_heads || p.combine_smem != planned.combine_smem)
+    return "its fields are not the ones its own choices give (edited, or made by another build)";
+  return "";
 }
 
 }  // namespace latent

@@ -41,27 +41,14 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.utils.torch_utils import direct_register_custom_op  # noqa: E402
 
 from ...model.families import causal_lm_architectures, config_sliding_window, family_of_architecture  # noqa: E402
-from ...model.layer_tensors import BIAS_NAMES  # noqa: E402
-from ..core import LatentCache, Projection, QSVDAttentionCore, refuse_k_bias  # noqa: E402
+from ..core import LatentCache, Projection, QSVDAttentionCore  # noqa: E402
 from ..export import QSVD_PREFIX  # noqa: E402
 from .backend import QSVDAttentionImpl, QSVDLatentBackend, QSVDLatentSpec, QSVDMetadata  # noqa: E402
 from .config import layer_specs, qsvd_config  # noqa: E402
+from .weights import QSVDOperands, tp_shard  # noqa: E402
 
 
 # ------------------------------------------------------------ the attention
-def _shard(total: int, tp_size: int, tp_rank: int, what: str) -> tuple[int, int]:
-    """(first, count) of this rank's ``total`` heads; fewer kv heads than
-    ranks are replicated (rank r holds kv head r // (tp_size / total))."""
-    if total >= tp_size:
-        if total % tp_size:
-            raise ValueError(f"{what} = {total} is not divisible by the tensor-parallel size {tp_size}")
-        per = total // tp_size
-        return tp_rank * per, per
-    if tp_size % total:
-        raise ValueError(f"the tensor-parallel size {tp_size} is not a multiple of {what} = {total}")
-    return tp_rank // (tp_size // total), 1
-
-
 class QSVDAttention(nn.Module, AttentionLayerBase):
     """Drop-in for LlamaAttention (same constructor) in QSVD models: vLLM's
     adapter around the engine-neutral step (integrations/core.py). It holds
@@ -90,19 +77,14 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
                              f"(hidden {hidden_size}, {num_heads} heads, {num_kv_heads} kv heads, head_dim {head_dim})")
 
         tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-        h0, local_heads = _shard(num_heads, tp_size, tp_rank, "num_attention_heads")
-        kv0, local_kv = _shard(num_kv_heads, tp_size, tp_rank, "num_key_value_heads")
+        h0, local_heads = tp_shard(num_heads, tp_size, tp_rank, "num_attention_heads")
+        kv0, local_kv = tp_shard(num_kv_heads, tp_size, tp_rank, "num_key_value_heads")
         self.spec = spec.local(local_heads, local_kv)
         self.num_heads, self.num_kv_heads, self.head_dim, self.rank = local_heads, local_kv, head_dim, spec.rank
-        self._slices = {"q_rows": (h0 * head_dim, local_heads * head_dim), "kv_heads": (kv0, local_kv)}
         self.scaling = head_dim**-0.5
-
-        self.qsvd = nn.Module()  # the kernels' operands, loaded from model.layers.{i}.self_attn.qsvd.*
-        for name, ts in self.spec.tensors().items():
-            p = nn.Parameter(torch.zeros(ts.shape, dtype=ts.dtype), requires_grad=False)
-            p.weight_loader = partial(self._load_sharded, shard=ts.shard)
-            setattr(self.qsvd, name, p)
-        self._loaded: set[str] = set()
+        # the kernels' operands, loaded from model.layers.{i}.self_attn.qsvd.*
+        self.qsvd = QSVDOperands(self.spec, {"q_rows": (h0 * head_dim, local_heads * head_dim),
+                                             "kv_heads": (kv0, local_kv)}, prefix)
         # vLLM's slot mappings and block tables are valid by construction: the
         # CUDA launchers skip their host check of them (a sync per call, which
         # CUDA graphs cannot capture); the kernels still guard every index.
@@ -126,18 +108,6 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         ctx[prefix] = self
 
     # ------------------------------------------------------------- weights
-    def _shard_of(self, loaded: torch.Tensor, shard: str) -> torch.Tensor:
-        """This rank's part of a whole checkpoint tensor (model.layer_tensors' sharding)."""
-        if shard == "whole":
-            return loaded
-        lo, n = self._slices[shard]
-        if shard == "kv_heads" and loaded.dim() == 1:  # a flat [H_kv d] bias
-            return loaded.view(-1, self.head_dim).narrow(0, lo, n).reshape(-1)
-        return loaded.narrow(0, lo, n)
-
-    def _load_sharded(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
-        _copy_checked(param, self._shard_of(loaded, shard), self.layer_name)
-
     def load_weights(self, weights) -> set[str]:
         """``qsvd.*`` operands (sharded per rank) and ``o_proj.*``; called by
         vLLM's AutoWeightsLoader with names relative to this layer."""
@@ -145,15 +115,7 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         o_params = dict(self.o_proj.named_parameters())
         for name, tensor in weights:
             if name.startswith("qsvd."):
-                key = name[len("qsvd."):]
-                if key in BIAS_NAMES:
-                    self._add_bias(key, tensor)
-                elif hasattr(self.qsvd, key):
-                    p = getattr(self.qsvd, key)
-                    p.weight_loader(p, tensor)
-                else:
-                    raise ValueError(f"{self.layer_name}: unexpected tensor {name!r} in the checkpoint")
-                self._loaded.add(key)
+                self.qsvd.load(name[len("qsvd."):], tensor)
             elif name.startswith("o_proj."):
                 p = o_params[name[len("o_proj."):]]
                 getattr(p, "weight_loader")(p, tensor)
@@ -162,22 +124,6 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
                                  "projections: was the model exported with `python -m qsvd_kernels export`?)")
             loaded.add(name)
         return loaded
-
-    def _add_bias(self, key: str, tensor: torch.Tensor) -> None:
-        if key == "bk":
-            refuse_k_bias(tensor, self.layer_name)
-            return  # zero: nothing to add
-        ts = self.spec.tensors(biases=(key,))[key]
-        t = self._shard_of(tensor, ts.shard)
-        if tuple(t.shape) != ts.shape:
-            raise ValueError(f"{self.layer_name}: bias {key} is {tuple(tensor.shape)} in the checkpoint")
-        self.qsvd.register_buffer(key, t.float().contiguous(), persistent=False)
-
-    def check_loaded(self) -> None:
-        missing = [n for n in self.spec.tensors() if n not in self._loaded]
-        if missing:
-            raise ValueError(f"{self.layer_name}: the checkpoint lacks QSVD tensors {missing}: export the model "
-                             "with `python -m qsvd_kernels export --format vllm`")
 
     # ------------------------------------------------------------ vLLM glue
     def get_attn_backend(self):
@@ -253,13 +199,6 @@ direct_register_custom_op(op_name="qsvd_latent_attention", op_func=_qsvd_latent_
 
 
 # ------------------------------------------------------------------ models
-def _copy_checked(param: nn.Parameter, loaded: torch.Tensor, where: str) -> None:
-    if tuple(loaded.shape) != tuple(param.shape) or loaded.dtype != param.dtype:
-        raise ValueError(f"{where}: checkpoint tensor {tuple(loaded.shape)} {loaded.dtype} does not fit "
-                         f"{tuple(param.shape)} {param.dtype} (config.qsvd and the weights disagree)")
-    param.data.copy_(loaded)
-
-
 class _QSVDCausalLM(LlamaForCausalLM):
     """A LLaMA-family causal LM whose attention layers are QSVDAttention.
     Llama, Mistral and Qwen2 share the decoder block (RMSNorm, gated SiLU
@@ -291,7 +230,7 @@ class _QSVDCausalLM(LlamaForCausalLM):
         for layer in self.model.layers:
             attn = getattr(layer, "self_attn", None)
             if isinstance(attn, QSVDAttention):
-                attn.check_loaded()
+                attn.qsvd.check_loaded()
         return loaded
 
 
