@@ -274,19 +274,29 @@ LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cac
 
   QSVD_CHECK(rope_cos.has_value() == rope_sin.has_value(), op,
              "`rope_cos` and `rope_sin` must be given together (RoPE) or both be None (no RoPE)");
+  // RoPE tables [max_position, d_rope]: the first d_rope dims of each head
+  // are rotary (rotate-half over those d_rope dims), the rest position-free
+  // (partial RoPE; d_rope = d is full RoPE).
+  int64_t d_rope = 0;
   if (rope_cos.has_value()) {
-    QSVD_CHECK_VALUE(d % 2 == 0, op, "head dim d = `w_uk`.size(2) = ", d, " must be even for RoPE");
     for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"rope_cos", &*rope_cos},
                                   std::pair<const char*, const at::Tensor*>{"rope_sin", &*rope_sin}}) {
       check_dtype_in(op, name, *t, {at::kFloat});
-      QSVD_CHECK(t->dim() == 2 && t->size(1) == d, op, "`", name, "` must have shape [max_position, d] with d = ",
-                 d, ", got ", shape_str(*t));
+      QSVD_CHECK(t->dim() == 2 && t->size(1) >= 2 && t->size(1) <= d && t->size(1) % 2 == 0, op, "`", name,
+                 "` must have shape [max_position, d_rope] with d_rope even, 2 <= d_rope <= d = ", d,
+                 " (the first d_rope dims of each head are rotary), got ", shape_str(*t));
     }
-    QSVD_CHECK(rope_cos->size(0) == rope_sin->size(0), op, "`rope_cos` ", shape_str(*rope_cos),
+    QSVD_CHECK(rope_cos->sizes() == rope_sin->sizes(), op, "`rope_cos` ", shape_str(*rope_cos),
                " and `rope_sin` ", shape_str(*rope_sin), " must have the same shape");
+    d_rope = rope_cos->size(1);
   }
   return {block_table.size(0), H_kv,          r, d, cache.size(0), cache.size(1), block_table.size(1),
-          rope_cos.has_value(), int8_weights, !cache_scale.has_value()};
+          rope_cos.has_value(), int8_weights, !cache_scale.has_value(), d_rope};
+}
+
+void check_full_rope_cuda(const char* op, const LatentShape& s) {
+  QSVD_CHECK_VALUE(!s.rope || s.d_rope == s.d, op, "partial RoPE (`rope_cos` of width d_rope = ", s.d_rope,
+                   " < d = ", s.d, ") is not implemented in the CUDA kernels yet; the CPU kernels serve it");
 }
 
 LatentShape check_latent_attention(const at::Tensor& q, const at::Tensor& cache,

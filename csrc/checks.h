@@ -86,6 +86,7 @@ struct LatentShape {
   bool rope;
   bool int8_weights;
   bool packed;  // cache_scale is None: packed rows (cache contiguous)
+  int64_t d_rope;  // rotary dims per head (the RoPE tables' width; d: full RoPE, 0: none)
 };
 LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cache,
                                            const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
@@ -95,6 +96,10 @@ LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cac
                                            const std::optional<at::Tensor>& rope_cos,
                                            const std::optional<at::Tensor>& rope_sin);
 // Adds the q checks; returns H through *num_heads.
+// The CUDA kernels rotate every head dim: partial-RoPE tables (d_rope < d)
+// raise there, naming them (the CPU kernels serve them).
+void check_full_rope_cuda(const char* op, const LatentShape& s);
+
 LatentShape check_latent_attention(const at::Tensor& q, const at::Tensor& cache,
                                    const std::optional<at::Tensor>& cache_scale,
                                    const at::Tensor& block_table, const at::Tensor& seq_lens,

@@ -278,7 +278,6 @@ pybind11::dict describe_latent_attention_plan(const at::Tensor& tensor) {
     out[names[i].c_str()] = w[i];
   }
   out["device"] = cuda ? "cuda:" + std::to_string(plan.device_index) : std::string("cpu");
-  out["rope"] = plan.rope != 0;
   if (cuda) {
     out["split_kernel"] = plan.split_kernel == 1 ? "tc" : "simt";
     out["source"] = qsvd::tuning::rule_source_name(static_cast<qsvd::tuning::RuleSource>(plan.source));

@@ -141,7 +141,7 @@ LatentPlan latent_plan_signature(const at::Tensor& q, const LatentShape& s, int6
   plan.r = s.r;
   plan.d = s.d;
   plan.bits = bits;
-  plan.rope = s.rope;
+  plan.d_rope = s.d_rope;
   plan.weight_dtype = static_cast<int64_t>(to_dtype("latent_attention", w_uk.scalar_type()));
   plan.token_capacity = s.max_blocks * s.block_size;
   if (s.rope) plan.token_capacity = std::min(plan.token_capacity, rope_cos->size(0));
@@ -193,14 +193,14 @@ LatentPlan read_latent_plan(const char* op, const at::Tensor& t, const LatentPla
   QSVD_SAME(r)
   QSVD_SAME(d)
   QSVD_SAME(bits)
-  QSVD_SAME(rope)
+  QSVD_SAME(d_rope)
   QSVD_SAME(weight_dtype)
 #undef QSVD_SAME
   QSVD_CHECK_VALUE(expect.token_capacity <= plan.token_capacity, op, "plan was made for a token capacity of ",
              plan.token_capacity, " (max_blocks * block_size, capped by the RoPE table), but the call's is ",
              expect.token_capacity, ": make a plan for the largest block table of the step");
   if (plan.device_type == 0) {
-    QSVD_CHECK_VALUE(plan.cpu_path >= 0 && plan.cpu_path <= 2 && (plan.cpu_path == 0) == (plan.rope != 0) &&
+    QSVD_CHECK_VALUE(plan.cpu_path >= 0 && plan.cpu_path <= 2 && (plan.cpu_path == 0) == (plan.d_rope != 0) &&
                    plan.cpu_threads >= 1,
                op, "plan's CPU path (", plan.cpu_path, ") or thread count (", plan.cpu_threads, ") is not valid");
     QSVD_CHECK_VALUE(plan.cpu_path != static_cast<int64_t>(CpuLatentPath::kAbsorbedSplit) || cpu::latent_split_available(),
@@ -210,7 +210,7 @@ LatentPlan read_latent_plan(const char* op, const at::Tensor& t, const LatentPla
 }
 
 void plan_latent_attention_cpu(LatentPlan& plan, const char* op) {
-  plan.cpu_path = static_cast<int64_t>(plan.rope                        ? CpuLatentPath::kRope
+  plan.cpu_path = static_cast<int64_t>(plan.d_rope != 0                        ? CpuLatentPath::kRope
                                        : cpu::latent_absorbed_split(op) ? CpuLatentPath::kAbsorbedSplit
                                                                         : CpuLatentPath::kAbsorbedFp32);
   plan.cpu_threads = at::get_num_threads();

@@ -82,7 +82,7 @@ const char* latent_attention(int device, qsvd::latent::LatentAttentionParams& p,
 // plan, then the CUDA plan (0 where the other device's).
 #define QSVD_LATENT_PLAN_FIELDS(X)                                                                        \
   X(device_type)    /* 0 CPU, 1 CUDA */                                                                    \
-  X(device_index) X(B) X(H) X(H_kv) X(r) X(d) X(bits) X(rope) X(weight_dtype) /* qsvd::DType */           \
+  X(device_index) X(B) X(H) X(H_kv) X(r) X(d) X(bits) X(d_rope) /* 0: no RoPE */ X(weight_dtype) /* qsvd::DType */           \
   X(token_capacity) /* max_blocks * block_size, capped by the RoPE table: the calls' upper bound */       \
   X(cpu_path)       /* CpuLatentPath */                                                                    \
   X(cpu_threads)    /* threads the CPU task split aims at */                                               \
@@ -101,7 +101,7 @@ struct LatentPlan {
 // QSVD_CPU_LATENT_GEMM asks), else fp32 GEMMs.
 enum class CpuLatentPath : int { kRope = 0, kAbsorbedSplit = 1, kAbsorbedFp32 = 2 };
 
-// The signature part of a call's plan: device, sizes, RoPE, weight type,
+// The signature part of a call's plan: device, sizes, rotary dims, weight type,
 // token capacity (max_blocks * block_size, capped by the RoPE table).
 LatentPlan latent_plan_signature(const at::Tensor& q, const LatentShape& s, int64_t H, int64_t bits, const at::Tensor& w_uk,
                                  const std::optional<at::Tensor>& rope_cos);

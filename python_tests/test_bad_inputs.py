@@ -145,7 +145,9 @@ for op in ("latent_attention", "latent_reconstruct_kv"):
                                                 cache_scale=a["cache_scale"][:, :0].contiguous()),
          VE, r"`seq_lens`\[0\] = 20 exceeds what `block_table` can address \(2 blocks of 0 = 0 tokens\)"),
         (op, "rope half", _set("rope_sin", None), RE, "`rope_cos` and `rope_sin` must be given together"),
-        (op, "rope width", _set("rope_cos", lambda a: a["rope_cos"][:, :32]), RE, r"`rope_cos` must have shape \[max_position, d\]"),
+        (op, "rope widths differ", _set("rope_cos", lambda a: a["rope_cos"][:, :32]), RE, r"`rope_cos` \[.*\] and `rope_sin` \[.*\] must have the same shape"),
+        (op, "rope width odd", lambda a: a.update(rope_cos=a["rope_cos"][:, :31], rope_sin=a["rope_sin"][:, :31]), RE, r"`rope_cos` must have shape \[max_position, d_rope\] with d_rope even, 2 <= d_rope <= d"),
+        (op, "rope width > d", lambda a: a.update(rope_cos=a["rope_cos"].repeat(1, 2), rope_sin=a["rope_sin"].repeat(1, 2)), RE, r"`rope_cos` must have shape \[max_position, d_rope\]"),
         (op, "rope short", lambda a: a.update(rope_cos=a["rope_cos"][:10], rope_sin=a["rope_sin"][:10]), VE, r"exceeds the RoPE table length `rope_cos`.size\(0\) = 10"),
         (op, "rope dtype", _set("rope_sin", lambda a: a["rope_sin"].double()), RE, "`rope_sin` must have dtype"),
     ]

@@ -240,6 +240,77 @@ def test_identity_rope_equals_absorbed_k(device):
         assert bool(((a[i].cpu().double() - b[i].cpu().double()).abs() <= slack).all()), what
 
 
+PARTIAL = [(8, torch.float16, 32, [37, 0, 300]), (4, torch.int8, 16, [64, 5]), (8, torch.bfloat16, 2, [129]),
+           (4, torch.float16, 48, [1, 200]), (8, torch.int8, 64, [70])]  # d = 64: d_rope 64 is full RoPE
+
+
+@pytest.mark.parametrize("bits,wdtype,d_rope,seq_lens", PARTIAL)
+def test_partial_rope_matches_reference(device, bits, wdtype, d_rope, seq_lens):
+    """RoPE tables of width d_rope < d: the first d_rope dims of each head
+    rotary, the rest absorbed (docs/ops.md), against the exact reference
+    within the CPU bound. The CUDA kernels refuse it, naming the tables."""
+    require_kernel("latent_attention", device)
+    g = torch.Generator().manual_seed(11)
+    H, H_kv, r, d = 8, 2, 96, 64
+    pc = make_paged_cache(seq_lens, r, bits, 16, generator=g)
+    w = make_weights(H_kv, r, d, wdtype, generator=g)
+    q = torch.randn(len(seq_lens), H, d, generator=g)
+    cos, sin = R.rope_tables(max(seq_lens) + 3, d, pairs=range(d_rope // 2))
+    host = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, bits, 0.125, cos, sin]
+    dev = [a.to(device) if isinstance(a, torch.Tensor) else a for a in host]
+    if device == "cuda" and d_rope < d:
+        with pytest.raises(ValueError, match="partial RoPE .* is not implemented in the CUDA kernels"):
+            qk.latent_attention(q.to(device), *dev)
+        return
+    out, lse = qk.latent_attention(q.to(device), *dev)
+    truth = R.latent_attention_ref(q.double(), *host)
+    _check(out.cpu(), lse.cpu(), truth, latent_attention_error_bound(q, *host, **LATENT_BOUND[device]),
+           torch.float32, f"d_rope={d_rope}")
+    # K and V of the same cache: the prefill op agrees with the reference too.
+    kv_args = host[:9] + host[10:]
+    k, v = qk.latent_reconstruct_kv(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in kv_args],
+                                    out_dtype=torch.float32)
+    k_ref, v_ref = R.latent_reconstruct_kv_ref(*kv_args, out_dtype=torch.float32, compute_dtype=torch.float64)
+    kb, vb = latent_reconstruct_error_bound(*kv_args)
+    assert bool(((k.cpu().double() - k_ref.double()).abs() <= kb + EPS[torch.float32] * k_ref.abs()).all())
+    assert bool(((v.cpu().double() - v_ref.double()).abs() <= vb + EPS[torch.float32] * v_ref.abs()).all())
+
+
+def test_partial_rope_is_full_rope_with_the_other_pairs_unrotated():
+    """The meaning of the partial tables: with q and W_uk's head dims in the
+    partial layout (reference.partial_rope_permutation), partial RoPE over
+    pairs P computes what full RoPE computes when every pair outside P has
+    cos 1, sin 0 (the frequency set to zero). Each op within its bound of
+    the one exact value, so they differ by at most the sum; and both differ
+    from full RoPE, so the test sees the rotation (CPU: CUDA refuses)."""
+    require_kernel("latent_attention", "cpu")
+    g = torch.Generator().manual_seed(12)
+    H, H_kv, r, d, L = 4, 2, 64, 64, 200
+    pairs = [0, 3, 7, 20]  # any pairs, in any order
+    pc = make_paged_cache([L], r, 8, 16, generator=g)
+    w_uk, ws_k, w_uv, ws_v = make_weights(H_kv, r, d, torch.float16, generator=g)
+    q = torch.randn(1, H, d, generator=g)
+    cos, sin = R.rope_tables(L, d)
+    keep = torch.zeros(d, dtype=torch.bool)
+    keep[pairs] = True
+    keep[[j + d // 2 for j in pairs]] = True
+    cos_unrot, sin_unrot = torch.where(keep, cos, 1.0), torch.where(keep, sin, 0.0)
+    perm = R.partial_rope_permutation(d, pairs)
+    cos_p, sin_p = R.rope_tables(L, d, pairs=pairs)
+    cache = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens]
+    full_args = [q, *cache, w_uk, ws_k, w_uv, ws_v, 8, 0.125, cos_unrot, sin_unrot]
+    part_args = [q[..., perm].contiguous(), *cache, w_uk[..., perm].contiguous(), ws_k, w_uv, ws_v, 8, 0.125, cos_p,
+                 sin_p]
+    a, b = qk.latent_attention(*full_args), qk.latent_attention(*part_args)
+    truth = R.latent_attention_ref(q.double(), *full_args[1:])
+    slack = (latent_attention_error_bound(q, *full_args[1:], **LATENT_BOUND["cpu"])[0]
+             + latent_attention_error_bound(part_args[0], *part_args[1:], **LATENT_BOUND["cpu"])[0]
+             + 2 * (EPS[torch.float32] * truth[0].abs() + TINY[torch.float32]))
+    assert bool(((a[0].double() - b[0].double()).abs() <= slack).all())
+    full = qk.latent_attention(q, *cache, w_uk, ws_k, w_uv, ws_v, 8, 0.125, cos, sin)[0]
+    assert not bool(((full.double() - b[0].double()).abs() <= slack).all()), "the unrotated pairs changed nothing"
+
+
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])

@@ -80,7 +80,9 @@ def test_a_call_the_plan_was_not_made_for_is_refused(device):
     other, t = _call(device, [37, 0, 20], r=64)
     refused(other, t, "plan was made for r = 48")
     other, t = _call(device, [37, 0, 20], rope=False)
-    refused(other, t, "plan was made for rope = 1")
+    refused(other, t, "plan was made for d_rope = 64, but the call has d_rope = 0")
+    if device == "cpu":  # partial RoPE (CPU only): another d_rope, another plan
+        refused(args, tuple(x[:, :32] for x in tables), "plan was made for d_rope = 64, but the call has d_rope = 32")
     other, t = _call(device, [37, 0, 20], wdtype=torch.bfloat16)
     refused(other, t, "plan was made for weight_dtype")
     other, t = _call(device, [37, 0, 20], bits=4)
@@ -136,7 +138,7 @@ def test_the_cpu_plan_reads_the_knob_when_made_not_when_run(monkeypatch):
     monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", "fp32")
     plan = ops.latent_attention_plan(*args, *tables)
     info = ops.describe_latent_attention_plan(plan)
-    assert info["cpu_path"] == "absorbed_fp32" and info["device"] == "cpu" and info["rope"] is False
+    assert info["cpu_path"] == "absorbed_fp32" and info["device"] == "cpu" and info["d_rope"] == 0
     assert (info["B"], info["H"], info["H_kv"], info["r"], info["d"], info["bits"]) == (2, 8, 2, 48, 64, 8)
     want = _run(args, tables)
     monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", "bogus")

@@ -343,19 +343,46 @@ def gather_latent_ref(
     return dequantize_rows_ref(codes, scales, bits, dtype)
 
 
-def rope_tables(max_position: int, head_dim: int, base: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(max_position: int, head_dim: int, base: float = 10000.0, device=None,
+                pairs=None) -> tuple[torch.Tensor, torch.Tensor]:
     """LLaMA's rotary tables [max_position, head_dim] (fp32): the frequency
-    table repeated twice, as transformers' LlamaRotaryEmbedding builds it."""
+    table repeated twice, as transformers' LlamaRotaryEmbedding builds it.
+    ``pairs`` (indices of rotary pairs, pair j rotating dims j and j +
+    head_dim / 2 at frequency base^(-2j / head_dim)): the partial-RoPE
+    tables [max_position, 2 len(pairs)] of those pairs only, for heads laid
+    out with those pairs' dims first (:func:`partial_rope_permutation`)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    if pairs is not None:
+        inv_freq = inv_freq[torch.as_tensor(list(pairs), dtype=torch.long)]
     pos = torch.arange(max_position, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(device), emb.sin().to(device)
 
 
+def partial_rope_permutation(head_dim: int, pairs) -> torch.Tensor:
+    """The head-dim order of partial RoPE: the rotary ``pairs``' first dims,
+    then their second dims (a rotate-half layout of width 2 len(pairs)),
+    then the remaining dims in their order. Permuting the head dims of q and
+    k alike leaves every score unchanged; the op rotates the first 2
+    len(pairs) dims with ``rope_tables(..., pairs=pairs)``."""
+    half = head_dim // 2
+    pairs = [int(j) for j in pairs]
+    if len(set(pairs)) != len(pairs) or any(j < 0 or j >= half for j in pairs):
+        raise ValueError(f"pairs must be distinct indices in [0, {half}), got {pairs}")
+    rotary = pairs + [j + half for j in pairs]
+    chosen = set(rotary)
+    return torch.tensor(rotary + [j for j in range(head_dim) if j not in chosen], dtype=torch.long)
+
+
 def apply_rope_ref(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: ``k * cos + rotate_half(k) * sin`` (cos/sin broadcast over k)."""
-    half = k.shape[-1] // 2
+    """Rotate-half RoPE: ``k * cos + rotate_half(k) * sin`` (cos/sin broadcast
+    over k). Tables narrower than k (width d_rope < d: partial RoPE) rotate
+    the first d_rope dims of k among themselves; the rest pass unchanged."""
+    n = cos.shape[-1]
+    if n < k.shape[-1]:
+        return torch.cat((apply_rope_ref(k[..., :n], cos, sin), k[..., n:]), dim=-1)
+    half = n // 2
     rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
     return k * cos + rotated * sin
 

@@ -109,15 +109,18 @@ def _abs_weight(w, scale):
     return wf * scale.double().abs().unsqueeze(1) if scale is not None else wf
 
 
-def _abs_kv(cache, cache_scale, block_table, L, b, bits, w_k, w_v, rope):
+def _abs_kv(cache, cache_scale, block_table, L, b, bits, w_k, w_v, rope_cos):
     """Magnitudes |c| |W_k| and |c| |W_v| of one sequence ([L, H_kv, d]);
-    with RoPE, |k cos| + |rot(k) sin| <= |k| + |rot(k)|."""
+    with RoPE, |k cos| + |rot(k) sin| <= |k| + |rot(k)| over the rotary dims
+    (the tables' width d_rope; the rest are position-free)."""
     c = R.gather_latent_ref(cache, cache_scale, block_table, L, b, bits).abs()
     k = torch.einsum("tr,hrd->thd", c, w_k)
     v = torch.einsum("tr,hrd->thd", c, w_v)
-    if rope:
-        half = k.shape[-1] // 2
-        k = k + torch.cat((k[..., half:], k[..., :half]), dim=-1)
+    if rope_cos is not None:
+        n = rope_cos.shape[-1]
+        half = n // 2
+        rot = torch.cat((k[..., half:n], k[..., :half], torch.zeros_like(k[..., n:])), dim=-1)
+        k = k + rot
     return k, v
 
 
@@ -214,6 +217,10 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
         q' w_uk_scale (1), q_lat = W_uk q'' (d), c . q_lat (r), times s_t
         (1): r + d + 4. With the weight step (x_t - M: 2u max|x| + u ln2;
         exp2f within 2 ulp): ds = (r + d + 8) u S_max + 5u, as "cuda".
+        Partial RoPE (tables of width d_rope < d): the rotary part as RoPE
+        (r + d_rope + 6 on its terms), the position-free part as no RoPE
+        (r + (d - d_rope) + 4), their sum (1): at most r + d + 6, within the
+        count above (the CUDA kernels refuse partial RoPE).
       - Output: w_t = p_t s_t (1); the tile GEMM sum_t w_t c_t (min(T, L)
         terms, products included); acc * 2^k + tile (1 per tile); the merge
         of the splits (1 per split): n_acc = 1 + min(T, L) + 2 ceil(L/T).
@@ -264,7 +271,7 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
         L = int(seq_lens[b])
         if L == 0:
             continue
-        k, v = _abs_kv(cache, cache_scale, block_table, L, b, bits, w_k, w_v, rope_cos is not None)
+        k, v = _abs_kv(cache, cache_scale, block_table, L, b, bits, w_k, w_v, rope_cos)
         k = k.repeat_interleave(H // H_kv, dim=1)
         v_max = v.repeat_interleave(H // H_kv, dim=1).amax(dim=0)  # [H, d]
         s_abs = abs(sm_scale) * torch.einsum("hd,thd->ht", q[b].double().abs(), k)
@@ -327,7 +334,7 @@ def latent_reconstruct_error_bound(cache, cache_scale, block_table, seq_lens, w_
     for b in range(block_table.shape[0]):
         L = int(seq_lens[b])
         if L:
-            k, v = _abs_kv(cache, cache_scale, block_table, L, b, bits, w_k, w_v, rope_cos is not None)
+            k, v = _abs_kv(cache, cache_scale, block_table, L, b, bits, w_k, w_v, rope_cos)
             ks.append(k)
             vs.append(v)
     if not ks:

@@ -205,17 +205,21 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   first_task[B] = static_cast<int64_t>(tasks.size());
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
 
-  // Without RoPE: q_lat[b, h] = W_uk[kv] q'[b, h] ([B, H, r]), per kv head.
+  // The position-free dims [d0, d) are absorbed: q_lat[b, h] = W_uk[kv][:,
+  // d0:] q'[b, h, d0:] ([B, H, r]), per kv head. No RoPE: d0 = 0; partial
+  // RoPE: d0 = d_rope; full RoPE: none.
   at::Tensor q_lat;
   const at::Tensor w_uk_c = w_uk.contiguous(), w_uv_c = w_uv.contiguous();
   const bool stream_weights = B * G <= kWeightStreamRows && qsvd::cpu::weight_streaming_available();
-  if (path != Path::kRope) {
+  const int64_t d0 = s.rope ? s.d_rope : 0, dn = d - d0;
+  if (dn > 0) {
     q_lat = at::empty({B, H_kv, G, r}, f32);
-    at::Tensor qk = q.view({B, H_kv, G, d});
-    if (w_uk_scale.has_value()) qk = qk.mul(w_uk_scale->to(at::kFloat).view({1, H_kv, 1, d}));
+    at::Tensor qk = q.view({B, H_kv, G, d}).narrow(3, d0, dn);
+    if (w_uk_scale.has_value())
+      qk = qk.mul(w_uk_scale->to(at::kFloat).narrow(1, d0, dn).view({1, H_kv, 1, dn}));
     qk = qk.contiguous();
     parallel_tasks(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
-      if (stream_weights) {
+      if (stream_weights && d0 == 0) {  // streaming reads whole [r, d] heads
         const float* qp = qk.data_ptr<float>();
         float* lp = q_lat.data_ptr<float>();
         for (int64_t hk = h0; hk < h1; ++hk)
@@ -226,24 +230,28 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
           }
         return;
       }
-      at::Tensor wf = at::empty({r, d}, f32);
+      at::Tensor wf = at::empty({r, dn}, f32);
       for (int64_t hk = h0; hk < h1; ++hk) {
-        head_weights_f32(w_uk, hk, wf);
-        const at::Tensor qh = qk.select(1, hk).reshape({B * G, d});
+        wf.copy_(w_uk.select(0, hk).narrow(1, d0, dn));  // exact fp32 copy
+        const at::Tensor qh = qk.select(1, hk).reshape({B * G, dn});
         q_lat.select(1, hk).copy_(at::mm(qh, wf.t()).view({B, G, r}));
       }
     });
     q_lat = q_lat.view({B, H, r});
   }
+  // The RoPE path's queries: their rotary dims.
+  const at::Tensor q_rope = path == Path::kRope ? q.narrow(2, 0, s.d_rope).contiguous() : q;
   // Per-task partial state: M (integer running max, log2 units), l, acc.
   at::Tensor m_all = at::empty({std::max<int64_t>(n_tasks, 1), H}, f32);
   at::Tensor l_all = at::empty({std::max<int64_t>(n_tasks, 1), H}, f32);
   at::Tensor acc_all = at::empty({std::max<int64_t>(n_tasks, 1), H, r}, f32);
-  const Call call{p, s, bits, H, G, E, tile, q, q_lat};
+  const Call call{p, s, bits, H, G, E, tile, q_rope, q_lat};
   const Partials parts{m_all, l_all, acc_all};
   switch (path) {
     case Path::kRope: {
-      const Rebuild rb = rebuild_operand(w_uk, w_uk_scale);
+      const std::optional<at::Tensor> ws =
+          w_uk_scale.has_value() ? std::optional<at::Tensor>(w_uk_scale->narrow(1, 0, s.d_rope)) : std::nullopt;
+      const Rebuild rb = rebuild_operand(w_uk.narrow(2, 0, s.d_rope), ws);  // the rotary columns
       run_tasks(call, tasks, parts, [&] { return RopeWorker(call, rb); });
       break;
     }
@@ -392,8 +400,9 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
       float* vp = vt.data_ptr<float>();
       for (int64_t i = 0; i < T; ++i) {
         const int64_t t = task.t0 + i;
-        scale_and_rope(kp + i * E, H_kv, d, scales[i], s.rope ? p.cos.data_ptr<float>() + t * d : nullptr,
-                       s.rope ? p.sin.data_ptr<float>() + t * d : nullptr, tmp.data());
+        scale_and_rope(kp + i * E, H_kv, d, s.d_rope, scales[i],
+                       s.rope ? p.cos.data_ptr<float>() + t * s.d_rope : nullptr,
+                       s.rope ? p.sin.data_ptr<float>() + t * s.d_rope : nullptr, tmp.data());
         for (int64_t e = 0; e < E; ++e) vp[i * E + e] = vp[i * E + e] * scales[i];
       }
       const int64_t row0 = offset[task.b] + task.t0;

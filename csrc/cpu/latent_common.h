@@ -136,10 +136,13 @@ inline void rebuild_tile(const Rebuild& rb, const at::Tensor& codes /* int8 [T, 
 }
 
 // In place on k [E = H_kv d] of one token: k * s_t, then rotate-half RoPE
-// per head: k_j cos_j - k_{j+d/2} sin_j (j < d/2), k_j cos_j + k_{j-d/2} sin_j.
-inline void scale_and_rope(float* k, int64_t H_kv, int64_t d, float s_t, const float* cos, const float* sin,
-                           float* tmp) {
-  const int64_t half = d / 2;
+// over the first d_rope dims of each head (cos, sin: that row of the
+// [max_position, d_rope] tables, or nullptr for none): k_j cos_j -
+// k_{j+h} sin_j (j < h = d_rope / 2), k_j cos_j + k_{j-h} sin_j (h <= j <
+// d_rope); dims from d_rope on are only scaled (position-free).
+inline void scale_and_rope(float* k, int64_t H_kv, int64_t d, int64_t d_rope, float s_t, const float* cos,
+                           const float* sin, float* tmp) {
+  const int64_t half = d_rope / 2;
   for (int64_t h = 0; h < H_kv; ++h) {
     float* kh = k + h * d;
     for (int64_t j = 0; j < d; ++j) tmp[j] = kh[j] * s_t;
@@ -148,7 +151,8 @@ inline void scale_and_rope(float* k, int64_t H_kv, int64_t d, float s_t, const f
       continue;
     }
     for (int64_t j = 0; j < half; ++j) kh[j] = tmp[j] * cos[j] - tmp[j + half] * sin[j];
-    for (int64_t j = half; j < d; ++j) kh[j] = tmp[j] * cos[j] + tmp[j - half] * sin[j];
+    for (int64_t j = half; j < d_rope; ++j) kh[j] = tmp[j] * cos[j] + tmp[j - half] * sin[j];
+    for (int64_t j = d_rope; j < d; ++j) kh[j] = tmp[j];
   }
 }
 
@@ -175,8 +179,8 @@ struct Call {
   const Prepared& p;
   const LatentShape& s;
   int64_t bits, H, G, E, tile;
-  at::Tensor q;      // fp32 [B, H, d], q * score_scale (RoPE path)
-  at::Tensor q_lat;  // fp32 [B, H, r], W_uk q' (absorbed paths)
+  at::Tensor q;      // fp32 [B, H, d_rope], q * score_scale, its rotary dims (RoPE path)
+  at::Tensor q_lat;  // fp32 [B, H, r], W_uk q' over the position-free dims (absorbed paths, partial RoPE)
 };
 
 // A path, as the one outer loop (latent_attention.cpp, run_tasks) drives

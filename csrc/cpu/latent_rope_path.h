@@ -1,9 +1,12 @@
-// latent_attention's RoPE path (CPU): K rebuilt per tile. Scores: K~ =
-// codes x W_uk for every kv head at once, one GEMM [T, r] x [r, H_kv d]
-// (int8 x int8 -> exact int32 on at::_int_mm for int8 weights where it is
-// exact, fp32 at::mm otherwise: codes and weights are exact in fp32); then
-// k = RoPE((K~ * w_uk_scale) * s_t) and x = q' . k (at::bmm over kv
-// heads). V absorbed on fp32 GEMMs (Fp32Values).
+// latent_attention's RoPE path (CPU): the rotary part of K rebuilt per
+// tile. Scores: K~ = codes x W_uk[:, :, :d_rope] for every kv head at
+// once, one GEMM [T, r] x [r, H_kv d_rope] (int8 x int8 -> exact int32 on
+// at::_int_mm for int8 weights where it is exact, fp32 at::mm otherwise:
+// codes and weights are exact in fp32); then k = RoPE((K~ * w_uk_scale) *
+// s_t) and x = q'_rope . k (at::bmm over kv heads). Partial RoPE (d_rope <
+// d): the position-free dims are absorbed as in the absorbed fp32 path,
+// x += (c_t . q_lat) * s_t with q_lat = W_uk[:, :, d_rope:] q'[d_rope:]
+// made once per call. V absorbed on fp32 GEMMs (Fp32Values).
 #pragma once
 
 #include "latent_common.h"
@@ -14,18 +17,22 @@ namespace latent_cpu {
 struct RopeWorker : Fp32Values {
   const Call& c;
   const Rebuild& rb;
-  at::Tensor k_buf;  // fp32 [tile, H_kv d]
+  const int64_t d_rope;
+  at::Tensor k_buf;  // fp32 [tile, H_kv d_rope]
   std::vector<float> tmp;
-  at::Tensor q_b;
+  at::Tensor q_b, q_lat_b;
 
   RopeWorker(const Call& call, const Rebuild& rebuild)
-      : Fp32Values(call), c(call), rb(rebuild), k_buf(at::empty({call.tile, call.E}, call.q.options())),
-        tmp(call.s.d) {}
+      : Fp32Values(call), c(call), rb(rebuild), d_rope(call.s.d_rope),
+        k_buf(at::empty({call.tile, call.s.H_kv * call.s.d_rope}, call.q.options())), tmp(call.s.d_rope) {}
 
-  void begin_task(int64_t b) { q_b = c.q.narrow(0, b, 1).view({c.s.H_kv, c.G, c.s.d}); }
+  void begin_task(int64_t b) {
+    q_b = c.q.narrow(0, b, 1).view({c.s.H_kv, c.G, d_rope});
+    if (c.q_lat.defined()) q_lat_b = c.q_lat.narrow(0, b, 1).view({c.H, c.s.r});
+  }
 
   at::Tensor scores(const at::Tensor& codes, const float* scales, int64_t t0, int64_t T) {
-    const int64_t H_kv = c.s.H_kv, d = c.s.d, E = c.E;
+    const int64_t H_kv = c.s.H_kv, E = H_kv * d_rope;
     const at::Tensor cf = tile_codes(codes, T);
     at::Tensor kt = k_buf.narrow(0, 0, T);
     rebuild_tile(rb, codes, cf, kt);
@@ -33,9 +40,18 @@ struct RopeWorker : Fp32Values {
     const float* cosp = c.p.cos.data_ptr<float>();
     const float* sinp = c.p.sin.data_ptr<float>();
     for (int64_t i = 0; i < T; ++i)
-      scale_and_rope(kp + i * E, H_kv, d, scales[i], cosp + (t0 + i) * d, sinp + (t0 + i) * d, tmp.data());
-    // [H_kv, G, d] x [H_kv, d, T]
-    return at::bmm(q_b, kt.view({T, H_kv, d}).permute({1, 2, 0})).view({c.H, T}).contiguous();
+      scale_and_rope(kp + i * E, H_kv, d_rope, d_rope, scales[i], cosp + (t0 + i) * d_rope,
+                     sinp + (t0 + i) * d_rope, tmp.data());
+    // [H_kv, G, d_rope] x [H_kv, d_rope, T]
+    at::Tensor x = at::bmm(q_b, kt.view({T, H_kv, d_rope}).permute({1, 2, 0})).view({c.H, T}).contiguous();
+    if (q_lat_b.defined()) {  // partial RoPE: + the absorbed position-free part
+      const at::Tensor xn = at::mm(q_lat_b, cf.t()).contiguous();  // [H, T]
+      const float* np = xn.data_ptr<float>();
+      float* xp = x.data_ptr<float>();
+      for (int64_t h = 0; h < c.H; ++h)
+        for (int64_t i = 0; i < T; ++i) xp[h * T + i] = xp[h * T + i] + np[h * T + i] * scales[i];
+    }
+    return x;
   }
 };
 

@@ -121,6 +121,7 @@ at::Tensor latent_attention_plan_cuda(const at::Tensor& q, const at::Tensor& cac
   int64_t H = 0;
   const LatentShape s = check_latent_attention(q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv,
                                                w_uv_scale, bits, 1.0, rope_cos, rope_sin, &H);
+  check_full_rope_cuda(op, s);
   const c10::cuda::CUDAGuard guard(q.device());
   plan::LatentPlan plan = plan::latent_plan_signature(q, s, H, bits, w_uk, rope_cos);
   if (s.B > 0) {
@@ -145,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   const LatentShape s = check_latent_attention(q_in, cache_in, cache_scale_in, block_table_in, seq_lens_in, w_uk_in,
                                                w_uk_scale, w_uv_in, w_uv_scale, bits, sm_scale, rope_cos, rope_sin,
                                                &H);
+  check_full_rope_cuda(op, s);
   const c10::cuda::CUDAGuard guard(q_in.device());
   // The plan given is checked against the call before anything else reads it.
   const plan::LatentPlan sig = plan::latent_plan_signature(q_in, s, H, bits, w_uk_in, rope_cos);

@@ -85,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   const char* op = "latent_reconstruct_kv";
   const LatentShape s = check_latent_cache_and_weights(op, cache, cache_scale, block_table, seq_lens, w_uk,
                                                        w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin);
+  check_full_rope_cuda(op, s);
   const at::ScalarType out_dtype = reconstruct_out_dtype(op, w_uk, out_dtype_opt);
   const c10::cuda::CUDAGuard guard(cache.device());
   const int64_t rope_positions = s.rope ? rope_cos->size(0) : 0;
