@@ -128,14 +128,14 @@ def _bench(benchmark, fn, baseline, *, rounds, ops, bytes_moved, baseline_name, 
         "cpu": cpu_rows.cpu_record(), **info})
 
 
-def _latent_case(r, wdtype, rope, seed=0):
+def _latent_case(r, wdtype, rope, seed=0, d_rope=D):
     from helpers import make_paged_cache, make_weights
 
     g = torch.Generator().manual_seed(seed)
     pc = make_paged_cache([L_CTX], r, 8, 256, extra_blocks=0, generator=g)
     w = make_weights(H_KV, r, D, wdtype, generator=g)
     q = torch.randn(1, H, D, generator=g)
-    cos, sin = R.rope_tables(L_CTX, D) if rope else (None, None)
+    cos, sin = R.rope_tables(L_CTX, D, pairs=range(d_rope // 2)) if rope else (None, None)
     args = (q, pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 8, D**-0.5, cos, sin)
     return args
 
@@ -168,6 +168,25 @@ def test_latent_attention_rope(benchmark, wdtype):
     _bench(benchmark, lambda: qk.latent_attention(*args), baseline, rounds=5, ops=ops, bytes_moved=bytes_moved,
            baseline_name=name, goal=2.0, sdpa_fp32_s=sdpa_s)
     benchmark.extra_info["ratio_vs_sdpa_fp32"] = benchmark.extra_info["median_s"] / sdpa_s
+
+
+@pytest.mark.parametrize("d_rope", [D // 2, D // 4, D // 8], ids=lambda n: f"drope{n}")
+def test_latent_attention_partial_rope(benchmark, d_rope):
+    """Partial RoPE (issue 22): the first d_rope dims of each head rebuilt
+    and rotated per token, the rest absorbed. Model (int8 weights, E_r =
+    H_kv d_rope): ops = 2 L r E_r (rotary K) + 2 L H d_rope (its scores) +
+    2 H r (d - d_rope) (q_lat) + 2 L H r (absorbed scores) + 2 L H r (V) +
+    2 H r d (W_uv); bytes = L r + 4 L + 2 H_kv r d + 8 L d_rope. Baseline:
+    SDPA fp32 over the full K/V cache (goal at d/4: <= 1.0x)."""
+    r = 1536
+    args = _latent_case(r, torch.int8, True, d_rope=d_rope)
+    ops = (2 * L_CTX * r * H_KV * d_rope + 2 * L_CTX * H * d_rope + 2 * H * r * (D - d_rope) + 4 * L_CTX * H * r
+           + 2 * H * r * D)
+    bytes_moved = L_CTX * r + 4 * L_CTX + 2 * H_KV * r * D + 8 * L_CTX * d_rope
+    sq, sk, sv = _sdpa_inputs()
+    _bench(benchmark, lambda: qk.latent_attention(*args), lambda: F.scaled_dot_product_attention(sq, sk, sv),
+           rounds=5, ops=ops, bytes_moved=bytes_moved, baseline_name="SDPA fp32, full K/V cache",
+           goal=1.0 if d_rope == D // 4 else None, d_rope=d_rope)
 
 
 @pytest.mark.parametrize("r", [1536, 512])

@@ -67,6 +67,11 @@ def exported(tmp_path_factory):
         cm.save(root / f"art-{q}")
         export_vllm(str(root / "hf"), str(root / f"art-{q}"), str(root / f"vllm-{q}"))
         out[q] = cm
+    # Partial RoPE (issue 22): d/4 of each head's dims rotary, the rest absorbed.
+    partial = out["W8A8"].with_rope_dims(8)
+    partial.save(root / "art-W8A8-rope8")
+    export_vllm(str(root / "hf"), str(root / "art-W8A8-rope8"), str(root / "vllm-W8A8-rope8"))
+    out["W8A8-rope8"] = partial
     return out
 
 
@@ -109,6 +114,18 @@ def test_greedy_tokens_equal_the_hf_integration_under_chunked_prefill_and_prefix
         assert got["rounds"][r]["tokens"] == _hf_greedy(exported, quant, prompts), f"round {r}"
     # The second round really hit the prefix cache (whole blocks of the shared 64 tokens).
     assert min(got["rounds"][1]["num_cached_tokens"]) >= BLOCK, got["rounds"][1]["num_cached_tokens"]
+
+
+def test_partial_rope_serves_the_hf_integrations_tokens(exported, tmp_path):
+    """A layer with partial RoPE (8 of 32 head dims rotary: narrow RoPE tables
+    into latent_attention, the other dims absorbed) under chunked prefill,
+    token for token against the HF integration on the same artefact."""
+    rounds = _prompts()[:1]
+    got = _run_vllm(tmp_path, {"model": str(exported["root"] / "vllm-W8A8-rope8"), "rounds": rounds,
+                               "max_num_batched_tokens": CHUNK, "max_num_seqs": 8})
+    assert got["rounds"][0]["tokens"] == _hf_greedy(exported, "W8A8-rope8", rounds[0])
+    config = json.loads((exported["root"] / "vllm-W8A8-rope8" / "config.json").read_text())
+    assert all(spec["rope_pairs"] == [0, 1, 2, 3] for spec in config["qsvd"]["layers"])  # what vLLM's layers read
 
 
 def test_greedy_tokens_equal_the_hf_integration_with_tensor_parallelism(exported, tmp_path):

@@ -375,6 +375,20 @@ def partial_rope_permutation(head_dim: int, pairs) -> torch.Tensor:
     return torch.tensor(rotary + [j for j in range(head_dim) if j not in chosen], dtype=torch.long)
 
 
+def select_rope_pairs(cos: torch.Tensor, sin: torch.Tensor, pairs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A model's rotate-half tables [..., d] (any RoPE scaling) restricted to
+    the rotary ``pairs``: [..., 2 len(pairs)] for heads in the partial
+    layout (:func:`partial_rope_permutation`); no pairs: (None, None), no
+    RoPE. ``pairs`` None: the tables unchanged (full RoPE)."""
+    if pairs is None:
+        return cos, sin
+    if len(pairs) == 0:
+        return None, None
+    idx = torch.as_tensor(list(pairs), dtype=torch.long, device=cos.device)
+    idx = torch.cat((idx, idx))
+    return cos.index_select(-1, idx).contiguous(), sin.index_select(-1, idx).contiguous()
+
+
 def apply_rope_ref(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE: ``k * cos + rotate_half(k) * sin`` (cos/sin broadcast
     over k). Tables narrower than k (width d_rope < d: partial RoPE) rotate

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from .layer import CompressedQKV
 
 # 2: layers carry their latent form ("qkv" or "kv", with W_q as tensor "wq").
-# Version 1 artefacts (every layer "qkv") still load.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: layers may carry "rope_pairs" (partial RoPE; q and k head dims stored
+# with those pairs first). Versions 1 and 2 (every layer full RoPE) still load.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_FILE = "qsvd_config.json"
 TENSOR_FILE = "qsvd_layers.safetensors"
 
@@ -39,6 +40,23 @@ class CompressedModel:
     @property
     def betas(self) -> list[float]:
         return [l.beta for l in self.layers]
+
+    def with_rope_dims(self, rope_dims: int | None) -> "CompressedModel":
+        """Partial RoPE (issue 22) on every layer: its ``rope_dims`` highest-
+        frequency head dims (pairs 0 .. rope_dims/2 - 1: RoPE's frequencies
+        fall with the pair index, under any scaling) stay rotary, the others
+        become position-free (CompressedQKV.with_rope_pairs). None or the
+        head dim: full RoPE (the model itself)."""
+        if rope_dims is None:
+            return self
+        layers = []
+        for site, layer in zip(self.site_names, self.layers):
+            d = layer.dims.head_dim
+            if not (isinstance(rope_dims, int) and 0 <= rope_dims <= d and rope_dims % 2 == 0):
+                raise ValueError(f"rope_dims must be an even number of head dims in [0, {d}], got {rope_dims!r}")
+            layers.append(layer.with_rope_pairs(range(rope_dims // 2)) if rope_dims < d else layer)
+        info = dict(self.info, rope_dims=rope_dims)
+        return CompressedModel(list(self.site_names), layers, info)
 
     # ----------------------------------------------------------- artefact
     def save(self, directory: str) -> None:
@@ -97,6 +115,9 @@ class CompressedModel:
             per_layer[int(parts[1])][parts[2]] = t
         if config["format_version"] == 1 and any(isinstance(m, dict) and "form" in m for m in metas):
             raise ValueError(f"{cfg_path}: format version 1 has no latent forms, but a layer names one")
+        if config["format_version"] < 3 and any(isinstance(m, dict) and "rope_pairs" in m for m in metas):
+            raise ValueError(f"{cfg_path}: format version {config['format_version']} has no partial RoPE, but a "
+                             "layer names rope_pairs")
         layers = [CompressedQKV.from_saved(m, t, f"{directory}: layer {i} ({sites[i]})")
                   for i, (m, t) in enumerate(zip(metas, per_layer))]
         return cls(list(sites), layers, config.get("info", {}))

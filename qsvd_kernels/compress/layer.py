@@ -53,6 +53,10 @@ class CompressedQKV:
     form: str = "qkv"  # the latent form (svd.py): "qkv" or "kv"
     wq: torch.Tensor | None = None  # [E_q, E] ("kv" form): int8 codes or fp32
     wq_scale: torch.Tensor | None = None  # [E_q]
+    # Partial RoPE: the rotary pairs, whose dims come first in each q and k
+    # head (W_u's q and k rows, W_q's rows and their biases are stored in
+    # that order: with_rope_pairs); None: full RoPE, the model's layout.
+    rope_pairs: tuple[int, ...] | None = None
     # Dequantized float64 (W_d, W_u, W_q) per device, made on first use: the
     # stored tensors never change, and the simulation runs every forward.
     _dense: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -155,13 +159,50 @@ class CompressedQKV:
         d = self.dims
         return y[..., : d.q_dim], y[..., d.q_dim : d.q_dim + d.kv_dim], y[..., d.q_dim + d.kv_dim :]
 
+    # -------------------------------------------------------- partial RoPE
+    def with_rope_pairs(self, pairs) -> "CompressedQKV":
+        """The same layer with partial RoPE: only ``pairs`` (indices of the
+        model's rotary pairs, pair j rotating head dims j and j + d/2) stay
+        rotary, the other dims of q and k become position-free. The q and k
+        head dims are reordered (reference.partial_rope_permutation: the
+        pairs' dims first), which changes no score; rows are quantized per
+        output channel, so permuting them with their scales is exact.
+        Every pair: the layer itself (full RoPE)."""
+        if self.rope_pairs is not None:
+            raise ValueError("this layer already has partial RoPE; make it from the full-RoPE layer")
+        d = self.dims
+        pairs = tuple(int(j) for j in pairs)
+        if sorted(pairs) == list(range(d.head_dim // 2)) and pairs == tuple(sorted(pairs)):
+            return self
+        perm = R.partial_rope_permutation(d.head_dim, pairs)
+
+        def heads(n_heads: int, offset: int) -> torch.Tensor:  # row indices of n_heads heads at offset, permuted
+            return (offset + torch.arange(n_heads)[:, None] * d.head_dim + perm[None, :]).reshape(-1)
+
+        k0 = self.latent_dims.first_col  # W_u's rows: [q |] k | v
+        rows = torch.arange(self.wu.shape[0])
+        if self.form == "qkv":
+            rows[: d.q_dim] = heads(d.num_heads, 0)
+        rows[d.q_dim - k0 : d.q_dim - k0 + d.kv_dim] = heads(d.num_kv_heads, d.q_dim - k0)
+        out_rows = torch.arange(d.out_dim)  # the bias: [q | k | v] always
+        out_rows[: d.q_dim] = heads(d.num_heads, 0)
+        out_rows[d.q_dim : d.q_dim + d.kv_dim] = heads(d.num_kv_heads, d.q_dim)
+        q_rows = heads(d.num_heads, 0)
+
+        def take(t, idx):
+            return None if t is None else t[idx].contiguous()
+
+        return CompressedQKV(self.dims, self.rank, self.beta, self.quant, self.seed, self.signs, self.wd, self.wd_scale,
+                             take(self.wu, rows), take(self.wu_scale, rows), take(self.bias, out_rows), self.form,
+                             take(self.wq, q_rows), take(self.wq_scale, q_rows), pairs)
+
     # ------------------------------------------------------------- packing
     def spec(self) -> QSVDLayerSpec:
         """The layer as the kernels run it (model.layer_tensors): quantized settings only."""
         q = self.quant
         if not (q.w_bits < 16 and q.a_bits < 16 and q.latent_bits < 16):
             raise ValueError(f"the kernels need quantized weights, activations and latent; this layer is {q.name}")
-        return QSVDLayerSpec.of(self.dims, self.rank, q, self.form)
+        return QSVDLayerSpec.of(self.dims, self.rank, q, self.form, self.rope_pairs)
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
         """The operands of the qsvd ops (quantized settings only).
@@ -204,8 +245,11 @@ class CompressedQKV:
         return {f: getattr(self, f) for f in self.TENSOR_FIELDS if getattr(self, f) is not None}
 
     def meta(self) -> dict:
-        return {"dims": self.dims.to_dict(), "rank": self.rank, "beta": self.beta, "quant": self.quant.to_dict(),
-                "seed": self.seed, "form": self.form}
+        m = {"dims": self.dims.to_dict(), "rank": self.rank, "beta": self.beta, "quant": self.quant.to_dict(),
+             "seed": self.seed, "form": self.form}
+        if self.rope_pairs is not None:  # format version 3; absent: full RoPE
+            m["rope_pairs"] = list(self.rope_pairs)
+        return m
 
     @classmethod
     def from_saved(cls, meta: dict, tensors: dict[str, torch.Tensor], where: str) -> "CompressedQKV":
@@ -216,6 +260,10 @@ class CompressedQKV:
             beta, seed = float(meta["beta"]), int(meta["seed"])
             form = meta.get("form", "qkv")  # format version 1 knew only the joint QKV latent
             lat = LatentDims(dims, form)
+            pairs = meta.get("rope_pairs")  # format version 3; absent: full RoPE
+            if pairs is not None:
+                pairs = tuple(int(j) for j in pairs)
+                R.partial_rope_permutation(dims.head_dim, pairs)  # checks them
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: malformed layer config ({e})") from None
         if not 1 <= rank <= lat.max_rank:
@@ -244,7 +292,8 @@ class CompressedQKV:
         if extra:
             raise ValueError(f"{where}: unexpected tensors {sorted(extra)}")
         return cls(dims, rank, beta, quant, seed, tensors.get("signs"), tensors["wd"], tensors.get("wd_scale"),
-                   tensors["wu"], tensors.get("wu_scale"), bias, form, tensors.get("wq"), tensors.get("wq_scale"))
+                   tensors["wu"], tensors.get("wu_scale"), bias, form, tensors.get("wq"), tensors.get("wq_scale"),
+                   pairs)
 
 
 def _hadamard_ok(E: int) -> bool:

@@ -76,6 +76,10 @@ class CompressionConfig:
     latent: str = "auto"
     # Calibration batches the "auto" choice compares the two forms on.
     latent_choice_batches: int = 4
+    # Partial RoPE (issue 22): rotary head dims kept per layer, the highest-
+    # frequency ones (CompressedModel.with_rope_dims); the rest become
+    # position-free, so latent_attention absorbs them. None: full RoPE.
+    rope_dims: int | None = None
 
     def __post_init__(self):
         # The budget counts bits as the paper does: those of this setting
@@ -91,6 +95,9 @@ class CompressionConfig:
             raise ValueError(f"output_metric must be 'attention' or 'none', got {self.output_metric!r}")
         if self.latent not in (*LATENT_FORMS, "auto"):
             raise ValueError(f"latent must be one of {(*LATENT_FORMS, 'auto')}, got {self.latent!r}")
+        if self.rope_dims is not None and not (isinstance(self.rope_dims, int) and self.rope_dims >= 0
+                                                and self.rope_dims % 2 == 0):
+            raise ValueError(f"rope_dims must be None or an even number >= 0, got {self.rope_dims!r}")
         if self.ranks is not None and self.latent == "auto":
             # A rank means different things in each form: fixed ranks are the
             # paper's joint latent's unless latent="kv" says otherwise.
@@ -235,7 +242,7 @@ class Compressor:
         outputs diverge least from the original's on calibration batches is
         returned (its info says what was measured)."""
         if config.latent != "auto":
-            return self.compress_form(config, loss_fn, config.latent)
+            return self._partial_rope(self.compress_form(config, loss_fn, config.latent), config)
         candidates, refused = {}, {}
         for form in LATENT_FORMS:
             try:
@@ -251,7 +258,7 @@ class Compressor:
         cm.info["latent_choice"] = {"chosen": best, "metric": self._divergence_metric(),
                                     "batches": min(config.latent_choice_batches, len(self.calibration)),
                                     "measured": measured, "refused": refused}
-        return cm
+        return self._partial_rope(cm, config)
 
     def output_divergence(self, cm: CompressedModel, n_batches: int = 4) -> float:
         """How far the compressed model's outputs are from the original's on
@@ -326,6 +333,15 @@ class Compressor:
         if self.layers != "all":
             info["layers"] = self.layers if isinstance(self.layers, str) else "custom filter"
         return CompressedModel([s.name for s in self.sites], layers, info)
+
+    def _partial_rope(self, cm: CompressedModel, config: CompressionConfig) -> CompressedModel:
+        """config.rope_dims applied after the form is chosen (the choice
+        measures with swapped projections, which cannot run partial RoPE)."""
+        if config.rope_dims is None:
+            return cm
+        if not all(site.family is not None and site.family.rope for site in self.sites):
+            raise ValueError("rope_dims: partial RoPE needs RoPE attention at every compressed site")
+        return cm.with_rope_dims(config.rope_dims)
 
 
 def compress_model(model: nn.Module, calibration: Iterable, config: CompressionConfig, *,

@@ -123,15 +123,21 @@ class AttentionStep:
             q: torch.Tensor | None = None) -> torch.Tensor:
         """Store the step's latents and attend: out fp32 [N, H, d], zero at
         padding rows. ``rope_cos``/``rope_sin`` [max_len, d] fp32 hold row t =
-        position t (rotate-half tables); ``q`` [N, H d] may be given already
-        made ("kv" form: an engine that projects outside its attention op)."""
+        position t (the model's rotate-half tables; a layer with partial RoPE
+        takes its pairs' columns); ``q`` [N, H d] may be given already made
+        ("kv" form: an engine that projects outside its attention op)."""
         s = self.spec
         N = meta.slots.shape[0]
         rows = self.store(proj, meta.slots, cache)
         if q is None:
             q = self.queries(proj, rows)
-        pos = meta.positions.clamp(min=0)
-        q = R.apply_rope_ref(q.reshape(N, s.num_heads, s.head_dim), rope_cos[pos][:, None], rope_sin[pos][:, None])
+        # This layer's tables: partial RoPE rotates its rotary pairs only (laid
+        # out first in q and k); no pairs: no rotation, K absorbed.
+        rope_cos, rope_sin = R.select_rope_pairs(rope_cos, rope_sin, s.rope_pairs)
+        q = q.reshape(N, s.num_heads, s.head_dim)
+        if rope_cos is not None:
+            pos = meta.positions.clamp(min=0)
+            q = R.apply_rope_ref(q, rope_cos[pos][:, None], rope_sin[pos][:, None])
         out = q.new_zeros(N, s.num_heads, s.head_dim)
         prefills = meta.prefills
         if meta.decode_rows.numel():
@@ -243,7 +249,7 @@ class QSVDAttentionCore(AttentionStep):
         plan = None
         if plans is not None:
             w = self._t("wuk")
-            key = (tuple(w.shape), w.dtype, w.device, q.shape[1], s.latent_bits, cache.scale is None)
+            key = (tuple(w.shape), w.dtype, w.device, q.shape[1], s.latent_bits, 0 if cos is None else cos.shape[1])
             plan = plans.get(key)
             if plan is None:
                 plan = plans[key] = ops.latent_attention_plan(*args, cos, sin)

@@ -59,22 +59,35 @@ class QSVDLayerSpec:
     latent_bits: int
     a_clip: float
     latent_clip: float
+    # Partial RoPE (issue 22): the rotary pairs (pair j rotates head dims j and
+    # j + d/2 of the original layout at the model's frequency j), laid out
+    # first (reference.partial_rope_permutation: q's and k's head dims are
+    # stored permuted); the other dims are position-free. None: every pair
+    # rotary (full RoPE, the original layout).
+    rope_pairs: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.form not in LATENT_FORMS:
             raise ValueError(f"latent form must be one of {LATENT_FORMS}, got {self.form!r}")
+        if self.rope_pairs is not None:
+            pairs = tuple(int(j) for j in self.rope_pairs)
+            if len(set(pairs)) != len(pairs) or any(j < 0 or j >= self.head_dim // 2 for j in pairs):
+                raise ValueError(f"rope_pairs must be distinct pair indices in [0, {self.head_dim // 2}), got "
+                                 f"{self.rope_pairs}")
+            object.__setattr__(self, "rope_pairs", pairs)
         for name in ("w_bits", "a_bits", "latent_bits"):
             code_format(getattr(self, name))  # the kernels need quantized weights, activations and latent
         if self.rank < 1 or self.num_heads % self.num_kv_heads:
             raise ValueError(f"bad layer spec: rank {self.rank}, {self.num_heads} heads, {self.num_kv_heads} kv heads")
 
     @classmethod
-    def of(cls, dims: LayerDims, rank: int, quant, form: str = "qkv") -> "QSVDLayerSpec":
+    def of(cls, dims: LayerDims, rank: int, quant, form: str = "qkv", rope_pairs=None) -> "QSVDLayerSpec":
         """From a layer's dims, rank, quantization setting (anything with
-        w_bits, a_bits, latent_bits, a_clip, latent_clip) and latent form."""
+        w_bits, a_bits, latent_bits, a_clip, latent_clip), latent form and
+        rotary pairs (None: full RoPE)."""
         return cls(dims.hidden, dims.num_heads, dims.num_kv_heads, dims.head_dim, int(rank), form,
                    int(quant.w_bits), int(quant.a_bits), int(quant.latent_bits), float(quant.a_clip),
-                   float(quant.latent_clip))
+                   float(quant.latent_clip), None if rope_pairs is None else tuple(rope_pairs))
 
     @property
     def q_dim(self) -> int:
@@ -83,6 +96,11 @@ class QSVDLayerSpec:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def d_rope(self) -> int:
+        """Rotary dims per head: head_dim for full RoPE, 0 for none."""
+        return self.head_dim if self.rope_pairs is None else 2 * len(self.rope_pairs)
 
     @property
     def cache_row_bytes(self) -> int:
@@ -133,8 +151,16 @@ class QSVDLayerSpec:
             raise ValueError(f"{where}: unexpected operands {extra}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["rope_pairs"] is None:
+            del d["rope_pairs"]  # full RoPE: what readers of earlier specs assume
+        else:
+            d["rope_pairs"] = list(d["rope_pairs"])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QSVDLayerSpec":
+        d = dict(d)
+        if d.get("rope_pairs") is not None:
+            d["rope_pairs"] = tuple(d["rope_pairs"])
         return cls(**d)

@@ -67,6 +67,9 @@ def swapped_projections(model: nn.Module, compressed_or_projectors, site_names: 
     for s, p in zip(sites, projectors):
         if hasattr(p, "dims") and p.dims != s.dims:
             raise ValueError(f"{s.name}: the compressed layer is {p.dims}, the model's is {s.dims}")
+        if getattr(p, "rope_pairs", None) is not None:
+            raise ValueError(f"{s.name}: the layer has partial RoPE, which changes the attention step, not only "
+                             "the projections: run it with qsvd_kernels.integrations.hf.apply_qsvd")
     saved = []
     try:
         for s, p in zip(sites, projectors):

@@ -196,7 +196,7 @@ class _TorchStep(AttentionStep):
     def __init__(self, projector: TorchProjector):
         self.p = projector
         d = projector.dims
-        self.spec = _Heads(d.num_heads, d.num_kv_heads, d.head_dim)
+        self.spec = _Heads(d.num_heads, d.num_kv_heads, d.head_dim, projector.layer.rope_pairs)
 
     def store(self, proj, slots: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         rows = self.p.quantize_latent(proj)
@@ -211,14 +211,17 @@ class _TorchStep(AttentionStep):
         slots, t = _token_slots(block_table, seq_lens, cache.codes.shape[1])
         k, v = self.p.encoder_keys_values(cache.codes.view(-1, self.p.rank)[slots])
         d = self.p.dims
-        k = R.apply_rope_ref(k.view(-1, d.num_kv_heads, d.head_dim), cos[t][:, None], sin[t][:, None])
+        k = k.view(-1, d.num_kv_heads, d.head_dim)
+        if cos is not None:  # this layer's tables (partial RoPE: its pairs, laid out first)
+            k = R.apply_rope_ref(k, cos[t][:, None], sin[t][:, None])
         return k, v.view(-1, d.num_kv_heads, d.head_dim)
 
 
-class _Heads(NamedTuple):
+class _Heads(NamedTuple):  # what the step reads of a layer (the torch simulation also runs unquantized layers)
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    rope_pairs: tuple[int, ...] | None
 
 
 def _token_slots(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int):

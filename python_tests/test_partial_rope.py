@@ -1,0 +1,138 @@
+"""Partial RoPE end to end (issue 22): a compressed layer keeps only some
+rotary pairs (CompressedQKV.with_rope_pairs; CompressedModel.with_rope_dims;
+CompressionConfig(rope_dims=)); the Hugging Face integration runs it on the
+ops (latent_attention with narrow RoPE tables) and in the torch simulation.
+
+What it must compute: the compressed model with the dropped pairs' rotation
+turned off (cos 1, sin 0: their frequency set to zero in the model's own
+rotary embedding), in the original head-dim layout. The permuted layout and
+the narrow tables are an implementation choice that must not show."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+if not os.environ.get("QSVD_REQUIRE_MINILM"):
+    pytest.importorskip("transformers")
+
+from qsvd_kernels import compress as qc  # noqa: E402
+from qsvd_kernels.integrations import hf  # noqa: E402
+from qsvd_kernels.integrations import models as M  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_compressor):
+    return tiny_llama_compressor
+
+
+@pytest.fixture(scope="module")
+def w8a8(llama):
+    model, comp = llama
+    return comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), qc.QuantConfig.parse("W8A8"), beta=0.5,
+                                            allocation="uniform"))
+
+
+def _ids(seed=7, n=2, length=12):
+    return M.random_token_batches(256, n, length, batch_size=n, seed=seed)[0]["input_ids"]
+
+
+def _zero_frequencies(model, keep_pairs: int):
+    """The model with every rotary pair from ``keep_pairs`` on unrotated."""
+    m = copy.deepcopy(model)
+    rot = m.model.rotary_emb
+    for name in ("inv_freq", "original_inv_freq"):
+        t = getattr(rot, name, None)
+        if isinstance(t, torch.Tensor):
+            t[keep_pairs:] = 0
+    return m
+
+
+@pytest.mark.parametrize("backend", ["torch", "ops"])
+@pytest.mark.parametrize("rope_dims", [8, 2, 0])
+@torch.no_grad()
+def test_partial_rope_is_the_model_with_the_other_pairs_unrotated(llama, w8a8, backend, rope_dims):
+    model, _ = llama
+    d = w8a8.layers[0].dims.head_dim
+    partial = w8a8.with_rope_dims(rope_dims)
+    assert all(l.rope_pairs == tuple(range(rope_dims // 2)) for l in partial.layers)
+    ids = _ids()
+    got = hf.apply_qsvd(copy.deepcopy(model), partial, backend=backend)(ids).logits
+    want = hf.apply_qsvd(_zero_frequencies(model, rope_dims // 2), w8a8, backend=backend)(ids).logits
+    full = hf.apply_qsvd(copy.deepcopy(model), w8a8, backend=backend)(ids).logits
+    tol = 1e-4 * float(want.abs().max())
+    # The same arithmetic up to fp32 summation order (the permuted head dims).
+    assert torch.allclose(got, want, rtol=0, atol=tol), float((got - want).abs().max())
+    if rope_dims < d:  # and the dropped rotation shows, well above that tolerance
+        assert float((full - want).abs().max()) > 4 * tol
+
+
+@torch.no_grad()
+def test_decode_through_the_cache_matches_recompute_with_partial_rope(llama, w8a8):
+    """latent_attention (decode, narrow tables) against the whole sequence
+    at once (latent_reconstruct_kv + SDPA), as test_generation does for full
+    RoPE."""
+    model, _ = llama
+    m = hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(4), backend="ops")
+    ids = _ids(seed=9, n=2, length=6)
+    seq, _ = hf.generate(m, ids, max_new_tokens=6, do_sample=False)
+    whole = m(seq).logits
+    cache = hf.QSVDLatentCache(m)
+    kw = {hf.cache_keyword(): cache}
+    steps = [m(seq[:, :6], **kw).logits] + [m(seq[:, t : t + 1], **kw).logits for t in range(6, seq.shape[1])]
+    stepped = torch.cat(steps, dim=1)
+    scale = float(whole.abs().max())
+    assert torch.allclose(stepped, whole, rtol=0, atol=1e-5 * max(scale, 1.0)), float((stepped - whole).abs().max())
+
+
+def test_full_rope_dims_is_the_model_itself_and_artefacts_round_trip(w8a8, tmp_path):
+    d = w8a8.layers[0].dims.head_dim
+    assert w8a8.with_rope_dims(None) is w8a8 and w8a8.with_rope_dims(d).layers == w8a8.layers
+    partial = w8a8.with_rope_dims(4)
+    partial.save(str(tmp_path / "p"))
+    loaded = qc.CompressedModel.load(str(tmp_path / "p"))
+    for a, b in zip(partial.layers, loaded.layers):
+        assert a.rope_pairs == b.rope_pairs == (0, 1)
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values()))
+        assert b.spec().rope_pairs == (0, 1) and b.spec().d_rope == 4
+    for bad in (3, -2, d + 2, "auto"):
+        with pytest.raises(ValueError, match="rope_dims must be"):
+            w8a8.with_rope_dims(bad)
+    with pytest.raises(ValueError, match="already has partial RoPE"):
+        partial.layers[0].with_rope_pairs([0])
+
+
+def test_an_older_artefact_cannot_name_rope_pairs(w8a8, tmp_path):
+    import json
+
+    w8a8.with_rope_dims(4).save(str(tmp_path / "p"))
+    path = tmp_path / "p" / "qsvd_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["format_version"] = 2
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="format version 2 has no partial RoPE"):
+        qc.CompressedModel.load(str(tmp_path / "p"))
+    cfg["format_version"] = 3
+    cfg["layers"][0]["rope_pairs"] = [0, 0]
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="pairs must be distinct"):
+        qc.CompressedModel.load(str(tmp_path / "p"))
+
+
+def test_swapped_projections_refuse_partial_rope(llama, w8a8):
+    model, _ = llama
+    with pytest.raises(ValueError, match="partial RoPE, which changes the attention step"):
+        with qc.swapped_projections(model, w8a8.with_rope_dims(4)):
+            pass
+
+
+def test_compression_config_rope_dims(llama):
+    model, comp = llama
+    with pytest.raises(ValueError, match="rope_dims must be None or an even number"):
+        qc.CompressionConfig(qc.Budget("mean_rank", 32), rope_dims=5)
+    cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), qc.QuantConfig.parse("W8A8"), beta=0.5,
+                                            allocation="uniform", rope_dims=4))
+    assert all(l.rope_pairs == (0, 1) for l in cm.layers) and cm.info["rope_dims"] == 4
