@@ -17,6 +17,8 @@
    r = the compressed model's median rank) and LLaMA-7B's (H = H_kv = 32,
    d = 128, r = 1536: the issue's goal shape). The latent_attention plan is
    made once per shape (latent_attention_plan) and passed to every call.
+   With 0 < d_rope < d, also the cached form: K's rotary part appended once
+   in fp16 (latent_rope_keys_append) and read per step, not rebuilt.
    Operation and byte model: docs/partial-rope.md.
 
     python bench/partial_rope.py [--quick] [--out bench/results/partial_rope]
@@ -47,7 +49,7 @@ from results_io import write_results  # noqa: E402
 L_CTX = 4096
 
 
-def perplexity_sweep(quick: bool, log=print) -> dict:
+def perplexity_sweep(quick: bool, forms=("kv", "qkv"), log=print) -> dict:
     from qsvd_kernels import compress as qc
     from qsvd_kernels.integrations import causal_lm as C
     from qsvd_kernels.integrations import hf
@@ -58,26 +60,31 @@ def perplexity_sweep(quick: bool, log=print) -> dict:
     d = model.config.hidden_size // model.config.num_attention_heads
     calib, _, calib_info = M.lm_calibration(tok, n=256 if quick else None)
     windows, text = C.heldout_windows(tok, 8 if quick else 32, 256)
-    t0 = time.time()
     comp = qc.Compressor(model, calib, progress=False)
-    cm = comp.compress(qc.CompressionConfig(qc.Budget("r2", 0.25), qc.QuantConfig(8, 8, 8), latent="qkv"),
-                       qc.causal_lm_fisher_loss())
-    log(f"compressed in {time.time() - t0:.0f} s: ranks {cm.ranks}")
-    rows = []
-    for d_rope in (d, d // 2, d // 4, d // 8, 0):
+    rows, ranks = [], {}
+    for form in forms:
         t0 = time.time()
-        with torch.no_grad():
-            res = C.compare(model, hf.apply_qsvd(copy.deepcopy(model), cm.with_rope_dims(d_rope), backend="ops"),
-                            windows)
-        rows.append({"d_rope": d_rope, "perplexity": res["perplexity"], "ratio_to_original": res["perplexity_ratio"],
-                     "mean_kl": res["mean_kl"], "next_token_agreement": res["next_token_agreement"],
-                     "original_perplexity": res["perplexity_original"], "seconds": time.time() - t0})
-        log(f"d_rope {d_rope}: ppl {res['perplexity']:.3f} ({res['perplexity_ratio']:.4f}x the original)")
-    full = rows[0]["perplexity"]
-    for r in rows:
-        r["ratio_to_full_rope_qsvd"] = r["perplexity"] / full
-    return {"rows": rows, "ranks": cm.ranks, "head_dim": d, "calibration": calib_info, "heldout": text,
-            "setting": "W8A8, R2 = 0.25 (bits included), latent qkv, qsvd allocation (causal_lm_fisher_loss)"}
+        cm = comp.compress(qc.CompressionConfig(qc.Budget("r2", 0.25), qc.QuantConfig(8, 8, 8), latent=form),
+                           qc.causal_lm_fisher_loss())
+        ranks[form] = cm.ranks
+        log(f"{form}: compressed in {time.time() - t0:.0f} s: ranks {cm.ranks}")
+        form_rows = []
+        for d_rope in (d, d // 2, d // 4, d // 8, 0):
+            t0 = time.time()
+            with torch.no_grad():
+                res = C.compare(model, hf.apply_qsvd(copy.deepcopy(model), cm.with_rope_dims(d_rope), backend="ops"),
+                                windows)
+            form_rows.append({"latent": form, "d_rope": d_rope, "perplexity": res["perplexity"],
+                              "ratio_to_original": res["perplexity_ratio"], "mean_kl": res["mean_kl"],
+                              "next_token_agreement": res["next_token_agreement"],
+                              "original_perplexity": res["perplexity_original"], "seconds": time.time() - t0})
+            log(f"{form} d_rope {d_rope}: ppl {res['perplexity']:.3f} ({res['perplexity_ratio']:.4f}x the original)")
+        for r in form_rows:
+            r["ratio_to_full_rope_qsvd"] = r["perplexity"] / form_rows[0]["perplexity"]
+        rows += form_rows
+    return {"rows": rows, "ranks": ranks, "head_dim": d, "calibration": calib_info, "heldout": text,
+            "setting": "W8A8, R2 = 0.25 (bits included), qsvd allocation (causal_lm_fisher_loss); latent forms "
+                       "\"kv\" (the one compress_smollm2 measures best here) and \"qkv\" (the paper's)"}
 
 
 def _median_interleaved(fns: dict, rounds: int) -> dict:
@@ -110,27 +117,40 @@ def decode_timing(shapes: dict, rounds: int, log=print) -> list:
         bq, bk, bv = sq.bfloat16(), sk.bfloat16(), sv.bfloat16()
         fns = {"sdpa_fp32": lambda: F.scaled_dot_product_attention(sq, sk, sv, enable_gqa=H != H_kv),
                "sdpa_bf16": lambda: F.scaled_dot_product_attention(bq, bk, bv, enable_gqa=H != H_kv)}
+        slots = torch.arange(L_CTX)  # one sequence, blocks in the order of its table
+        slots = pc.block_table[0].long()[slots // 256] * 256 + slots % 256
         for d_rope in (d, d // 2, d // 4, d // 8, 0):
             tables = R.rope_tables(L_CTX, d, pairs=range(d_rope // 2)) if d_rope else (None, None)
             args = (q, pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 8)
             plan = qk.latent_attention_plan(*args, *tables)
             fns[f"latent_d{d_rope}"] = (lambda a=args, t=tables, p=plan:
                                         qk.latent_attention(*a, d ** -0.5, *t, True, p))
+            if 0 < d_rope < d:  # the cached form: K's rotary part appended once, read per step
+                keys = torch.zeros(pc.cache.shape[0], 256, H_kv, d_rope, dtype=torch.float16)
+                qk.latent_rope_keys_append(pc.cache, pc.cache_scale, slots, torch.arange(L_CTX), w[0], w[1], 8,
+                                           *tables, keys)
+                fns[f"cached_d{d_rope}"] = (lambda a=args, t=tables, p=plan, k=keys:
+                                            qk.latent_attention(*a, d ** -0.5, *t, True, p, k))
         med = _median_interleaved(fns, rounds)
-        for d_rope in (d, d // 2, d // 4, d // 8, 0):
-            t = med[f"latent_d{d_rope}"]
+        for d_rope, cached in [(d, False), (d // 2, False), (d // 2, True), (d // 4, False), (d // 4, True),
+                               (d // 8, False), (d // 8, True), (0, False)]:
+            t = med[f"{'cached' if cached else 'latent'}_d{d_rope}"]
             # docs/partial-rope.md: rotary K rebuilt (2 L r H_kv d_rope), its scores (2 L H d_rope), the
             # absorbed part's q_lat (2 H r (d - d_rope)) and scores (2 L H r, when d_rope < d), V (2 L H r),
             # W_uv (2 H r d); bytes: codes and scales, the int8 weights, the narrow tables (fp32 cos, sin).
-            ops = (2 * L_CTX * r * H_kv * d_rope + 2 * L_CTX * H * d_rope + 2 * H * r * (d - d_rope)
-                   + (2 * L_CTX * H * r if d_rope < d else 0) + 2 * L_CTX * H * r + 2 * H * r * d)
-            nbytes = L_CTX * r + 4 * L_CTX + 2 * H_kv * r * d + 8 * L_CTX * d_rope
+            # cached: the rebuild replaced by reading the fp16 rotary keys (2 L H_kv d_rope bytes; no tables).
+            ops = ((0 if cached else 2 * L_CTX * r * H_kv * d_rope) + 2 * L_CTX * H * d_rope
+                   + 2 * H * r * (d - d_rope) + (2 * L_CTX * H * r if d_rope < d else 0) + 2 * L_CTX * H * r
+                   + 2 * H * r * d)
+            nbytes = L_CTX * r + 4 * L_CTX + 2 * H_kv * r * d + (2 * L_CTX * H_kv * d_rope if cached
+                                                                  else 8 * L_CTX * d_rope)
             rows.append({"shape": name, "H": H, "H_kv": H_kv, "d": d, "r": r, "L": L_CTX, "d_rope": d_rope,
+                         "rotary_keys": "cached" if cached else ("rebuilt" if d_rope else "none"),
                          "latent_s": t, "sdpa_fp32_s": med["sdpa_fp32"], "sdpa_bf16_s": med["sdpa_bf16"],
                          "ratio_vs_sdpa_fp32": t / med["sdpa_fp32"], "ratio_vs_sdpa_bf16": t / med["sdpa_bf16"],
                          "ops": ops, "bytes": nbytes, "gops": ops / t / 1e9, "gbps": nbytes / t / 1e9,
                          "sdpa_fp32_gbps": 2 * 4 * L_CTX * H_kv * d / med["sdpa_fp32"] / 1e9})
-            log(f"{name} d_rope {d_rope}: {t * 1e3:.2f} ms, {t / med['sdpa_fp32']:.2f}x SDPA fp32 "
+            log(f"{name} d_rope {d_rope}{' cached' if cached else ''}: {t * 1e3:.2f} ms, {t / med['sdpa_fp32']:.2f}x SDPA fp32 "
                 f"({med['sdpa_fp32'] * 1e3:.2f} ms), {t / med['sdpa_bf16']:.2f}x SDPA bf16")
     return rows
 
@@ -151,28 +171,30 @@ def to_markdown(res: dict) -> str:
                   f"({p['heldout'].get('windows', '?')} windows of {p['heldout'].get('window_length', 256)} "
                   f"tokens). Original perplexity {p['rows'][0]['original_perplexity']:.3f}. Goal: d/4 within "
                   "3 % of the full-RoPE QSVD model.", "",
-                  "| d_rope | perplexity | vs full-RoPE QSVD | vs original | mean KL | next-token agreement | "
-                  "uncompressed with the same d_rope (probe) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| latent | d_rope | perplexity | vs full-RoPE QSVD | vs original | mean KL | next-token agreement | "
+                  "uncompressed with the same d_rope (probe) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in p["rows"]:
             pr = probe.get(str(r["d_rope"]))
-            lines.append(f"| {r['d_rope']} | {r['perplexity']:.3f} | {r['ratio_to_full_rope_qsvd']:.4f}x | "
-                         f"{r['ratio_to_original']:.4f}x | {r['mean_kl']:.4f} | {r['next_token_agreement']:.3f} | "
-                         f"{pr:.3f} |" if pr else f"| {r['d_rope']} | {r['perplexity']:.3f} | "
-                         f"{r['ratio_to_full_rope_qsvd']:.4f}x | {r['ratio_to_original']:.4f}x | {r['mean_kl']:.4f} "
-                         f"| {r['next_token_agreement']:.3f} | - |")
-        met = [r["d_rope"] for r in p["rows"] if r["ratio_to_full_rope_qsvd"] <= 1.03]
-        lines += ["", f"Within 3 % of the full-RoPE QSVD model: d_rope in {met}."
-                  + (f" The smallest is {min(met)}." if met else ""), ""]
+            lines.append(f"| {r['latent']} | {r['d_rope']} | {r['perplexity']:.3f} | "
+                         f"{r['ratio_to_full_rope_qsvd']:.4f}x | {r['ratio_to_original']:.4f}x | {r['mean_kl']:.4f} | "
+                         f"{r['next_token_agreement']:.3f} | {f'{pr:.3f}' if pr else '-'} |")
+        lines.append("")
+        for form in dict.fromkeys(r["latent"] for r in p["rows"]):
+            met = [r["d_rope"] for r in p["rows"] if r["latent"] == form and r["ratio_to_full_rope_qsvd"] <= 1.03]
+            lines.append(f"Latent {form}: within 3 % of its full-RoPE QSVD model at d_rope in {met}"
+                         + (f"; the smallest is {min(met)}." if met else "."))
+        lines.append("")
     t = res.get("decode")
     if t:
         lines += ["## Decode time (B = 1, 4096 cached tokens, INT8 latent, int8 weights)", "",
                   "latent_attention with its plan made once, against SDPA over the uncompressed K/V cache of the "
                   "same heads (fp32 and bf16), interleaved, median of rounds. GOPS and GB/s by the model in "
                   "docs/partial-rope.md. Goal: d/4 at r = 1536 (LLaMA-7B) <= 1.0x SDPA fp32.", "",
-                  "| shape | d_rope | latent_attention | SDPA fp32 | SDPA bf16 | vs fp32 | vs bf16 | GOPS | GB/s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| shape | d_rope | rotary K | latent_attention | SDPA fp32 | SDPA bf16 | vs fp32 | vs bf16 | GOPS "
+                  "| GB/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in t:
             lines.append(f"| {r['shape']} (H {r['H']}/{r['H_kv']}, d {r['d']}, r {r['r']}) | {r['d_rope']} | "
+                         f"{r['rotary_keys']} | "
                          f"{r['latent_s'] * 1e3:.2f} ms | {r['sdpa_fp32_s'] * 1e3:.2f} ms | "
                          f"{r['sdpa_bf16_s'] * 1e3:.2f} ms | {r['ratio_vs_sdpa_fp32']:.2f}x | "
                          f"{r['ratio_vs_sdpa_bf16']:.2f}x | {r['gops']:.0f} | {r['gbps']:.1f} |")
@@ -200,12 +222,12 @@ def main(argv=None):
                 res[key] = earlier[key]
         if "perplexity" in earlier:
             res["meta"]["perplexity_run"] = earlier["meta"]
-            ranks = earlier["perplexity"]["ranks"]
+            ranks = next(iter(earlier["perplexity"]["ranks"].values()))
     if args.skip_decode:
         res["decode"] = []
     if not args.skip_perplexity:
         res["perplexity"] = perplexity_sweep(args.quick)
-        ranks = res["perplexity"]["ranks"]
+        ranks = next(iter(res["perplexity"]["ranks"].values()))
         probe = os.path.join(ROOT, "bench", "results", "partial_rope_probe.json")
         if os.path.exists(probe):
             with open(probe) as f:

@@ -294,6 +294,40 @@ LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cac
           rope_cos.has_value(), int8_weights, !cache_scale.has_value(), d_rope};
 }
 
+void check_rope_keys(const char* op, const at::Tensor& rope_keys, const LatentShape& s, const at::Tensor& cache) {
+  QSVD_CHECK_VALUE(s.rope, op, "`rope_keys` needs the RoPE tables `rope_cos`, `rope_sin` (their width is d_rope)");
+  check_same_device(op, "cache", cache, "rope_keys", rope_keys);
+  check_dtype_in(op, "rope_keys", rope_keys, {at::kHalf});
+  QSVD_CHECK(rope_keys.dim() == 4 && rope_keys.size(0) == s.num_blocks && rope_keys.size(1) == s.block_size &&
+                 rope_keys.size(2) == s.H_kv && rope_keys.size(3) == s.d_rope,
+             op, "`rope_keys` must have shape [num_blocks, block_size, H_kv, d_rope] = [", s.num_blocks, ", ",
+             s.block_size, ", ", s.H_kv, ", ", s.d_rope, "], got ", shape_str(rope_keys));
+  QSVD_CHECK(rope_keys.is_contiguous(), op, "`rope_keys` must be contiguous");
+}
+
+LatentShape check_latent_rope_keys_append(const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
+                                          const at::Tensor& slot_mapping, const at::Tensor& positions,
+                                          const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
+                                          int64_t bits, const at::Tensor& rope_cos, const at::Tensor& rope_sin,
+                                          const at::Tensor& rope_keys) {
+  const char* op = "latent_rope_keys_append";
+  // The cache, weight and table checks of the attention ops, with an empty
+  // batch (no block_table or seq_lens here) and w_uk standing for w_uv.
+  const auto i32 = cache.options().dtype(at::kInt);
+  LatentShape s = check_latent_cache_and_weights(op, cache, cache_scale, at::zeros({0, 1}, i32), at::zeros({0}, i32),
+                                                 w_uk, w_uk_scale, w_uk, w_uk_scale, bits, rope_cos, rope_sin);
+  check_rope_keys(op, rope_keys, s, cache);
+  check_same_device(op, "cache", cache, "slot_mapping", slot_mapping);
+  check_same_device(op, "cache", cache, "positions", positions);
+  check_dim(op, "slot_mapping", slot_mapping, 1);
+  check_dtype_in(op, "slot_mapping", slot_mapping, {at::kLong, at::kInt});
+  check_dim(op, "positions", positions, 1);
+  check_dtype_in(op, "positions", positions, {at::kLong, at::kInt});
+  QSVD_CHECK(positions.size(0) == slot_mapping.size(0), op, "`positions` must have one position per slot (",
+             slot_mapping.size(0), "), got ", shape_str(positions));
+  return s;
+}
+
 void check_full_rope_cuda(const char* op, const LatentShape& s) {
   QSVD_CHECK_VALUE(!s.rope || s.d_rope == s.d, op, "partial RoPE (`rope_cos` of width d_rope = ", s.d_rope,
                    " < d = ", s.d, ") is not implemented in the CUDA kernels yet; the CPU kernels serve it");

@@ -96,6 +96,20 @@ LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cac
                                            const std::optional<at::Tensor>& rope_cos,
                                            const std::optional<at::Tensor>& rope_sin);
 // Adds the q checks; returns H through *num_heads.
+// rope_keys (latent_attention, latent_reconstruct_kv,
+// latent_rope_keys_append): the cache of K's rotary part, fp16
+// [num_blocks, block_size, H_kv, d_rope] (d_rope: the RoPE tables' width,
+// which must be given), contiguous, on `cache`'s device.
+void check_rope_keys(const char* op, const at::Tensor& rope_keys, const LatentShape& s, const at::Tensor& cache);
+
+// latent_rope_keys_append's arguments; returns the shape of the cache and
+// weights (block_table and seq_lens absent: B = 0).
+LatentShape check_latent_rope_keys_append(const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
+                                          const at::Tensor& slot_mapping, const at::Tensor& positions,
+                                          const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
+                                          int64_t bits, const at::Tensor& rope_cos, const at::Tensor& rope_sin,
+                                          const at::Tensor& rope_keys);
+
 // The CUDA kernels rotate every head dim: partial-RoPE tables (d_rope < d)
 // raise there, naming them (the CPU kernels serve them).
 void check_full_rope_cuda(const char* op, const LatentShape& s);

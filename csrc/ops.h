@@ -29,7 +29,11 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices,
-    const std::optional<at::Tensor>& plan);
+    const std::optional<at::Tensor>& plan, const std::optional<at::Tensor>& rope_keys);
+void latent_rope_keys_append_cpu(const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
+                                 const at::Tensor& slot_mapping, const at::Tensor& positions, const at::Tensor& w_uk,
+                                 const std::optional<at::Tensor>& w_uk_scale, int64_t bits, const at::Tensor& rope_cos,
+                                 const at::Tensor& rope_sin, at::Tensor& rope_keys, bool check_indices);
 at::Tensor latent_attention_plan_cpu(const at::Tensor& q, const at::Tensor& cache,
                                      const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
                                      const at::Tensor& seq_lens, const at::Tensor& w_uk,
@@ -42,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    std::optional<at::ScalarType> out_dtype, bool check_indices);
+    std::optional<at::ScalarType> out_dtype, bool check_indices, const std::optional<at::Tensor>& rope_keys);
 
 // ---- CUDA (csrc/cuda/), built when QSVD_WITH_CUDA is defined ----
 #ifdef QSVD_WITH_CUDA
@@ -62,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    std::optional<at::ScalarType> out_dtype, bool check_indices);
+    std::optional<at::ScalarType> out_dtype, bool check_indices, const std::optional<at::Tensor>& rope_keys);
 // csrc/cuda/latent_attention.cpp
 std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
     const at::Tensor& q, const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
@@ -70,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices,
-    const std::optional<at::Tensor>& plan);
+    const std::optional<at::Tensor>& plan, const std::optional<at::Tensor>& rope_keys);
 at::Tensor latent_attention_plan_cuda(const at::Tensor& q, const at::Tensor& cache,
                                      const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
                                      const at::Tensor& seq_lens, const at::Tensor& w_uk,

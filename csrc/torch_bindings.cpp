@@ -59,8 +59,20 @@ TORCH_LIBRARY(qsvd, m) {
   m.def(
       "latent_attention(Tensor q, Tensor cache, Tensor? cache_scale, Tensor block_table, Tensor seq_lens, "
       "Tensor w_uk, Tensor? w_uk_scale, Tensor w_uv, Tensor? w_uv_scale, int bits, float sm_scale, "
-      "Tensor? rope_cos=None, Tensor? rope_sin=None, bool check_indices=True, Tensor? plan=None) "
-      "-> (Tensor out, Tensor lse)");
+      "Tensor? rope_cos=None, Tensor? rope_sin=None, bool check_indices=True, Tensor? plan=None, "
+      "Tensor? rope_keys=None) -> (Tensor out, Tensor lse)");
+
+  // Partial RoPE with cached rotary keys (issue 22, not in the first design):
+  // writes RoPE_pos(c W_uk[:, :, :d_rope]) of the cached latent rows at
+  // slot_mapping (negative: skipped), at their positions, in fp16 to
+  // rope_keys [num_blocks, block_size, H_kv, d_rope] (d_rope: the tables'
+  // width). latent_attention and latent_reconstruct_kv given rope_keys read
+  // K's rotary part there instead of rebuilding it. CPU only (no CUDA
+  // kernel yet).
+  m.def(
+      "latent_rope_keys_append(Tensor cache, Tensor? cache_scale, Tensor slot_mapping, Tensor positions, "
+      "Tensor w_uk, Tensor? w_uk_scale, int bits, Tensor rope_cos, Tensor rope_sin, Tensor(a!) rope_keys, "
+      "bool check_indices=True) -> ()");
 
   // latent_attention's plan for calls with these arguments' sizes, dtypes,
   // device and token capacity (max_blocks * block_size, capped by the RoPE
@@ -81,7 +93,8 @@ TORCH_LIBRARY(qsvd, m) {
   m.def(
       "latent_reconstruct_kv(Tensor cache, Tensor? cache_scale, Tensor block_table, Tensor seq_lens, "
       "Tensor w_uk, Tensor? w_uk_scale, Tensor w_uv, Tensor? w_uv_scale, int bits, Tensor? rope_cos=None, "
-      "Tensor? rope_sin=None, ScalarType? out_dtype=None, bool check_indices=True) -> (Tensor k, Tensor v)");
+      "Tensor? rope_sin=None, ScalarType? out_dtype=None, bool check_indices=True, Tensor? rope_keys=None) "
+      "-> (Tensor k, Tensor v)");
 }
 
 TORCH_LIBRARY_IMPL(qsvd, CPU, m) {
@@ -91,6 +104,7 @@ TORCH_LIBRARY_IMPL(qsvd, CPU, m) {
   m.impl("latent_cache_append", &qsvd_torch::latent_cache_append_cpu);
   m.impl("latent_attention", &qsvd_torch::latent_attention_cpu);
   m.impl("latent_attention_plan", &qsvd_torch::latent_attention_plan_cpu);
+  m.impl("latent_rope_keys_append", &qsvd_torch::latent_rope_keys_append_cpu);
   m.impl("latent_reconstruct_kv", &qsvd_torch::latent_reconstruct_kv_cpu);
 }
 

@@ -311,6 +311,121 @@ def test_partial_rope_is_full_rope_with_the_other_pairs_unrotated():
     assert not bool(((full.double() - b[0].double()).abs() <= slack).all()), "the unrotated pairs changed nothing"
 
 
+def _all_slots(pc, seq_lens):
+    """(slots, positions) of every cached token, in batch order."""
+    block = pc.cache.shape[1]
+    slots, pos = [], []
+    for b, L in enumerate(seq_lens):
+        for t in range(L):
+            slots.append(int(pc.block_table[b, t // block]) * block + t % block)
+            pos.append(t)
+    return torch.tensor(slots), torch.tensor(pos)
+
+
+@pytest.mark.parametrize("bits,wdtype,d_rope,packed", [(8, torch.float16, 32, False), (4, torch.int8, 16, True),
+                                                       (8, torch.bfloat16, 64, False)])
+def test_cached_rope_keys_match_the_reference(bits, wdtype, d_rope, packed):
+    """latent_rope_keys_append writes RoPE_pos(c W_uk[:, :, :d_rope]) in fp16
+    at the given slots only (padding skipped, other slots untouched), within
+    the fp32 rebuild's r + 4 roundings on the magnitudes plus the fp16
+    rounding; latent_attention and latent_reconstruct_kv given rope_keys
+    read them (against the reference on the same stored keys, within the
+    CPU bound). The CUDA kernels refuse rope_keys."""
+    require_kernel("latent_rope_keys_append", "cpu")
+    g = torch.Generator().manual_seed(21)
+    seq_lens, H, H_kv, r, d = [37, 0, 130], 8, 2, 96, 64
+    pc = make_paged_cache(seq_lens, r, bits, 16, generator=g)
+    w_uk, ws_k, w_uv, ws_v = make_weights(H_kv, r, d, wdtype, generator=g)
+    cos, sin = R.rope_tables(200, d, pairs=range(d_rope // 2))
+    cache, scale = (_packed(pc), None) if packed else (pc.cache, pc.cache_scale)
+    keys = torch.full((pc.cache.shape[0], pc.cache.shape[1], H_kv, d_rope), float("nan"), dtype=torch.float16)
+    slots, pos = _all_slots(pc, seq_lens)
+    slots_pad = torch.cat([slots, torch.tensor([-1])])
+    pos_pad = torch.cat([pos, torch.tensor([5])])
+    qk.latent_rope_keys_append(cache, scale, slots_pad, pos_pad, w_uk, ws_k, bits, cos, sin, keys)
+    exact = R.latent_rope_keys_ref(cache, scale, slots, pos, w_uk, ws_k, bits, cos, sin)
+    got = keys.view(-1, H_kv, d_rope)[slots].double()
+    c_abs = R.dequantize_rows_ref(*R.latent_cache_parts(pc.cache, pc.cache_scale, bits, r), bits).abs()
+    c_abs = c_abs.view(-1, r)[slots]
+    w_abs = R._dequant_weight(w_uk, ws_k, torch.float64).abs()[..., :d_rope]
+    mag = torch.einsum("nr,hrd->nhd", c_abs, w_abs)
+    half = d_rope // 2
+    mag = mag + torch.cat((mag[..., half:], mag[..., :half]), -1)  # |k cos| + |rot(k) sin|
+    bound = (r + 4) * 2.0**-24 * mag + 2.0**-11 * exact.abs() + 2.0**-25
+    assert bool(((got - exact).abs() <= bound).all()), float(((got - exact).abs() - bound).max())
+    written = torch.zeros(keys.shape[0] * keys.shape[1], dtype=torch.bool)
+    written[slots] = True
+    assert bool(keys.view(-1, H_kv, d_rope)[~written].isnan().all()), "a slot outside slot_mapping was written"
+
+    q = torch.randn(3, H, d, generator=g)
+    keys = torch.nan_to_num(keys)
+    host = [cache, scale, pc.block_table, pc.seq_lens, w_uk, ws_k, w_uv, ws_v, bits, 0.125, cos, sin]
+    out, lse = qk.latent_attention(q, *host, rope_keys=keys)
+    truth = R.latent_attention_ref(q.double(), *host, rope_keys=keys)
+    _check(out, lse, truth, latent_attention_error_bound(q, *host, **LATENT_BOUND["cpu"]), torch.float32,
+           f"rope_keys d_rope={d_rope}")
+    kv_args = host[:9] + host[10:]
+    k, v = qk.latent_reconstruct_kv(*kv_args, out_dtype=torch.float32, rope_keys=keys)
+    k_ref, _ = R.latent_reconstruct_kv_ref(*kv_args, out_dtype=torch.float32, compute_dtype=torch.float64,
+                                           rope_keys=keys)
+    kb, _ = latent_reconstruct_error_bound(*kv_args)
+    assert bool(((k.double() - k_ref.double()).abs() <= kb + EPS[torch.float32] * k_ref.abs()).all())
+    if torch.cuda.is_available():
+        dev = [a.cuda() if isinstance(a, torch.Tensor) else a for a in host]
+        with pytest.raises(ValueError, match="`rope_keys` .* is not implemented in the CUDA kernels"):
+            qk.latent_attention(q.cuda(), *dev, rope_keys=keys.cuda())
+
+
+def test_cached_rope_keys_give_the_same_bits_at_every_isa_level():
+    """The fp16 rotary keys are converted exactly at every ISA level (F16C
+    at avx2 and above, c10 at baseline), and partial RoPE's rebuild takes
+    no level-dependent path: the same bits everywhere (B G > 8: no weight
+    streaming)."""
+    levels = isa_levels_to_test()
+    if len(levels) < 2:
+        pytest.skip(f"only one ISA level to test here ({levels})")
+    g = torch.Generator().manual_seed(23)
+    seq_lens, H, H_kv, r, d = [40, 77, 5], 8, 2, 64, 64
+    pc = make_paged_cache(seq_lens, r, 8, 16, generator=g)
+    w = make_weights(H_kv, r, d, torch.float16, generator=g)
+    cos, sin = R.rope_tables(100, d, pairs=range(8))
+    slots, pos = _all_slots(pc, seq_lens)
+    q = torch.randn(3, H, d, generator=g)
+    host = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 8, 0.125, cos, sin]
+    results = {}
+    for level in levels:
+        with qk.cpu_isa(level):
+            keys = torch.zeros(pc.cache.shape[0], 16, H_kv, 16, dtype=torch.float16)
+            qk.latent_rope_keys_append(pc.cache, pc.cache_scale, slots, pos, w[0], w[1], 8, cos, sin, keys)
+            results[level] = (keys, *qk.latent_attention(q, *host, rope_keys=keys), *qk.latent_attention(q, *host))
+    ref = results[levels[-1]]
+    for level, got in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), level
+
+
+def test_bad_rope_keys_are_refused():
+    require_kernel("latent_rope_keys_append", "cpu")
+    g = torch.Generator().manual_seed(22)
+    pc = make_paged_cache([20], 32, 8, 16, generator=g, poison=False)
+    w_uk, ws_k, w_uv, ws_v = make_weights(2, 32, 64, torch.int8, generator=g)
+    cos, sin = R.rope_tables(32, 64, pairs=range(8))
+    keys = torch.zeros(pc.cache.shape[0], 16, 2, 16, dtype=torch.float16)
+    slots, pos = torch.tensor([0, 1]), torch.tensor([0, 1])
+    base = (pc.cache, pc.cache_scale, slots, pos, w_uk, ws_k, 8, cos, sin)
+    for bad, match in ((keys.float(), "`rope_keys` must have dtype"), (keys[..., :8], "must have shape"),
+                       (keys.transpose(0, 1), "must have shape")):
+        with pytest.raises((ValueError, RuntimeError), match=match):
+            qk.latent_rope_keys_append(*base, bad)
+    with pytest.raises(ValueError, match=r"`positions`\[1\] = 40 is outside the RoPE table"):
+        qk.latent_rope_keys_append(*base[:3], torch.tensor([0, 40]), *base[4:], keys)
+    with pytest.raises(ValueError, match=r"`slot_mapping`\[0\] = 9999 is past the end"):
+        qk.latent_rope_keys_append(pc.cache, pc.cache_scale, torch.tensor([9999, 1]), *base[3:], keys)
+    q = torch.randn(1, 4, 64, generator=g)
+    with pytest.raises(ValueError, match="`rope_keys` needs the RoPE tables"):
+        qk.latent_attention(q, pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, w_uk, ws_k, w_uv, ws_v, 8,
+                            0.125, rope_keys=keys)
+
+
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])

@@ -36,6 +36,7 @@ from .ops import (  # noqa: E402
     latent_attention_plan,
     latent_cache_append,
     latent_reconstruct_kv,
+    latent_rope_keys_append,
     quant_gemm,
 )
 

@@ -43,9 +43,15 @@ def _latent_cache_append_fake(c, slot_mapping, cache, cache_scale, bits, clip_ra
 @register_fake("qsvd::latent_attention")
 def _latent_attention_fake(
     q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, sm_scale,
-    rope_cos=None, rope_sin=None, check_indices=True, plan=None,
+    rope_cos=None, rope_sin=None, check_indices=True, plan=None, rope_keys=None,
 ):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@register_fake("qsvd::latent_rope_keys_append")
+def _latent_rope_keys_append_fake(cache, cache_scale, slot_mapping, positions, w_uk, w_uk_scale, bits, rope_cos,
+                                  rope_sin, rope_keys, check_indices=True):
+    return None
 
 
 @register_fake("qsvd::latent_attention_plan")
@@ -62,7 +68,7 @@ def _latent_attention_plan_fake(
 @register_fake("qsvd::latent_reconstruct_kv")
 def _latent_reconstruct_kv_fake(
     cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits,
-    rope_cos=None, rope_sin=None, out_dtype=None, check_indices=True,
+    rope_cos=None, rope_sin=None, out_dtype=None, check_indices=True, rope_keys=None,
 ):
     # The row count is sum(seq_lens): data-dependent, so an unbacked size.
     total = torch.library.get_ctx().new_dynamic_size()

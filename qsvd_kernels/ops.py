@@ -19,6 +19,7 @@ __all__ = [
     "latent_attention",
     "latent_attention_plan",
     "latent_reconstruct_kv",
+    "latent_rope_keys_append",
 ]
 
 
@@ -145,6 +146,7 @@ def latent_attention(
     rope_sin: torch.Tensor | None = None,
     check_indices: bool = True,
     plan: torch.Tensor | None = None,
+    rope_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over the quantized latent cache, up-projections inside.
 
@@ -175,6 +177,10 @@ def latent_attention(
             match the call (device, sizes, RoPE, weight dtype; the call's
             token capacity at most the plan's), else ValueError naming
             ``plan``. None: the call plans itself.
+        rope_keys: ``[num_blocks, block_size, H_kv, d_rope]`` float16, K's
+            rotary part per cached token (:func:`latent_rope_keys_append`),
+            read instead of rebuilt (partial RoPE's cached form; the RoPE
+            tables still give d_rope). CPU only for now.
 
     Returns:
         ``out`` ``[B, H, d]`` in ``q``'s dtype and ``lse`` ``[B, H]`` float32
@@ -183,7 +189,7 @@ def latent_attention(
     """
     return torch.ops.qsvd.latent_attention(
         q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, sm_scale,
-        rope_cos, rope_sin, check_indices, plan,
+        rope_cos, rope_sin, check_indices, plan, rope_keys,
     )
 
 
@@ -240,13 +246,15 @@ def latent_reconstruct_kv(
     rope_sin: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     check_indices: bool = True,
+    rope_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Materialise K (RoPE-rotated when tables are given) and V from the latent cache.
 
     Arguments as in :func:`latent_attention` (``cache_scale`` None: a
-    packed-rows ``cache``). ``out_dtype`` defaults to the weights' dtype, or
-    float16 for int8 weights. ``check_indices`` as in :func:`latent_attention`
-    (the lengths come to the host anyway, for the output size).
+    packed-rows ``cache``; ``rope_keys``: K's rotary part read from that
+    cache). ``out_dtype`` defaults to the weights' dtype, or float16 for
+    int8 weights. ``check_indices`` as in :func:`latent_attention` (the
+    lengths come to the host anyway, for the output size).
 
     Returns:
         ``k``, ``v``: ``[sum(seq_lens), H_kv, d]``, sequences packed in
@@ -254,5 +262,31 @@ def latent_reconstruct_kv(
     """
     return torch.ops.qsvd.latent_reconstruct_kv(
         cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin,
-        out_dtype, check_indices,
+        out_dtype, check_indices, rope_keys,
     )
+
+
+def latent_rope_keys_append(
+    cache: torch.Tensor,
+    cache_scale: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+    positions: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uk_scale: torch.Tensor | None,
+    bits: int,
+    rope_cos: torch.Tensor,
+    rope_sin: torch.Tensor,
+    rope_keys: torch.Tensor,
+    check_indices: bool = True,
+) -> None:
+    """Partial RoPE's cached form: the rotary part of K of the latent rows
+    already in the cache at ``slot_mapping`` (after
+    :func:`latent_cache_append`), ``RoPE_pos(c W_uk[:, :, :d_rope])`` at
+    ``positions`` (d_rope: the tables' width), written in float16 to
+    ``rope_keys`` ``[num_blocks, block_size, H_kv, d_rope]`` (in place).
+    Negative slots are padding (skipped). Then :func:`latent_attention` and
+    :func:`latent_reconstruct_kv` given ``rope_keys`` read that part instead
+    of rebuilding it per token: ``2 r d_rope`` operations per cached token and
+    kv head become a read of ``2 d_rope`` bytes. CPU only for now."""
+    torch.ops.qsvd.latent_rope_keys_append(cache, cache_scale, slot_mapping, positions, w_uk, w_uk_scale, bits,
+                                           rope_cos, rope_sin, rope_keys, check_indices)

@@ -408,13 +408,39 @@ def _dequant_weight(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
     return wf
 
 
-def _kv_for_sequence(cache, cache_scale, block_table, L, b, w_k, w_v, bits, rope_cos, rope_sin, dtype):
+def _kv_for_sequence(cache, cache_scale, block_table, L, b, w_k, w_v, bits, rope_cos, rope_sin, dtype,
+                     rope_keys=None):
     c = gather_latent_ref(cache, cache_scale, block_table, L, b, bits, dtype)  # [L, r]
     k = torch.einsum("tr,hrd->thd", c, w_k)
     v = torch.einsum("tr,hrd->thd", c, w_v)
-    if rope_cos is not None:
+    if rope_keys is not None:  # the rotary part of K as cached (latent_rope_keys_append)
+        t = torch.arange(L, device=cache.device)
+        block_size = rope_keys.shape[1]
+        cached = rope_keys[block_table[b].to(torch.int64)[t // block_size], t % block_size]  # [L, H_kv, d_rope]
+        n = cached.shape[-1]
+        k = torch.cat((cached.to(dtype), k[..., n:]), dim=-1)
+    elif rope_cos is not None:
         k = apply_rope_ref(k, rope_cos[:L].to(dtype)[:, None, :], rope_sin[:L].to(dtype)[:, None, :])
     return k, v
+
+
+def latent_rope_keys_ref(cache, cache_scale, slot_mapping, positions, w_uk, w_uk_scale, bits, rope_cos, rope_sin,
+                         compute_dtype=torch.float64) -> torch.Tensor:
+    """The rotary part of K of the cached rows at ``slot_mapping`` (negative:
+    none, zeros) at their ``positions``: RoPE_pos(c W_uk[:, :, :d_rope]) with
+    d_rope the tables' width, [N, H_kv, d_rope] in compute_dtype
+    (latent_rope_keys_append stores it in fp16)."""
+    cache, cache_scale = latent_cache_parts(cache, cache_scale, bits, w_uk.shape[1])
+    n = rope_cos.shape[-1]
+    w_k = _dequant_weight(w_uk, w_uk_scale, compute_dtype)[..., :n]
+    flat_codes = cache.reshape(-1, cache.shape[-1])
+    flat_scale = cache_scale.reshape(-1)
+    slots = slot_mapping.to(torch.int64).clamp(min=0)
+    c = dequantize_rows_ref(flat_codes[slots], flat_scale[slots], bits, compute_dtype)  # [N, r]
+    k = torch.einsum("nr,hrd->nhd", c, w_k)
+    pos = positions.to(torch.int64).clamp(min=0)
+    k = apply_rope_ref(k, rope_cos[pos].to(compute_dtype)[:, None, :], rope_sin[pos].to(compute_dtype)[:, None, :])
+    return torch.where((slot_mapping >= 0)[:, None, None], k, torch.zeros((), dtype=compute_dtype))
 
 
 def latent_attention_ref(
@@ -432,8 +458,11 @@ def latent_attention_ref(
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float64,
+    rope_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention with K and V rebuilt explicitly from the latent.
+    ``rope_keys`` [num_blocks, block_size, H_kv, d_rope]: the rotary part of
+    K read from that cache (its stored values) instead of rebuilt.
 
     ``k_t = RoPE_t(c_t W_uk)``, ``v_t = c_t W_uv``, query head h reads kv head
     ``h // (H / H_kv)``; ``out = softmax(sm_scale q.k) v``, ``lse`` the
@@ -454,7 +483,8 @@ def latent_attention_ref(
         L = int(seq_lens[b])
         if L == 0:
             continue
-        k, v = _kv_for_sequence(cache, cache_scale, block_table, L, b, w_k, w_v, bits, rope_cos, rope_sin, compute_dtype)
+        k, v = _kv_for_sequence(cache, cache_scale, block_table, L, b, w_k, w_v, bits, rope_cos, rope_sin, compute_dtype,
+                                rope_keys)
         k = k.repeat_interleave(group, dim=1)  # [L, H, d]
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,thd->ht", q[b].to(compute_dtype), k) * sm_scale
@@ -478,8 +508,10 @@ def latent_reconstruct_kv_ref(
     rope_sin: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype = torch.float64,
+    rope_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K (rotated) and V of every cached token, [sum(seq_lens), H_kv, d].
+    """K (rotated) and V of every cached token, [sum(seq_lens), H_kv, d]
+    (``rope_keys``: K's rotary part read from that cache, as latent_attention_ref).
     ``cache_scale`` None: ``cache`` holds packed rows (:func:`latent_cache_parts`)."""
     cache, cache_scale = latent_cache_parts(cache, cache_scale, bits, w_uk.shape[1])
     out_dtype = reconstruct_out_dtype(w_uk.dtype, out_dtype)
@@ -491,7 +523,8 @@ def latent_reconstruct_kv_ref(
         L = int(seq_lens[b])
         if L == 0:
             continue
-        k, v = _kv_for_sequence(cache, cache_scale, block_table, L, b, w_k, w_v, bits, rope_cos, rope_sin, compute_dtype)
+        k, v = _kv_for_sequence(cache, cache_scale, block_table, L, b, w_k, w_v, bits, rope_cos, rope_sin, compute_dtype,
+                                rope_keys)
         ks.append(k)
         vs.append(v)
     if not ks:

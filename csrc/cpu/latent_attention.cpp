@@ -154,12 +154,14 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale_d,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    bool /*check_indices: the CPU always checks (a host loop, no sync)*/, const std::optional<at::Tensor>& plan_in) {
+    bool /*check_indices: the CPU always checks (a host loop, no sync)*/, const std::optional<at::Tensor>& plan_in,
+    const std::optional<at::Tensor>& rope_keys) {
   const char* op = "latent_attention";
   cpu::check_isa_env(op);
   int64_t H = 0;
   const LatentShape s = check_latent_attention(q_in, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale,
                                                w_uv, w_uv_scale, bits, sm_scale_d, rope_cos, rope_sin, &H);
+  if (rope_keys.has_value()) check_rope_keys(op, *rope_keys, s, cache);
   // The plan: the one given (made by latent_attention_plan, checked against
   // this call), else made now (reads QSVD_CPU_LATENT_GEMM).
   plan::LatentPlan call_plan = plan::latent_plan_signature(q_in, s, H, bits, w_uk, rope_cos);
@@ -245,13 +247,14 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   at::Tensor m_all = at::empty({std::max<int64_t>(n_tasks, 1), H}, f32);
   at::Tensor l_all = at::empty({std::max<int64_t>(n_tasks, 1), H}, f32);
   at::Tensor acc_all = at::empty({std::max<int64_t>(n_tasks, 1), H, r}, f32);
-  const Call call{p, s, bits, H, G, E, tile, q_rope, q_lat};
+  const Call call{p, s, bits, H, G, E, tile, q_rope, q_lat, rope_keys.has_value() ? *rope_keys : at::Tensor()};
   const Partials parts{m_all, l_all, acc_all};
   switch (path) {
     case Path::kRope: {
       const std::optional<at::Tensor> ws =
           w_uk_scale.has_value() ? std::optional<at::Tensor>(w_uk_scale->narrow(1, 0, s.d_rope)) : std::nullopt;
-      const Rebuild rb = rebuild_operand(w_uk.narrow(2, 0, s.d_rope), ws);  // the rotary columns
+      // The rotary columns (not needed when they are cached: rope_keys).
+      const Rebuild rb = rope_keys.has_value() ? Rebuild{} : rebuild_operand(w_uk.narrow(2, 0, s.d_rope), ws);
       run_tasks(call, tasks, parts, [&] { return RopeWorker(call, rb); });
       break;
     }
@@ -338,6 +341,69 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   return {out.to(q_in.scalar_type()), lse};
 }
 
+void latent_rope_keys_append_cpu(const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
+                                 const at::Tensor& slot_mapping, const at::Tensor& positions, const at::Tensor& w_uk,
+                                 const std::optional<at::Tensor>& w_uk_scale, int64_t bits, const at::Tensor& rope_cos,
+                                 const at::Tensor& rope_sin, at::Tensor& rope_keys,
+                                 bool /*check_indices: the CPU always checks*/) {
+  const char* op = "latent_rope_keys_append";
+  cpu::check_isa_env(op);
+  const LatentShape s = check_latent_rope_keys_append(cache, cache_scale, slot_mapping, positions, w_uk, w_uk_scale,
+                                                      bits, rope_cos, rope_sin, rope_keys);
+  const int64_t N = slot_mapping.size(0), r = s.r, H_kv = s.H_kv, n = s.d_rope, E = H_kv * n;
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t num_slots = s.num_blocks * s.block_size, rope_len = rope_cos.size(0);
+  std::vector<int64_t> rows;  // the real rows (slot >= 0)
+  for (int64_t i = 0; i < N; ++i) {
+    if (sp[i] < 0) continue;
+    QSVD_CHECK_VALUE(sp[i] < num_slots, op, "`slot_mapping`[", i, "] = ", sp[i], " is past the end of the cache (",
+                     num_slots, " slots)");
+    QSVD_CHECK_VALUE(pp[i] >= 0 && pp[i] < rope_len, op, "`positions`[", i, "] = ", pp[i],
+                     " is outside the RoPE table [0, ", rope_len, ")");
+    rows.push_back(i);
+  }
+  if (rows.empty()) return;
+  const at::Tensor cache_c = cache.contiguous();
+  const std::optional<at::Tensor> scale_c =
+      cache_scale.has_value() ? std::optional<at::Tensor>(cache_scale->contiguous()) : std::nullopt;
+  const qsvd::LatentCacheLayout layout = latent_cache_layout(cache_c, scale_c, bits, r);
+  const std::optional<at::Tensor> ws =
+      w_uk_scale.has_value() ? std::optional<at::Tensor>(w_uk_scale->narrow(1, 0, n)) : std::nullopt;
+  const Rebuild rb = rebuild_operand(w_uk.narrow(2, 0, n), ws);  // the rotary columns
+  const at::Tensor cos = rope_cos.contiguous(), sin = rope_sin.contiguous();
+  const int64_t R = static_cast<int64_t>(rows.size());
+  const auto f32 = cache.options().dtype(at::kFloat);
+  parallel_tasks(0, (R + kTileRope - 1) / kTileRope, 1, [&](int64_t k0, int64_t k1) {
+    at::Tensor codes = at::empty({kTileRope, r}, f32.dtype(at::kChar));
+    at::Tensor codes_f = at::empty({kTileRope, r}, f32);
+    at::Tensor kb = at::empty({kTileRope, E}, f32);
+    std::vector<float> scales(kTileRope), tmp(n);
+    at::Half* out = rope_keys.data_ptr<at::Half>();
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t i0 = k * kTileRope, T = std::min(kTileRope, R - i0);
+      for (int64_t j = 0; j < T; ++j) {
+        const int64_t slot = sp[rows[i0 + j]];
+        qsvd::cpu::unpack_codes_row(layout.codes_of(slot), r, static_cast<int>(bits),
+                                    codes.data_ptr<int8_t>() + j * r);
+        std::memcpy(scales.data() + j, layout.scale_of(slot), sizeof(float));
+      }
+      at::Tensor c = codes.narrow(0, 0, T), cf = codes_f.narrow(0, 0, T), kt = kb.narrow(0, 0, T);
+      qsvd::cpu::int8_to_float(c.data_ptr<int8_t>(), T * r, cf.data_ptr<float>());
+      rebuild_tile(rb, c, cf, kt);
+      float* kp = kt.data_ptr<float>();
+      for (int64_t j = 0; j < T; ++j) {
+        const int64_t i = rows[i0 + j];
+        scale_and_rope(kp + j * E, H_kv, n, n, scales[j], cos.data_ptr<float>() + pp[i] * n,
+                       sin.data_ptr<float>() + pp[i] * n, tmp.data());
+        at::Half* dst = out + sp[i] * E;
+        for (int64_t e = 0; e < E; ++e) dst[e] = static_cast<at::Half>(kp[j * E + e]);
+      }
+    }
+  });
+}
+
 at::Tensor latent_attention_plan_cpu(const at::Tensor& q, const at::Tensor& cache,
                                      const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
                                      const at::Tensor& seq_lens, const at::Tensor& w_uk,
@@ -360,11 +426,14 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    std::optional<at::ScalarType> out_dtype_opt, bool /*check_indices: the CPU always checks*/) {
+    std::optional<at::ScalarType> out_dtype_opt, bool /*check_indices: the CPU always checks*/,
+    const std::optional<at::Tensor>& rope_keys) {
   const char* op = "latent_reconstruct_kv";
   cpu::check_isa_env(op);
   const LatentShape s = check_latent_cache_and_weights(op, cache, cache_scale, block_table, seq_lens, w_uk,
                                                        w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin);
+  if (rope_keys.has_value()) check_rope_keys(op, *rope_keys, s, cache);
+  const bool cached = rope_keys.has_value();
   const at::ScalarType out_dtype = reconstruct_out_dtype(op, w_uk, out_dtype_opt);
   const Prepared p = prepare(op, s, bits, cache, cache_scale, block_table, seq_lens, rope_cos, rope_sin);
   const int64_t r = s.r, d = s.d, H_kv = s.H_kv, E = H_kv * d;
@@ -385,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
     at::Tensor codes = at::empty({tile, r}, f32.dtype(at::kChar));
     at::Tensor codes_f = at::empty({tile, r}, f32);
     at::Tensor kb = at::empty({tile, E}, f32), vb = at::empty({tile, E}, f32);
-    std::vector<float> scales(tile), tmp(d);
+    std::vector<float> scales(tile), tmp(d), rk_buf(cached ? tile * H_kv * s.d_rope : 0);
     for (int64_t ti = task0; ti < task1; ++ti) {
       const Task task = tasks[ti];
       const int64_t T = task.t1 - task.t0;
@@ -398,12 +467,20 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
       rebuild_tile(rv, c, cf, vt);
       float* kp = kt.data_ptr<float>();
       float* vp = vt.data_ptr<float>();
+      const bool rotate = s.rope && !cached;  // cached: the rotary dims are read below, already rotated
       for (int64_t i = 0; i < T; ++i) {
         const int64_t t = task.t0 + i;
         scale_and_rope(kp + i * E, H_kv, d, s.d_rope, scales[i],
-                       s.rope ? p.cos.data_ptr<float>() + t * s.d_rope : nullptr,
-                       s.rope ? p.sin.data_ptr<float>() + t * s.d_rope : nullptr, tmp.data());
+                       rotate ? p.cos.data_ptr<float>() + t * s.d_rope : nullptr,
+                       rotate ? p.sin.data_ptr<float>() + t * s.d_rope : nullptr, tmp.data());
         for (int64_t e = 0; e < E; ++e) vp[i * E + e] = vp[i * E + e] * scales[i];
+      }
+      if (cached) {
+        const int64_t Er = H_kv * s.d_rope;
+        gather_rope_keys(*rope_keys, rows, task.t0, T, Er, rk_buf.data());
+        for (int64_t i = 0; i < T; ++i)
+          for (int64_t h = 0; h < H_kv; ++h)
+            std::memcpy(kp + i * E + h * d, rk_buf.data() + i * Er + h * s.d_rope, s.d_rope * sizeof(float));
       }
       const int64_t row0 = offset[task.b] + task.t0;
       k.view({-1, E}).narrow(0, row0, T).copy_(kt);

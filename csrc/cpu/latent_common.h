@@ -51,11 +51,13 @@ struct LatentRows {
   int64_t block_size, r;
   int bits;
 
+  // The flat cache slot of token t.
+  int64_t slot(int64_t t) const { return static_cast<int64_t>(block_row[t / block_size]) * block_size + t % block_size; }
+
   // Tokens [t0, t0 + T) -> int8 codes [T, r] and scales [T].
   void gather(int64_t t0, int64_t T, int8_t* codes, float* scales) const {
     for (int64_t i = 0; i < T; ++i) {
-      const int64_t t = t0 + i;
-      const int64_t slot = static_cast<int64_t>(block_row[t / block_size]) * block_size + t % block_size;
+      const int64_t slot = this->slot(t0 + i);
       qsvd::cpu::unpack_codes_row(layout.codes_of(slot), r, bits, codes + i * r);
       std::memcpy(scales + i, layout.scale_of(slot), sizeof(float));
     }
@@ -181,7 +183,19 @@ struct Call {
   int64_t bits, H, G, E, tile;
   at::Tensor q;      // fp32 [B, H, d_rope], q * score_scale, its rotary dims (RoPE path)
   at::Tensor q_lat;  // fp32 [B, H, r], W_uk q' over the position-free dims (absorbed paths, partial RoPE)
+  at::Tensor rope_keys = {};  // fp16 [num_blocks, block_size, H_kv, d_rope]: K's rotary part cached, or undefined
 };
+
+// Cached rotary keys of tokens [t0, t0 + T) -> fp32 [T, H_kv d_rope] (row stride E).
+inline void gather_rope_keys(const at::Tensor& rope_keys, const LatentRows& rows, int64_t t0, int64_t T, int64_t E,
+                             float* out) {
+  const at::Half* base = rope_keys.const_data_ptr<at::Half>();
+  for (int64_t i = 0; i < T; ++i) {
+    const at::Half* src = base + rows.slot(t0 + i) * E;
+    if (qsvd::cpu::half_to_float_row(reinterpret_cast<const uint16_t*>(src), E, out + i * E)) continue;
+    for (int64_t e = 0; e < E; ++e) out[i * E + e] = static_cast<float>(src[e]);  // the baseline ISA level
+  }
+}
 
 // A path, as the one outer loop (latent_attention.cpp, run_tasks) drives
 // it: one worker per task thread, buffers sized for one tile.

@@ -6,7 +6,9 @@
 // s_t) and x = q'_rope . k (at::bmm over kv heads). Partial RoPE (d_rope <
 // d): the position-free dims are absorbed as in the absorbed fp32 path,
 // x += (c_t . q_lat) * s_t with q_lat = W_uk[:, :, d_rope:] q'[d_rope:]
-// made once per call. V absorbed on fp32 GEMMs (Fp32Values).
+// made once per call. With rope_keys (latent_rope_keys_append's cache),
+// the rotary part is read, not rebuilt. V absorbed on fp32 GEMMs
+// (Fp32Values).
 #pragma once
 
 #include "latent_common.h"
@@ -21,6 +23,7 @@ struct RopeWorker : Fp32Values {
   at::Tensor k_buf;  // fp32 [tile, H_kv d_rope]
   std::vector<float> tmp;
   at::Tensor q_b, q_lat_b;
+  int64_t b_ = 0;
 
   RopeWorker(const Call& call, const Rebuild& rebuild)
       : Fp32Values(call), c(call), rb(rebuild), d_rope(call.s.d_rope),
@@ -29,19 +32,24 @@ struct RopeWorker : Fp32Values {
   void begin_task(int64_t b) {
     q_b = c.q.narrow(0, b, 1).view({c.s.H_kv, c.G, d_rope});
     if (c.q_lat.defined()) q_lat_b = c.q_lat.narrow(0, b, 1).view({c.H, c.s.r});
+    b_ = b;
   }
 
   at::Tensor scores(const at::Tensor& codes, const float* scales, int64_t t0, int64_t T) {
     const int64_t H_kv = c.s.H_kv, E = H_kv * d_rope;
     const at::Tensor cf = tile_codes(codes, T);
     at::Tensor kt = k_buf.narrow(0, 0, T);
-    rebuild_tile(rb, codes, cf, kt);
     float* kp = kt.data_ptr<float>();
-    const float* cosp = c.p.cos.data_ptr<float>();
-    const float* sinp = c.p.sin.data_ptr<float>();
-    for (int64_t i = 0; i < T; ++i)
-      scale_and_rope(kp + i * E, H_kv, d_rope, d_rope, scales[i], cosp + (t0 + i) * d_rope,
-                     sinp + (t0 + i) * d_rope, tmp.data());
+    if (c.rope_keys.defined()) {  // K's rotary part read from its cache (token scale and RoPE included)
+      gather_rope_keys(c.rope_keys, rows_of(c.p, c.s, b_, c.bits), t0, T, E, kp);
+    } else {
+      rebuild_tile(rb, codes, cf, kt);
+      const float* cosp = c.p.cos.data_ptr<float>();
+      const float* sinp = c.p.sin.data_ptr<float>();
+      for (int64_t i = 0; i < T; ++i)
+        scale_and_rope(kp + i * E, H_kv, d_rope, d_rope, scales[i], cosp + (t0 + i) * d_rope,
+                       sinp + (t0 + i) * d_rope, tmp.data());
+    }
     // [H_kv, G, d_rope] x [H_kv, d_rope, T]
     at::Tensor x = at::bmm(q_b, kt.view({T, H_kv, d_rope}).permute({1, 2, 0})).view({c.H, T}).contiguous();
     if (q_lat_b.defined()) {  // partial RoPE: + the absorbed position-free part

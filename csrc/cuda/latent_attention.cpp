@@ -140,13 +140,15 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
     const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv_in,
     const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices,
-    const std::optional<at::Tensor>& plan_in) {
+    const std::optional<at::Tensor>& plan_in, const std::optional<at::Tensor>& rope_keys) {
   const char* op = "latent_attention";
   int64_t H = 0;
   const LatentShape s = check_latent_attention(q_in, cache_in, cache_scale_in, block_table_in, seq_lens_in, w_uk_in,
                                                w_uk_scale, w_uv_in, w_uv_scale, bits, sm_scale, rope_cos, rope_sin,
                                                &H);
   check_full_rope_cuda(op, s);
+  QSVD_CHECK_VALUE(!rope_keys.has_value(), op, "`rope_keys` (cached rotary keys) is not implemented in the CUDA "
+                   "kernels yet; the CPU kernels serve it");
   const c10::cuda::CUDAGuard guard(q_in.device());
   // The plan given is checked against the call before anything else reads it.
   const plan::LatentPlan sig = plan::latent_plan_signature(q_in, s, H, bits, w_uk_in, rope_cos);

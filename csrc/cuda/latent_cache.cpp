@@ -81,8 +81,10 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
     const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    std::optional<at::ScalarType> out_dtype_opt, bool check_indices) {
+    std::optional<at::ScalarType> out_dtype_opt, bool check_indices, const std::optional<at::Tensor>& rope_keys) {
   const char* op = "latent_reconstruct_kv";
+  QSVD_CHECK_VALUE(!rope_keys.has_value(), op, "`rope_keys` (cached rotary keys) is not implemented in the CUDA "
+                   "kernels yet; the CPU kernels serve it");
   const LatentShape s = check_latent_cache_and_weights(op, cache, cache_scale, block_table, seq_lens, w_uk,
                                                        w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin);
   check_full_rope_cuda(op, s);

@@ -718,8 +718,21 @@ inline bool float_to_half_row(const float* in, int64_t n, uint16_t* out) {
   float_to_half_f16c(in, n, out);
   return true;
 }
+// fp16 bits -> fp32 with F16C (exact). Returns false below the avx2 level.
+QSVD_TARGET_F16C inline void half_to_float_f16c(const uint16_t* in, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(in[i]);
+}
+inline bool half_to_float_row(const uint16_t* in, int64_t n, float* out) {
+  if (active_isa() == Isa::kBaseline) return false;
+  half_to_float_f16c(in, n, out);
+  return true;
+}
 #else
 inline bool float_to_half_row(const float*, int64_t, uint16_t*) { return false; }
+inline bool half_to_float_row(const uint16_t*, int64_t, float*) { return false; }
 #endif
 
 }  // namespace
