@@ -224,7 +224,10 @@ def _extension():
     # exists only under _OPENMP; without it every CPU kernel runs on one
     # thread. The extension then needs libgomp.so.1, which resolves to the
     # copy torch already loaded (same soname): one OpenMP team, torch's.
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp"]
+    # -Werror=missing-declarations: a definition that does not match its
+    # declaration (ops.h, plan.h) fails the compile here, rather than leaving
+    # an undefined symbol that only shows when the module is imported.
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp", "-Werror=missing-declarations"]
     link = ["-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     gemm_sources = _generate_gemm_menu(gen_dir, WITH_CUDA)

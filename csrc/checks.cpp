@@ -220,13 +220,7 @@ void check_slot_mapping_host(const at::Tensor& slots_cpu, const CacheAppendShape
                      s.num_blocks, " blocks of ", s.block_size, " = ", num_slots, " slots)");
 }
 
-LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cache,
-                                           const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
-                                           const at::Tensor& seq_lens, const at::Tensor& w_uk,
-                                           const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
-                                           const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
-                                           const std::optional<at::Tensor>& rope_cos,
-                                           const std::optional<at::Tensor>& rope_sin) {
+LatentShape check_latent_cache_and_weights(const char* op, QSVD_LATENT_CACHE_PARAMS, QSVD_ROPE_PARAMS) {
   check_bits(op, "bits", bits);
   check_optional_same_device(op, "cache", cache, "cache_scale", cache_scale);
   check_same_device(op, "cache", cache, "block_table", block_table);
@@ -333,13 +327,8 @@ void check_full_rope_cuda(const char* op, const LatentShape& s) {
                    " < d = ", s.d, ") is not implemented in the CUDA kernels yet; the CPU kernels serve it");
 }
 
-LatentShape check_latent_attention(const at::Tensor& q, const at::Tensor& cache,
-                                   const std::optional<at::Tensor>& cache_scale,
-                                   const at::Tensor& block_table, const at::Tensor& seq_lens,
-                                   const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
-                                   const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale,
-                                   int64_t bits, double sm_scale, const std::optional<at::Tensor>& rope_cos,
-                                   const std::optional<at::Tensor>& rope_sin, int64_t* num_heads) {
+LatentShape check_latent_attention(const at::Tensor& q, QSVD_LATENT_CACHE_PARAMS, double sm_scale, QSVD_ROPE_PARAMS,
+                                   int64_t* num_heads) {
   const char* op = "latent_attention";
   check_same_device(op, "cache", cache, "q", q);
   const LatentShape s = check_latent_cache_and_weights(op, cache, cache_scale, block_table, seq_lens, w_uk,

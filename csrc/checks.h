@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include "latent_params.h"
 #include "qsvd/formats.h"
 #include "qsvd/hadamard.h"
 #include "qsvd/latent_cache_layout.h"
@@ -88,13 +89,7 @@ struct LatentShape {
   bool packed;  // cache_scale is None: packed rows (cache contiguous)
   int64_t d_rope;  // rotary dims per head (the RoPE tables' width; d: full RoPE, 0: none)
 };
-LatentShape check_latent_cache_and_weights(const char* op, const at::Tensor& cache,
-                                           const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
-                                           const at::Tensor& seq_lens, const at::Tensor& w_uk,
-                                           const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
-                                           const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
-                                           const std::optional<at::Tensor>& rope_cos,
-                                           const std::optional<at::Tensor>& rope_sin);
+LatentShape check_latent_cache_and_weights(const char* op, QSVD_LATENT_CACHE_PARAMS, QSVD_ROPE_PARAMS);
 // Adds the q checks; returns H through *num_heads.
 // rope_keys (latent_attention, latent_reconstruct_kv,
 // latent_rope_keys_append): the cache of K's rotary part, fp16
@@ -114,13 +109,8 @@ LatentShape check_latent_rope_keys_append(const at::Tensor& cache, const std::op
 // raise there, naming them (the CPU kernels serve them).
 void check_full_rope_cuda(const char* op, const LatentShape& s);
 
-LatentShape check_latent_attention(const at::Tensor& q, const at::Tensor& cache,
-                                   const std::optional<at::Tensor>& cache_scale,
-                                   const at::Tensor& block_table, const at::Tensor& seq_lens,
-                                   const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
-                                   const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale,
-                                   int64_t bits, double sm_scale, const std::optional<at::Tensor>& rope_cos,
-                                   const std::optional<at::Tensor>& rope_sin, int64_t* num_heads);
+LatentShape check_latent_attention(const at::Tensor& q, QSVD_LATENT_CACHE_PARAMS, double sm_scale, QSVD_ROPE_PARAMS,
+                                   int64_t* num_heads);
 
 // Value checks of the paging indices, on CPU copies of seq_lens and
 // block_table: 0 <= seq_lens[b] <= max_blocks * block_size (and <= the RoPE

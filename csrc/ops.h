@@ -7,6 +7,8 @@
 #include <optional>
 #include <tuple>
 
+#include "latent_params.h"
+
 namespace qsvd_torch {
 
 // ---- CPU (csrc/cpu/) ----
@@ -23,30 +25,12 @@ CpuGemmPath quant_gemm_cpu_path(int64_t M, int64_t K);
 void latent_cache_append_cpu(const at::Tensor& c, const at::Tensor& slot_mapping, at::Tensor& cache,
                              const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio,
                              bool check_indices);
-std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
-    const at::Tensor& q, const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
-    const at::Tensor& block_table,
-    const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
-    const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
-    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices,
-    const std::optional<at::Tensor>& plan, const std::optional<at::Tensor>& rope_keys);
+std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(QSVD_LATENT_ATTENTION_PARAMS);
 void latent_rope_keys_append_cpu(const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
                                  const at::Tensor& slot_mapping, const at::Tensor& positions, const at::Tensor& w_uk,
                                  const std::optional<at::Tensor>& w_uk_scale, int64_t bits, const at::Tensor& rope_cos,
                                  const at::Tensor& rope_sin, at::Tensor& rope_keys, bool check_indices);
-at::Tensor latent_attention_plan_cpu(const at::Tensor& q, const at::Tensor& cache,
-                                     const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
-                                     const at::Tensor& seq_lens, const at::Tensor& w_uk,
-                                     const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
-                                     const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
-                                     const std::optional<at::Tensor>& rope_cos,
-                                     const std::optional<at::Tensor>& rope_sin);
-std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
-    const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
-    const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
-    const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
-    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    std::optional<at::ScalarType> out_dtype, bool check_indices, const std::optional<at::Tensor>& rope_keys);
+std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(QSVD_LATENT_RECONSTRUCT_PARAMS);
 
 // ---- CUDA (csrc/cuda/), built when QSVD_WITH_CUDA is defined ----
 #ifdef QSVD_WITH_CUDA
@@ -61,27 +45,12 @@ at::Tensor quant_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const
 void latent_cache_append_cuda(const at::Tensor& c, const at::Tensor& slot_mapping, at::Tensor& cache,
                               const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio,
                               bool check_indices);
-std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
-    const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
-    const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
-    const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
-    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-    std::optional<at::ScalarType> out_dtype, bool check_indices, const std::optional<at::Tensor>& rope_keys);
+std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(QSVD_LATENT_RECONSTRUCT_PARAMS);
 // csrc/cuda/latent_attention.cpp
-std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
-    const at::Tensor& q, const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
-    const at::Tensor& block_table,
-    const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,
-    const at::Tensor& w_uv, const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
-    const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin, bool check_indices,
-    const std::optional<at::Tensor>& plan, const std::optional<at::Tensor>& rope_keys);
-at::Tensor latent_attention_plan_cuda(const at::Tensor& q, const at::Tensor& cache,
-                                     const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
-                                     const at::Tensor& seq_lens, const at::Tensor& w_uk,
-                                     const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
-                                     const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
-                                     const std::optional<at::Tensor>& rope_cos,
-                                     const std::optional<at::Tensor>& rope_sin);
+std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(QSVD_LATENT_ATTENTION_PARAMS);
 #endif
+
+// latent_attention_plan, every device (csrc/plan.cpp)
+at::Tensor latent_attention_plan(const at::Tensor& q, QSVD_LATENT_CACHE_PARAMS, QSVD_ROPE_PARAMS);
 
 }  // namespace qsvd_torch

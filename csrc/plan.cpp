@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "checks.h"
+#include "ops.h"
 #include "tuning.h"
 
 namespace qsvd_torch {
@@ -241,4 +242,24 @@ void apply_cuda_plan(const char* op, const LatentPlan& plan, lat::LatentAttentio
 }
 
 }  // namespace plan
+
+// The op latent_attention_plan, one definition for every device (the
+// dispatcher registers it for CPU and CUDA).
+at::Tensor latent_attention_plan(const at::Tensor& q, QSVD_LATENT_CACHE_PARAMS, QSVD_ROPE_PARAMS) {
+  const char* op = "latent_attention_plan";
+  int64_t H = 0;
+  const LatentShape s = check_latent_attention(q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv,
+                                               w_uv_scale, bits, 1.0, rope_cos, rope_sin, &H);
+  plan::LatentPlan plan = plan::latent_plan_signature(q, s, H, bits, w_uk, rope_cos);
+#ifdef QSVD_WITH_CUDA
+  if (q.is_cuda()) {
+    plan::plan_latent_attention_cuda(plan, s, H, bits, w_uk, rope_cos, op);
+    return plan::latent_plan_tensor(plan);
+  }
+#endif
+  cpu::check_isa_env(op);
+  plan::plan_latent_attention_cpu(plan, op);
+  return plan::latent_plan_tensor(plan);
+}
+
 }  // namespace qsvd_torch

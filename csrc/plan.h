@@ -125,6 +125,13 @@ LatentPlan read_latent_plan(const char* op, const at::Tensor& tensor, const Late
 // count, into `plan` (signature already filled).
 void plan_latent_attention_cpu(LatentPlan& plan, const char* op);
 
+#ifdef QSVD_WITH_CUDA
+// The CUDA plan of a call into `plan` (signature already filled;
+// csrc/cuda/latent_attention.cpp, with the launcher).
+void plan_latent_attention_cuda(LatentPlan& plan, const LatentShape& s, int64_t H, int64_t bits,
+                                const at::Tensor& w_uk, const std::optional<at::Tensor>& rope_cos, const char* op);
+#endif
+
 // The CUDA plan fields of `plan` from a planned p and its decision, and back.
 void store_cuda_plan(LatentPlan& plan, const qsvd::latent::LatentAttentionParams& p,
                      const qsvd::tuning::LatentDecision& d);

@@ -103,7 +103,7 @@ TORCH_LIBRARY_IMPL(qsvd, CPU, m) {
   m.impl("quant_gemm", &qsvd_torch::quant_gemm_cpu);
   m.impl("latent_cache_append", &qsvd_torch::latent_cache_append_cpu);
   m.impl("latent_attention", &qsvd_torch::latent_attention_cpu);
-  m.impl("latent_attention_plan", &qsvd_torch::latent_attention_plan_cpu);
+  m.impl("latent_attention_plan", &qsvd_torch::latent_attention_plan);
   m.impl("latent_rope_keys_append", &qsvd_torch::latent_rope_keys_append_cpu);
   m.impl("latent_reconstruct_kv", &qsvd_torch::latent_reconstruct_kv_cpu);
 }
@@ -117,7 +117,7 @@ TORCH_LIBRARY_IMPL(qsvd, CUDA, m) {
   m.impl("quant_gemm", &qsvd_torch::quant_gemm_cuda);
   m.impl("latent_cache_append", &qsvd_torch::latent_cache_append_cuda);
   m.impl("latent_attention", &qsvd_torch::latent_attention_cuda);
-  m.impl("latent_attention_plan", &qsvd_torch::latent_attention_plan_cuda);
+  m.impl("latent_attention_plan", &qsvd_torch::latent_attention_plan);
   m.impl("latent_reconstruct_kv", &qsvd_torch::latent_reconstruct_kv_cuda);
 }
 #endif

@@ -20,18 +20,12 @@ if not os.environ.get("QSVD_REQUIRE_MINILM"):
     pytest.importorskip("transformers")
 
 from qsvd_kernels import compress as qc  # noqa: E402
-from qsvd_kernels.integrations import hf  # noqa: E402
-from qsvd_kernels.integrations import models as M  # noqa: E402
+from qsvd_kernels.integrations import hf, models as M  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_llama_compressor):
-    return tiny_llama_compressor
-
-
-@pytest.fixture(scope="module")
-def w8a8(llama):
-    model, comp = llama
+def w8a8(tiny_llama_compressor):
+    model, comp = tiny_llama_compressor
     return comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), qc.QuantConfig.parse("W8A8"), beta=0.5,
                                             allocation="uniform"))
 
@@ -54,8 +48,8 @@ def _zero_frequencies(model, keep_pairs: int):
 @pytest.mark.parametrize("backend", ["torch", "ops"])
 @pytest.mark.parametrize("rope_dims", [8, 2, 0])
 @torch.no_grad()
-def test_partial_rope_is_the_model_with_the_other_pairs_unrotated(llama, w8a8, backend, rope_dims):
-    model, _ = llama
+def test_partial_rope_is_the_model_with_the_other_pairs_unrotated(tiny_llama_compressor, w8a8, backend, rope_dims):
+    model, _ = tiny_llama_compressor
     d = w8a8.layers[0].dims.head_dim
     partial = w8a8.with_rope_dims(rope_dims)
     assert all(l.rope_pairs == tuple(range(rope_dims // 2)) for l in partial.layers)
@@ -71,11 +65,11 @@ def test_partial_rope_is_the_model_with_the_other_pairs_unrotated(llama, w8a8, b
 
 
 @torch.no_grad()
-def test_decode_through_the_cache_matches_recompute_with_partial_rope(llama, w8a8):
+def test_decode_through_the_cache_matches_recompute_with_partial_rope(tiny_llama_compressor, w8a8):
     """latent_attention (decode, narrow tables) against the whole sequence
     at once (latent_reconstruct_kv + SDPA), as test_generation does for full
     RoPE."""
-    model, _ = llama
+    model, _ = tiny_llama_compressor
     m = hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(4), backend="ops")
     ids = _ids(seed=9, n=2, length=6)
     seq, _ = hf.generate(m, ids, max_new_tokens=6, do_sample=False)
@@ -122,15 +116,15 @@ def test_an_older_artefact_cannot_name_rope_pairs(w8a8, tmp_path):
         qc.CompressedModel.load(str(tmp_path / "p"))
 
 
-def test_swapped_projections_refuse_partial_rope(llama, w8a8):
-    model, _ = llama
+def test_swapped_projections_refuse_partial_rope(tiny_llama_compressor, w8a8):
+    model, _ = tiny_llama_compressor
     with pytest.raises(ValueError, match="partial RoPE, which changes the attention step"):
         with qc.swapped_projections(model, w8a8.with_rope_dims(4)):
             pass
 
 
-def test_compression_config_rope_dims(llama):
-    model, comp = llama
+def test_compression_config_rope_dims(tiny_llama_compressor):
+    model, comp = tiny_llama_compressor
     with pytest.raises(ValueError, match="rope_dims must be None or an even number"):
         qc.CompressionConfig(qc.Budget("mean_rank", 32), rope_dims=5)
     cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), qc.QuantConfig.parse("W8A8"), beta=0.5,

@@ -114,8 +114,8 @@ def decode_run(smol):
         core = m.model.layers[idx].self_attn.projector.core
         original = core.decode
 
-        def spy(q, cache, block_table, seq_lens, cos, sin, sm_scale, _orig=original, _idx=idx):
-            out = _orig(q, cache, block_table, seq_lens, cos, sin, sm_scale)
+        def spy(q, cache, block_table, seq_lens, cos, sin, sm_scale, plans=None, *, _orig=original, _idx=idx):
+            out = _orig(q, cache, block_table, seq_lens, cos, sin, sm_scale, plans)
             calls.append((_idx, [t.clone() if torch.is_tensor(t) else t
                                  for t in (q, cache.codes, cache.scale, block_table, seq_lens, cos, sin)],
                           sm_scale, out.clone()))

@@ -10,6 +10,7 @@ frameworks see exactly the same thing. Shapes use docs/ops.md's names:
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 __all__ = [
     "hadamard_transform",
@@ -194,18 +195,9 @@ def latent_attention(
 
 
 def latent_attention_plan(
-    q: torch.Tensor,
-    cache: torch.Tensor,
-    cache_scale: torch.Tensor | None,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    w_uk: torch.Tensor,
-    w_uk_scale: torch.Tensor | None,
-    w_uv: torch.Tensor,
-    w_uv_scale: torch.Tensor | None,
-    bits: int,
-    rope_cos: torch.Tensor | None = None,
-    rope_sin: torch.Tensor | None = None,
+    q: Tensor, cache: Tensor, cache_scale: Tensor | None, block_table: Tensor, seq_lens: Tensor,
+    w_uk: Tensor, w_uk_scale: Tensor | None, w_uv: Tensor, w_uv_scale: Tensor | None, bits: int,
+    rope_cos: Tensor | None = None, rope_sin: Tensor | None = None,
 ) -> torch.Tensor:
     """The plan of :func:`latent_attention` calls with these arguments'
     device, sizes and dtypes (FlashInfer's plan/run): the CUDA split kernel,
@@ -233,20 +225,10 @@ def describe_latent_attention_plan(plan: torch.Tensor) -> dict:
     return dict(_C.describe_latent_attention_plan(plan))
 
 def latent_reconstruct_kv(
-    cache: torch.Tensor,
-    cache_scale: torch.Tensor | None,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    w_uk: torch.Tensor,
-    w_uk_scale: torch.Tensor | None,
-    w_uv: torch.Tensor,
-    w_uv_scale: torch.Tensor | None,
-    bits: int,
-    rope_cos: torch.Tensor | None = None,
-    rope_sin: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-    check_indices: bool = True,
-    rope_keys: torch.Tensor | None = None,
+    cache: Tensor, cache_scale: Tensor | None, block_table: Tensor, seq_lens: Tensor,
+    w_uk: Tensor, w_uk_scale: Tensor | None, w_uv: Tensor, w_uv_scale: Tensor | None, bits: int,
+    rope_cos: Tensor | None = None, rope_sin: Tensor | None = None, out_dtype: torch.dtype | None = None,
+    check_indices: bool = True, rope_keys: Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Materialise K (RoPE-rotated when tables are given) and V from the latent cache.
 
@@ -267,17 +249,9 @@ def latent_reconstruct_kv(
 
 
 def latent_rope_keys_append(
-    cache: torch.Tensor,
-    cache_scale: torch.Tensor | None,
-    slot_mapping: torch.Tensor,
-    positions: torch.Tensor,
-    w_uk: torch.Tensor,
-    w_uk_scale: torch.Tensor | None,
-    bits: int,
-    rope_cos: torch.Tensor,
-    rope_sin: torch.Tensor,
-    rope_keys: torch.Tensor,
-    check_indices: bool = True,
+    cache: Tensor, cache_scale: Tensor | None, slot_mapping: Tensor, positions: Tensor,
+    w_uk: Tensor, w_uk_scale: Tensor | None, bits: int, rope_cos: Tensor, rope_sin: Tensor,
+    rope_keys: Tensor, check_indices: bool = True,
 ) -> None:
     """Partial RoPE's cached form: the rotary part of K of the latent rows
     already in the cache at ``slot_mapping`` (after

@@ -443,23 +443,9 @@ def latent_rope_keys_ref(cache, cache_scale, slot_mapping, positions, w_uk, w_uk
     return torch.where((slot_mapping >= 0)[:, None, None], k, torch.zeros((), dtype=compute_dtype))
 
 
-def latent_attention_ref(
-    q: torch.Tensor,
-    cache: torch.Tensor,
-    cache_scale: torch.Tensor | None,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    w_uk: torch.Tensor,
-    w_uk_scale: torch.Tensor | None,
-    w_uv: torch.Tensor,
-    w_uv_scale: torch.Tensor | None,
-    bits: int,
-    sm_scale: float,
-    rope_cos: torch.Tensor | None = None,
-    rope_sin: torch.Tensor | None = None,
-    compute_dtype: torch.dtype = torch.float64,
-    rope_keys: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_attention_ref(q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits: int,
+                         sm_scale: float, rope_cos=None, rope_sin=None, compute_dtype=torch.float64,
+                         rope_keys=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention with K and V rebuilt explicitly from the latent.
     ``rope_keys`` [num_blocks, block_size, H_kv, d_rope]: the rotary part of
     K read from that cache (its stored values) instead of rebuilt.
@@ -494,22 +480,9 @@ def latent_attention_ref(
     return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
-def latent_reconstruct_kv_ref(
-    cache: torch.Tensor,
-    cache_scale: torch.Tensor | None,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    w_uk: torch.Tensor,
-    w_uk_scale: torch.Tensor | None,
-    w_uv: torch.Tensor,
-    w_uv_scale: torch.Tensor | None,
-    bits: int,
-    rope_cos: torch.Tensor | None = None,
-    rope_sin: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-    compute_dtype: torch.dtype = torch.float64,
-    rope_keys: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_reconstruct_kv_ref(cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits: int,
+                              rope_cos=None, rope_sin=None, out_dtype=None, compute_dtype=torch.float64,
+                              rope_keys=None) -> tuple[torch.Tensor, torch.Tensor]:
     """K (rotated) and V of every cached token, [sum(seq_lens), H_kv, d]
     (``rope_keys``: K's rotary part read from that cache, as latent_attention_ref).
     ``cache_scale`` None: ``cache`` holds packed rows (:func:`latent_cache_parts`)."""

@@ -404,23 +404,6 @@ void latent_rope_keys_append_cpu(const at::Tensor& cache, const std::optional<at
   });
 }
 
-at::Tensor latent_attention_plan_cpu(const at::Tensor& q, const at::Tensor& cache,
-                                     const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
-                                     const at::Tensor& seq_lens, const at::Tensor& w_uk,
-                                     const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
-                                     const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
-                                     const std::optional<at::Tensor>& rope_cos,
-                                     const std::optional<at::Tensor>& rope_sin) {
-  const char* op = "latent_attention_plan";
-  cpu::check_isa_env(op);
-  int64_t H = 0;
-  const LatentShape s = check_latent_attention(q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv,
-                                               w_uv_scale, bits, 1.0, rope_cos, rope_sin, &H);
-  plan::LatentPlan plan = plan::latent_plan_signature(q, s, H, bits, w_uk, rope_cos);
-  plan::plan_latent_attention_cpu(plan, op);
-  return plan::latent_plan_tensor(plan);
-}
-
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(
     const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
     const at::Tensor& seq_lens, const at::Tensor& w_uk, const std::optional<at::Tensor>& w_uk_scale,

@@ -31,6 +31,21 @@ struct Launch {
   std::vector<at::Tensor> keep;
 };
 
+// What the plan reads of a call: the sizes, the weight type, w_uk (its
+// alignment) and the RoPE tables (whether given).
+void set_sizes(lat::LatentAttentionParams& p, const LatentShape& s, int64_t H, int64_t bits, const at::Tensor& w_uk,
+               const float* rope_cos, const char* op) {
+  p.B = static_cast<int>(s.B);
+  p.H = static_cast<int>(H);
+  p.H_kv = static_cast<int>(s.H_kv);
+  p.r = static_cast<int>(std::min<int64_t>(s.r, lat::kMaxRank + 1));
+  p.d = static_cast<int>(std::min<int64_t>(s.d, lat::kMaxHeadDim + 1));
+  p.bits = static_cast<int>(bits);
+  p.w_uk = w_uk.data_ptr();
+  p.weight_type = to_dtype(op, w_uk.scalar_type());
+  p.rope_cos = rope_cos;
+}
+
 Launch launch_params(const at::Tensor& q_in, const at::Tensor& cache_in, const std::optional<at::Tensor>& cache_scale_in,
                      const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& w_uk_in,
                      const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv_in,
@@ -52,29 +67,21 @@ Launch launch_params(const at::Tensor& q_in, const at::Tensor& cache_in, const s
   if (cache_scale.has_value()) l.keep.push_back(*cache_scale);
 
   lat::LatentAttentionParams& p = l.p;
+  set_sizes(p, s, H, bits, w_uk, s.rope ? cos.data_ptr<float>() : nullptr, op);
   p.q = q.data_ptr<float>();
   p.cache = latent_cache_layout(cache, cache_scale, bits, s.r);  // either layout
   p.block_table = block_table.data_ptr<int32_t>();
   p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.w_uk = w_uk.data_ptr();
   p.w_uk_scale = wk_scale.defined() ? wk_scale.data_ptr<float>() : nullptr;
   p.w_uv = w_uv.data_ptr();
   p.w_uv_scale = wv_scale.defined() ? wv_scale.data_ptr<float>() : nullptr;
-  p.rope_cos = s.rope ? cos.data_ptr<float>() : nullptr;
   p.rope_sin = s.rope ? sin.data_ptr<float>() : nullptr;
   p.rope_len = s.rope ? rope_cos->size(0) : 0;
-  p.B = static_cast<int>(s.B);
-  p.H = static_cast<int>(H);
-  p.H_kv = static_cast<int>(s.H_kv);
-  p.r = static_cast<int>(std::min<int64_t>(s.r, lat::kMaxRank + 1));
-  p.d = static_cast<int>(std::min<int64_t>(s.d, lat::kMaxHeadDim + 1));
-  p.bits = static_cast<int>(bits);
   p.num_blocks = s.num_blocks;
   p.block_size = s.block_size;
   p.max_blocks = s.max_blocks;
   // One rounding of the exact sm_scale * log2(e): softmax runs in base 2.
   p.score_scale = static_cast<float>(sm_scale * 1.4426950408889634073599);
-  p.weight_type = to_dtype(op, w_uk.scalar_type());
   p.out_type = to_dtype(op, q_in.scalar_type());
   return l;
 }
@@ -110,28 +117,15 @@ qsvd::tuning::LatentDecision plan_call(lat::LatentAttentionParams& p, const plan
 
 }  // namespace
 
-at::Tensor latent_attention_plan_cuda(const at::Tensor& q, const at::Tensor& cache,
-                                      const std::optional<at::Tensor>& cache_scale, const at::Tensor& block_table,
-                                      const at::Tensor& seq_lens, const at::Tensor& w_uk,
-                                      const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv,
-                                      const std::optional<at::Tensor>& w_uv_scale, int64_t bits,
-                                      const std::optional<at::Tensor>& rope_cos,
-                                      const std::optional<at::Tensor>& rope_sin) {
-  const char* op = "latent_attention_plan";
-  int64_t H = 0;
-  const LatentShape s = check_latent_attention(q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv,
-                                               w_uv_scale, bits, 1.0, rope_cos, rope_sin, &H);
+void plan::plan_latent_attention_cuda(plan::LatentPlan& plan, const LatentShape& s, int64_t H, int64_t bits,
+                                      const at::Tensor& w_uk, const std::optional<at::Tensor>& rope_cos, const char* op) {
   check_full_rope_cuda(op, s);
-  const c10::cuda::CUDAGuard guard(q.device());
-  plan::LatentPlan plan = plan::latent_plan_signature(q, s, H, bits, w_uk, rope_cos);
-  if (s.B > 0) {
-    const at::Tensor bt = block_table.contiguous(), lens = seq_lens.contiguous();
-    Launch l = launch_params(q, cache, cache_scale, bt, lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, 1.0,
-                             rope_cos, rope_sin, s, H, op);
-    const qsvd::tuning::LatentDecision d = plan_call(l.p, plan, s, q.get_device(), op);
-    plan::store_cuda_plan(plan, l.p, d);
-  }
-  return plan::latent_plan_tensor(plan);
+  if (s.B == 0) return;
+  const c10::cuda::CUDAGuard guard(w_uk.device());
+  const at::Tensor w = w_uk.contiguous();  // the launcher's copy has the same alignment (a fresh allocation)
+  lat::LatentAttentionParams p;
+  set_sizes(p, s, H, bits, w, s.rope ? rope_cos->data_ptr<float>() : nullptr, op);
+  plan::store_cuda_plan(plan, p, plan_call(p, plan, s, w_uk.get_device(), op));
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
