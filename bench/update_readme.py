@@ -107,15 +107,20 @@ def section() -> str:
         table = [ln for ln in open(md).read().splitlines() if ln.startswith("|")]
         with open(md[:-3] + ".json") as f:
             rows = json.load(f)["rows"]
-        fits = " and ".join(f"{r['capacity_x']:.1f}x ({r['engine'].split()[-1]})" for r in rows[1:])
-        speed = ", ".join(f"{r['throughput_x']:.2f}x" for r in rows[1:])
         lines += [f"### Serving on vLLM, CPU, {date}", "",
-                  f"vLLM's own offline engine under one `VLLM_CPU_KVCACHE_SPACE`: the uncompressed model against"
-                  f" QSVD ([{os.path.relpath(md, ROOT)}]({os.path.relpath(md, ROOT)}), bench/vllm_serving.py; setup"
-                  " and byte model there). Capacity is vLLM's report; tokens/s is one batch's generated tokens over"
-                  f" its wall time. On the CPU the QSVD model fits {fits} the tokens, but generates at {speed} the"
-                  " uncompressed model's speed: with RoPE every decode step rebuilds K from the latent (2 r E_kv"
-                  " operations per cached token and layer) where the uncompressed model reads K and V.", ""] + table
+                  "vLLM's own offline engine, the uncompressed model against QSVD under the same KV budget"
+                  f" ([{os.path.relpath(md, ROOT)}]({os.path.relpath(md, ROOT)}), bench/vllm_serving.py; setup,"
+                  " byte and operation model there). Capacity is vLLM's report; tokens/s is generated tokens over"
+                  " the wall time (prefill included). d_rope is the rotary dims per head: with full RoPE every"
+                  " decode step rebuilds K from the latent (2 r E_kv operations per cached token and layer) where"
+                  " the uncompressed model reads K and V; partial RoPE rebuilds d_rope of d dims and absorbs the"
+                  " rest.", ""]
+        for load in dict.fromkeys(r.get("load", "batch") for r in rows):
+            got = [r for r in rows if r.get("load", "batch") == load]
+            lines.append(f"- **{load}**: " + "; ".join(
+                f"{r['engine']} {r['throughput_x']:.2f}x tokens/s ({r['capacity_x']:.1f}x tokens fit)"
+                for r in got[1:]) + ".")
+        lines += [""] + table
         lines += [""]
     lines += ["CPU-side results (measured here, committed):", ""]
     for name, what in (("compress_minilm.md", "compression fidelity on the real all-MiniLM-L6-v2"),

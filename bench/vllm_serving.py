@@ -1,7 +1,7 @@
 """vLLM's own offline engine, on the CPU: an uncompressed LLaMA against its
-QSVD W8A8 and W4A4 compressions, in one run, under the same
-VLLM_CPU_KVCACHE_SPACE. The honest form of the paper's capacity claim:
-what a real engine fits and serves under a fixed memory budget.
+QSVD compressions (W8A8 and W4A4, full and partial RoPE), in one run, under
+the same KV budget. The honest form of the paper's capacity claim: what a
+real engine fits and serves under a fixed memory budget, and how fast.
 
     python bench/vllm_serving.py --out bench/results/vllm-cpu-<date>   (in the vLLM venv)
 
@@ -9,16 +9,28 @@ Model: a LLaMA with LLaMA-2-7B's attention geometry per layer (E = 4096 is
 scaled to 1024 with the same head size: 8 heads of 128, multi-head K/V),
 2 layers, random weights (no hub), bf16. Compressed with the qsvd
 allocation at R2 = 15 % for W8A8 and 7.5 % for W4A4 (bits included, as the
-paper counts: about the same ranks, half the bytes).
+paper counts: about the same ranks, half the bytes); partial RoPE keeps the
+d_rope highest-frequency dims of each head rotary (CompressedModel.with_rope_dims)
+and absorbs the rest: same ranks, same bytes, fewer K dims rebuilt per token.
 
 Byte model per token and layer (what vLLM allocates):
   uncompressed bf16: 2 (K, V) x H_kv x d x 2 bytes
   QSVD:              r x bits / 8 code bytes + 4 (fp32 scale), inline
-Reported, each as vLLM reports it: blocks x block_size = tokens that fit;
-the most concurrent sequences of max_model_len tokens; and decode
-throughput (generated tokens / wall time of one batch, prefill included;
-32 prompts of 64 tokens, 128 new tokens each, greedy; the median of 3
-rounds after a warm-up).
+Operation model per cached token, layer and decode step (attention only):
+  uncompressed: 2 x H x d multiply-adds read from K and V (4 x H x d bytes)
+  QSVD:         2 x r x d_rope x H_kv to rebuild K's rotary part, then
+                r x H (absorbed scores against q_lat) and r x H (latent V sums)
+Loads, each engine's tokens/s = generated tokens / wall time (prefill
+included), the median of --repeats rounds after a warm-up round:
+  batch:         --batch prompts of --prompt tokens, --new new tokens each,
+                 under VLLM_CPU_KVCACHE_SPACE = --kv-space-gib (all fit);
+  over capacity: --batch requests of --max-model-len tokens each
+                 (--long-new of them generated) under a KV budget of
+                 --budget-mib MiB, which holds fewer such sequences
+                 uncompressed than QSVD: the uncompressed engine queues or
+                 preempts, QSVD batches them all.
+Reported, each as vLLM reports it: blocks x block_size = tokens that fit
+and the most concurrent sequences of max_model_len tokens.
 """
 
 from __future__ import annotations
@@ -62,6 +74,11 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--budget-mib", type=int, default=64, help="the over-capacity load's KV budget")
+    p.add_argument("--long-new", type=int, default=64, help="new tokens per over-capacity request")
+    p.add_argument("--rope-dims", default="128,64,32,16,0", help="W8A8's d_rope sweep (128: full RoPE)")
+    p.add_argument("--w4a4-rope-dims", default="128,32")
+    p.add_argument("--loads", default="batch,over_capacity")
     args = p.parse_args(argv)
 
     import torch
@@ -76,80 +93,109 @@ def main(argv=None) -> int:
     model = model.to(torch.bfloat16)
     model.save_pretrained(os.path.join(work, "hf"))
     model = model.float()
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
     t0 = time.time()
     comp = qc.Compressor(model, M.random_token_batches(model.config.vocab_size, 32, 64, seed=0), progress=False)
-    engines = {"uncompressed bf16": os.path.join(work, "hf")}
-    ranks = {}
+    engines = {"uncompressed bf16": (os.path.join(work, "hf"), None)}
     # W8A8 at R2 = 15 %; W4A4 at R2 = 7.5 %: about the same ranks at half the bits
     # (at 4 bits even full rank is only 12.5 % of the bf16 cache).
-    for q, r2 in (("W8A8", 0.15), ("W4A4", 0.075)):
+    sweeps = {"W8A8": (0.15, args.rope_dims), "W4A4": (0.075, args.w4a4_rope_dims)}
+    for q, (r2, dims) in sweeps.items():
         cm = comp.compress(qc.CompressionConfig(qc.Budget("r2", r2), qc.QuantConfig.parse(q)),
                            qc.causal_lm_fisher_loss())
-        cm.save(os.path.join(work, f"art-{q}"))
-        export_vllm(os.path.join(work, "hf"), os.path.join(work, f"art-{q}"), os.path.join(work, f"vllm-{q}"))
-        engines[f"QSVD {q}"] = os.path.join(work, f"vllm-{q}")
-        ranks[q] = {"ranks": cm.ranks, "bytes_per_token": sum(formats.packed_row_bytes(l.quant.latent_bits, l.rank)
-                                                              for l in cm.layers)}
+        for d_rope in (int(x) for x in dims.split(",") if x):
+            name = f"QSVD {q} d_rope {d_rope}"
+            art, out = os.path.join(work, f"art-{q}-{d_rope}"), os.path.join(work, f"vllm-{q}-{d_rope}")
+            (cm if d_rope == d else cm.with_rope_dims(d_rope)).save(art)
+            export_vllm(os.path.join(work, "hf"), art, out)
+            engines[name] = (out, {"quant": q, "d_rope": d_rope, "ranks": cm.ranks, "bytes_per_token": sum(
+                formats.packed_row_bytes(l.quant.latent_bits, l.rank) for l in cm.layers)})
     compress_s = time.time() - t0
 
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(1, 256, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
+    loads = {
+        "batch": dict(prompts=[torch.randint(1, 256, (args.prompt,), generator=g).tolist()
+                               for _ in range(args.batch)], new=args.new, kv_bytes=None),
+        "over_capacity": dict(prompts=[torch.randint(1, 256, (args.max_model_len - args.long_new,), generator=g)
+                                       .tolist() for _ in range(args.batch)], new=args.long_new,
+                              kv_bytes=args.budget_mib * 2**20),
+    }
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                VLLM_CPU_KVCACHE_SPACE=str(args.kv_space_gib))
-    cfg = model.config
-    d = cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d * 2  # bf16 K and V
     rows = []
-    for name, path in engines.items():
-        # a warm-up round (first-call allocations), then args.repeats timed rounds of the whole batch
-        res = run_engine({"model": path, "dtype": "bfloat16", "max_model_len": args.max_model_len, "block_size": 32,
-                          "rounds": [prompts[:2]] + [prompts] * args.repeats, "max_tokens": args.new,
-                          "enable_prefix_caching": False}, env, work)
-        tokens = res["num_blocks"] * res["block_size"]
-        q = name.split()[-1]
-        kv_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d * 2  # bf16 K and V
-        per_token = ranks[q]["bytes_per_token"] if q in ranks else kv_bytes
-        times = sorted(r["seconds"] for r in res["rounds"][1:])
-        secs = times[len(times) // 2]  # the median round
-        rows.append({"engine": name, "bytes_per_token": per_token, "num_blocks": res["num_blocks"],
-                     "block_size": res["block_size"], "tokens_that_fit": tokens,
-                     "byte_model_tokens": (args.kv_space_gib * 2**30 // (res["block_size"] * per_token))
-                     * res["block_size"],
-                     "max_concurrent_sequences": tokens // args.max_model_len, "median_seconds": secs,
-                     "round_seconds": times,
-                     "tokens_per_s": args.batch * args.new / secs, "ranks": ranks.get(q, {}).get("ranks"),
-                     "vllm_version": res["vllm_version"]})
-    base = rows[0]
-    for r in rows:
-        r["capacity_x"] = r["tokens_that_fit"] / base["tokens_that_fit"]
-        r["throughput_x"] = r["tokens_per_s"] / base["tokens_per_s"]
+    for load in args.loads.split(","):
+        L = loads[load]
+        budget = L["kv_bytes"] or args.kv_space_gib * 2**30
+        for name, (path, info) in engines.items():
+            # a warm-up round (first-call allocations), then args.repeats timed rounds of the whole load
+            res = run_engine({"model": path, "dtype": "bfloat16", "max_model_len": args.max_model_len,
+                              "block_size": 32, "kv_cache_memory_bytes": L["kv_bytes"],
+                              "rounds": [L["prompts"][:2]] + [L["prompts"]] * args.repeats, "max_tokens": L["new"],
+                              "enable_prefix_caching": False}, env, work)
+            tokens = res["num_blocks"] * res["block_size"]
+            per_token = info["bytes_per_token"] if info else kv_bytes
+            times = sorted(r["seconds"] for r in res["rounds"][1:])
+            secs = times[len(times) // 2]  # the median round
+            rows.append({"load": load, "engine": name, "quant": info and info["quant"],
+                         "d_rope": info["d_rope"] if info else d, "bytes_per_token": per_token,
+                         "kv_budget_bytes": budget, "num_blocks": res["num_blocks"],
+                         "block_size": res["block_size"], "tokens_that_fit": tokens,
+                         "byte_model_tokens": (budget // (res["block_size"] * per_token)) * res["block_size"],
+                         "max_concurrent_sequences": tokens // args.max_model_len,
+                         "requests": len(L["prompts"]), "request_tokens": len(L["prompts"][0]) + L["new"],
+                         "new_tokens": L["new"], "median_seconds": secs, "round_seconds": times,
+                         "tokens_per_s": len(L["prompts"]) * L["new"] / secs,
+                         "ranks": info and info["ranks"], "vllm_version": res["vllm_version"]})
+            print(f"{load} {name}: {rows[-1]['tokens_per_s']:.1f} tokens/s, {tokens} tokens fit", flush=True)
+    for load in {r["load"] for r in rows}:
+        base = next(r for r in rows if r["load"] == load and r["quant"] is None)
+        for r in rows:
+            if r["load"] == load:
+                r["capacity_x"] = r["tokens_that_fit"] / base["tokens_that_fit"]
+                r["throughput_x"] = r["tokens_per_s"] / base["tokens_per_s"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     data = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "geometry": GEOMETRY, "kv_space_gib": args.kv_space_gib, "batch": args.batch,
-            "prompt": args.prompt, "new_tokens": args.new, "repeats": args.repeats, "max_model_len": args.max_model_len,
+            "cpu": _cpu_name(), "cpus": os.cpu_count(), "geometry": GEOMETRY, "kv_space_gib": args.kv_space_gib,
+            "budget_mib": args.budget_mib, "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new,
+            "long_new_tokens": args.long_new, "repeats": args.repeats, "max_model_len": args.max_model_len,
             "compress_seconds": compress_s, "rows": rows}
     md = [f"# vLLM serving on the CPU: uncompressed vs QSVD ({data['date']}, commit {commit})", "",
-          f"vLLM {rows[0]['vllm_version']} offline engine, `VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}` GiB, "
-          f"{os.cpu_count()} CPU cores, bf16, block size 32, max_model_len {args.max_model_len}. Model: "
-          f"{GEOMETRY['num_hidden_layers']} LLaMA layers, E = {cfg.hidden_size}, {cfg.num_attention_heads} heads of "
-          f"{d} (multi-head K/V), random weights; QSVD W8A8 at R2 = 15 %, W4A4 at R2 = 7.5 % (bits included). "
-          "Throughput: one batch of "
-          f"{args.batch} prompts of {args.prompt} tokens, {args.new} new tokens each, greedy, prefix caching off, the "
-          f"median of {args.repeats} rounds after a warm-up round; tokens/s counts generated tokens over the "
-          "round's wall time (prefill included). One run on a shared 2-core machine: ratios in one run are what "
-          "count.", "",
-          "Byte model per token (all layers): uncompressed 2 x H_kv x d x 2 B per layer; QSVD r x bits/8 + 4 B "
-          "per layer (codes + inline fp32 scale). `tokens that fit` is vLLM's own report (blocks x block size); "
-          "`byte model` is the arithmetic.", "",
-          "| engine | ranks | B/token | tokens that fit | byte model | capacity vs uncompressed | max concurrent "
-          f"{args.max_model_len}-token sequences | tokens/s | throughput vs uncompressed |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          f"vLLM {rows[0]['vllm_version']} offline engine on {data['cpu']} ({os.cpu_count()} CPU cores), bf16, "
+          f"block size 32, max_model_len {args.max_model_len}. Model: {GEOMETRY['num_hidden_layers']} LLaMA "
+          f"layers, E = {cfg.hidden_size}, {cfg.num_attention_heads} heads of {d} (multi-head K/V), random "
+          "weights; QSVD W8A8 at R2 = 15 %, W4A4 at R2 = 7.5 % (bits included); d_rope: rotary dims per head "
+          f"({d} = full RoPE; fewer: the highest-frequency pairs rotary, the rest absorbed). Produced by "
+          "`bench/vllm_serving.py`, whose docstring has the byte and operation model. One run on a shared "
+          "machine: ratios within a load are what count.", "",
+          f"- **batch**: {args.batch} prompts of {args.prompt} tokens, {args.new} new tokens each, under "
+          f"`VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}` GiB (every engine holds the whole batch).",
+          f"- **over_capacity**: {args.batch} requests of {args.max_model_len} tokens "
+          f"({args.max_model_len - args.long_new} prompt + {args.long_new} new) under a KV budget of "
+          f"{args.budget_mib} MiB (`kv_cache_memory_bytes`): the uncompressed engine holds fewer of them at once "
+          "than QSVD.", "",
+          "tokens/s: generated tokens over the round's wall time (prefill included), greedy, prefix caching "
+          f"off, the median of {args.repeats} rounds after a warm-up round. `tokens that fit` is vLLM's own "
+          "report (blocks x block size); `byte model` is the arithmetic.", "",
+          f"| load | engine | ranks | B/token | tokens that fit | byte model | capacity vs uncompressed | max "
+          f"concurrent {args.max_model_len}-token sequences | tokens/s | throughput vs uncompressed |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        md.append(f"| {r['engine']} | {r['ranks'] or '-'} | {r['bytes_per_token']} | {r['tokens_that_fit']} | "
-                  f"{r['byte_model_tokens']} | {r['capacity_x']:.2f}x | {r['max_concurrent_sequences']} | "
-                  f"{r['tokens_per_s']:.1f} | {r['throughput_x']:.2f}x |")
+        md.append(f"| {r['load']} | {r['engine']} | {r['ranks'] or '-'} | {r['bytes_per_token']} | "
+                  f"{r['tokens_that_fit']} | {r['byte_model_tokens']} | {r['capacity_x']:.2f}x | "
+                  f"{r['max_concurrent_sequences']} | {r['tokens_per_s']:.1f} | {r['throughput_x']:.2f}x |")
     write_results(args.out, data, "\n".join(md) + "\n")
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
