@@ -83,6 +83,37 @@ def cpu_section(results: str = RESULTS) -> list[str]:
     return lines + [""]
 
 
+def partial_rope_section(results: str = RESULTS) -> list[str]:
+    """bench/results/partial_rope.json in a few lines: where the 3 % goal is
+    met per latent form, and the decode time per d_rope on the goal shape."""
+    path = os.path.join(results, "partial_rope.json")
+    if not os.path.exists(path):
+        return []
+    import json
+
+    with open(path) as f:
+        res = json.load(f)
+    m = res["meta"]
+    lines = [f"### Partial RoPE, CPU ({m['cpu']}), {m['date']}", "",
+             "Of each head's d dims, d_rope stay rotary and the rest are absorbed"
+             " (`CompressionConfig(rope_dims=...)`; [docs/partial-rope.md](docs/partial-rope.md) has the byte and"
+             " operation model, [bench/results/partial_rope.md](bench/results/partial_rope.md) every point).", ""]
+    p = res.get("perplexity")
+    if p:
+        for form in dict.fromkeys(r["latent"] for r in p["rows"]):
+            rows = [r for r in p["rows"] if r["latent"] == form]
+            met = [r["d_rope"] for r in rows if r["ratio_to_full_rope_qsvd"] <= 1.03]
+            lines.append(f"- SmolLM2-135M perplexity, latent {form}: " + ", ".join(
+                f"d_rope {r['d_rope']} {r['ratio_to_full_rope_qsvd']:.3f}x" for r in rows)
+                + f" the full-RoPE QSVD model's; within 3 % down to d_rope {min(met)}.")
+    for shape in dict.fromkeys(r["shape"] for r in res.get("decode", [])):
+        rows = [r for r in res["decode"] if r["shape"] == shape]
+        lines.append(f"- latent_attention decode, {shape} (r {rows[0]['r']}, {rows[0]['L']} cached tokens, B = 1) vs "
+                     "SDPA fp32 over the K/V cache: " + ", ".join(
+                         f"d_rope {r['d_rope']} {r['rotary_keys']} {r['ratio_vs_sdpa_fp32']:.2f}x" for r in rows) + ".")
+    return lines + [""]
+
+
 def section() -> str:
     from summarize import main as summarize
 
@@ -122,6 +153,7 @@ def section() -> str:
                 for r in got[1:]) + ".")
         lines += [""] + table
         lines += [""]
+    lines += partial_rope_section()
     lines += ["CPU-side results (measured here, committed):", ""]
     for name, what in (("compress_minilm.md", "compression fidelity on the real all-MiniLM-L6-v2"),
                        ("compress_smollm2.md", "held-out perplexity of SmolLM2-135M over R2 and bit widths, with the"

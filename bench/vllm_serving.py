@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--long-new", type=int, default=64, help="new tokens per over-capacity request")
     p.add_argument("--rope-dims", default="128,64,32,16,0", help="W8A8's d_rope sweep (128: full RoPE)")
     p.add_argument("--w4a4-rope-dims", default="128,32")
-    p.add_argument("--loads", default="batch,over_capacity")
+    p.add_argument("--loads", default="batch,over_capacity",
+                   help="the loads to run; an existing --out file keeps its rows of the others")
     args = p.parse_args(argv)
 
     import torch
@@ -125,17 +126,23 @@ def main(argv=None) -> int:
                VLLM_CPU_KVCACHE_SPACE=str(args.kv_space_gib))
     kv_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d * 2  # bf16 K and V
     rows = []
-    for load in args.loads.split(","):
+    loads_run = args.loads.split(",")
+    for load in loads_run:
         L = loads[load]
         budget = L["kv_bytes"] or args.kv_space_gib * 2**30
+        # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override kv_cache_memory_bytes: unset it for a budget
+        load_env = {k: v for k, v in env.items() if not (L["kv_bytes"] and k == "VLLM_CPU_KVCACHE_SPACE")}
         for name, (path, info) in engines.items():
             # a warm-up round (first-call allocations), then args.repeats timed rounds of the whole load
             res = run_engine({"model": path, "dtype": "bfloat16", "max_model_len": args.max_model_len,
                               "block_size": 32, "kv_cache_memory_bytes": L["kv_bytes"],
                               "rounds": [L["prompts"][:2]] + [L["prompts"]] * args.repeats, "max_tokens": L["new"],
-                              "enable_prefix_caching": False}, env, work)
+                              "enable_prefix_caching": False}, load_env, work)
             tokens = res["num_blocks"] * res["block_size"]
             per_token = info["bytes_per_token"] if info else kv_bytes
+            if tokens * per_token > budget:
+                raise RuntimeError(f"{load} {name}: vLLM holds {tokens} tokens of {per_token} B, over the "
+                                   f"{budget}-byte budget: the budget was not applied")
             times = sorted(r["seconds"] for r in res["rounds"][1:])
             secs = times[len(times) // 2]  # the median round
             rows.append({"load": load, "engine": name, "quant": info and info["quant"],
@@ -149,6 +156,12 @@ def main(argv=None) -> int:
                          "tokens_per_s": len(L["prompts"]) * L["new"] / secs,
                          "ranks": info and info["ranks"], "vllm_version": res["vllm_version"]})
             print(f"{load} {name}: {rows[-1]['tokens_per_s']:.1f} tokens/s, {tokens} tokens fit", flush=True)
+    kept = []
+    if args.out and os.path.exists(args.out + ".json"):  # the loads not run this time keep their rows
+        with open(args.out + ".json") as f:
+            old = json.load(f)
+        kept = [dict(r, commit=old.get("commit")) for r in old.get("rows", []) if r.get("load") not in loads_run]
+    rows = kept + rows
     for load in {r["load"] for r in rows}:
         base = next(r for r in rows if r["load"] == load and r["quant"] is None)
         for r in rows:
@@ -176,6 +189,8 @@ def main(argv=None) -> int:
           f"({args.max_model_len - args.long_new} prompt + {args.long_new} new) under a KV budget of "
           f"{args.budget_mib} MiB (`kv_cache_memory_bytes`): the uncompressed engine holds fewer of them at once "
           "than QSVD.", "",
+          *([f"(The {', '.join(dict.fromkeys(r['load'] for r in kept))} rows are from the run at commit "
+             f"{kept[0]['commit']}.)", ""] if kept else []),
           "tokens/s: generated tokens over the round's wall time (prefill included), greedy, prefix caching "
           f"off, the median of {args.repeats} rounds after a warm-up round. `tokens that fit` is vLLM's own "
           "report (blocks x block size); `byte model` is the arithmetic.", "",

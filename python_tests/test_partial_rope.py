@@ -11,6 +11,7 @@ the narrow tables are an implementation choice that must not show."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import pytest
@@ -125,8 +126,50 @@ def test_swapped_projections_refuse_partial_rope(tiny_llama_compressor, w8a8):
 
 def test_compression_config_rope_dims(tiny_llama_compressor):
     model, comp = tiny_llama_compressor
-    with pytest.raises(ValueError, match="rope_dims must be None or an even number"):
+    with pytest.raises(ValueError, match="rope_dims must be None, .auto. or an even number"):
         qc.CompressionConfig(qc.Budget("mean_rank", 32), rope_dims=5)
     cm = comp.compress(qc.CompressionConfig(qc.Budget("mean_rank", 32), qc.QuantConfig.parse("W8A8"), beta=0.5,
                                             allocation="uniform", rope_dims=4))
     assert all(l.rope_pairs == (0, 1) for l in cm.layers) and cm.info["rope_dims"] == 4
+
+
+@torch.no_grad()
+def test_rope_dims_auto_picks_the_fewest_dims_within_the_tolerance(tiny_llama_compressor):
+    """rope_dims="auto" measures each candidate's calibration perplexity
+    against full RoPE's and keeps the fewest rotary dims within the
+    tolerance; every measured ratio is the one the partial model itself
+    gives (run through the HF integration on the same calibration batch)."""
+    model, comp = tiny_llama_compressor
+    base = dict(budget=qc.Budget("mean_rank", 32), quant=qc.QuantConfig.parse("W8A8"), beta=0.5,
+                allocation="uniform", latent="qkv", rope_choice_batches=1)
+    cm = comp.compress(qc.CompressionConfig(**base, rope_dims="auto", rope_tolerance=0.02))
+    choice = cm.info["rope_choice"]
+    ratios = {int(k): v for k, v in choice["perplexity_ratio"].items()}
+    d = model.config.hidden_size // model.config.num_attention_heads
+    assert sorted(ratios) == sorted({d, d // 2, d // 4, d // 8, 0} - {1})
+    assert ratios[d] == pytest.approx(1.0, abs=1e-12)
+    assert choice["chosen"] == min(k for k, v in ratios.items() if v <= 1.02)
+    assert cm.info["rope_dims"] == choice["chosen"]
+
+    batch = comp.calibration[0]
+    full = comp.compress(qc.CompressionConfig(**base))
+
+    def nll(c):
+        logits = hf.apply_qsvd(copy.deepcopy(model), c, backend="torch")(**batch).logits.double()
+        ids = batch["input_ids"]
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        return float(-logp.mean())  # random token batches: no padding
+
+    reference = nll(full)
+    for k in (d // 2, 0):
+        assert ratios[k] == pytest.approx(math.exp(nll(full.with_rope_dims(k)) - reference), rel=1e-6)
+    # The two ends of the tolerance: none keeps full RoPE (unless a candidate
+    # is no worse), any keeps none of it.
+    strict = comp.compress(qc.CompressionConfig(**base, rope_dims="auto", rope_tolerance=0.0))
+    assert strict.info["rope_dims"] == min(k for k, v in ratios.items() if v <= 1.0)
+    loose = comp.compress(qc.CompressionConfig(**base, rope_dims="auto", rope_tolerance=1e9))
+    assert loose.info["rope_dims"] == 0 and all(l.rope_pairs == () for l in loose.layers)
+    with pytest.raises(ValueError, match="rope_tolerance must be a number >= 0"):
+        qc.CompressionConfig(qc.Budget("mean_rank", 32), rope_dims="auto", rope_tolerance=-1)
+    with pytest.raises(ValueError, match="rope_dims must be None, 'auto' or an even number"):
+        qc.CompressionConfig(qc.Budget("mean_rank", 32), rope_dims="fast")

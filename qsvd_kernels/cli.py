@@ -23,6 +23,15 @@ import time
 import torch
 
 
+def _parse_rope_dims(text: str | None):
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise SystemExit(f"--rope-dims must be a number of head dims or auto, got {text!r}") from None
+
+
 def _parse_budget(text: str):
     from .compress import Budget
 
@@ -53,7 +62,8 @@ def cmd_compress(args, out=print) -> int:
     quant = qc.QuantConfig.parse(args.quant)
     budget = _parse_budget(args.budget)
     config = qc.CompressionConfig(budget, quant, whitening=args.whitening, allocation=args.allocation,
-                                  align=args.align, seed=args.seed, latent=args.latent)
+                                  align=args.align, seed=args.seed, latent=args.latent,
+                                  rope_dims=_parse_rope_dims(args.rope_dims), rope_tolerance=args.rope_tolerance)
     loss = qc.random_projection_loss(S.pooled_embedding, args.seed) if args.model == "minilm" else \
         M.default_loss(kind, args.seed)
     t0 = time.time()
@@ -194,6 +204,11 @@ def build_parser():
     c.add_argument("--latent", default="auto", choices=["auto", "qkv", "kv"],
                    help="latent form: qkv (the paper's joint latent), kv (q from its own projection), or auto "
                         "(both; the one closer to the original on calibration data)")
+    c.add_argument("--rope-dims", default=None,
+                   help="partial RoPE: rotary head dims kept per layer (the highest-frequency ones; the rest are "
+                        "absorbed), or auto (the fewest of d, d/2, d/4, d/8, 0 within --rope-tolerance of full "
+                        "RoPE's calibration perplexity); default: full RoPE")
+    c.add_argument("--rope-tolerance", type=float, default=0.03, help="relative perplexity for --rope-dims auto")
     c.add_argument("--align", type=int, default=16)
     c.add_argument("--calib-samples", type=int, default=None,
                    help="calibration sentences (default: 256 for encoders, all for causal LMs)")

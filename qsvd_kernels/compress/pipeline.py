@@ -23,6 +23,8 @@ artefact's info.
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Callable, Iterable
@@ -79,7 +81,12 @@ class CompressionConfig:
     # Partial RoPE (issue 22): rotary head dims kept per layer, the highest-
     # frequency ones (CompressedModel.with_rope_dims); the rest become
     # position-free, so latent_attention absorbs them. None: full RoPE.
-    rope_dims: int | None = None
+    # "auto": the fewest of d, d/2, d/4, d/8, 0 whose perplexity on the
+    # first rope_choice_batches calibration batches is within
+    # rope_tolerance (relative) of the full-RoPE compressed model's.
+    rope_dims: int | str | None = None
+    rope_tolerance: float = 0.03
+    rope_choice_batches: int = 4
 
     def __post_init__(self):
         # The budget counts bits as the paper does: those of this setting
@@ -95,9 +102,11 @@ class CompressionConfig:
             raise ValueError(f"output_metric must be 'attention' or 'none', got {self.output_metric!r}")
         if self.latent not in (*LATENT_FORMS, "auto"):
             raise ValueError(f"latent must be one of {(*LATENT_FORMS, 'auto')}, got {self.latent!r}")
-        if self.rope_dims is not None and not (isinstance(self.rope_dims, int) and self.rope_dims >= 0
-                                                and self.rope_dims % 2 == 0):
-            raise ValueError(f"rope_dims must be None or an even number >= 0, got {self.rope_dims!r}")
+        if self.rope_dims not in (None, "auto") and not (isinstance(self.rope_dims, int) and self.rope_dims >= 0
+                                                         and self.rope_dims % 2 == 0):
+            raise ValueError(f"rope_dims must be None, 'auto' or an even number >= 0, got {self.rope_dims!r}")
+        if not (isinstance(self.rope_tolerance, (int, float)) and self.rope_tolerance >= 0):
+            raise ValueError(f"rope_tolerance must be a number >= 0, got {self.rope_tolerance!r}")
         if self.ranks is not None and self.latent == "auto":
             # A rank means different things in each form: fixed ranks are the
             # paper's joint latent's unless latent="kv" says otherwise.
@@ -341,7 +350,46 @@ class Compressor:
             return cm
         if not all(site.family is not None and site.family.rope for site in self.sites):
             raise ValueError("rope_dims: partial RoPE needs RoPE attention at every compressed site")
-        return cm.with_rope_dims(config.rope_dims)
+        if config.rope_dims != "auto":
+            return cm.with_rope_dims(config.rope_dims)
+        heads = {site.dims.head_dim for site in self.sites}
+        if len(heads) != 1:
+            raise ValueError(f"rope_dims='auto' needs one head dim at every site, got {sorted(heads)}")
+        if self._output_kind() != "logits":
+            raise ValueError("rope_dims='auto' measures perplexity: it needs a model that returns logits")
+        d = heads.pop()
+        n = config.rope_choice_batches
+        full = self.calibration_nll(cm, n)
+        measured = {}
+        for rope_dims in sorted({k - k % 2 for k in (d, d // 2, d // 4, d // 8, 0)}, reverse=True):
+            measured[rope_dims] = math.exp(self.calibration_nll(cm, n, rope_dims // 2) - full)
+        met = [k for k, ratio in measured.items() if ratio <= 1 + config.rope_tolerance]
+        chosen = min(met, default=d)
+        out = cm.with_rope_dims(chosen)
+        out.info["rope_choice"] = {"chosen": chosen, "tolerance": config.rope_tolerance,
+                                   "batches": min(n, len(self.calibration)), "full_rope_nll": full,
+                                   "perplexity_ratio": {str(k): v for k, v in measured.items()}}
+        return out
+
+    def calibration_nll(self, cm: CompressedModel, n_batches: int = 4, rope_pairs: int | None = None) -> float:
+        """Mean next-token negative log-likelihood per real token of the
+        compressed model (float64 simulation of the kernels) on the first
+        ``n_batches`` calibration batches. ``rope_pairs``: only that many of
+        the highest-frequency rotary pairs turn (the others' frequencies set
+        to 0), which is exactly ``cm.with_rope_dims(2 * rope_pairs)``'s
+        partial RoPE in the model's own layout."""
+        total, count = 0.0, 0.0
+        for b in self.calibration[: max(1, n_batches)]:
+            with torch.no_grad(), swapped_projections(self.model, cm), \
+                    _rotating_pairs(self.model, self.sites, rope_pairs):
+                logits = _model_output(self.model, b)
+            ids = b["input_ids"] if isinstance(b, dict) else b
+            logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None].long())[..., 0]
+            mask = _mask_of(b, logits)
+            real = mask[:, 1:] & mask[:, :-1] if mask is not None else torch.ones_like(logp, dtype=torch.bool)
+            total -= float(logp[real].sum())
+            count += float(real.sum())
+        return total / max(count, 1.0)
 
 
 def compress_model(model: nn.Module, calibration: Iterable, config: CompressionConfig, *,
@@ -410,10 +458,10 @@ def _safe_uniform(dims: list, config: CompressionConfig, caches=None):
         return None
 
 
-def rope_inv_freq(model: nn.Module, site: AttentionSite) -> torch.Tensor:
-    """The RoPE frequencies [d/2] the site's attention uses: the ``inv_freq``
-    of the nearest ``rotary_emb`` on the way up from the site (the decoder
-    stack's, in transformers' LLaMA family)."""
+def _rotary_module(model: nn.Module, site: AttentionSite) -> nn.Module:
+    """The ``rotary_emb`` a site's attention uses: the nearest one with d/2
+    ``inv_freq`` values on the way up from the site (the decoder stack's, in
+    transformers' LLaMA family)."""
     half = site.dims.head_dim // 2
     parts = site.name.split(".")
     for n in range(len(parts), -1, -1):
@@ -421,6 +469,31 @@ def rope_inv_freq(model: nn.Module, site: AttentionSite) -> torch.Tensor:
         rot = getattr(module, "rotary_emb", None)
         freq = getattr(rot, "inv_freq", None)
         if torch.is_tensor(freq) and freq.numel() == half:
-            return freq.detach().to("cpu", torch.float64)
+            return rot
     raise ValueError(f"{site.name}: its family uses RoPE, but no rotary_emb with {half} inv_freq values was found "
                      "above it; use output_metric='none'")
+
+
+def rope_inv_freq(model: nn.Module, site: AttentionSite) -> torch.Tensor:
+    """The RoPE frequencies [d/2] the site's attention uses."""
+    return _rotary_module(model, site).inv_freq.detach().to("cpu", torch.float64)
+
+
+@contextmanager
+def _rotating_pairs(model: nn.Module, sites, pairs: int | None):
+    """Within the block only the first ``pairs`` rotary pairs (the highest
+    frequencies) of the sites' rotary embeddings turn: the others'
+    frequencies are 0 (cos 1, sin 0). None: all of them, unchanged."""
+    saved = []
+    try:
+        if pairs is not None:
+            for rot in {id(m): m for m in (_rotary_module(model, s) for s in sites)}.values():
+                for name in ("inv_freq", "original_inv_freq"):
+                    t = getattr(rot, name, None)
+                    if torch.is_tensor(t):
+                        saved.append((t, t.clone()))
+                        t[pairs:] = 0
+        yield
+    finally:
+        for t, old in saved:
+            t.copy_(old)
