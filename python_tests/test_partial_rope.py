@@ -147,7 +147,7 @@ def test_rope_dims_auto_picks_the_fewest_dims_within_the_tolerance(tiny_llama_co
     ratios = {int(k): v for k, v in choice["perplexity_ratio"].items()}
     d = model.config.hidden_size // model.config.num_attention_heads
     assert sorted(ratios) == sorted({d, d // 2, d // 4, d // 8, 0} - {1})
-    assert ratios[d] == pytest.approx(1.0, abs=1e-12)
+    assert ratios[d] == 1.0
     assert choice["chosen"] == min(k for k, v in ratios.items() if v <= 1.02)
     assert cm.info["rope_dims"] == choice["chosen"]
 
@@ -160,6 +160,8 @@ def test_rope_dims_auto_picks_the_fewest_dims_within_the_tolerance(tiny_llama_co
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
         return float(-logp.mean())  # random token batches: no padding
 
+    # Keeping every pair turning is the full-RoPE model itself (the ratio 1 the choice records unmeasured).
+    assert comp.calibration_nll(full, 1, d // 2) == comp.calibration_nll(full, 1)
     reference = nll(full)
     for k in (d // 2, 0):
         assert ratios[k] == pytest.approx(math.exp(nll(full.with_rope_dims(k)) - reference), rel=1e-6)
@@ -173,3 +175,14 @@ def test_rope_dims_auto_picks_the_fewest_dims_within_the_tolerance(tiny_llama_co
         qc.CompressionConfig(qc.Budget("mean_rank", 32), rope_dims="auto", rope_tolerance=-1)
     with pytest.raises(ValueError, match="rope_dims must be None, 'auto' or an even number"):
         qc.CompressionConfig(qc.Budget("mean_rank", 32), rope_dims="fast")
+
+
+def test_cli_rope_dims():
+    from qsvd_kernels import cli
+
+    args = cli.build_parser().parse_args(["compress", "--model", "smollm2", "--out", "x", "--rope-dims", "auto",
+                                          "--rope-tolerance", "0.05"])
+    assert (cli._parse_rope_dims(args.rope_dims), args.rope_tolerance) == ("auto", 0.05)
+    assert cli._parse_rope_dims("16") == 16 and cli._parse_rope_dims(None) is None
+    with pytest.raises(SystemExit, match="--rope-dims must be a number of head dims or auto, got 'half'"):
+        cli._parse_rope_dims("half")

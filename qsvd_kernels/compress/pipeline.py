@@ -360,8 +360,8 @@ class Compressor:
         d = heads.pop()
         n = config.rope_choice_batches
         full = self.calibration_nll(cm, n)
-        measured = {}
-        for rope_dims in sorted({k - k % 2 for k in (d, d // 2, d // 4, d // 8, 0)}, reverse=True):
+        measured = {d: 1.0}  # full RoPE is the model just measured
+        for rope_dims in sorted({k - k % 2 for k in (d // 2, d // 4, d // 8, 0)}, reverse=True):
             measured[rope_dims] = math.exp(self.calibration_nll(cm, n, rope_dims // 2) - full)
         met = [k for k, ratio in measured.items() if ratio <= 1 + config.rope_tolerance]
         chosen = min(met, default=d)
