@@ -11,15 +11,19 @@ scaled to 1024 with the same head size: 8 heads of 128, multi-head K/V),
 allocation at R2 = 15 % for W8A8 and 7.5 % for W4A4 (bits included, as the
 paper counts: about the same ranks, half the bytes); partial RoPE keeps the
 d_rope highest-frequency dims of each head rotary (CompressedModel.with_rope_dims)
-and absorbs the rest: same ranks, same bytes, fewer K dims rebuilt per token.
+and absorbs the rest: same ranks, fewer K dims per token. K's rotary part is
+either cached beside the latent (the default for partial RoPE, "K cached")
+or rebuilt from it at every step ("K rebuilt"; full RoPE always rebuilds).
 
 Byte model per token and layer (what vLLM allocates):
   uncompressed bf16: 2 (K, V) x H_kv x d x 2 bytes
-  QSVD:              r x bits / 8 code bytes + 4 (fp32 scale), inline
+  QSVD:              r x bits / 8 code bytes + 4 (fp32 scale), inline,
+                     + 2 x H_kv x d_rope (fp16 rotary keys) when K is cached
 Operation model per cached token, layer and decode step (attention only):
   uncompressed: 2 x H x d multiply-adds read from K and V (4 x H x d bytes)
-  QSVD:         2 x r x d_rope x H_kv to rebuild K's rotary part, then
-                r x H (absorbed scores against q_lat) and r x H (latent V sums)
+  QSVD:         K rebuilt: 2 x r x d_rope x H_kv to rebuild K's rotary part;
+                K cached: H x d_rope against its 2 x H_kv x d_rope bytes;
+                then r x H (absorbed scores against q_lat) and r x H (latent V sums)
 Loads, each engine's tokens/s = generated tokens / wall time (prefill
 included), the median of --repeats rounds after a warm-up round:
   batch:         --batch prompts of --prompt tokens, --new new tokens each,
@@ -78,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--long-new", type=int, default=64, help="new tokens per over-capacity request")
     p.add_argument("--rope-dims", default="128,64,32,16,0", help="W8A8's d_rope sweep (128: full RoPE)")
     p.add_argument("--w4a4-rope-dims", default="128,32")
+    p.add_argument("--rebuilt-rope-dims", default="32",
+                   help="W8A8 d_rope values also served with K's rotary part rebuilt (the others: cached)")
     p.add_argument("--loads", default="batch,over_capacity",
                    help="the loads to run; an existing --out file keeps its rows of the others")
     args = p.parse_args(argv)
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
     import torch
 
     from qsvd_kernels import compress as qc
-    from qsvd_kernels import formats
+    from qsvd_kernels.integrations.core import cache_token_bytes
     from qsvd_kernels.integrations import models as M
     from qsvd_kernels.integrations.export import export_vllm
 
@@ -102,16 +108,22 @@ def main(argv=None) -> int:
     # W8A8 at R2 = 15 %; W4A4 at R2 = 7.5 %: about the same ranks at half the bits
     # (at 4 bits even full rank is only 12.5 % of the bf16 cache).
     sweeps = {"W8A8": (0.15, args.rope_dims), "W4A4": (0.075, args.w4a4_rope_dims)}
+    rebuilt = {int(x) for x in args.rebuilt_rope_dims.split(",") if x}
     for q, (r2, dims) in sweeps.items():
         cm = comp.compress(qc.CompressionConfig(qc.Budget("r2", r2), qc.QuantConfig.parse(q)),
                            qc.causal_lm_fisher_loss())
         for d_rope in (int(x) for x in dims.split(",") if x):
-            name = f"QSVD {q} d_rope {d_rope}"
             art, out = os.path.join(work, f"art-{q}-{d_rope}"), os.path.join(work, f"vllm-{q}-{d_rope}")
-            (cm if d_rope == d else cm.with_rope_dims(d_rope)).save(art)
+            partial = cm if d_rope == d else cm.with_rope_dims(d_rope)
+            partial.save(art)
             export_vllm(os.path.join(work, "hf"), art, out)
-            engines[name] = (out, {"quant": q, "d_rope": d_rope, "ranks": cm.ranks, "bytes_per_token": sum(
-                formats.packed_row_bytes(l.quant.latent_bits, l.rank) for l in cm.layers)})
+            forms = ["auto"] + (["rebuilt"] if q == "W8A8" and d_rope in rebuilt and 0 < d_rope < d else [])
+            for form in forms:
+                specs = [l.spec() for l in partial.layers]
+                k = ("" if d_rope in (0, d) else " K rebuilt" if form == "rebuilt" else " K cached")
+                engines[f"QSVD {q} d_rope {d_rope}{k}"] = (out, {
+                    "quant": q, "d_rope": d_rope, "ranks": cm.ranks, "rope_key_cache": form,
+                    "bytes_per_token": sum(cache_token_bytes(s, form) for s in specs)})
     compress_s = time.time() - t0
 
     g = torch.Generator().manual_seed(1)
@@ -136,6 +148,7 @@ def main(argv=None) -> int:
             # a warm-up round (first-call allocations), then args.repeats timed rounds of the whole load
             res = run_engine({"model": path, "dtype": "bfloat16", "max_model_len": args.max_model_len,
                               "block_size": 32, "kv_cache_memory_bytes": L["kv_bytes"],
+                              "additional_config": info and {"qsvd": {"rope_key_cache": info["rope_key_cache"]}},
                               "rounds": [L["prompts"][:2]] + [L["prompts"]] * args.repeats, "max_tokens": L["new"],
                               "enable_prefix_caching": False}, load_env, work)
             tokens = res["num_blocks"] * res["block_size"]
@@ -147,6 +160,7 @@ def main(argv=None) -> int:
             secs = times[len(times) // 2]  # the median round
             rows.append({"load": load, "engine": name, "quant": info and info["quant"],
                          "d_rope": info["d_rope"] if info else d, "bytes_per_token": per_token,
+                         "rope_key_cache": info and info["rope_key_cache"],
                          "kv_budget_bytes": budget, "num_blocks": res["num_blocks"],
                          "block_size": res["block_size"], "tokens_that_fit": tokens,
                          "byte_model_tokens": (budget // (res["block_size"] * per_token)) * res["block_size"],
@@ -180,7 +194,8 @@ def main(argv=None) -> int:
           f"block size 32, max_model_len {args.max_model_len}. Model: {GEOMETRY['num_hidden_layers']} LLaMA "
           f"layers, E = {cfg.hidden_size}, {cfg.num_attention_heads} heads of {d} (multi-head K/V), random "
           "weights; QSVD W8A8 at R2 = 15 %, W4A4 at R2 = 7.5 % (bits included); d_rope: rotary dims per head "
-          f"({d} = full RoPE; fewer: the highest-frequency pairs rotary, the rest absorbed). Produced by "
+          f"({d} = full RoPE; fewer: the highest-frequency pairs rotary, the rest absorbed); K cached / "
+          "rebuilt: K's rotary part cached beside the latent (fp16) or rebuilt from it at each step. Produced by "
           "`bench/vllm_serving.py`, whose docstring has the byte and operation model. One run on a shared "
           "machine: ratios within a load are what count.", "",
           f"- **batch**: {args.batch} prompts of {args.prompt} tokens, {args.new} new tokens each, under "

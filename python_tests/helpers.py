@@ -87,3 +87,21 @@ def make_weights(H_kv, r, d, wdtype, generator=None, device="cpu"):
             out.append((torch.round(w / s.unsqueeze(1)).clamp(-127, 127).to(torch.int8).to(device), s.to(device)))
         return out[0][0], out[0][1], out[1][0], out[1][1]
     return w_k.to(wdtype).to(device), None, w_v.to(wdtype).to(device), None
+
+
+def rope_keys_bound(cache, cache_scale, slots, w_uk, w_uk_scale, bits, exact):
+    """How far latent_rope_keys_append's stored keys may be from
+    ``exact`` (reference.latent_rope_keys_ref at ``slots``, [N, H_kv,
+    d_rope]): the fp32 rebuild's r + 4 roundings on the magnitudes
+    (|k cos| + |rot(k) sin|), then the one rounding to fp16, and fp16's
+    subnormal spacing."""
+    from qsvd_kernels import reference as R
+
+    r, d_rope = w_uk.shape[1], exact.shape[-1]
+    codes, scale = R.latent_cache_parts(cache, cache_scale, bits, r)
+    c_abs = R.dequantize_rows_ref(codes, scale, bits).abs().reshape(-1, r)[slots.clamp(min=0)]
+    w_abs = R._dequant_weight(w_uk, w_uk_scale, torch.float64).abs()[..., :d_rope]
+    mag = torch.einsum("nr,hrd->nhd", c_abs, w_abs)
+    half = d_rope // 2
+    mag = mag + torch.cat((mag[..., half:], mag[..., :half]), -1)
+    return (r + 4) * 2.0**-24 * mag + 2.0**-11 * exact.abs() + 2.0**-25

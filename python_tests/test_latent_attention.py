@@ -32,6 +32,7 @@ from helpers import (
     latent_reconstruct_error_bound,
     make_paged_cache,
     make_weights,
+    rope_keys_bound,
 )
 
 HEADS = [(4, 4), (8, 2), (6, 1)]  # (H, H_kv): MHA, GQA, MQA
@@ -345,13 +346,7 @@ def test_cached_rope_keys_match_the_reference(bits, wdtype, d_rope, packed):
     qk.latent_rope_keys_append(cache, scale, slots_pad, pos_pad, w_uk, ws_k, bits, cos, sin, keys)
     exact = R.latent_rope_keys_ref(cache, scale, slots, pos, w_uk, ws_k, bits, cos, sin)
     got = keys.view(-1, H_kv, d_rope)[slots].double()
-    c_abs = R.dequantize_rows_ref(*R.latent_cache_parts(pc.cache, pc.cache_scale, bits, r), bits).abs()
-    c_abs = c_abs.view(-1, r)[slots]
-    w_abs = R._dequant_weight(w_uk, ws_k, torch.float64).abs()[..., :d_rope]
-    mag = torch.einsum("nr,hrd->nhd", c_abs, w_abs)
-    half = d_rope // 2
-    mag = mag + torch.cat((mag[..., half:], mag[..., :half]), -1)  # |k cos| + |rot(k) sin|
-    bound = (r + 4) * 2.0**-24 * mag + 2.0**-11 * exact.abs() + 2.0**-25
+    bound = rope_keys_bound(cache, scale, slots, w_uk, ws_k, bits, exact)
     assert bool(((got - exact).abs() <= bound).all()), float(((got - exact).abs() - bound).max())
     written = torch.zeros(keys.shape[0] * keys.shape[1], dtype=torch.bool)
     written[slots] = True

@@ -55,7 +55,10 @@ def test_partial_rope_is_the_model_with_the_other_pairs_unrotated(tiny_llama_com
     partial = w8a8.with_rope_dims(rope_dims)
     assert all(l.rope_pairs == tuple(range(rope_dims // 2)) for l in partial.layers)
     ids = _ids()
-    got = hf.apply_qsvd(copy.deepcopy(model), partial, backend=backend)(ids).logits
+    # The rebuilt form: the same arithmetic as full RoPE (the cached form
+    # rounds K's rotary part to fp16: test_the_cached_form_* below).
+    form = {"rope_key_cache": "rebuilt"} if backend == "ops" else {}
+    got = hf.apply_qsvd(copy.deepcopy(model), partial, backend=backend, **form)(ids).logits
     want = hf.apply_qsvd(_zero_frequencies(model, rope_dims // 2), w8a8, backend=backend)(ids).logits
     full = hf.apply_qsvd(copy.deepcopy(model), w8a8, backend=backend)(ids).logits
     tol = 1e-4 * float(want.abs().max())
@@ -186,3 +189,111 @@ def test_cli_rope_dims():
     assert cli._parse_rope_dims("16") == 16 and cli._parse_rope_dims(None) is None
     with pytest.raises(SystemExit, match="--rope-dims must be a number of head dims or auto, got 'half'"):
         cli._parse_rope_dims("half")
+
+
+def _generate(model, compressed, ids, **form):
+    m = hf.apply_qsvd(copy.deepcopy(model), compressed, backend="ops", **form)
+    seq, cache = hf.generate(m, ids, max_new_tokens=5, do_sample=False)
+    return m, seq, cache
+
+
+@torch.no_grad()
+def test_the_cached_form_stores_each_tokens_rotary_keys(tiny_llama_compressor, w8a8):
+    """Partial RoPE caches K's rotary part by default ("auto"): after a
+    padded generation every layer's pool holds, for each real token, the
+    keys of its own latent row at its own position (reference, within the
+    derived fp32-then-fp16 bound), its bytes are counted, and the full-RoPE
+    and no-RoPE layers cache none."""
+    from helpers import rope_keys_bound
+
+    from qsvd_kernels import reference as R
+
+    model, _ = tiny_llama_compressor
+    partial = w8a8.with_rope_dims(4)
+    ids = _ids(seed=3, n=2, length=7).clamp(min=1)  # no pad token (0) among the real ones
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: sequence 1 has 4 prompt tokens
+    m = hf.apply_qsvd(copy.deepcopy(model), partial, backend="ops")
+    seq, cache = hf.generate(m, ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    spec = partial.layers[0].spec()
+    lens = cache.seq_lens.tolist()
+    assert lens == [11, 8]  # 7 and 4 prompt tokens, 4 fed back (the 5th new token is never cached)
+    slots = torch.cat([cache.block_table[b, torch.arange(n) // cache.block_size].long() * cache.block_size
+                       + torch.arange(n) % cache.block_size for b, n in enumerate(lens)])
+    pos = torch.cat([torch.arange(n) for n in lens])
+    for layer, compressed in zip(cache.layers, partial.layers):
+        codes, scale, keys = layer.pool.tensors
+        p = layer.projector
+        assert keys.dtype == torch.float16 and keys.shape[2:] == (spec.num_kv_heads, 4)
+        cos, sin = R.select_rope_pairs(cache.rope_cos, cache.rope_sin, compressed.rope_pairs)
+        exact = R.latent_rope_keys_ref(codes, scale, slots, pos, p.wuk, p.wuk_scale, spec.latent_bits, cos, sin)
+        got = keys.view(-1, spec.num_kv_heads, 4)[slots].double()
+        assert bool(((got - exact).abs() <= rope_keys_bound(codes, scale, slots, p.wuk, p.wuk_scale,
+                                                            spec.latent_bits, exact)).all())
+        assert float(exact.abs().max()) > 0
+        assert p.token_nbytes == spec.cache_row_bytes + 2 * spec.num_kv_heads * 4
+    assert cache.token_nbytes() == sum(l.projector.token_nbytes for l in cache.layers)
+    for rope_dims in (None, 0):  # full RoPE rebuilds; no RoPE has nothing to cache
+        m = hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(rope_dims), backend="ops")
+        _, other = hf.generate(m, ids, max_new_tokens=2, do_sample=False)
+        assert all(len(l.pool.tensors) == 2 for l in other.layers)
+
+
+@pytest.mark.parametrize("form", ["cached", "rebuilt"])
+@torch.no_grad()
+def test_the_cached_form_reads_the_keys_and_rebuilds_none(tiny_llama_compressor, w8a8, monkeypatch, form):
+    """Every attention call of the cached form reads rope_keys (decode and
+    the prefill's reconstruction), each step appends them once per layer;
+    the rebuilt form passes none. Decode through the cache equals the whole
+    sequence recomputed from the same cache in both forms (test above)."""
+    from qsvd_kernels import ops
+
+    model, _ = tiny_llama_compressor
+    seen = {"attention": [], "reconstruct": [], "append": 0}
+    orig_att, orig_rec, orig_app = ops.latent_attention, ops.latent_reconstruct_kv, ops.latent_rope_keys_append
+
+    def att(*a, **k):
+        seen["attention"].append(a[15] if len(a) > 15 else k.get("rope_keys"))
+        return orig_att(*a, **k)
+
+    def rec(*a, **k):
+        seen["reconstruct"].append(a[13] if len(a) > 13 else k.get("rope_keys"))
+        return orig_rec(*a, **k)
+
+    def app(*a, **k):
+        seen["append"] += 1
+        return orig_app(*a, **k)
+
+    monkeypatch.setattr(ops, "latent_attention", att)
+    monkeypatch.setattr(ops, "latent_reconstruct_kv", rec)
+    monkeypatch.setattr(ops, "latent_rope_keys_append", app)
+    _, seq, cache = _generate(model, w8a8.with_rope_dims(4), _ids(seed=5, n=2, length=6), rope_key_cache=form)
+    layers = len(cache.layers)
+    assert len(seen["attention"]) == 4 * layers and len(seen["reconstruct"]) == layers  # 1 prefill + 4 decodes
+    cached = form == "cached"
+    assert all((t is not None) == cached for t in seen["attention"] + seen["reconstruct"])
+    assert seen["append"] == (5 * layers if cached else 0)
+
+
+def test_the_rotary_key_form_is_checked(tiny_llama_compressor, w8a8):
+    model, _ = tiny_llama_compressor
+    with pytest.raises(ValueError, match="rope_key_cache must be one of"):
+        hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(4), backend="ops", rope_key_cache="yes")
+    with pytest.raises(ValueError, match="rope_key_cache must be one of"):
+        hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(4), backend="torch", rope_key_cache="yes")
+    with pytest.raises(ValueError, match="rope_key_cache='cached': this layer has no rotary dims"):
+        hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(0), backend="ops", rope_key_cache="cached")
+    with pytest.raises(ValueError, match="rope_key_cache='cached' is a form of the ops backend"):
+        hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(4), backend="torch", rope_key_cache="cached")
+    # a cache of the other form is refused, never read stale or rebuilt silently
+    from qsvd_kernels.integrations.core import LatentCache
+
+    projector = hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(4), backend="ops")._qsvd_stack.projectors[0]
+    pool = projector.new_pool(1, 4, "cpu")
+    assert len(pool.tensors) == 3
+    with pytest.raises(ValueError, match="the cache has no rope_keys"):
+        projector.core._rope_keys(LatentCache(*pool.tensors[:2]))
+    rebuilt = hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(4), backend="ops",
+                            rope_key_cache="rebuilt")._qsvd_stack.projectors[0]
+    with pytest.raises(ValueError, match="a cache with rope_keys would never be written"):
+        rebuilt.core._rope_keys(LatentCache(*pool.tensors))

@@ -75,9 +75,11 @@ def exported(tmp_path_factory):
     return out
 
 
-def _hf_greedy(exported, quant: str, prompts, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+def _hf_greedy(exported, quant: str, prompts, max_tokens: int = MAX_TOKENS,
+               rope_key_cache: str = "auto") -> list[list[int]]:
     """The Hugging Face integration's greedy tokens, one prompt at a time."""
-    model = hf.apply_qsvd(copy.deepcopy(exported["model"]), exported[quant], backend="ops")
+    model = hf.apply_qsvd(copy.deepcopy(exported["model"]), exported[quant], backend="ops",
+                          rope_key_cache=rope_key_cache)
     model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos: both generate MAX_TOKENS
     got = []
     with torch.no_grad():
@@ -116,16 +118,33 @@ def test_greedy_tokens_equal_the_hf_integration_under_chunked_prefill_and_prefix
     assert min(got["rounds"][1]["num_cached_tokens"]) >= BLOCK, got["rounds"][1]["num_cached_tokens"]
 
 
-def test_partial_rope_serves_the_hf_integrations_tokens(exported, tmp_path):
+@pytest.mark.parametrize("form", ["auto", "rebuilt"])
+def test_partial_rope_serves_the_hf_integrations_tokens(exported, tmp_path, form):
     """A layer with partial RoPE (8 of 32 head dims rotary: narrow RoPE tables
     into latent_attention, the other dims absorbed) under chunked prefill,
-    token for token against the HF integration on the same artefact."""
+    token for token against the HF integration on the same artefact, in
+    both forms of K's rotary part: cached beside the latent ("auto" for
+    partial RoPE: a second page per layer, which vLLM counts) and rebuilt
+    (``additional_config``)."""
+    from qsvd_kernels.integrations.core import cache_token_bytes
+
     rounds = _prompts()[:1]
     got = _run_vllm(tmp_path, {"model": str(exported["root"] / "vllm-W8A8-rope8"), "rounds": rounds,
-                               "max_num_batched_tokens": CHUNK, "max_num_seqs": 8})
-    assert got["rounds"][0]["tokens"] == _hf_greedy(exported, "W8A8-rope8", rounds[0])
+                               "max_num_batched_tokens": CHUNK, "max_num_seqs": 8,
+                               "additional_config": {"qsvd": {"rope_key_cache": form}}})
+    assert got["rounds"][0]["tokens"] == _hf_greedy(exported, "W8A8-rope8", rounds[0], rope_key_cache=form)
     config = json.loads((exported["root"] / "vllm-W8A8-rope8" / "config.json").read_text())
     assert all(spec["rope_pairs"] == [0, 1, 2, 3] for spec in config["qsvd"]["layers"])  # what vLLM's layers read
+    specs = [l.spec() for l in exported["W8A8-rope8"].layers]
+    token_bytes = sum(cache_token_bytes(s, form) for s in specs)
+    assert token_bytes == sum(s.cache_row_bytes + (2 * s.num_kv_heads * 8 if form == "auto" else 0) for s in specs)
+    assert got["num_blocks"] == KV_SPACE_GIB * 2**30 // (BLOCK * token_bytes)  # vLLM counted the keys' pages
+
+
+def test_an_unknown_qsvd_serving_option_is_refused(exported, tmp_path):
+    proc = _run_vllm(tmp_path, {"model": str(exported["root"] / "vllm-W8A8-rope8"), "rounds": [[[1, 2, 3]]],
+                                "additional_config": {"qsvd": {"rope_key_cache": "sometimes"}}}, expect_ok=False)
+    assert proc.returncode != 0 and "rope_key_cache must be one of" in proc.stderr + proc.stdout
 
 
 def test_greedy_tokens_equal_the_hf_integration_with_tensor_parallelism(exported, tmp_path):
@@ -282,7 +301,7 @@ def test_a_step_without_its_metadata_or_with_a_foreign_cache_raises(monkeypatch)
     from qsvd_kernels.integrations.vllm import model as vm
 
     layer = SimpleNamespace(layer_name="model.layers.0.self_attn.attn", spec=SimpleNamespace(cache_row_bytes=68),
-                            attend=lambda *a: pytest.fail("attend ran without metadata"))
+                            rope_keys=None, attend=lambda *a: pytest.fail("attend ran without metadata"))
     ctx = SimpleNamespace(no_compile_layers={layer.layer_name: layer}, attn_metadata={"model.layers.1": object()})
     monkeypatch.setattr(vm, "get_forward_context", lambda: ctx)
     c, pos, out = torch.zeros(2, 64), torch.zeros(2, dtype=torch.long), torch.zeros(2, 128)

@@ -10,7 +10,9 @@ prefills, decodes and padding rows):
    quantization), c = x W_d (quant_gemm, fp32 [N, r]);
 2. ``store``: latent_cache_append writes each real row's quantized c at its
    slot of the paged cache (padding rows have slot -1), and reads the rows
-   back when q is made from them;
+   back when q is made from them; with partial RoPE's cached form, K's
+   rotary part of those rows is written beside them (latent_rope_keys_append,
+   ``LatentCache.rope_keys``), so no later step rebuilds it;
 3. ``queries``: q, fp32 [N, H d] (plus b_q): in the "qkv" latent form from
    the *cached* rows (queries see exactly what later steps' keys are made
    of), in the "kv" form from x's codes with W_q (the same activation codes
@@ -22,8 +24,10 @@ prefills, decodes and padding rows):
    (prefill, chunked prefill, prefix-cache hits). The V bias is added once,
    after attention (softmax weights sum to 1). Padding rows give zeros.
 
-A cache is ``LatentCache(codes, scale)``: separate codes and fp32 scales,
-or packed rows (``scale`` None; docs/ops.md "The latent cache layouts").
+A cache is ``LatentCache(codes, scale, rope_keys)``: separate codes and fp32
+scales, or packed rows (``scale`` None; docs/ops.md "The latent cache
+layouts"), and the rotary keys when the layer caches them
+(``rope_keys_cached``: the byte and operation model is there).
 The operands are read by name from ``operands`` (a module holding them as
 buffers or parameters, laid out as model.layer_tensors says), at every
 call, so moving or loading them needs nothing from the core.
@@ -68,6 +72,46 @@ def refuse_k_bias(bk: torch.Tensor | None, where: str, error: type[Exception] = 
 class LatentCache(NamedTuple):
     codes: torch.Tensor  # [num_blocks, block_size, row bytes] (separate) or [.., row bytes + 4] uint8 (packed)
     scale: torch.Tensor | None  # [num_blocks, block_size] fp32, or None for packed rows
+    # [num_blocks, block_size, H_kv, d_rope] fp16: K's rotary part per cached
+    # token, for a layer that caches it (rope_keys_cached), else None
+    rope_keys: torch.Tensor | None = None
+
+
+ROPE_KEY_CACHE_CHOICES = ("auto", "cached", "rebuilt")
+
+
+def rope_keys_cached(spec: QSVDLayerSpec, rope_key_cache: str = "auto") -> bool:
+    """Whether a layer keeps K's rotary part in the cache beside the latent.
+
+    Per cached token and kv head, rebuilding it costs ``2 r d_rope``
+    operations at every decode step (RoPE(c W_uk[:, :d_rope]) cannot be
+    absorbed), caching it ``2 d_rope`` bytes once (fp16). At r = 960 and
+    d_rope = 32 that is 61 k operations against 64 bytes: the rebuild costs
+    about as much as reading 1000x those bytes would, so "auto" caches it
+    whenever the layer has partial RoPE (0 < d_rope < d). Full RoPE rebuilds:
+    caching all of K's dims would store K itself (2 H_kv d bytes per token,
+    more than the latent it was compressed to), and keeps the exact form's
+    tokens. "cached" / "rebuilt" force a form (a layer without rotary dims has
+    nothing to cache)."""
+    if rope_key_cache not in ROPE_KEY_CACHE_CHOICES:
+        raise ValueError(f"rope_key_cache must be one of {ROPE_KEY_CACHE_CHOICES}, got {rope_key_cache!r}")
+    if rope_key_cache == "auto":
+        return 0 < spec.d_rope < spec.head_dim
+    if rope_key_cache == "cached" and spec.d_rope == 0:
+        raise ValueError("rope_key_cache='cached': this layer has no rotary dims (d_rope 0), so K has no rotary "
+                         "part to cache")
+    return rope_key_cache == "cached"
+
+
+def rope_key_bytes(spec: QSVDLayerSpec) -> int:
+    """Bytes per token of a layer's cached rotary keys (fp16, its kv heads)."""
+    return 2 * spec.num_kv_heads * spec.d_rope
+
+
+def cache_token_bytes(spec: QSVDLayerSpec, rope_key_cache: str = "auto") -> int:
+    """A layer's cache bytes per token: the packed latent row (codes and fp32
+    scale), plus the rotary keys where they are cached."""
+    return spec.cache_row_bytes + (rope_key_bytes(spec) if rope_keys_cached(spec, rope_key_cache) else 0)
 
 
 class Projection(NamedTuple):
@@ -133,7 +177,8 @@ class AttentionStep:
             q = self.queries(proj, rows)
         # This layer's tables: partial RoPE rotates its rotary pairs only (laid
         # out first in q and k); no pairs: no rotation, K absorbed.
-        rope_cos, rope_sin = R.select_rope_pairs(rope_cos, rope_sin, s.rope_pairs)
+        rope_cos, rope_sin = self.layer_rope_tables(rope_cos, rope_sin)
+        self.store_rope_keys(cache, meta, rope_cos, rope_sin)
         q = q.reshape(N, s.num_heads, s.head_dim)
         if rope_cos is not None:
             pos = meta.positions.clamp(min=0)
@@ -152,6 +197,22 @@ class AttentionStep:
         if prefills:
             self._prefill(q, cache, meta, prefills, rope_cos, rope_sin, sm_scale, out)
         return out
+
+    def layer_rope_tables(self, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+        """The model's tables restricted to this layer's rotary pairs
+        (reference.select_rope_pairs), kept while the model's tables are the
+        same, unchanged tensors (an engine's fixed tables are selected once,
+        not at every step; an in-place write bumps their version)."""
+        key = (rope_cos.data_ptr(), rope_sin.data_ptr(), tuple(rope_cos.shape), rope_cos.device, rope_cos._version,
+               rope_sin._version)
+        kept = getattr(self, "_rope_tables", None)
+        if kept is None or kept[0] != key:
+            kept = self._rope_tables = (key, R.select_rope_pairs(rope_cos, rope_sin, self.spec.rope_pairs))
+        return kept[1]
+
+    def store_rope_keys(self, cache, meta: StepMetadata, rope_cos, rope_sin) -> None:
+        """Write the rotary keys of the step's stored rows (a layer that caches
+        them, ``rope_keys_cached``); nothing otherwise."""
 
     def _prefill(self, q, cache, meta: StepMetadata, prefills, rope_cos, rope_sin, sm_scale, out) -> None:
         """Each listed sequence's new rows attend causally over its whole
@@ -180,10 +241,33 @@ class QSVDAttentionCore(AttentionStep):
     and lengths (vLLM's are valid by construction), so the CUDA launchers skip
     their host check (a sync per call); the kernels still guard every index."""
 
-    def __init__(self, spec: QSVDLayerSpec, operands, check_indices: bool = True):
+    def __init__(self, spec: QSVDLayerSpec, operands, check_indices: bool = True, rope_key_cache: str = "auto"):
         self.spec = spec
         self.operands = operands
         self.check_indices = check_indices
+        self.rope_keys_cached = rope_keys_cached(spec, rope_key_cache)
+
+    @property
+    def rope_key_bytes(self) -> int:
+        """Cache bytes per token for the rotary keys: 0 when they are rebuilt."""
+        return rope_key_bytes(self.spec) if self.rope_keys_cached else 0
+
+    def new_rope_keys(self, num_blocks: int, block_size: int, device) -> torch.Tensor | None:
+        """Zeroed rotary-key storage for a pool of ``num_blocks`` blocks, or
+        None when this layer rebuilds them."""
+        if not self.rope_keys_cached:
+            return None
+        s = self.spec
+        return torch.zeros(num_blocks, block_size, s.num_kv_heads, s.d_rope, dtype=torch.float16, device=device)
+
+    def _rope_keys(self, cache: LatentCache) -> torch.Tensor | None:
+        """The cache's rotary keys, checked against this layer's form: never
+        a rebuild where keys were expected, nor stale keys read."""
+        if self.rope_keys_cached and cache.rope_keys is None:
+            raise ValueError("this layer caches K's rotary part (rope_keys_cached): the cache has no rope_keys")
+        if not self.rope_keys_cached and cache.rope_keys is not None:
+            raise ValueError("this layer rebuilds K's rotary part: a cache with rope_keys would never be written")
+        return cache.rope_keys
 
     def _t(self, name: str):
         return getattr(self.operands, name, None)
@@ -205,6 +289,15 @@ class QSVDAttentionCore(AttentionStep):
         form), else None."""
         self.append(proj, slots, cache)
         return self.read_rows(cache, slots) if self.queries_need_rows else None
+
+    def store_rope_keys(self, cache: LatentCache, meta: StepMetadata, rope_cos, rope_sin) -> None:
+        rope_keys = self._rope_keys(cache)
+        if rope_keys is None:
+            return
+        s = self.spec
+        ops.latent_rope_keys_append(cache.codes, cache.scale, meta.slots, meta.positions.clamp(min=0),
+                                    self._t("wuk"), self._t("wuk_scale"), s.latent_bits, rope_cos, rope_sin,
+                                    rope_keys, self.check_indices)
 
     def read_rows(self, cache: LatentCache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached rows at ``slots`` as quant_gemm operands (codes, fp32
@@ -253,7 +346,7 @@ class QSVDAttentionCore(AttentionStep):
             plan = plans.get(key)
             if plan is None:
                 plan = plans[key] = ops.latent_attention_plan(*args, cos, sin)
-        out, _ = ops.latent_attention(*args, sm_scale, cos, sin, self.check_indices, plan)
+        out, _ = ops.latent_attention(*args, sm_scale, cos, sin, self.check_indices, plan, self._rope_keys(cache))
         bv = self.v_bias_per_query_head()
         return out.float() if bv is None else out.float() + bv
 
@@ -264,7 +357,7 @@ class QSVDAttentionCore(AttentionStep):
         s = self.spec
         k, v = ops.latent_reconstruct_kv(cache.codes, cache.scale, block_table, seq_lens, self._t("wuk"),
                                          self._t("wuk_scale"), self._t("wuv"), self._t("wuv_scale"), s.latent_bits,
-                                         cos, sin, torch.float32, self.check_indices)
+                                         cos, sin, torch.float32, self.check_indices, self._rope_keys(cache))
         bv = self._t("bv")
         if bv is not None:
             v = v + bv.view(1, s.num_kv_heads, s.head_dim)

@@ -61,7 +61,7 @@ def _decoder_stack(model: nn.Module, block_name: str) -> str:
 
 
 def apply_qsvd(model: nn.Module, compressed: CompressedModel, backend: str = "ops",
-               allow_duck_typed: bool = False) -> nn.Module:
+               allow_duck_typed: bool = False, rope_key_cache: str = "auto") -> nn.Module:
     """Run ``model``'s attention on the compressed layers, in place.
 
     Decoder blocks become QSVDDecoderAttention, with a latent cache attached
@@ -75,6 +75,11 @@ def apply_qsvd(model: nn.Module, compressed: CompressedModel, backend: str = "op
     vouch that its attention is LLaMA's: it is refused unless
     ``allow_duck_typed=True`` (encoders keep the model's own attention and
     need no opt-in).
+
+    ``rope_key_cache`` ("auto", "cached", "rebuilt"): whether a layer with
+    partial RoPE keeps K's rotary part in its cache beside the latent or
+    rebuilds it at every step (integrations/core.py ``rope_keys_cached``:
+    "auto" caches it for partial RoPE, rebuilds for full RoPE).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -87,7 +92,8 @@ def apply_qsvd(model: nn.Module, compressed: CompressedModel, backend: str = "op
         if layer.dims != site.dims:
             raise ValueError(f"{site.name}: the compressed layer is {layer.dims}, the model's is {site.dims}")
         family = family_of(site.module)
-        projector = make_projector(layer, backend, encoder=not family.is_decoder).to(device)
+        projector = make_projector(layer, backend, encoder=not family.is_decoder,
+                                   rope_key_cache=rope_key_cache).to(device)
         if family.is_decoder:
             missing = family.unsupported(site.module)
             if missing:

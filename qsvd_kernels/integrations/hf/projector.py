@@ -8,7 +8,8 @@ Both offer:
 - ``latent(x)``: the step's projection of x [N, E] (c = x W_d, and what q
   needs in the "kv" latent form);
 - ``new_pool(num_blocks, block_size, device)``: one layer's paged latent
-  storage, and ``cache_view(pool)``: the view of it ``core`` takes;
+  storage (with the rotary keys when the layer caches them), and
+  ``cache_view(pool)``: the view of it ``core`` takes;
 - ``core``: the decoder attention step (integrations/core.py ``run``); on the
   ops, ``QSVDAttentionCore``; in torch, the same primitives simulated (the
   cache keeps the dequantized latent in fp32, and there is no fused decode);
@@ -25,7 +26,7 @@ from torch import nn
 from ... import formats, ops
 from ... import reference as R
 from ...compress.layer import CompressedQKV
-from ..core import AttentionStep, LatentCache, QSVDAttentionCore
+from ..core import ROPE_KEY_CACHE_CHOICES, AttentionStep, LatentCache, QSVDAttentionCore
 
 
 class LatentPool:
@@ -86,11 +87,11 @@ class OpsProjector(_Projector):
 
     backend = "ops"
 
-    def __init__(self, layer: CompressedQKV, encoder: bool = False):
+    def __init__(self, layer: CompressedQKV, encoder: bool = False, rope_key_cache: str = "auto"):
         super().__init__(layer)
         for name, t in layer.kernel_tensors().items():  # raises for unquantized artefacts
             self.register_buffer(name, t, persistent=False)
-        self.core = QSVDAttentionCore(layer.spec(), self)
+        self.core = QSVDAttentionCore(layer.spec(), self, rope_key_cache=rope_key_cache)
         self.code = formats.code_format(self.quant.latent_bits)
         if encoder:
             # Encoders take K and V from quant_gemm: W_uk, W_uv as b operands
@@ -104,26 +105,29 @@ class OpsProjector(_Projector):
 
     @property
     def token_nbytes(self) -> float:
-        """Cache bytes per token: codes plus the per-token fp32 scale."""
-        return self.code.row_bytes(self.rank) + 4
+        """Cache bytes per token: codes plus the per-token fp32 scale, plus
+        the rotary keys where they are cached."""
+        return self.code.row_bytes(self.rank) + 4 + self.core.rope_key_bytes
 
     def latent(self, x2d: torch.Tensor):
         return self.core.project(x2d)
 
     def new_pool(self, num_blocks: int, block_size: int, device) -> LatentPool:
+        rope_keys = self.core.new_rope_keys(num_blocks, block_size, device)
         return LatentPool([
             torch.zeros(num_blocks, block_size, self.code.row_bytes(self.rank), dtype=self.code.dtype, device=device),
-            torch.zeros(num_blocks, block_size, dtype=torch.float32, device=device)])
+            torch.zeros(num_blocks, block_size, dtype=torch.float32, device=device)]
+            + ([] if rope_keys is None else [rope_keys]))
 
     @staticmethod
     def cache_view(pool: LatentPool) -> LatentCache:
-        return LatentCache(*pool.tensors)
+        return LatentCache(*pool.tensors)  # (codes, scale[, rope_keys])
 
     def quantize_latent(self, proj):
         """The latent's quantized form without a cache (encoders): quantized by
         latent_cache_append into a transient one-block pool."""
         N = proj.c.shape[0]
-        cache = LatentCache(*self.new_pool(1, max(N, 1), proj.c.device).tensors)
+        cache = LatentCache(*self.new_pool(1, max(N, 1), proj.c.device).tensors[:2])
         slots = torch.arange(N, device=proj.c.device)
         self.core.append(proj, slots, cache)
         return self.core.read_rows(cache, slots)
@@ -146,8 +150,12 @@ class TorchProjector(_Projector):
 
     backend = "torch"
 
-    def __init__(self, layer: CompressedQKV, encoder: bool = False):
+    def __init__(self, layer: CompressedQKV, encoder: bool = False, rope_key_cache: str = "auto"):
         super().__init__(layer)
+        if rope_key_cache not in ROPE_KEY_CACHE_CHOICES:
+            raise ValueError(f"rope_key_cache must be one of {ROPE_KEY_CACHE_CHOICES}, got {rope_key_cache!r}")
+        if rope_key_cache == "cached":  # the simulation keeps the fp32 latent and rebuilds K exactly
+            raise ValueError("rope_key_cache='cached' is a form of the ops backend; the torch backend rebuilds K")
         self.core = _TorchStep(self)
 
     @property
@@ -235,8 +243,8 @@ def _token_slots(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: 
     return slots, t
 
 
-def make_projector(layer: CompressedQKV, backend: str, encoder: bool) -> _Projector:
+def make_projector(layer: CompressedQKV, backend: str, encoder: bool, rope_key_cache: str = "auto") -> _Projector:
     classes = {"ops": OpsProjector, "torch": TorchProjector}
     if backend not in classes:
         raise ValueError(f"backend must be one of {tuple(classes)}, got {backend!r}")
-    return classes[backend](layer, encoder=encoder)
+    return classes[backend](layer, encoder=encoder, rope_key_cache=rope_key_cache)

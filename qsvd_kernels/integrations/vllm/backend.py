@@ -38,6 +38,15 @@ class QSVDLatentSpec(FullAttentionSpec):
     bits: int = 8
 
 
+@dataclass(frozen=True, kw_only=True)
+class QSVDRopeKeysSpec(FullAttentionSpec):
+    """The page of a layer's cached rotary keys (partial RoPE's cached form,
+    integrations/core.py ``rope_keys_cached``): ``block_size`` tokens of
+    fp16 [H_kv, d_rope], as one uint8 "head" of ``2 H_kv d_rope`` bytes.
+    Its own page beside the latent's, in the same group and block table, so
+    vLLM counts, zeroes and moves these bytes with the latent's blocks."""
+
+
 # ------------------------------------------------------------------ metadata
 @dataclass
 class QSVDMetadata:

@@ -11,6 +11,13 @@ The page is ``block_size`` packed rows of (codes | fp32 scale), the layout
 of docs/ops.md, so vLLM counts every byte and prefix caching, block zeroing
 and KV connectors move the scales with the codes (``backend.py``).
 
+With partial RoPE, K's rotary part is cached by default (the cached form,
+integrations/core.py ``rope_keys_cached``) in a second page per layer
+(``QSVDRotaryKeys``, a layer of its own to vLLM: same block table, its
+bytes counted). ``LLM(..., additional_config={"qsvd": {"rope_key_cache":
+"rebuilt"}})`` rebuilds it at each step instead ("auto", "cached",
+"rebuilt").
+
 The layer is this rank's heads: q, W_uk / W_uv and o_proj are sharded by
 head (kv heads replicated when there are fewer than ranks, as vLLM does).
 
@@ -43,9 +50,70 @@ from vllm.utils.torch_utils import direct_register_custom_op  # noqa: E402
 from ...model.families import causal_lm_architectures, config_sliding_window, family_of_architecture  # noqa: E402
 from ..core import LatentCache, Projection, QSVDAttentionCore  # noqa: E402
 from ..export import QSVD_PREFIX  # noqa: E402
-from .backend import QSVDAttentionImpl, QSVDLatentBackend, QSVDLatentSpec, QSVDMetadata  # noqa: E402
+from .backend import QSVDAttentionImpl, QSVDLatentBackend, QSVDLatentSpec, QSVDMetadata, QSVDRopeKeysSpec  # noqa: E402
 from .config import layer_specs, qsvd_config  # noqa: E402
 from .weights import QSVDOperands, tp_shard  # noqa: E402
+
+
+def _register_layer(layer, name: str) -> None:
+    """Put a layer in vLLM's forward context (where vLLM finds the layers
+    that own KV cache pages, and where the op finds them at run time)."""
+    ctx = get_current_vllm_config().compilation_config.static_forward_context
+    if name in ctx:
+        raise ValueError(f"duplicate layer name {name}")
+    ctx[name] = layer
+
+
+def _rope_key_cache_choice() -> str:
+    """``additional_config={"qsvd": {"rope_key_cache": ...}}`` of the LLM,
+    "auto" when not given (checked by core.rope_keys_cached)."""
+    extra = get_current_vllm_config().additional_config
+    qsvd = extra.get("qsvd", {}) if isinstance(extra, dict) else {}
+    if not isinstance(qsvd, dict):
+        raise ValueError(f"additional_config['qsvd'] must be a dict, got {type(qsvd).__name__}")
+    unknown = set(qsvd) - {"rope_key_cache"}
+    if unknown:
+        raise ValueError(f"additional_config['qsvd'] has unknown keys {sorted(unknown)}; known: ['rope_key_cache']")
+    return qsvd.get("rope_key_cache", "auto")
+
+
+def _bound_page(kv: torch.Tensor, name: str, row: int) -> torch.Tensor:
+    """A layer's bound cache as uint8 [num_blocks, block_size, row], checked."""
+    if kv.dim() == 4 and kv.shape[1] == 1:  # vLLM's [blocks, heads, tokens, content] view, one head
+        kv = kv.squeeze(1)
+    if kv.dim() != 3 or kv.dtype != torch.uint8 or kv.shape[-1] != row:
+        raise RuntimeError(f"{name}: the KV cache vLLM bound is {tuple(kv.shape)} {kv.dtype}, expected uint8 "
+                           f"[num_blocks, block_size, {row}]")
+    if not kv.is_contiguous():
+        raise RuntimeError(f"{name}: the KV cache vLLM bound is not one contiguous buffer per layer (strides "
+                           f"{kv.stride()}); use a layer-compact VLLM_KV_CACHE_LAYOUT (e.g. LBHNC)")
+    return kv
+
+
+class QSVDRotaryKeys(nn.Module, AttentionLayerBase):
+    """The page of a QSVD layer's cached rotary keys, a layer of its own to
+    vLLM (``{layer}.rope_keys``): it owns that page and computes nothing;
+    its QSVDAttention reads and writes it."""
+
+    def __init__(self, spec, name: str):
+        super().__init__()
+        self.spec, self.layer_name = spec, name
+        self.row_bytes = 2 * spec.num_kv_heads * spec.d_rope
+        self.kv_cache = torch.tensor([])  # bound by vLLM (bind_kv_cache)
+        self.impl = QSVDAttentionImpl()
+        _register_layer(self, name)
+
+    def get_attn_backend(self):
+        return QSVDLatentBackend
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> QSVDRopeKeysSpec:
+        return QSVDRopeKeysSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=1,
+                                head_size=self.row_bytes, head_size_v=0, dtype=torch.uint8)
+
+    def page(self) -> torch.Tensor:
+        """fp16 [num_blocks, block_size, H_kv, d_rope], as the ops take it."""
+        kv = _bound_page(self.kv_cache, self.layer_name, self.row_bytes)
+        return kv.view(torch.float16).view(*kv.shape[:2], self.spec.num_kv_heads, self.spec.d_rope)
 
 
 # ------------------------------------------------------------ the attention
@@ -88,7 +156,9 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         # vLLM's slot mappings and block tables are valid by construction: the
         # CUDA launchers skip their host check of them (a sync per call, which
         # CUDA graphs cannot capture); the kernels still guard every index.
-        self.core = QSVDAttentionCore(self.spec, self.qsvd, check_indices=False)
+        self.core = QSVDAttentionCore(self.spec, self.qsvd, check_indices=False,
+                                      rope_key_cache=_rope_key_cache_choice())
+        self.rope_keys = QSVDRotaryKeys(self.spec, f"{prefix}.rope_keys") if self.core.rope_keys_cached else None
 
         self.o_proj = RowParallelLinear(input_size=num_heads * head_dim, output_size=hidden_size, bias=bias_o_proj,
                                         quant_config=None, prefix=f"{prefix}.o_proj")
@@ -102,10 +172,7 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
 
         self.kv_cache = torch.tensor([])  # bound by vLLM (bind_kv_cache)
         self.impl = QSVDAttentionImpl()
-        ctx = get_current_vllm_config().compilation_config.static_forward_context
-        if prefix in ctx:
-            raise ValueError(f"duplicate layer name {prefix}")
-        ctx[prefix] = self
+        _register_layer(self, prefix)
 
     # ------------------------------------------------------------- weights
     def load_weights(self, weights) -> set[str]:
@@ -145,18 +212,16 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         o, _ = self.o_proj(out)
         return o
 
-    def page(self) -> torch.Tensor:
-        """This layer's cache as the ops take it: uint8 [num_blocks, block_size, row bytes + 4]."""
-        kv, row = self.kv_cache, self.spec.cache_row_bytes
-        if kv.dim() == 4 and kv.shape[1] == 1:  # vLLM's [blocks, heads, tokens, content] view, one head
-            kv = kv.squeeze(1)
-        if kv.dim() != 3 or kv.dtype != torch.uint8 or kv.shape[-1] != row:
-            raise RuntimeError(f"{self.layer_name}: the KV cache vLLM bound is {tuple(kv.shape)} {kv.dtype}, "
-                               f"expected uint8 [num_blocks, block_size, {row}]")
-        if not kv.is_contiguous():
-            raise RuntimeError(f"{self.layer_name}: the KV cache vLLM bound is not one contiguous buffer per layer "
-                               f"(strides {kv.stride()}); use a layer-compact VLLM_KV_CACHE_LAYOUT (e.g. LBHNC)")
-        return kv
+    def page(self) -> LatentCache:
+        """This layer's cache as the ops take it: packed rows uint8
+        [num_blocks, block_size, row bytes + 4], and the rotary keys' page
+        when they are cached."""
+        rows = _bound_page(self.kv_cache, self.layer_name, self.spec.cache_row_bytes)
+        keys = None if self.rope_keys is None else self.rope_keys.page()
+        if keys is not None and keys.shape[:2] != rows.shape[:2]:
+            raise RuntimeError(f"{self.layer_name}: vLLM bound {keys.shape[0]} blocks of rotary keys for "
+                               f"{rows.shape[0]} latent blocks")
+        return LatentCache(rows, None, keys)
 
     def attend(self, c: torch.Tensor, q: torch.Tensor, positions: torch.Tensor, out: torch.Tensor,
                meta: QSVDMetadata | None) -> None:
@@ -167,7 +232,7 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
             return
         T = meta.num_tokens
         step = replace(meta.step, positions=positions[:T].long())
-        result = self.core.run(Projection(c[:T], None, None), LatentCache(self.page(), None), step, self.rope_cos,
+        result = self.core.run(Projection(c[:T], None, None), self.page(), step, self.rope_cos,
                                self.rope_sin, self.scaling, q=None if self.core.queries_need_rows else q[:T])
         out[:T] = result.reshape(T, -1).to(out.dtype)
         out[T:] = 0

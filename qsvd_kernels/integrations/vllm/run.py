@@ -6,7 +6,8 @@ per engine (one vLLM engine per process is what vLLM supports).
 
 SPEC: {"model": dir, "dtype": "float32", "max_model_len": 256, "block_size": 16,
        "max_num_batched_tokens": null, "enable_prefix_caching": true,
-       "tensor_parallel_size": 1, "kv_cache_memory_bytes": null, "rounds": [[prompt token ids, ...], ...],
+       "tensor_parallel_size": 1, "kv_cache_memory_bytes": null, "additional_config": null,
+       "rounds": [[prompt token ids, ...], ...],
        "max_tokens": 12, "logprobs": null, "timed": false}
 
 OUT: {"rounds": [{"tokens": [[...], ...], "num_cached_tokens": [...], "seconds": s,
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
         kw["enable_chunked_prefill"] = True
     if spec.get("kv_cache_memory_bytes"):  # a KV budget in bytes (else VLLM_CPU_KVCACHE_SPACE's GiB)
         kw["kv_cache_memory_bytes"] = spec["kv_cache_memory_bytes"]
+    if spec.get("additional_config"):  # e.g. {"qsvd": {"rope_key_cache": "rebuilt"}}
+        kw["additional_config"] = spec["additional_config"]
     if spec.get("max_num_seqs"):
         kw["max_num_seqs"] = spec["max_num_seqs"]
     llm = LLM(**kw)
