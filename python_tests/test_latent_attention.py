@@ -334,10 +334,10 @@ def test_cached_rope_keys_match_the_reference(bits, wdtype, d_rope, packed):
     CPU bound). The CUDA kernels refuse rope_keys."""
     require_kernel("latent_rope_keys_append", "cpu")
     g = torch.Generator().manual_seed(21)
-    seq_lens, H, H_kv, r, d = [37, 0, 130], 8, 2, 96, 64
+    seq_lens, H, H_kv, r, d = [37, 0, 300], 8, 2, 96, 64
     pc = make_paged_cache(seq_lens, r, bits, 16, generator=g)
     w_uk, ws_k, w_uv, ws_v = make_weights(H_kv, r, d, wdtype, generator=g)
-    cos, sin = R.rope_tables(200, d, pairs=range(d_rope // 2))
+    cos, sin = R.rope_tables(320, d, pairs=range(d_rope // 2))
     cache, scale = (_packed(pc), None) if packed else (pc.cache, pc.cache_scale)
     keys = torch.full((pc.cache.shape[0], pc.cache.shape[1], H_kv, d_rope), float("nan"), dtype=torch.float16)
     slots, pos = _all_slots(pc, seq_lens)
@@ -357,8 +357,8 @@ def test_cached_rope_keys_match_the_reference(bits, wdtype, d_rope, packed):
     host = [cache, scale, pc.block_table, pc.seq_lens, w_uk, ws_k, w_uv, ws_v, bits, 0.125, cos, sin]
     out, lse = qk.latent_attention(q, *host, rope_keys=keys)
     truth = R.latent_attention_ref(q.double(), *host, rope_keys=keys)
-    _check(out, lse, truth, latent_attention_error_bound(q, *host, **LATENT_BOUND["cpu"]), torch.float32,
-           f"rope_keys d_rope={d_rope}")
+    _check(out, lse, truth, latent_attention_error_bound(q, *host, **LATENT_BOUND["cpu"], rope_keys=keys),
+           torch.float32, f"rope_keys d_rope={d_rope}")
     kv_args = host[:9] + host[10:]
     k, v = qk.latent_reconstruct_kv(*kv_args, out_dtype=torch.float32, rope_keys=keys)
     k_ref, _ = R.latent_reconstruct_kv_ref(*kv_args, out_dtype=torch.float32, compute_dtype=torch.float64,

@@ -59,7 +59,8 @@ LATENT_KERNEL_BOUND = {"simt": {"u": U32, "kernel": "cuda"}, "tc": {"u": U32, "k
 RECONSTRUCT_BOUND = {"cpu": {"u": U32}, "cuda": {"u": U32, "tensor_cores": True}}
 
 # Token tiles of the CPU latent_attention kernel (kTileRope, kTileAbsorbed in
-# csrc/cpu/latent_attention.cpp): the depth of its fp32 sums depends on them.
+# csrc/cpu/latent_common.h), keyed by "K's rotary part rebuilt": the depth of
+# its fp32 sums depends on them.
 CPU_TILE_TOKENS = {True: 64, False: 256}
 
 # Largest token tile of the tensor-core split kernels (kTcMaxTileTokens).
@@ -125,7 +126,8 @@ def _abs_kv(cache, cache_scale, block_table, L, b, bits, w_k, w_v, rope_cos):
 
 
 def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale,
-                                 bits, sm_scale, rope_cos=None, rope_sin=None, *, u=U32, kernel="cpu"):
+                                 bits, sm_scale, rope_cos=None, rope_sin=None, *, u=U32, kernel="cpu",
+                                 rope_keys=None):
     """First-order worst-case bound of the evaluation error in arithmetic of
     unit roundoff u (Higham: a sum of n terms is off by at most n u sum|terms|),
     before the output rounding.
@@ -208,8 +210,9 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
     throughout, with torch's GEMMs (any summation order and FMA use: a dot
     of n terms is off by at most n u sum|terms|) and the CUDA kernels'
     base-2 softmax (integer running max M, exact power-of-two rescales),
-    over token tiles of T = CPU_TILE_TOKENS tokens (64 with RoPE, 256
-    without) and at most ceil(L / T) splits per sequence.
+    over token tiles of T = CPU_TILE_TOKENS tokens (64 where K's rotary
+    part is rebuilt, 256 otherwise: no RoPE, or ``rope_keys`` read) and at
+    most ceil(L / T) splits per sequence.
       - Score: q' = q fl(sm_scale log2 e) (2). RoPE: K~ = codes x W_uk, an
         exact int32 sum rounded once (int8 weights) or an fp32 GEMM of r
         exact products (r), times w_uk_scale (1), times s_t (1),
@@ -297,7 +300,7 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
             bound_out[b] = 2 * ds[:, None] * v_max + out_terms * u * v_max + floor_v
             bound_lse[b] = ds + (L + 6 + 2 * math.log(L)) * u + 3 * u * (s_max + math.log(L) + 1)
         elif kernel == "cpu":
-            T = CPU_TILE_TOKENS[rope_cos is not None]
+            T = CPU_TILE_TOKENS[rope_cos is not None and rope_keys is None]
             n_l = min(T, L) + 2 * -(-L // T)
             ds = (r + d + 8) * u * s_max + 5 * u
             out_terms, floor_v = 2 * n_l + r + 3, 0.0

@@ -185,7 +185,9 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   // The plan's path, and tasks of whole tiles, about 2 x the plan's threads
   // per batch.
   const Path path = static_cast<Path>(call_plan.cpu_path);
-  const int64_t tile = path == Path::kRope ? kTileRope : kTileAbsorbed;
+  // Tiles of kTileRope tokens where K's rotary part is rebuilt (its buffer);
+  // read from rope_keys, the absorbed tiles (fewer GEMM calls per token).
+  const int64_t tile = path == Path::kRope && !rope_keys.has_value() ? kTileRope : kTileAbsorbed;
   const int64_t threads = call_plan.cpu_threads;
   int64_t nonempty = 0;
   for (int64_t b = 0; b < B; ++b) nonempty += lens[b] > 0;
