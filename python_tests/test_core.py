@@ -178,8 +178,10 @@ def test_a_step_plans_latent_attention_once_per_layer_shape(device, monkeypatch)
         made.append(args[5].shape[1])  # the rank of w_uk
         return plan_op(*args)
 
+    PLAN = 14  # latent_attention's plan argument (then rope_keys)
+
     def attention_spy(*args):
-        run_with.append(args[-1])
+        run_with.append(args[PLAN])
         return attention_op(*args)
 
     projector = OpsProjector(_layer("W8A8")).to(device)
@@ -202,7 +204,7 @@ def test_a_step_plans_latent_attention_once_per_layer_shape(device, monkeypatch)
                    seqs.sin, 0.25)
     assert made == [24, 16] and len(meta.plans) == 2 and run_with[-1] is not run_with[0]
     # Without the plans (a metadata whose plans the core does not see) the same numbers.
-    monkeypatch.setattr(ops, "latent_attention", lambda *a: attention_op(*a[:-1], None))
+    monkeypatch.setattr(ops, "latent_attention", lambda *a: attention_op(*a[:PLAN], None, *a[PLAN + 1:]))
     want = projector.core.run(proj, cache, meta, seqs.cos, seqs.sin, 0.25)
     for out in outs:
         torch.testing.assert_close(out, want, rtol=0, atol=0)
