@@ -144,8 +144,9 @@ def section() -> str:
                   " byte and operation model there). Capacity is vLLM's report; tokens/s is generated tokens over"
                   " the wall time (prefill included). d_rope is the rotary dims per head: with full RoPE every"
                   " decode step rebuilds K from the latent (2 r E_kv operations per cached token and layer) where"
-                  " the uncompressed model reads K and V; partial RoPE rebuilds d_rope of d dims and absorbs the"
-                  " rest.", ""]
+                  " the uncompressed model reads K and V; partial RoPE keeps d_rope of d dims rotary and absorbs"
+                  " the rest, with their rotary keys cached beside the latent (K cached: 2 H_kv d_rope more bytes"
+                  " per token, nothing rebuilt) or rebuilt at each step (K rebuilt).", ""]
         for load in dict.fromkeys(r.get("load", "batch") for r in rows):
             got = [r for r in rows if r.get("load", "batch") == load]
             lines.append(f"- **{load}**: " + "; ".join(

@@ -25,7 +25,9 @@ Operation model per cached token, layer and decode step (attention only):
                 K cached: H x d_rope against its 2 x H_kv x d_rope bytes;
                 then r x H (absorbed scores against q_lat) and r x H (latent V sums)
 Loads, each engine's tokens/s = generated tokens / wall time (prefill
-included), the median of --repeats rounds after a warm-up round:
+included), the median of --passes x --repeats rounds (each pass runs every
+engine once, --repeats rounds after a warm-up round; every other pass in
+reverse order, so a slow spell of a shared machine spreads over engines):
   batch:         --batch prompts of --prompt tokens, --new new tokens each,
                  under VLLM_CPU_KVCACHE_SPACE = --kv-space-gib (all fit);
   over capacity: --batch requests of --max-model-len tokens each
@@ -77,6 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--passes", type=int, default=2,
+                   help="sweeps over the engines (every other one in reverse order): each engine's time is the "
+                        "median of its rounds over all passes, so a slow spell of a shared machine does not land "
+                        "on one engine only")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--budget-mib", type=int, default=64, help="the over-capacity load's KV budget")
     p.add_argument("--long-new", type=int, default=64, help="new tokens per over-capacity request")
@@ -144,20 +150,30 @@ def main(argv=None) -> int:
         budget = L["kv_bytes"] or args.kv_space_gib * 2**30
         # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override kv_cache_memory_bytes: unset it for a budget
         load_env = {k: v for k, v in env.items() if not (L["kv_bytes"] and k == "VLLM_CPU_KVCACHE_SPACE")}
+        times, runs = {name: [] for name in engines}, {}
+        for pass_ in range(args.passes):
+            for name in (list(engines) if pass_ % 2 == 0 else list(engines)[::-1]):
+                path, info = engines[name]
+                # a warm-up round (first-call allocations), then args.repeats timed rounds of the whole load
+                res = run_engine({"model": path, "dtype": "bfloat16", "max_model_len": args.max_model_len,
+                                  "block_size": 32, "kv_cache_memory_bytes": L["kv_bytes"],
+                                  "additional_config": info and {"qsvd": {"rope_key_cache": info["rope_key_cache"]}},
+                                  "rounds": [L["prompts"][:2]] + [L["prompts"]] * args.repeats,
+                                  "max_tokens": L["new"], "enable_prefix_caching": False}, load_env, work)
+                times[name] += [r["seconds"] for r in res["rounds"][1:]]
+                runs[name] = res
+                print(f"{load} {name} pass {pass_ + 1}: "
+                      f"{len(L['prompts']) * L['new'] / sorted(times[name])[len(times[name]) // 2]:.1f} tokens/s "
+                      "so far", flush=True)
         for name, (path, info) in engines.items():
-            # a warm-up round (first-call allocations), then args.repeats timed rounds of the whole load
-            res = run_engine({"model": path, "dtype": "bfloat16", "max_model_len": args.max_model_len,
-                              "block_size": 32, "kv_cache_memory_bytes": L["kv_bytes"],
-                              "additional_config": info and {"qsvd": {"rope_key_cache": info["rope_key_cache"]}},
-                              "rounds": [L["prompts"][:2]] + [L["prompts"]] * args.repeats, "max_tokens": L["new"],
-                              "enable_prefix_caching": False}, load_env, work)
+            res = runs[name]
             tokens = res["num_blocks"] * res["block_size"]
             per_token = info["bytes_per_token"] if info else kv_bytes
             if tokens * per_token > budget:
                 raise RuntimeError(f"{load} {name}: vLLM holds {tokens} tokens of {per_token} B, over the "
                                    f"{budget}-byte budget: the budget was not applied")
-            times = sorted(r["seconds"] for r in res["rounds"][1:])
-            secs = times[len(times) // 2]  # the median round
+            secs_all = sorted(times[name])
+            secs = secs_all[len(secs_all) // 2]  # the median round over all passes
             rows.append({"load": load, "engine": name, "quant": info and info["quant"],
                          "d_rope": info["d_rope"] if info else d, "bytes_per_token": per_token,
                          "rope_key_cache": info and info["rope_key_cache"],
@@ -166,10 +182,9 @@ def main(argv=None) -> int:
                          "byte_model_tokens": (budget // (res["block_size"] * per_token)) * res["block_size"],
                          "max_concurrent_sequences": tokens // args.max_model_len,
                          "requests": len(L["prompts"]), "request_tokens": len(L["prompts"][0]) + L["new"],
-                         "new_tokens": L["new"], "median_seconds": secs, "round_seconds": times,
+                         "new_tokens": L["new"], "median_seconds": secs, "round_seconds": times[name],
                          "tokens_per_s": len(L["prompts"]) * L["new"] / secs,
                          "ranks": info and info["ranks"], "vllm_version": res["vllm_version"]})
-            print(f"{load} {name}: {rows[-1]['tokens_per_s']:.1f} tokens/s, {tokens} tokens fit", flush=True)
     kept = []
     if args.out and os.path.exists(args.out + ".json"):  # the loads not run this time keep their rows
         with open(args.out + ".json") as f:
@@ -187,7 +202,8 @@ def main(argv=None) -> int:
     data = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": platform.processor() or platform.machine(),
             "cpu": _cpu_name(), "cpus": os.cpu_count(), "geometry": GEOMETRY, "kv_space_gib": args.kv_space_gib,
             "budget_mib": args.budget_mib, "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new,
-            "long_new_tokens": args.long_new, "repeats": args.repeats, "max_model_len": args.max_model_len,
+            "long_new_tokens": args.long_new, "repeats": args.repeats, "passes": args.passes,
+            "max_model_len": args.max_model_len,
             "compress_seconds": compress_s, "rows": rows}
     md = [f"# vLLM serving on the CPU: uncompressed vs QSVD ({data['date']}, commit {commit})", "",
           f"vLLM {rows[0]['vllm_version']} offline engine on {data['cpu']} ({os.cpu_count()} CPU cores), bf16, "
@@ -207,7 +223,9 @@ def main(argv=None) -> int:
           *([f"(The {', '.join(dict.fromkeys(r['load'] for r in kept))} rows are from the run at commit "
              f"{kept[0]['commit']}.)", ""] if kept else []),
           "tokens/s: generated tokens over the round's wall time (prefill included), greedy, prefix caching "
-          f"off, the median of {args.repeats} rounds after a warm-up round. `tokens that fit` is vLLM's own "
+          f"off, the median of {args.passes} x {args.repeats} rounds ({args.passes} passes over the engines, every "
+          f"other one in reverse order; {args.repeats} rounds after a warm-up round per engine and pass). "
+          "`tokens that fit` is vLLM's own "
           "report (blocks x block size); `byte model` is the arithmetic.", "",
           f"| load | engine | ranks | B/token | tokens that fit | byte model | capacity vs uncompressed | max "
           f"concurrent {args.max_model_len}-token sequences | tokens/s | throughput vs uncompressed |",

@@ -86,10 +86,11 @@ def rope_keys_cached(spec: QSVDLayerSpec, rope_key_cache: str = "auto") -> bool:
 
     Per cached token and kv head, rebuilding it costs ``2 r d_rope``
     operations at every decode step (RoPE(c W_uk[:, :d_rope]) cannot be
-    absorbed), caching it ``2 d_rope`` bytes once (fp16). At r = 960 and
-    d_rope = 32 that is 61 k operations against 64 bytes: the rebuild costs
-    about as much as reading 1000x those bytes would, so "auto" caches it
-    whenever the layer has partial RoPE (0 < d_rope < d). Full RoPE rebuilds:
+    absorbed), caching it ``2 d_rope`` bytes once (fp16): r operations per
+    byte saved, above any CPU's or GPU's ratio of compute to memory
+    bandwidth (at most a few hundred), so reading is the cheaper way, and
+    "auto" caches it whenever the layer has partial RoPE (0 < d_rope < d),
+    trading capacity (docs/partial-rope.md has the table). Full RoPE rebuilds:
     caching all of K's dims would store K itself (2 H_kv d bytes per token,
     more than the latent it was compressed to), and keeps the exact form's
     tokens. "cached" / "rebuilt" force a form (a layer without rotary dims has
@@ -164,13 +165,16 @@ class AttentionStep:
     spec: QSVDLayerSpec
     fused_decode = True
 
-    def run(self, proj, cache, meta: StepMetadata, rope_cos: torch.Tensor, rope_sin: torch.Tensor, sm_scale: float,
-            q: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, proj, cache, meta: StepMetadata, rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None,
+            sm_scale: float, q: torch.Tensor | None = None, layer_tables: bool = False) -> torch.Tensor:
         """Store the step's latents and attend: out fp32 [N, H, d], zero at
         padding rows. ``rope_cos``/``rope_sin`` [max_len, d] fp32 hold row t =
         position t (the model's rotate-half tables; a layer with partial RoPE
-        takes its pairs' columns); ``q`` [N, H d] may be given already made
-        ("kv" form: an engine that projects outside its attention op)."""
+        takes its pairs' columns); ``layer_tables``: they are already this
+        layer's (``layer_rope_tables``, None without rotary pairs), as an
+        engine with fixed tables selects them once. ``q`` [N, H d] may be
+        given already made ("kv" form: an engine that projects outside its
+        attention op)."""
         s = self.spec
         N = meta.slots.shape[0]
         rows = self.store(proj, meta.slots, cache)
@@ -178,7 +182,8 @@ class AttentionStep:
             q = self.queries(proj, rows)
         # This layer's tables: partial RoPE rotates its rotary pairs only (laid
         # out first in q and k); no pairs: no rotation, K absorbed.
-        rope_cos, rope_sin = self.layer_rope_tables(rope_cos, rope_sin)
+        if not layer_tables:
+            rope_cos, rope_sin = self.layer_rope_tables(rope_cos, rope_sin)
         self.store_rope_keys(cache, meta, rope_cos, rope_sin)
         q = q.reshape(N, s.num_heads, s.head_dim)
         if rope_cos is not None:
@@ -201,15 +206,8 @@ class AttentionStep:
 
     def layer_rope_tables(self, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
         """The model's tables restricted to this layer's rotary pairs
-        (reference.select_rope_pairs), kept while the model's tables are the
-        same, unchanged tensors (an engine's fixed tables are selected once,
-        not at every step; an in-place write bumps their version)."""
-        key = (rope_cos.data_ptr(), rope_sin.data_ptr(), tuple(rope_cos.shape), rope_cos.device, rope_cos._version,
-               rope_sin._version)
-        kept = getattr(self, "_rope_tables", None)
-        if kept is None or kept[0] != key:
-            kept = self._rope_tables = (key, R.select_rope_pairs(rope_cos, rope_sin, self.spec.rope_pairs))
-        return kept[1]
+        (reference.select_rope_pairs: (None, None) without any)."""
+        return R.select_rope_pairs(rope_cos, rope_sin, self.spec.rope_pairs)
 
     def store_rope_keys(self, cache, meta: StepMetadata, rope_cos, rope_sin) -> None:
         """Write the rotary keys of the step's stored rows (a layer that caches

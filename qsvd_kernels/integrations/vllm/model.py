@@ -166,9 +166,11 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
                         rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True,
                         dtype=torch.float32)
         cos, sin = rope._compute_cos_sin_cache().float().chunk(2, dim=-1)  # fp32 [max_pos, d/2] each
-        # rotate-half tables [max_pos, d] (docs/ops.md), shared by q and the op's K rebuild
-        self.register_buffer("rope_cos", torch.cat((cos, cos), -1).contiguous(), persistent=False)
-        self.register_buffer("rope_sin", torch.cat((sin, sin), -1).contiguous(), persistent=False)
+        # this layer's rotate-half tables [max_pos, d_rope] (docs/ops.md; None
+        # without rotary dims), shared by q and the ops, selected once
+        cos, sin = self.core.layer_rope_tables(torch.cat((cos, cos), -1), torch.cat((sin, sin), -1))
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
         self.kv_cache = torch.tensor([])  # bound by vLLM (bind_kv_cache)
         self.impl = QSVDAttentionImpl()
@@ -233,7 +235,8 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         T = meta.num_tokens
         step = replace(meta.step, positions=positions[:T].long())
         result = self.core.run(Projection(c[:T], None, None), self.page(), step, self.rope_cos,
-                               self.rope_sin, self.scaling, q=None if self.core.queries_need_rows else q[:T])
+                               self.rope_sin, self.scaling, q=None if self.core.queries_need_rows else q[:T],
+                               layer_tables=True)
         out[:T] = result.reshape(T, -1).to(out.dtype)
         out[T:] = 0
 
