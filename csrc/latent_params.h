@@ -23,6 +23,14 @@
   const at::Tensor &q, QSVD_LATENT_CACHE_PARAMS, double sm_scale, QSVD_ROPE_PARAMS, bool check_indices, \
       const std::optional<at::Tensor> &plan, const std::optional<at::Tensor> &rope_keys
 
+// latent_rope_keys_append(cache, cache_scale, slot_mapping, positions, w_uk,
+// w_uk_scale, bits, rope_cos, rope_sin, rope_keys, check_indices)
+#define QSVD_ROPE_KEYS_APPEND_PARAMS                                                                          \
+  const at::Tensor &cache, const std::optional<at::Tensor> &cache_scale, const at::Tensor &slot_mapping,      \
+      const at::Tensor &positions, const at::Tensor &w_uk, const std::optional<at::Tensor> &w_uk_scale,        \
+      int64_t bits, const at::Tensor &rope_cos, const at::Tensor &rope_sin, at::Tensor &rope_keys,            \
+      bool check_indices
+
 // latent_reconstruct_kv(<cache>, <rope>, out_dtype, check_indices, rope_keys)
 #define QSVD_LATENT_RECONSTRUCT_PARAMS                                                                   \
   QSVD_LATENT_CACHE_PARAMS, QSVD_ROPE_PARAMS, std::optional<at::ScalarType> out_dtype, bool check_indices, \

@@ -26,10 +26,7 @@ void latent_cache_append_cpu(const at::Tensor& c, const at::Tensor& slot_mapping
                              const std::optional<at::Tensor>& cache_scale, int64_t bits, double clip_ratio,
                              bool check_indices);
 std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(QSVD_LATENT_ATTENTION_PARAMS);
-void latent_rope_keys_append_cpu(const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
-                                 const at::Tensor& slot_mapping, const at::Tensor& positions, const at::Tensor& w_uk,
-                                 const std::optional<at::Tensor>& w_uk_scale, int64_t bits, const at::Tensor& rope_cos,
-                                 const at::Tensor& rope_sin, at::Tensor& rope_keys, bool check_indices);
+void latent_rope_keys_append_cpu(QSVD_ROPE_KEYS_APPEND_PARAMS);
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(QSVD_LATENT_RECONSTRUCT_PARAMS);
 
 // ---- CUDA (csrc/cuda/), built when QSVD_WITH_CUDA is defined ----
@@ -48,6 +45,8 @@ void latent_cache_append_cuda(const at::Tensor& c, const at::Tensor& slot_mappin
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(QSVD_LATENT_RECONSTRUCT_PARAMS);
 // csrc/cuda/latent_attention.cpp
 std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(QSVD_LATENT_ATTENTION_PARAMS);
+// Refuses (no CUDA kernel yet), with the op's checks first.
+void latent_rope_keys_append_cuda(QSVD_ROPE_KEYS_APPEND_PARAMS);
 #endif
 
 // latent_attention_plan, every device (csrc/plan.cpp)

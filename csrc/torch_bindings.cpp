@@ -118,6 +118,7 @@ TORCH_LIBRARY_IMPL(qsvd, CUDA, m) {
   m.impl("latent_cache_append", &qsvd_torch::latent_cache_append_cuda);
   m.impl("latent_attention", &qsvd_torch::latent_attention_cuda);
   m.impl("latent_attention_plan", &qsvd_torch::latent_attention_plan);
+  m.impl("latent_rope_keys_append", &qsvd_torch::latent_rope_keys_append_cuda);
   m.impl("latent_reconstruct_kv", &qsvd_torch::latent_reconstruct_kv_cuda);
 }
 #endif

@@ -415,6 +415,11 @@ def test_bad_rope_keys_are_refused():
         qk.latent_rope_keys_append(*base[:3], torch.tensor([0, 40]), *base[4:], keys)
     with pytest.raises(ValueError, match=r"`slot_mapping`\[0\] = 9999 is past the end"):
         qk.latent_rope_keys_append(pc.cache, pc.cache_scale, torch.tensor([9999, 1]), *base[3:], keys)
+    # a key past fp16's range is refused (it would make the scores infinite)
+    big = pc.cache_scale.clone()
+    big[0, 1] = 1e9
+    with pytest.raises(ValueError, match=r"the rotary key of row 1 exceeds fp16's range .*rope_key_cache='rebuilt'"):
+        qk.latent_rope_keys_append(pc.cache, big, *base[2:], keys)
     q = torch.randn(1, 4, 64, generator=g)
     with pytest.raises(ValueError, match="`rope_keys` needs the RoPE tables"):
         qk.latent_attention(q, pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, w_uk, ws_k, w_uv, ws_v, 8,

@@ -68,13 +68,15 @@ def test_partial_rope_is_the_model_with_the_other_pairs_unrotated(tiny_llama_com
         assert float((full - want).abs().max()) > 4 * tol
 
 
+@pytest.mark.parametrize("form", ["cached", "rebuilt"])
 @torch.no_grad()
-def test_decode_through_the_cache_matches_recompute_with_partial_rope(tiny_llama_compressor, w8a8):
+def test_decode_through_the_cache_matches_recompute_with_partial_rope(tiny_llama_compressor, w8a8, form):
     """latent_attention (decode, narrow tables) against the whole sequence
     at once (latent_reconstruct_kv + SDPA), as test_generation does for full
-    RoPE."""
+    RoPE, with K's rotary part cached (both read the same stored keys) and
+    rebuilt."""
     model, _ = tiny_llama_compressor
-    m = hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(4), backend="ops")
+    m = hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(4), backend="ops", rope_key_cache=form)
     ids = _ids(seed=9, n=2, length=6)
     seq, _ = hf.generate(m, ids, max_new_tokens=6, do_sample=False)
     whole = m(seq).logits
@@ -244,8 +246,7 @@ def test_the_cached_form_stores_each_tokens_rotary_keys(tiny_llama_compressor, w
 def test_the_cached_form_reads_the_keys_and_rebuilds_none(tiny_llama_compressor, w8a8, monkeypatch, form):
     """Every attention call of the cached form reads rope_keys (decode and
     the prefill's reconstruction), each step appends them once per layer;
-    the rebuilt form passes none. Decode through the cache equals the whole
-    sequence recomputed from the same cache in both forms (test above)."""
+    the rebuilt form passes none."""
     from qsvd_kernels import ops
 
     model, _ = tiny_llama_compressor
@@ -273,6 +274,30 @@ def test_the_cached_form_reads_the_keys_and_rebuilds_none(tiny_llama_compressor,
     cached = form == "cached"
     assert all((t is not None) == cached for t in seen["attention"] + seen["reconstruct"])
     assert seen["append"] == (5 * layers if cached else 0)
+
+
+@torch.no_grad()
+def test_beam_search_copies_the_rotary_keys_with_the_latent(tiny_llama_compressor, w8a8, monkeypatch):
+    """Beam search remaps block tables and copies a shared, partly filled
+    last block on write: the keys go with the latent, so beams decoded
+    through the cache pick what recomputing each step from scratch
+    (use_cache=False: a fresh cache per step) picks."""
+    model, _ = tiny_llama_compressor
+    m = hf.apply_qsvd(copy.deepcopy(model), w8a8.with_rope_dims(4), backend="ops")
+    m.generation_config.eos_token_id = None
+    prompt = _ids(seed=13, n=2, length=7).clamp(min=1)
+    kw = dict(max_new_tokens=8, num_beams=3, do_sample=False, attention_mask=torch.ones_like(prompt))
+    copied = []
+    original = hf.projector.LatentPool.copy_blocks
+
+    def spy(self, src, dst):
+        copied.append(len(self.tensors))
+        return original(self, src, dst)
+
+    monkeypatch.setattr(hf.projector.LatentPool, "copy_blocks", spy)
+    got, _ = hf.generate(m, prompt, block_size=4, **kw)
+    assert copied and all(n == 3 for n in copied)  # codes, scales and rotary keys
+    assert torch.equal(got, m.generate(prompt, use_cache=False, **kw))
 
 
 def test_the_rotary_key_form_is_checked(tiny_llama_compressor, w8a8):

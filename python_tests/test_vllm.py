@@ -125,14 +125,17 @@ def test_partial_rope_serves_the_hf_integrations_tokens(exported, tmp_path, form
     token for token against the HF integration on the same artefact, in
     both forms of K's rotary part: cached beside the latent ("auto" for
     partial RoPE: a second page per layer, which vLLM counts) and rebuilt
-    (``additional_config``)."""
+    (``additional_config``). The second round hits the prefix cache: its
+    shared blocks' keys were written by the first."""
     from qsvd_kernels.integrations.core import cache_token_bytes
 
-    rounds = _prompts()[:1]
+    rounds = _prompts()
     got = _run_vllm(tmp_path, {"model": str(exported["root"] / "vllm-W8A8-rope8"), "rounds": rounds,
-                               "max_num_batched_tokens": CHUNK, "max_num_seqs": 8,
+                               "max_num_batched_tokens": CHUNK, "max_num_seqs": 8, "enable_prefix_caching": True,
                                "additional_config": {"qsvd": {"rope_key_cache": form}}})
-    assert got["rounds"][0]["tokens"] == _hf_greedy(exported, "W8A8-rope8", rounds[0], rope_key_cache=form)
+    for r, prompts in enumerate(rounds):
+        assert got["rounds"][r]["tokens"] == _hf_greedy(exported, "W8A8-rope8", prompts, rope_key_cache=form), r
+    assert min(got["rounds"][1]["num_cached_tokens"]) >= BLOCK, got["rounds"][1]["num_cached_tokens"]
     config = json.loads((exported["root"] / "vllm-W8A8-rope8" / "config.json").read_text())
     assert all(spec["rope_pairs"] == [0, 1, 2, 3] for spec in config["qsvd"]["layers"])  # what vLLM's layers read
     specs = [l.spec() for l in exported["W8A8-rope8"].layers]
@@ -147,12 +150,15 @@ def test_an_unknown_qsvd_serving_option_is_refused(exported, tmp_path):
     assert proc.returncode != 0 and "rope_key_cache must be one of" in proc.stderr + proc.stdout
 
 
-def test_greedy_tokens_equal_the_hf_integration_with_tensor_parallelism(exported, tmp_path):
+@pytest.mark.parametrize("quant", ["W8A8", "W8A8-rope8"])
+def test_greedy_tokens_equal_the_hf_integration_with_tensor_parallelism(exported, tmp_path, quant):
+    """Two ranks, each with half the heads: full RoPE, and partial RoPE with
+    each rank's rotary keys cached for its own kv heads."""
     rounds = _prompts()[:1]
-    got = _run_vllm(tmp_path, {"model": str(exported["root"] / "vllm-W8A8"), "rounds": rounds,
+    got = _run_vllm(tmp_path, {"model": str(exported["root"] / f"vllm-{quant}"), "rounds": rounds,
                                "tensor_parallel_size": 2},
                     {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
-    assert got["rounds"][0]["tokens"] == _hf_greedy(exported, "W8A8", rounds[0])
+    assert got["rounds"][0]["tokens"] == _hf_greedy(exported, quant, rounds[0])
 
 
 def test_kv_capacity_vllm_reports_equals_the_byte_model(exported, tmp_path):

@@ -43,6 +43,7 @@
 // qsvd_kernels/testing.py (latent_attention_error_bound, kernel="cpu").
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -343,11 +344,9 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   return {out.to(q_in.scalar_type()), lse};
 }
 
-void latent_rope_keys_append_cpu(const at::Tensor& cache, const std::optional<at::Tensor>& cache_scale,
-                                 const at::Tensor& slot_mapping, const at::Tensor& positions, const at::Tensor& w_uk,
-                                 const std::optional<at::Tensor>& w_uk_scale, int64_t bits, const at::Tensor& rope_cos,
-                                 const at::Tensor& rope_sin, at::Tensor& rope_keys,
-                                 bool /*check_indices: the CPU always checks*/) {
+// check_indices: the CPU always checks.
+void latent_rope_keys_append_cpu(QSVD_ROPE_KEYS_APPEND_PARAMS) {
+  (void)check_indices;
   const char* op = "latent_rope_keys_append";
   cpu::check_isa_env(op);
   const LatentShape s = check_latent_rope_keys_append(cache, cache_scale, slot_mapping, positions, w_uk, w_uk_scale,
@@ -377,6 +376,7 @@ void latent_rope_keys_append_cpu(const at::Tensor& cache, const std::optional<at
   const at::Tensor cos = rope_cos.contiguous(), sin = rope_sin.contiguous();
   const int64_t R = static_cast<int64_t>(rows.size());
   const auto f32 = cache.options().dtype(at::kFloat);
+  std::atomic<int64_t> overflow{-1};  // a row whose finite key rounds to an infinite fp16
   parallel_tasks(0, (R + kTileRope - 1) / kTileRope, 1, [&](int64_t k0, int64_t k1) {
     at::Tensor codes = at::empty({kTileRope, r}, f32.dtype(at::kChar));
     at::Tensor codes_f = at::empty({kTileRope, r}, f32);
@@ -400,10 +400,18 @@ void latent_rope_keys_append_cpu(const at::Tensor& cache, const std::optional<at
         scale_and_rope(kp + j * E, H_kv, n, n, scales[j], cos.data_ptr<float>() + pp[i] * n,
                        sin.data_ptr<float>() + pp[i] * n, tmp.data());
         at::Half* dst = out + sp[i] * E;
-        for (int64_t e = 0; e < E; ++e) dst[e] = static_cast<at::Half>(kp[j * E + e]);
+        for (int64_t e = 0; e < E; ++e) {
+          const float v = kp[j * E + e];
+          dst[e] = static_cast<at::Half>(v);
+          if (std::isinf(static_cast<float>(dst[e])) && std::isfinite(v)) overflow.store(i);
+        }
       }
     }
   });
+  // fp16 holds |k| < 65520: a key past it would turn the scores infinite.
+  QSVD_CHECK_VALUE(overflow.load() < 0, op, "the rotary key of row ", overflow.load(),
+                   " exceeds fp16's range (|k| >= 65520), so `rope_keys` cannot hold it; serve this layer with its "
+                   "rotary keys rebuilt from the latent (rope_key_cache='rebuilt')");
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(

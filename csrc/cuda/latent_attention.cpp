@@ -182,4 +182,13 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   return {out, lse};
 }
 
+void latent_rope_keys_append_cuda(QSVD_ROPE_KEYS_APPEND_PARAMS) {
+  const char* op = "latent_rope_keys_append";
+  (void)check_indices;
+  check_latent_rope_keys_append(cache, cache_scale, slot_mapping, positions, w_uk, w_uk_scale, bits, rope_cos,
+                                rope_sin, rope_keys);
+  QSVD_CHECK_VALUE(false, op, "`rope_keys` (cached rotary keys) is not implemented in the CUDA kernels yet; the CPU "
+                   "kernels serve it (and partial RoPE)");
+}
+
 }  // namespace qsvd_torch

@@ -86,11 +86,14 @@ def rope_keys_cached(spec: QSVDLayerSpec, rope_key_cache: str = "auto") -> bool:
 
     Per cached token and kv head, rebuilding it costs ``2 r d_rope``
     operations at every decode step (RoPE(c W_uk[:, :d_rope]) cannot be
-    absorbed), caching it ``2 d_rope`` bytes once (fp16): r operations per
-    byte saved, above any CPU's or GPU's ratio of compute to memory
-    bandwidth (at most a few hundred), so reading is the cheaper way, and
-    "auto" caches it whenever the layer has partial RoPE (0 < d_rope < d),
-    trading capacity (docs/partial-rope.md has the table). Full RoPE rebuilds:
+    absorbed); caching it costs ``2 d_rope`` bytes (fp16), written once and
+    read at every step: r operations per byte read. For the ranks QSVD keeps
+    (hundreds to thousands) that is at or above a CPU's or GPU's ratio of
+    compute to memory bandwidth, so reading is the cheaper way, and "auto"
+    caches it whenever the layer has partial RoPE (0 < d_rope < d), trading
+    capacity (docs/partial-rope.md has the table; measured there). The
+    keys are fp16: a key past its range is refused by the append, naming
+    "rebuilt" as the way out. Full RoPE rebuilds:
     caching all of K's dims would store K itself (2 H_kv d bytes per token,
     more than the latent it was compressed to), and keeps the exact form's
     tokens. "cached" / "rebuilt" force a form (a layer without rotary dims has
@@ -286,7 +289,9 @@ class QSVDAttentionCore(AttentionStep):
 
     def store(self, proj: Projection, slots: torch.Tensor, cache: LatentCache):
         """Append, and return the cached rows when q is made from them ("qkv"
-        form), else None."""
+        form), else None. A cache of the other rotary-key form is refused
+        before anything is written."""
+        self._rope_keys(cache)
         self.append(proj, slots, cache)
         return self.read_rows(cache, slots) if self.queries_need_rows else None
 

@@ -157,7 +157,8 @@ class QSVDLatentCache(Cache):
         return sum(l.nbytes() for l in self.layers) + extra
 
     def token_nbytes(self) -> float:
-        """Cache bytes per token over all layers (codes + scales)."""
+        """Cache bytes per token over all layers (codes + scales, and the
+        rotary keys of layers that cache them)."""
         return sum(l.projector.token_nbytes for l in self.layers)
 
     def fp16_kv_token_nbytes(self) -> int:

@@ -112,12 +112,15 @@ class OpsProjector(_Projector):
     def latent(self, x2d: torch.Tensor):
         return self.core.project(x2d)
 
+    def _latent(self, num_blocks: int, block_size: int, device) -> list[torch.Tensor]:
+        """Zeroed codes and fp32 scales of ``num_blocks`` blocks."""
+        return [torch.zeros(num_blocks, block_size, self.code.row_bytes(self.rank), dtype=self.code.dtype,
+                            device=device),
+                torch.zeros(num_blocks, block_size, dtype=torch.float32, device=device)]
+
     def new_pool(self, num_blocks: int, block_size: int, device) -> LatentPool:
         rope_keys = self.core.new_rope_keys(num_blocks, block_size, device)
-        return LatentPool([
-            torch.zeros(num_blocks, block_size, self.code.row_bytes(self.rank), dtype=self.code.dtype, device=device),
-            torch.zeros(num_blocks, block_size, dtype=torch.float32, device=device)]
-            + ([] if rope_keys is None else [rope_keys]))
+        return LatentPool(self._latent(num_blocks, block_size, device) + ([] if rope_keys is None else [rope_keys]))
 
     @staticmethod
     def cache_view(pool: LatentPool) -> LatentCache:
@@ -127,7 +130,7 @@ class OpsProjector(_Projector):
         """The latent's quantized form without a cache (encoders): quantized by
         latent_cache_append into a transient one-block pool."""
         N = proj.c.shape[0]
-        cache = LatentCache(*self.new_pool(1, max(N, 1), proj.c.device).tensors[:2])
+        cache = LatentCache(*self._latent(1, max(N, 1), proj.c.device))
         slots = torch.arange(N, device=proj.c.device)
         self.core.append(proj, slots, cache)
         return self.core.read_rows(cache, slots)

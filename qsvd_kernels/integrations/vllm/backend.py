@@ -44,7 +44,8 @@ class QSVDRopeKeysSpec(FullAttentionSpec):
     integrations/core.py ``rope_keys_cached``): ``block_size`` tokens of
     fp16 [H_kv, d_rope], as one uint8 "head" of ``2 H_kv d_rope`` bytes.
     Its own page beside the latent's, in the same group and block table, so
-    vLLM counts, zeroes and moves these bytes with the latent's blocks."""
+    vLLM counts these bytes and allocates, frees and shares (prefix caching)
+    them with the latent's blocks."""
 
 
 # ------------------------------------------------------------------ metadata

@@ -158,7 +158,6 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         # CUDA graphs cannot capture); the kernels still guard every index.
         self.core = QSVDAttentionCore(self.spec, self.qsvd, check_indices=False,
                                       rope_key_cache=_rope_key_cache_choice())
-        self.rope_keys = QSVDRotaryKeys(self.spec, f"{prefix}.rope_keys") if self.core.rope_keys_cached else None
 
         self.o_proj = RowParallelLinear(input_size=num_heads * head_dim, output_size=hidden_size, bias=bias_o_proj,
                                         quant_config=None, prefix=f"{prefix}.o_proj")
@@ -175,6 +174,8 @@ class QSVDAttention(nn.Module, AttentionLayerBase):
         self.kv_cache = torch.tensor([])  # bound by vLLM (bind_kv_cache)
         self.impl = QSVDAttentionImpl()
         _register_layer(self, prefix)
+        # last, once nothing above can raise: no stale entry in the forward context
+        self.rope_keys = QSVDRotaryKeys(self.spec, f"{prefix}.rope_keys") if self.core.rope_keys_cached else None
 
     # ------------------------------------------------------------- weights
     def load_weights(self, weights) -> set[str]:
