@@ -81,6 +81,11 @@ class LatentCache(NamedTuple):
 ROPE_KEY_CACHE_CHOICES = ("auto", "cached", "rebuilt")
 
 
+def check_rope_key_cache(rope_key_cache: str) -> None:
+    if rope_key_cache not in ROPE_KEY_CACHE_CHOICES:
+        raise ValueError(f"rope_key_cache must be one of {ROPE_KEY_CACHE_CHOICES}, got {rope_key_cache!r}")
+
+
 def rope_keys_cached(spec: QSVDLayerSpec, rope_key_cache: str = "auto") -> bool:
     """Whether a layer keeps K's rotary part in the cache beside the latent.
 
@@ -98,8 +103,7 @@ def rope_keys_cached(spec: QSVDLayerSpec, rope_key_cache: str = "auto") -> bool:
     more than the latent it was compressed to), and keeps the exact form's
     tokens. "cached" / "rebuilt" force a form (a layer without rotary dims has
     nothing to cache)."""
-    if rope_key_cache not in ROPE_KEY_CACHE_CHOICES:
-        raise ValueError(f"rope_key_cache must be one of {ROPE_KEY_CACHE_CHOICES}, got {rope_key_cache!r}")
+    check_rope_key_cache(rope_key_cache)
     if rope_key_cache == "auto":
         return 0 < spec.d_rope < spec.head_dim
     if rope_key_cache == "cached" and spec.d_rope == 0:

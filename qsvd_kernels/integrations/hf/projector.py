@@ -26,7 +26,7 @@ from torch import nn
 from ... import formats, ops
 from ... import reference as R
 from ...compress.layer import CompressedQKV
-from ..core import ROPE_KEY_CACHE_CHOICES, AttentionStep, LatentCache, QSVDAttentionCore
+from ..core import AttentionStep, LatentCache, QSVDAttentionCore, check_rope_key_cache
 
 
 class LatentPool:
@@ -155,8 +155,7 @@ class TorchProjector(_Projector):
 
     def __init__(self, layer: CompressedQKV, encoder: bool = False, rope_key_cache: str = "auto"):
         super().__init__(layer)
-        if rope_key_cache not in ROPE_KEY_CACHE_CHOICES:
-            raise ValueError(f"rope_key_cache must be one of {ROPE_KEY_CACHE_CHOICES}, got {rope_key_cache!r}")
+        check_rope_key_cache(rope_key_cache)
         if rope_key_cache == "cached":  # the simulation keeps the fp32 latent and rebuilds K exactly
             raise ValueError("rope_key_cache='cached' is a form of the ops backend; the torch backend rebuilds K")
         self.core = _TorchStep(self)
