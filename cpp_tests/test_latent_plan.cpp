@@ -13,12 +13,15 @@ namespace lat = qsvd::latent;
 
 namespace {
 
-lat::LatentAttentionParams sized(int B, int H, int H_kv, int r, int d, bool rope, qsvd::DType weight) {
+// rope: 0 none, 1 K rebuilt (tables), 2 K's first d / 4 dims cached (rope_keys).
+lat::LatentAttentionParams sized(int B, int H, int H_kv, int r, int d, int rope, qsvd::DType weight) {
   static const float table[4] = {};
   alignas(16) static const unsigned char weights[16] = {};
   lat::LatentAttentionParams p;
-  p.rope_cos = rope ? table : nullptr;
+  p.rope_cos = rope == 1 ? table : nullptr;
   p.rope_sin = p.rope_cos;
+  p.rope_keys = rope == 2 ? weights : nullptr;
+  p.d_rope = rope == 2 ? d / 4 : 0;
   p.w_uk = weights;
   p.B = B, p.H = H, p.H_kv = H_kv, p.r = r, p.d = d, p.bits = 8, p.weight_type = weight;
   return p;
@@ -42,7 +45,7 @@ int main() {
     for (int B : batches)
       for (int r : ranks)
         for (int d : dims)
-          for (int rope = 0; rope < 2; ++rope)
+          for (int rope = 0; rope < 3; ++rope)
             for (qsvd::DType w : weights)
               for (int64_t cap : capacities)
                 for (int sm : sms)
@@ -56,6 +59,8 @@ int main() {
                         ++planned;
                         lat::LatentAttentionParams q = sized(B, hh.H, hh.H_kv, r, d, rope, w);
                         const char* why = lat::replay_latent_plan(q, p, cap, smem);
+                        CHECK(rope != 2 || p.split_kernel == lat::SplitKernel::kSimt,
+                              "a plan with cached rotary keys chose the tensor-core kernel");
                         CHECK(why[0] == '\0', "B=%d H=%d H_kv=%d r=%d d=%d rope=%d cap=%lld sm=%d smem=%zu: %s", B,
                               hh.H, hh.H_kv, r, d, rope, static_cast<long long>(cap), sm, smem, why);
                         replayed += why[0] == '\0';

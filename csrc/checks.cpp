@@ -322,9 +322,31 @@ LatentShape check_latent_rope_keys_append(const at::Tensor& cache, const std::op
   return s;
 }
 
-void check_full_rope_cuda(const char* op, const LatentShape& s) {
-  QSVD_CHECK_VALUE(!s.rope || s.d_rope == s.d, op, "partial RoPE (`rope_cos` of width d_rope = ", s.d_rope,
-                   " < d = ", s.d, ") is not implemented in the CUDA kernels yet; the CPU kernels serve it");
+void check_rope_keys_rows_host(const char* op, const at::Tensor& slots, const at::Tensor& positions, int64_t num_slots,
+                               int64_t rope_len) {
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i) {
+    if (sp[i] < 0) continue;  // padding
+    QSVD_CHECK_VALUE(sp[i] < num_slots, op, "`slot_mapping`[", i, "] = ", sp[i], " is past the end of the cache (",
+                     num_slots, " slots)");
+    QSVD_CHECK_VALUE(pp[i] >= 0 && pp[i] < rope_len, op, "`positions`[", i, "] = ", pp[i],
+                     " is outside the RoPE table [0, ", rope_len, ")");
+  }
+}
+
+void check_rope_keys_in_range(const char* op, int64_t overflow_row) {
+  // fp16 holds |k| < 65520: a key past it would turn the scores infinite.
+  QSVD_CHECK_VALUE(overflow_row < 0, op, "the rotary key of row ", overflow_row,
+                   " exceeds fp16's range (|k| >= 65520), so `rope_keys` cannot hold it; serve this layer with its "
+                   "rotary keys rebuilt from the latent (rope_key_cache='rebuilt')");
+}
+
+void check_cuda_rope_form(const char* op, const LatentShape& s, bool rope_keys) {
+  QSVD_CHECK_VALUE(!s.rope || s.d_rope == s.d || rope_keys, op, "partial RoPE (`rope_cos` of width d_rope = ",
+                   s.d_rope, " < d = ", s.d, ") with K's rotary part rebuilt is not implemented in the CUDA "
+                   "kernels; pass the cached rotary keys `rope_keys` (latent_rope_keys_append; "
+                   "rope_key_cache='cached' in the integrations), or run on the CPU");
 }
 
 LatentShape check_latent_attention(const at::Tensor& q, QSVD_LATENT_CACHE_PARAMS, double sm_scale, QSVD_ROPE_PARAMS,

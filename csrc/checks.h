@@ -105,9 +105,21 @@ LatentShape check_latent_rope_keys_append(const at::Tensor& cache, const std::op
                                           int64_t bits, const at::Tensor& rope_cos, const at::Tensor& rope_sin,
                                           const at::Tensor& rope_keys);
 
-// The CUDA kernels rotate every head dim: partial-RoPE tables (d_rope < d)
-// raise there, naming them (the CPU kernels serve them).
-void check_full_rope_cuda(const char* op, const LatentShape& s);
+// latent_rope_keys_append's index values on the host (int64 CPU tensors):
+// each slot_mapping value < num_slots (negative: padding, skipped) and each
+// real row's position in [0, rope_len). Raises naming the first bad one.
+void check_rope_keys_rows_host(const char* op, const at::Tensor& slots, const at::Tensor& positions, int64_t num_slots,
+                               int64_t rope_len);
+
+// latent_rope_keys_append: a finite rotary key that fp16 cannot hold
+// (overflow_row >= 0: that row) raises, naming the rebuilt form.
+void check_rope_keys_in_range(const char* op, int64_t overflow_row);
+
+// latent_attention's CUDA kernels serve full RoPE with K rebuilt, and
+// partial RoPE (d_rope < d) only with K's rotary part cached (rope_keys,
+// read by the absorbed kernels): the rebuilt partial form raises, naming
+// rope_keys.
+void check_cuda_rope_form(const char* op, const LatentShape& s, bool rope_keys);
 
 LatentShape check_latent_attention(const at::Tensor& q, QSVD_LATENT_CACHE_PARAMS, double sm_scale, QSVD_ROPE_PARAMS,
                                    int64_t* num_heads);

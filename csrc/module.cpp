@@ -160,8 +160,11 @@ pybind11::dict decision_dict(const qsvd::gemm::GemmDecision& d, const std::strin
 // functions the CUDA launcher calls, so the plan checks run on CPU.
 qsvd::latent::LatentAttentionParams fake_latent_params(int64_t B, int64_t H, int64_t H_kv, int64_t r, int64_t d,
                                                        int64_t bits, bool rope, const std::string& weight,
-                                                       int64_t token_capacity, int64_t smem_limit) {
+                                                       int64_t token_capacity, int64_t smem_limit,
+                                                       int64_t rope_key_dims = 0) {
   namespace lat = qsvd::latent;
+  TORCH_CHECK(rope_key_dims >= 0 && rope_key_dims <= d && (rope_key_dims == 0 || rope),
+              "plan_latent_attention_shape: rope_key_dims must be in [0, d], and > 0 only with rope");
   TORCH_CHECK(B >= 1 && H >= 1 && H_kv >= 1 && H % H_kv == 0 && r >= 1 && d >= 1 && (bits == 4 || bits == 8) &&
                   token_capacity >= 1 && smem_limit >= 0,
               "plan_latent_attention_shape: bad sizes");
@@ -169,10 +172,13 @@ qsvd::latent::LatentAttentionParams fake_latent_params(int64_t B, int64_t H, int
   lat::LatentAttentionParams p;
   // Only whether these are set (and w_uk's alignment) matters to the plan.
   static const float fake_table[4] = {};
-  p.rope_cos = rope ? fake_table : nullptr;
+  p.rope_cos = rope && rope_key_dims == 0 ? fake_table : nullptr;
   p.rope_sin = p.rope_cos;
   alignas(16) static const unsigned char fake_weights[16] = {};
   p.w_uk = fake_weights;
+  // Cached rotary keys: the launcher's parameters (the absorbed kernels, no tables).
+  p.rope_keys = rope_key_dims > 0 ? fake_weights : nullptr;
+  p.d_rope = static_cast<int>(rope_key_dims);
   p.B = static_cast<int>(B);
   p.H = static_cast<int>(H);
   p.H_kv = static_cast<int>(H_kv);
@@ -211,9 +217,11 @@ void plan_into(pybind11::dict& out, const qsvd::latent::LatentAttentionParams& p
 pybind11::dict plan_latent_attention_shape(int64_t B, int64_t H, int64_t H_kv, int64_t r, int64_t d, int64_t bits,
                                      bool rope, const std::string& weight, int64_t token_capacity, int64_t sm_count,
                                      int64_t smem_limit, const std::string& kernel, int64_t splits,
-                                     int64_t tile_tokens, int64_t heads_per_cta, int64_t ctas_per_sm) {
+                                     int64_t tile_tokens, int64_t heads_per_cta, int64_t ctas_per_sm,
+                                     int64_t rope_key_dims) {
   namespace lat = qsvd::latent;
-  lat::LatentAttentionParams p = fake_latent_params(B, H, H_kv, r, d, bits, rope, weight, token_capacity, smem_limit);
+  lat::LatentAttentionParams p =
+      fake_latent_params(B, H, H_kv, r, d, bits, rope, weight, token_capacity, smem_limit, rope_key_dims);
   lat::LatentPlanKnobs k;
   k.splits = static_cast<int>(splits);
   k.tile_tokens = static_cast<int>(tile_tokens);
@@ -349,12 +357,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("plan_latent_attention_shape", &plan_latent_attention_shape,
         "The CUDA latent_attention plan (split kernel, splits, tile, heads per CTA, shared memory) for a shape on a "
         "device with sm_count SMs and smem_limit bytes of opt-in shared memory, with optional knobs (0 = choose); "
+        "rope_key_dims > 0: K's first rope_key_dims dims read from cached rotary keys (rope_keys); "
         "ok=False and the reason when the plan cannot be made.",
         pybind11::arg("B"), pybind11::arg("H"), pybind11::arg("H_kv"), pybind11::arg("r"), pybind11::arg("d"),
         pybind11::arg("bits"), pybind11::arg("rope"), pybind11::arg("weight"), pybind11::arg("token_capacity"),
         pybind11::arg("sm_count"), pybind11::arg("smem_limit"), pybind11::arg("kernel") = "auto",
         pybind11::arg("splits") = 0, pybind11::arg("tile_tokens") = 0, pybind11::arg("heads_per_cta") = 0,
-        pybind11::arg("ctas_per_sm") = 2);
+        pybind11::arg("ctas_per_sm") = 2, pybind11::arg("rope_key_dims") = 0);
   m.def(
       "set_latent_plan",
       [](int64_t device, bool active, const std::string& kernel, int64_t splits, int64_t tile_tokens,

@@ -50,6 +50,7 @@ void latent_rope_keys_append_cuda(QSVD_ROPE_KEYS_APPEND_PARAMS);
 #endif
 
 // latent_attention_plan, every device (csrc/plan.cpp)
-at::Tensor latent_attention_plan(const at::Tensor& q, QSVD_LATENT_CACHE_PARAMS, QSVD_ROPE_PARAMS);
+at::Tensor latent_attention_plan(const at::Tensor& q, QSVD_LATENT_CACHE_PARAMS, QSVD_ROPE_PARAMS,
+                                 const std::optional<at::Tensor>& rope_keys);
 
 }  // namespace qsvd_torch

@@ -99,7 +99,7 @@ const char* latent_attention(int device, qsvd::latent::LatentAttentionParams& p,
 // The plan object.
 namespace {
 
-constexpr int64_t kPlanMagic = 0x51535644504C4E31;  // "QSVDPLN1": the format and its version
+constexpr int64_t kPlanMagic = 0x51535644504C4E32;  // "QSVDPLN2": the format and its version (2: rope_keys)
 constexpr int64_t kPlanWords = 1
 #define QSVD_COUNT(name) +1
     QSVD_LATENT_PLAN_FIELDS(QSVD_COUNT)
@@ -132,7 +132,7 @@ std::vector<std::string> latent_plan_field_names() {
 }
 
 LatentPlan latent_plan_signature(const at::Tensor& q, const LatentShape& s, int64_t H, int64_t bits, const at::Tensor& w_uk,
-                                 const std::optional<at::Tensor>& rope_cos) {
+                                 const std::optional<at::Tensor>& rope_cos, bool rope_keys) {
   LatentPlan plan;
   plan.device_type = q.device().is_cuda() ? 1 : 0;
   plan.device_index = q.device().is_cuda() ? q.get_device() : 0;
@@ -143,6 +143,7 @@ LatentPlan latent_plan_signature(const at::Tensor& q, const LatentShape& s, int6
   plan.d = s.d;
   plan.bits = bits;
   plan.d_rope = s.d_rope;
+  plan.rope_keys = rope_keys ? 1 : 0;
   plan.weight_dtype = static_cast<int64_t>(to_dtype("latent_attention", w_uk.scalar_type()));
   plan.token_capacity = s.max_blocks * s.block_size;
   if (s.rope) plan.token_capacity = std::min(plan.token_capacity, rope_cos->size(0));
@@ -195,6 +196,7 @@ LatentPlan read_latent_plan(const char* op, const at::Tensor& t, const LatentPla
   QSVD_SAME(d)
   QSVD_SAME(bits)
   QSVD_SAME(d_rope)
+  QSVD_SAME(rope_keys)
   QSVD_SAME(weight_dtype)
 #undef QSVD_SAME
   QSVD_CHECK_VALUE(expect.token_capacity <= plan.token_capacity, op, "plan was made for a token capacity of ",
@@ -245,15 +247,17 @@ void apply_cuda_plan(const char* op, const LatentPlan& plan, lat::LatentAttentio
 
 // The op latent_attention_plan, one definition for every device (the
 // dispatcher registers it for CPU and CUDA).
-at::Tensor latent_attention_plan(const at::Tensor& q, QSVD_LATENT_CACHE_PARAMS, QSVD_ROPE_PARAMS) {
+at::Tensor latent_attention_plan(const at::Tensor& q, QSVD_LATENT_CACHE_PARAMS, QSVD_ROPE_PARAMS,
+                                 const std::optional<at::Tensor>& rope_keys) {
   const char* op = "latent_attention_plan";
   int64_t H = 0;
   const LatentShape s = check_latent_attention(q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv,
                                                w_uv_scale, bits, 1.0, rope_cos, rope_sin, &H);
-  plan::LatentPlan plan = plan::latent_plan_signature(q, s, H, bits, w_uk, rope_cos);
+  if (rope_keys.has_value()) check_rope_keys(op, *rope_keys, s, cache);
+  plan::LatentPlan plan = plan::latent_plan_signature(q, s, H, bits, w_uk, rope_cos, rope_keys.has_value());
 #ifdef QSVD_WITH_CUDA
   if (q.is_cuda()) {
-    plan::plan_latent_attention_cuda(plan, s, H, bits, w_uk, rope_cos, op);
+    plan::plan_latent_attention_cuda(plan, s, H, bits, w_uk, rope_cos, rope_keys, op);
     return plan::latent_plan_tensor(plan);
   }
 #endif

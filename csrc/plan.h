@@ -82,7 +82,9 @@ const char* latent_attention(int device, qsvd::latent::LatentAttentionParams& p,
 // plan, then the CUDA plan (0 where the other device's).
 #define QSVD_LATENT_PLAN_FIELDS(X)                                                                        \
   X(device_type)    /* 0 CPU, 1 CUDA */                                                                    \
-  X(device_index) X(B) X(H) X(H_kv) X(r) X(d) X(bits) X(d_rope) /* 0: no RoPE */ X(weight_dtype) /* qsvd::DType */           \
+  X(device_index) X(B) X(H) X(H_kv) X(r) X(d) X(bits) X(d_rope) /* 0: no RoPE */                                          \
+  X(rope_keys)      /* 1: K's rotary part read from rope_keys (cached), 0: rebuilt or none */             \
+  X(weight_dtype)   /* qsvd::DType */                                                                      \
   X(token_capacity) /* max_blocks * block_size, capped by the RoPE table: the calls' upper bound */       \
   X(cpu_path)       /* CpuLatentPath */                                                                    \
   X(cpu_threads)    /* threads the CPU task split aims at */                                               \
@@ -101,10 +103,11 @@ struct LatentPlan {
 // QSVD_CPU_LATENT_GEMM asks), else fp32 GEMMs.
 enum class CpuLatentPath : int { kRope = 0, kAbsorbedSplit = 1, kAbsorbedFp32 = 2 };
 
-// The signature part of a call's plan: device, sizes, rotary dims, weight type,
-// token capacity (max_blocks * block_size, capped by the RoPE table).
+// The signature part of a call's plan: device, sizes, rotary dims, whether
+// K's rotary part is cached (rope_keys given), weight type, token capacity
+// (max_blocks * block_size, capped by the RoPE table).
 LatentPlan latent_plan_signature(const at::Tensor& q, const LatentShape& s, int64_t H, int64_t bits, const at::Tensor& w_uk,
-                                 const std::optional<at::Tensor>& rope_cos);
+                                 const std::optional<at::Tensor>& rope_cos, bool rope_keys);
 
 // The field names, in word order (Python's describe_latent_attention_plan).
 std::vector<std::string> latent_plan_field_names();
@@ -129,7 +132,8 @@ void plan_latent_attention_cpu(LatentPlan& plan, const char* op);
 // The CUDA plan of a call into `plan` (signature already filled;
 // csrc/cuda/latent_attention.cpp, with the launcher).
 void plan_latent_attention_cuda(LatentPlan& plan, const LatentShape& s, int64_t H, int64_t bits,
-                                const at::Tensor& w_uk, const std::optional<at::Tensor>& rope_cos, const char* op);
+                                const at::Tensor& w_uk, const std::optional<at::Tensor>& rope_cos,
+                                const std::optional<at::Tensor>& rope_keys, const char* op);
 #endif
 
 // The CUDA plan fields of `plan` from a planned p and its decision, and back.

@@ -67,8 +67,8 @@ TORCH_LIBRARY(qsvd, m) {
   // slot_mapping (negative: skipped), at their positions, in fp16 to
   // rope_keys [num_blocks, block_size, H_kv, d_rope] (d_rope: the tables'
   // width). latent_attention and latent_reconstruct_kv given rope_keys read
-  // K's rotary part there instead of rebuilding it. CPU only (no CUDA
-  // kernel yet).
+  // K's rotary part there instead of rebuilding it (CPU and CUDA; the CUDA
+  // kernels serve partial RoPE in this cached form only).
   m.def(
       "latent_rope_keys_append(Tensor cache, Tensor? cache_scale, Tensor slot_mapping, Tensor positions, "
       "Tensor w_uk, Tensor? w_uk_scale, int bits, Tensor rope_cos, Tensor rope_sin, Tensor(a!) rope_keys, "
@@ -79,10 +79,12 @@ TORCH_LIBRARY(qsvd, m) {
   // table; a call's may be smaller): made once per batch shape (FlashInfer's
   // plan/run), with forced > environment > table > built-in applied here.
   // An int64 CPU tensor whatever the device; seq_lens' values are not read.
+  // rope_keys: the calls read K's rotary part from that cache (a different
+  // CUDA kernel; part of the plan's signature).
   m.def(
       "latent_attention_plan(Tensor q, Tensor cache, Tensor? cache_scale, Tensor block_table, Tensor seq_lens, "
       "Tensor w_uk, Tensor? w_uk_scale, Tensor w_uv, Tensor? w_uv_scale, int bits, Tensor? rope_cos=None, "
-      "Tensor? rope_sin=None) -> Tensor");
+      "Tensor? rope_sin=None, Tensor? rope_keys=None) -> Tensor");
 
   // Materialises K (RoPE-rotated when tables are given) and V, varlen-packed
   // [sum(seq_lens), H_kv, d], for prefill with any dense attention kernel.

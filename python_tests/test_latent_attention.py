@@ -249,7 +249,9 @@ PARTIAL = [(8, torch.float16, 32, [37, 0, 300]), (4, torch.int8, 16, [64, 5]), (
 def test_partial_rope_matches_reference(device, bits, wdtype, d_rope, seq_lens):
     """RoPE tables of width d_rope < d: the first d_rope dims of each head
     rotary, the rest absorbed (docs/ops.md), against the exact reference
-    within the CPU bound. The CUDA kernels refuse it, naming the tables."""
+    within the backend's bound. CUDA's latent_attention serves partial RoPE
+    only with the rotary keys cached (refusing this form, naming rope_keys);
+    its latent_reconstruct_kv serves it."""
     require_kernel("latent_attention", device)
     g = torch.Generator().manual_seed(11)
     H, H_kv, r, d = 8, 2, 96, 64
@@ -260,19 +262,20 @@ def test_partial_rope_matches_reference(device, bits, wdtype, d_rope, seq_lens):
     host = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, bits, 0.125, cos, sin]
     dev = [a.to(device) if isinstance(a, torch.Tensor) else a for a in host]
     if device == "cuda" and d_rope < d:
-        with pytest.raises(ValueError, match="partial RoPE .* is not implemented in the CUDA kernels"):
+        with pytest.raises(ValueError, match="partial RoPE .* rebuilt is not implemented in the CUDA kernels; pass "
+                                             "the cached rotary keys `rope_keys`"):
             qk.latent_attention(q.to(device), *dev)
-        return
-    out, lse = qk.latent_attention(q.to(device), *dev)
-    truth = R.latent_attention_ref(q.double(), *host)
-    _check(out.cpu(), lse.cpu(), truth, latent_attention_error_bound(q, *host, **LATENT_BOUND[device]),
-           torch.float32, f"d_rope={d_rope}")
+    else:
+        out, lse = qk.latent_attention(q.to(device), *dev)
+        truth = R.latent_attention_ref(q.double(), *host)
+        _check(out.cpu(), lse.cpu(), truth, latent_attention_error_bound(q, *host, **LATENT_BOUND[device]),
+               torch.float32, f"d_rope={d_rope}")
     # K and V of the same cache: the prefill op agrees with the reference too.
     kv_args = host[:9] + host[10:]
     k, v = qk.latent_reconstruct_kv(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in kv_args],
                                     out_dtype=torch.float32)
     k_ref, v_ref = R.latent_reconstruct_kv_ref(*kv_args, out_dtype=torch.float32, compute_dtype=torch.float64)
-    kb, vb = latent_reconstruct_error_bound(*kv_args)
+    kb, vb = latent_reconstruct_error_bound(*kv_args, **RECONSTRUCT_BOUND[device])
     assert bool(((k.cpu().double() - k_ref.double()).abs() <= kb + EPS[torch.float32] * k_ref.abs()).all())
     assert bool(((v.cpu().double() - v_ref.double()).abs() <= vb + EPS[torch.float32] * v_ref.abs()).all())
 
@@ -324,15 +327,16 @@ def _all_slots(pc, seq_lens):
 
 
 @pytest.mark.parametrize("bits,wdtype,d_rope,packed", [(8, torch.float16, 32, False), (4, torch.int8, 16, True),
-                                                       (8, torch.bfloat16, 64, False)])
-def test_cached_rope_keys_match_the_reference(bits, wdtype, d_rope, packed):
+                                                       (8, torch.bfloat16, 64, False), (8, torch.int8, 6, False)])
+def test_cached_rope_keys_match_the_reference(device, bits, wdtype, d_rope, packed):
     """latent_rope_keys_append writes RoPE_pos(c W_uk[:, :, :d_rope]) in fp16
     at the given slots only (padding skipped, other slots untouched), within
     the fp32 rebuild's r + 4 roundings on the magnitudes plus the fp16
     rounding; latent_attention and latent_reconstruct_kv given rope_keys
     read them (against the reference on the same stored keys, within the
-    CPU bound). The CUDA kernels refuse rope_keys."""
-    require_kernel("latent_rope_keys_append", "cpu")
+    backend's bound: on CUDA, the absorbed split kernel plus the keys).
+    d_rope 6: not a multiple of 4 or 8 (the kernels' vector widths)."""
+    require_kernel("latent_rope_keys_append", device)
     g = torch.Generator().manual_seed(21)
     seq_lens, H, H_kv, r, d = [37, 0, 300], 8, 2, 96, 64
     pc = make_paged_cache(seq_lens, r, bits, 16, generator=g)
@@ -343,7 +347,13 @@ def test_cached_rope_keys_match_the_reference(bits, wdtype, d_rope, packed):
     slots, pos = _all_slots(pc, seq_lens)
     slots_pad = torch.cat([slots, torch.tensor([-1])])
     pos_pad = torch.cat([pos, torch.tensor([5])])
-    qk.latent_rope_keys_append(cache, scale, slots_pad, pos_pad, w_uk, ws_k, bits, cos, sin, keys)
+
+    def on(*a):
+        return [x.to(device) if isinstance(x, torch.Tensor) else x for x in a]
+
+    keys_dev = keys.to(device)
+    qk.latent_rope_keys_append(*on(cache, scale, slots_pad, pos_pad, w_uk, ws_k), bits, *on(cos, sin), keys_dev)
+    keys = keys_dev.cpu()
     exact = R.latent_rope_keys_ref(cache, scale, slots, pos, w_uk, ws_k, bits, cos, sin)
     got = keys.view(-1, H_kv, d_rope)[slots].double()
     bound = rope_keys_bound(cache, scale, slots, w_uk, ws_k, bits, exact)
@@ -355,20 +365,21 @@ def test_cached_rope_keys_match_the_reference(bits, wdtype, d_rope, packed):
     q = torch.randn(3, H, d, generator=g)
     keys = torch.nan_to_num(keys)
     host = [cache, scale, pc.block_table, pc.seq_lens, w_uk, ws_k, w_uv, ws_v, bits, 0.125, cos, sin]
-    out, lse = qk.latent_attention(q, *host, rope_keys=keys)
+    out, lse = qk.latent_attention(q.to(device), *on(*host), rope_keys=keys.to(device))
     truth = R.latent_attention_ref(q.double(), *host, rope_keys=keys)
-    _check(out, lse, truth, latent_attention_error_bound(q, *host, **LATENT_BOUND["cpu"], rope_keys=keys),
+    _check(out.cpu(), lse.cpu(), truth,
+           latent_attention_error_bound(q, *host, **LATENT_BOUND[device], rope_keys=keys),
            torch.float32, f"rope_keys d_rope={d_rope}")
+    # The same call with its plan (made with the keys: on CUDA another kernel).
+    plan = qk.latent_attention_plan(q.to(device), *on(*host[:9]), *on(cos, sin), keys.to(device))
+    again = qk.latent_attention(q.to(device), *on(*host), plan=plan, rope_keys=keys.to(device))
+    assert torch.equal(again[0].cpu(), out.cpu()) and torch.equal(again[1].cpu(), lse.cpu())
     kv_args = host[:9] + host[10:]
-    k, v = qk.latent_reconstruct_kv(*kv_args, out_dtype=torch.float32, rope_keys=keys)
+    k, v = qk.latent_reconstruct_kv(*on(*kv_args), out_dtype=torch.float32, rope_keys=keys.to(device))
     k_ref, _ = R.latent_reconstruct_kv_ref(*kv_args, out_dtype=torch.float32, compute_dtype=torch.float64,
                                            rope_keys=keys)
-    kb, _ = latent_reconstruct_error_bound(*kv_args)
-    assert bool(((k.double() - k_ref.double()).abs() <= kb + EPS[torch.float32] * k_ref.abs()).all())
-    if torch.cuda.is_available():
-        dev = [a.cuda() if isinstance(a, torch.Tensor) else a for a in host]
-        with pytest.raises(ValueError, match="`rope_keys` .* is not implemented in the CUDA kernels"):
-            qk.latent_attention(q.cuda(), *dev, rope_keys=keys.cuda())
+    kb, _ = latent_reconstruct_error_bound(*kv_args, **RECONSTRUCT_BOUND[device])
+    assert bool(((k.cpu().double() - k_ref.double()).abs() <= kb + EPS[torch.float32] * k_ref.abs()).all())
 
 
 def test_cached_rope_keys_give_the_same_bits_at_every_isa_level():

@@ -488,3 +488,90 @@ def test_cuda_packed_rows_equal_separate(kernel, bits, wdtype, rope, H, H_kv, bl
     out_p, lse_p = qk.latent_attention(q.cuda(), *to_dev(packed))
     _check(out_p.cpu(), lse_p.cpu(), q, packed, "packed", kernel=kernel)
     assert torch.equal(out_p, out_s) and torch.equal(lse_p, lse_s)
+
+
+# Cached rotary keys (partial RoPE, issue 22): the CUDA-core absorbed kernel
+# plus q[:d_rope] . rope_keys per token. Ragged long contexts, head tiles
+# (G = 32 > 16 heads per CTA), d_rope not a multiple of 4 (6) and of 32 (48),
+# INT4 latents, every weight dtype.
+ROPE_KEY_CASES = [
+    pytest.param(8, I8, 64, 2, 960, 128, 32, RAGGED, id="b8-i8-G32-r960-d128-rope32"),
+    pytest.param(4, F16, 8, 8, 130, 64, 6, RAGGED, id="b4-f16-G1-r130-d64-rope6"),
+    pytest.param(8, BF16, 16, 4, 4096, 128, 48, SHORT, id="b8-bf16-G4-r4096-d128-rope48"),
+]
+
+
+@pytest.mark.parametrize("bits,wdtype,H,H_kv,r,d,d_rope,seq_lens", ROPE_KEY_CASES)
+def test_cached_rotary_keys(monkeypatch, bits, wdtype, H, H_kv, r, d, d_rope, seq_lens):
+    """latent_rope_keys_append on CUDA writes what the CPU kernel writes
+    (both within the derived bound of the exact keys), and latent_attention
+    reading them matches the reference on the same stored keys within the
+    CUDA-core kernel's bound, with its automatic plan, and with forced split
+    counts; forcing the tensor-core kernel is refused by name."""
+    from helpers import rope_keys_bound
+
+    require_kernel("latent_rope_keys_append", "cuda")
+    g = torch.Generator().manual_seed(31)
+    pc = make_paged_cache(seq_lens, r, bits, 16, generator=g)
+    w = make_weights(H_kv, r, d, wdtype, generator=g)
+    L = max(seq_lens)
+    cos, sin = R.rope_tables(L + 3, d, pairs=range(d_rope // 2))
+    block = pc.cache.shape[1]
+    slots = torch.tensor([int(pc.block_table[b, t // block]) * block + t % block
+                          for b, n in enumerate(seq_lens) for t in range(n)])
+    pos = torch.tensor([t for n in seq_lens for t in range(n)])
+    keys = torch.zeros(pc.cache.shape[0], block, H_kv, d_rope, dtype=torch.float16)
+    keys_cpu = keys.clone()
+    qk.latent_rope_keys_append(pc.cache, pc.cache_scale, slots, pos, w[0], w[1], bits, cos, sin, keys_cpu)
+    keys_dev = keys.cuda()
+    qk.latent_rope_keys_append(pc.cache.cuda(), pc.cache_scale.cuda(), slots.cuda(), pos.cuda(), w[0].cuda(),
+                               None if w[1] is None else w[1].cuda(), bits, cos.cuda(), sin.cuda(), keys_dev)
+    exact = R.latent_rope_keys_ref(pc.cache, pc.cache_scale, slots, pos, w[0], w[1], bits, cos, sin)
+    bound = rope_keys_bound(pc.cache, pc.cache_scale, slots, w[0], w[1], bits, exact)
+    for got in (keys_dev.cpu(), keys_cpu):
+        err = (got.view(-1, H_kv, d_rope)[slots].double() - exact).abs()
+        assert bool((err <= bound).all()), float((err - bound).max())
+
+    keys = keys_dev.cpu()
+    q = torch.randn(len(seq_lens), H, d, generator=g)
+    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, bits, 1.0 / math.sqrt(d), cos, sin]
+    dev = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    truth = R.latent_attention_ref(q.double(), *args, rope_keys=keys)
+    bound = latent_attention_error_bound(q, *args, **LATENT_KERNEL_BOUND["simt"], rope_keys=keys)
+    for splits in ("0", "1", "7"):
+        monkeypatch.setenv("QSVD_LATENT_SPLITS", splits)
+        out, lse = qk.latent_attention(q.cuda(), *dev, rope_keys=keys_dev)
+        assert_within(out.cpu(), truth[0], bound[0], torch.float32, f"out splits={splits}")
+        assert_within(lse.cpu(), truth[1], bound[1], torch.float32, f"lse splits={splits}")
+    monkeypatch.setenv("QSVD_LATENT_SPLITS", "0")
+    monkeypatch.setenv("QSVD_LATENT_KERNEL", "tc")
+    with pytest.raises(RuntimeError, match="QSVD_LATENT_KERNEL=tc, but the tensor-core kernels do not read cached "
+                                           "rotary keys"):
+        qk.latent_attention(q.cuda(), *dev, rope_keys=keys_dev)
+
+
+def test_cached_rotary_keys_reconstruct_and_partial_rope_prefill():
+    """latent_reconstruct_kv on CUDA, partial RoPE in both forms: the rebuilt
+    rotary dims (the epilogue over d_rope dims) and the cached ones (the
+    stored keys copied over), against the reference within the tensor-core
+    GEMM's bound, in the vector and the scalar epilogue (d_rope 16 / 6)."""
+    from helpers import RECONSTRUCT_BOUND, latent_reconstruct_error_bound
+
+    require_kernel("latent_rope_keys_append", "cuda")
+    g = torch.Generator().manual_seed(32)
+    seq_lens, H_kv, r, d = [37, 0, 300, 1], 2, 96, 64
+    for d_rope in (16, 6):
+        pc = make_paged_cache(seq_lens, r, 8, 16, generator=g)
+        w = make_weights(H_kv, r, d, F16, generator=g)
+        cos, sin = R.rope_tables(310, d, pairs=range(d_rope // 2))
+        keys = torch.randn(pc.cache.shape[0], 16, H_kv, d_rope, generator=g).half()
+        args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 8, cos, sin]
+        dev = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        kb, vb = latent_reconstruct_error_bound(*args, **RECONSTRUCT_BOUND["cuda"])
+        for rope_keys in (None, keys):
+            k, v = qk.latent_reconstruct_kv(*dev, out_dtype=F32,
+                                            rope_keys=None if rope_keys is None else rope_keys.cuda())
+            k_ref, v_ref = R.latent_reconstruct_kv_ref(*args, out_dtype=F32, compute_dtype=torch.float64,
+                                                       rope_keys=rope_keys)
+            assert bool(((k.cpu().double() - k_ref.double()).abs() <= kb + 2.0**-24 * k_ref.abs()).all()), d_rope
+            assert bool(((v.cpu().double() - v_ref.double()).abs() <= vb + 2.0**-24 * v_ref.abs()).all()), d_rope

@@ -2,7 +2,7 @@
 made once per batch shape, it runs exactly what a call without it runs,
 reads no knob when it runs, is refused (ValueError naming ``plan``) by a call
 it was not made for, and cannot be edited into a kernel. Runs on cpu, and on
-cuda when present. The CUDA plans' replay is checked for 175k shapes on any
+cuda when present. The CUDA plans' replay is checked for 229k shapes on any
 machine by ctest (cpp_tests/test_latent_plan.cpp)."""
 
 from __future__ import annotations
@@ -179,3 +179,57 @@ def test_the_cuda_plan_is_explains_plan_and_ignores_later_knobs(monkeypatch):
     monkeypatch.setenv("QSVD_LATENT_SPLITS", "1" if info["splits"] > 1 else "3")
     got = ops.latent_attention(*args, 0.1, *tables, True, plan)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_plan_names_whether_the_rotary_keys_are_cached(device):
+    """Calls that read K's rotary part from rope_keys run another CUDA split
+    kernel, so the plan's signature carries it: a plan made without the keys
+    is refused by a call with them, and the other way round; a plan made
+    with them runs exactly what the call plans itself."""
+    require_kernel("latent_rope_keys_append", device)
+    g = torch.Generator().manual_seed(3)
+    seq_lens, H, H_kv, r, d, n = [37, 0, 70], 8, 2, 48, 64, 16
+    pc = make_paged_cache(seq_lens, r, 8, 16, generator=g, poison=False)
+    w = make_weights(H_kv, r, d, torch.float16, generator=g)
+    cos, sin = R.rope_tables(80, d, pairs=range(n // 2))
+    keys = torch.zeros(pc.cache.shape[0], 16, H_kv, n, dtype=torch.float16)
+    args = [torch.randn(3, H, d, generator=g), pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 8]
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    cos, sin, keys = cos.to(device), sin.to(device), keys.to(device)
+    slots = torch.arange(pc.cache.shape[0] * 16, device=device)
+    ops.latent_rope_keys_append(args[1], args[2], slots, slots % 80, args[5], args[6], 8, cos, sin, keys)
+    with_keys = ops.latent_attention_plan(*args, cos, sin, keys)
+    assert ops.describe_latent_attention_plan(with_keys)["rope_keys"] == 1
+    if device == "cuda":
+        assert ops.describe_latent_attention_plan(with_keys)["split_kernel"] == "simt"
+    want = ops.latent_attention(*args, 0.125, cos, sin, True, None, keys)
+    got = ops.latent_attention(*args, 0.125, cos, sin, True, with_keys, keys)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    full_cos, full_sin = R.rope_tables(80, d)
+    plain = ops.latent_attention_plan(*args, full_cos.to(device), full_sin.to(device))
+    with pytest.raises(ValueError, match="plan was made for d_rope = 64, but the call has d_rope = 16"):
+        ops.latent_attention(*args, 0.125, cos, sin, True, plain, keys)
+    if device == "cpu":  # CUDA refuses the rebuilt partial form before reading a plan
+        rebuilt = ops.latent_attention_plan(*args, cos, sin)
+        with pytest.raises(ValueError, match="plan was made for rope_keys = 0, but the call has rope_keys = 1"):
+            ops.latent_attention(*args, 0.125, cos, sin, True, rebuilt, keys)
+        with pytest.raises(ValueError, match="plan was made for rope_keys = 1, but the call has rope_keys = 0"):
+            ops.latent_attention(*args, 0.125, cos, sin, True, with_keys)
+
+
+def test_the_cuda_plan_with_cached_rotary_keys():
+    """The CUDA plan of calls that read rope_keys (any machine: the
+    planner is plain C++): the CUDA-core split kernel (the tensor-core ones
+    do not read the keys; forcing them says so), with shared memory for
+    q's rotary dims beside q_lat."""
+    shape = dict(B=4, H=32, H_kv=8, r=960, d=128, bits=8, weight="i8", token_capacity=4096, sm_count=132,
+                 smem_limit=227 * 1024)
+    auto = qk._C.plan_latent_attention_shape(**shape, rope=True, rope_key_dims=32)
+    absorbed = qk._C.plan_latent_attention_shape(**shape, rope=False, kernel="simt")
+    assert auto["ok"] and auto["split_kernel"] == "simt"
+    assert auto["split_smem"] == absorbed["split_smem"] + 4 * auto["heads_per_cta"] * 32
+    forced = qk._C.plan_latent_attention_shape(**shape, rope=True, rope_key_dims=32, kernel="tc")
+    assert not forced["ok"] and "do not read cached rotary keys" in forced["reason"]
+    with pytest.raises(RuntimeError, match="rope_key_dims must be in"):
+        qk._C.plan_latent_attention_shape(**shape, rope=False, rope_key_dims=32)

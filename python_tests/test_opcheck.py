@@ -68,18 +68,23 @@ def _samples(device):
     # With a plan (made for the call; an int64 CPU tensor whatever the device).
     plans = [torch.ops.qsvd.latent_attention_plan(*a[:10], *a[11:13]) for a in attn]
     attn += [(*a, True, p) for a, p in zip(attn, plans)]
-    # Cached rotary keys (partial RoPE, CPU only): append them, then read them.
+    # Cached rotary keys (partial RoPE): append them, then read them (with
+    # and without a plan made with them), and reconstruct K and V from them.
     pc = make_paged_cache([20, 0, 5], 32, 8, 16, generator=g, poison=False)
     w = make_weights(2, 32, 64, torch.int8, generator=g)
     cos, sin = R.rope_tables(32, 64, pairs=range(8))
     keys = torch.zeros(pc.cache.shape[0], 16, 2, 16, dtype=torch.float16)
     slots = torch.tensor([int(pc.block_table[0, 0]) * 16 + t for t in range(5)] + [-1])
-    s["latent_rope_keys_append"] = [(pc.cache, pc.cache_scale, slots, torch.arange(6), w[0], w[1], 8, cos, sin, keys)]
-    if device == "cpu":
-        attn.append((torch.randn(3, 4, 64, generator=g), pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 8,
-                     0.125, cos, sin, True, None, keys))
+    cached = [t.to(device) for t in (pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w)]
+    cos, sin, keys, slots = cos.to(device), sin.to(device), keys.to(device), slots.to(device)
+    s["latent_rope_keys_append"] = [(cached[0], cached[1], slots, torch.arange(6, device=device), cached[4], cached[5],
+                                     8, cos, sin, keys)]
+    q = torch.randn(3, 4, 64, generator=g).to(device)
+    keys_plan = torch.ops.qsvd.latent_attention_plan(q, *cached, 8, cos, sin, keys)
+    attn += [(q, *cached, 8, 0.125, cos, sin, True, None, keys), (q, *cached, 8, 0.125, cos, sin, True, keys_plan, keys)]
+    recon.append((*cached, 8, cos, sin, torch.float32, True, keys))
     s["latent_attention"] = attn
-    s["latent_attention_plan"] = [(*a[:10], *a[11:13]) for a in attn[: len(plans)]]
+    s["latent_attention_plan"] = [(*a[:10], *a[11:13]) for a in attn[: len(plans)]] + [(q, *cached, 8, cos, sin, keys)]
     s["latent_reconstruct_kv"] = recon
     return s
 

@@ -57,7 +57,7 @@ def _latent_rope_keys_append_fake(cache, cache_scale, slot_mapping, positions, w
 @register_fake("qsvd::latent_attention_plan")
 def _latent_attention_plan_fake(
     q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits,
-    rope_cos=None, rope_sin=None,
+    rope_cos=None, rope_sin=None, rope_keys=None,
 ):
     from . import _C  # loaded: the op is registered by it
 

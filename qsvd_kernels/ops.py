@@ -197,7 +197,7 @@ def latent_attention(
 def latent_attention_plan(
     q: Tensor, cache: Tensor, cache_scale: Tensor | None, block_table: Tensor, seq_lens: Tensor,
     w_uk: Tensor, w_uk_scale: Tensor | None, w_uv: Tensor, w_uv_scale: Tensor | None, bits: int,
-    rope_cos: Tensor | None = None, rope_sin: Tensor | None = None,
+    rope_cos: Tensor | None = None, rope_sin: Tensor | None = None, rope_keys: Tensor | None = None,
 ) -> torch.Tensor:
     """The plan of :func:`latent_attention` calls with these arguments'
     device, sizes and dtypes (FlashInfer's plan/run): the CUDA split kernel,
@@ -206,17 +206,20 @@ def latent_attention_plan(
     planned for is ``block_table``'s (``max_blocks * block_size``, capped
     by the RoPE table): plan with the step's widest block table; the values
     of ``seq_lens`` are not read. Returns an int64 CPU tensor to pass as
-    ``plan=``; :func:`describe_latent_attention_plan` reads it. The layers
+    ``plan=``; :func:`describe_latent_attention_plan` reads it. Calls that
+    pass ``rope_keys`` (K's rotary part cached) need a plan made with them:
+    on CUDA they run another split kernel. The layers
     of a QSVD model differ in rank, so an engine keeps one plan per rank
     (integrations/core.py, ``StepMetadata.plans``)."""
     return torch.ops.qsvd.latent_attention_plan(
         q, cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin,
+        rope_keys,
     )
 
 
 def describe_latent_attention_plan(plan: torch.Tensor) -> dict:
     """A plan tensor's fields by name (csrc/plan.h): ``device`` ("cpu" or
-    "cuda:i"), the signature (B, H, H_kv, r, d, bits, rope, weight_dtype,
+    "cuda:i"), the signature (B, H, H_kv, r, d, bits, d_rope, rope_keys, weight_dtype,
     token_capacity), then the CPU plan (``cpu_path``, ``cpu_threads``) or
     the CUDA plan (``split_kernel``, ``splits``, ``tile_tokens``,
     ``heads_per_cta``, shared memory, ``source`` and ``rule``)."""

@@ -148,7 +148,11 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
         code . q_lat (r), times s_t (1): r + d + 4. RoPE: K~ = codes W (r;
         int8 x int8 and int8 x fp16 products are exact), times ws (1),
         rotate-half (2), q c (1), dot (d), times s_t (1): r + d + 6.
-        Counted as r + d + 6 on S.
+        Cached rotary keys (``rope_keys``, partial RoPE: the absorbed
+        kernel): the position-free part as no RoPE over d - d_rope dims
+        (r + d - d_rope + 4), the rotary part q' (2) . the stored keys
+        (d_rope; the reference reads the same stored values), their sum (1):
+        at most r + d + 5. Counted as r + d + 6 on S.
       - Weight of token t: x_t - M rounds by u |x_t - M| <= u (2 max|x| + 1)
         (M <= max x + 1), i.e. 2 u S_max + u ln2 in natural-log units; exp2f
         is within 2 ulp (<= 4u relative). Together with the score:
@@ -223,7 +227,8 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
         Partial RoPE (tables of width d_rope < d): the rotary part as RoPE
         (r + d_rope + 6 on its terms), the position-free part as no RoPE
         (r + (d - d_rope) + 4), their sum (1): at most r + d + 6, within the
-        count above (the CUDA kernels refuse partial RoPE).
+        count above (CUDA serves partial RoPE only with ``rope_keys``:
+        "cuda" above).
       - Output: w_t = p_t s_t (1); the tile GEMM sum_t w_t c_t (min(T, L)
         terms, products included); acc * 2^k + tile (1 per tile); the merge
         of the splits (1 per split): n_acc = 1 + min(T, L) + 2 ceil(L/T).

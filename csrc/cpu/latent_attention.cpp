@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   if (rope_keys.has_value()) check_rope_keys(op, *rope_keys, s, cache);
   // The plan: the one given (made by latent_attention_plan, checked against
   // this call), else made now (reads QSVD_CPU_LATENT_GEMM).
-  plan::LatentPlan call_plan = plan::latent_plan_signature(q_in, s, H, bits, w_uk, rope_cos);
+  plan::LatentPlan call_plan = plan::latent_plan_signature(q_in, s, H, bits, w_uk, rope_cos, rope_keys.has_value());
   if (plan_in.has_value())
     call_plan = plan::read_latent_plan(op, *plan_in, call_plan);
   else
@@ -355,16 +355,10 @@ void latent_rope_keys_append_cpu(QSVD_ROPE_KEYS_APPEND_PARAMS) {
   const at::Tensor slots = slot_mapping.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* pp = pos.data_ptr<int64_t>();
-  const int64_t num_slots = s.num_blocks * s.block_size, rope_len = rope_cos.size(0);
+  check_rope_keys_rows_host(op, slots, pos, s.num_blocks * s.block_size, rope_cos.size(0));
   std::vector<int64_t> rows;  // the real rows (slot >= 0)
-  for (int64_t i = 0; i < N; ++i) {
-    if (sp[i] < 0) continue;
-    QSVD_CHECK_VALUE(sp[i] < num_slots, op, "`slot_mapping`[", i, "] = ", sp[i], " is past the end of the cache (",
-                     num_slots, " slots)");
-    QSVD_CHECK_VALUE(pp[i] >= 0 && pp[i] < rope_len, op, "`positions`[", i, "] = ", pp[i],
-                     " is outside the RoPE table [0, ", rope_len, ")");
-    rows.push_back(i);
-  }
+  for (int64_t i = 0; i < N; ++i)
+    if (sp[i] >= 0) rows.push_back(i);
   if (rows.empty()) return;
   const at::Tensor cache_c = cache.contiguous();
   const std::optional<at::Tensor> scale_c =
@@ -408,10 +402,7 @@ void latent_rope_keys_append_cpu(QSVD_ROPE_KEYS_APPEND_PARAMS) {
       }
     }
   });
-  // fp16 holds |k| < 65520: a key past it would turn the scores infinite.
-  QSVD_CHECK_VALUE(overflow.load() < 0, op, "the rotary key of row ", overflow.load(),
-                   " exceeds fp16's range (|k| >= 65520), so `rope_keys` cannot hold it; serve this layer with its "
-                   "rotary keys rebuilt from the latent (rope_key_cache='rebuilt')");
+  check_rope_keys_in_range(op, overflow.load());
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(

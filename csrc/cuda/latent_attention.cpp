@@ -16,6 +16,7 @@
 #include "../plan.h"
 #include "launch.h"
 #include "qsvd/kernels/latent_attention_params.h"
+#include "qsvd/kernels/latent_cache_params.h"
 
 namespace qsvd_torch {
 namespace {
@@ -32,9 +33,10 @@ struct Launch {
 };
 
 // What the plan reads of a call: the sizes, the weight type, w_uk (its
-// alignment) and the RoPE tables (whether given).
+// alignment), the RoPE tables (whether given) and the cached rotary keys
+// (whether given: then the absorbed kernels run, and the tables are not read).
 void set_sizes(lat::LatentAttentionParams& p, const LatentShape& s, int64_t H, int64_t bits, const at::Tensor& w_uk,
-               const float* rope_cos, const char* op) {
+               const float* rope_cos, const void* rope_keys, const char* op) {
   p.B = static_cast<int>(s.B);
   p.H = static_cast<int>(H);
   p.H_kv = static_cast<int>(s.H_kv);
@@ -43,15 +45,18 @@ void set_sizes(lat::LatentAttentionParams& p, const LatentShape& s, int64_t H, i
   p.bits = static_cast<int>(bits);
   p.w_uk = w_uk.data_ptr();
   p.weight_type = to_dtype(op, w_uk.scalar_type());
-  p.rope_cos = rope_cos;
+  p.rope_cos = rope_keys != nullptr ? nullptr : rope_cos;
+  p.rope_keys = rope_keys;
+  p.d_rope = rope_keys != nullptr ? static_cast<int>(s.d_rope) : 0;
 }
+
 
 Launch launch_params(const at::Tensor& q_in, const at::Tensor& cache_in, const std::optional<at::Tensor>& cache_scale_in,
                      const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& w_uk_in,
                      const std::optional<at::Tensor>& w_uk_scale, const at::Tensor& w_uv_in,
                      const std::optional<at::Tensor>& w_uv_scale, int64_t bits, double sm_scale,
                      const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
-                     const LatentShape& s, int64_t H, const char* op) {
+                     const std::optional<at::Tensor>& rope_keys, const LatentShape& s, int64_t H, const char* op) {
   Launch l;
   const at::Tensor q = q_in.to(at::kFloat).contiguous();
   const at::Tensor cache = cache_in.contiguous();  // packed rows: contiguous already (checked)
@@ -61,13 +66,17 @@ Launch launch_params(const at::Tensor& q_in, const at::Tensor& cache_in, const s
   const at::Tensor w_uv = w_uv_in.contiguous();
   const at::Tensor wk_scale = w_uk_scale.has_value() ? w_uk_scale->contiguous() : at::Tensor();
   const at::Tensor wv_scale = w_uv_scale.has_value() ? w_uv_scale->contiguous() : at::Tensor();
-  const at::Tensor cos = s.rope ? rope_cos->contiguous() : at::Tensor();
-  const at::Tensor sin = s.rope ? rope_sin->contiguous() : at::Tensor();
-  l.keep = {q, cache, w_uk, w_uv, wk_scale, wv_scale, cos, sin};
+  // The tables are read only where K is rebuilt (not with cached keys).
+  const bool rebuild = s.rope && !rope_keys.has_value();
+  const at::Tensor cos = rebuild ? rope_cos->contiguous() : at::Tensor();
+  const at::Tensor sin = rebuild ? rope_sin->contiguous() : at::Tensor();
+  const at::Tensor keys = rope_keys.has_value() ? *rope_keys : at::Tensor();  // contiguous (checked)
+  l.keep = {q, cache, w_uk, w_uv, wk_scale, wv_scale, cos, sin, keys};
   if (cache_scale.has_value()) l.keep.push_back(*cache_scale);
 
   lat::LatentAttentionParams& p = l.p;
-  set_sizes(p, s, H, bits, w_uk, s.rope ? cos.data_ptr<float>() : nullptr, op);
+  set_sizes(p, s, H, bits, w_uk, rebuild ? cos.data_ptr<float>() : nullptr,
+            keys.defined() ? keys.data_ptr() : nullptr, op);
   p.q = q.data_ptr<float>();
   p.cache = latent_cache_layout(cache, cache_scale, bits, s.r);  // either layout
   p.block_table = block_table.data_ptr<int32_t>();
@@ -75,8 +84,8 @@ Launch launch_params(const at::Tensor& q_in, const at::Tensor& cache_in, const s
   p.w_uk_scale = wk_scale.defined() ? wk_scale.data_ptr<float>() : nullptr;
   p.w_uv = w_uv.data_ptr();
   p.w_uv_scale = wv_scale.defined() ? wv_scale.data_ptr<float>() : nullptr;
-  p.rope_sin = s.rope ? sin.data_ptr<float>() : nullptr;
-  p.rope_len = s.rope ? rope_cos->size(0) : 0;
+  p.rope_sin = rebuild ? sin.data_ptr<float>() : nullptr;
+  p.rope_len = rebuild ? rope_cos->size(0) : 0;
   p.num_blocks = s.num_blocks;
   p.block_size = s.block_size;
   p.max_blocks = s.max_blocks;
@@ -118,13 +127,15 @@ qsvd::tuning::LatentDecision plan_call(lat::LatentAttentionParams& p, const plan
 }  // namespace
 
 void plan::plan_latent_attention_cuda(plan::LatentPlan& plan, const LatentShape& s, int64_t H, int64_t bits,
-                                      const at::Tensor& w_uk, const std::optional<at::Tensor>& rope_cos, const char* op) {
-  check_full_rope_cuda(op, s);
+                                      const at::Tensor& w_uk, const std::optional<at::Tensor>& rope_cos,
+                                      const std::optional<at::Tensor>& rope_keys, const char* op) {
+  check_cuda_rope_form(op, s, rope_keys.has_value());
   if (s.B == 0) return;
   const c10::cuda::CUDAGuard guard(w_uk.device());
   const at::Tensor w = w_uk.contiguous();  // the launcher's copy has the same alignment (a fresh allocation)
   lat::LatentAttentionParams p;
-  set_sizes(p, s, H, bits, w, s.rope ? rope_cos->data_ptr<float>() : nullptr, op);
+  set_sizes(p, s, H, bits, w, s.rope ? rope_cos->data_ptr<float>() : nullptr,
+            rope_keys.has_value() ? rope_keys->data_ptr() : nullptr, op);
   plan::store_cuda_plan(plan, p, plan_call(p, plan, s, w_uk.get_device(), op));
 }
 
@@ -140,12 +151,11 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   const LatentShape s = check_latent_attention(q_in, cache_in, cache_scale_in, block_table_in, seq_lens_in, w_uk_in,
                                                w_uk_scale, w_uv_in, w_uv_scale, bits, sm_scale, rope_cos, rope_sin,
                                                &H);
-  check_full_rope_cuda(op, s);
-  QSVD_CHECK_VALUE(!rope_keys.has_value(), op, "`rope_keys` (cached rotary keys) is not implemented in the CUDA "
-                   "kernels yet; the CPU kernels serve it");
+  if (rope_keys.has_value()) check_rope_keys(op, *rope_keys, s, cache_in);
+  check_cuda_rope_form(op, s, rope_keys.has_value());
   const c10::cuda::CUDAGuard guard(q_in.device());
   // The plan given is checked against the call before anything else reads it.
-  const plan::LatentPlan sig = plan::latent_plan_signature(q_in, s, H, bits, w_uk_in, rope_cos);
+  const plan::LatentPlan sig = plan::latent_plan_signature(q_in, s, H, bits, w_uk_in, rope_cos, rope_keys.has_value());
   const std::optional<plan::LatentPlan> given =
       plan_in.has_value() ? std::optional<plan::LatentPlan>(plan::read_latent_plan(op, *plan_in, sig)) : std::nullopt;
   const at::Tensor block_table = block_table_in.contiguous();
@@ -161,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
              s.B, ", H = ", H);
 
   Launch l = launch_params(q_in, cache_in, cache_scale_in, block_table, seq_lens, w_uk_in, w_uk_scale, w_uv_in,
-                           w_uv_scale, bits, sm_scale, rope_cos, rope_sin, s, H, op);
+                           w_uv_scale, bits, sm_scale, rope_cos, rope_sin, rope_keys, s, H, op);
   lat::LatentAttentionParams& p = l.p;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
@@ -171,10 +181,11 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
     plan_call(p, sig, s, q_in.get_device(), op);
 
   const auto f32 = q_in.options().dtype(at::kFloat);
-  at::Tensor q_lat = s.rope ? at::Tensor() : at::empty({s.B, H, s.r}, f32);
+  const bool absorbed = p.rope_cos == nullptr;  // no RoPE, or K's rotary part cached
+  at::Tensor q_lat = absorbed ? at::empty({s.B, H, s.r}, f32) : at::Tensor();
   at::Tensor part_acc = at::empty({s.B, H, p.splits, s.r}, f32);
   at::Tensor part_ml = at::empty({s.B, H, p.splits, 2}, f32);
-  p.q_lat = s.rope ? nullptr : q_lat.data_ptr<float>();
+  p.q_lat = absorbed ? q_lat.data_ptr<float>() : nullptr;
   p.part_acc = part_acc.data_ptr<float>();
   p.part_ml = part_ml.data_ptr<float>();
 
@@ -182,13 +193,55 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cuda(
   return {out, lse};
 }
 
+// K's rotary part of the rows at slot_mapping, in fp16 (latent_cache_kernel.cuh).
+// With the host checks on (check_indices, QSVD_SKIP_INDEX_CHECKS unset) the
+// index values are checked before the launch and the fp16 range after it (a
+// sync, as the other host checks): the CPU kernel's ValueErrors. With them
+// off, bad rows are skipped on the device and a key past fp16's range is
+// stored as inf (its scores then turn the attention output NaN, not silently
+// wrong).
 void latent_rope_keys_append_cuda(QSVD_ROPE_KEYS_APPEND_PARAMS) {
   const char* op = "latent_rope_keys_append";
-  (void)check_indices;
-  check_latent_rope_keys_append(cache, cache_scale, slot_mapping, positions, w_uk, w_uk_scale, bits, rope_cos,
-                                rope_sin, rope_keys);
-  QSVD_CHECK_VALUE(false, op, "`rope_keys` (cached rotary keys) is not implemented in the CUDA kernels yet; the CPU "
-                   "kernels serve it (and partial RoPE)");
+  const LatentShape s = check_latent_rope_keys_append(cache, cache_scale, slot_mapping, positions, w_uk, w_uk_scale,
+                                                      bits, rope_cos, rope_sin, rope_keys);
+  const c10::cuda::CUDAGuard guard(cache.device());
+  const int64_t N = slot_mapping.size(0), num_slots = s.num_blocks * s.block_size, rope_len = rope_cos.size(0);
+  if (N == 0) return;
+  const bool host_checks = check_indices && plan::host_index_checks(op);
+  if (host_checks)
+    check_rope_keys_rows_host(op, slot_mapping.to(at::kCPU).to(at::kLong).contiguous(),
+                              positions.to(at::kCPU).to(at::kLong).contiguous(), num_slots, rope_len);
+  const at::Tensor cache_c = cache.contiguous();  // packed rows: contiguous already (checked)
+  const std::optional<at::Tensor> scale_c =
+      cache_scale.has_value() ? std::optional<at::Tensor>(cache_scale->contiguous()) : std::nullopt;
+  const at::Tensor slots = slot_mapping.contiguous(), pos = positions.contiguous();
+  const at::Tensor w = w_uk.contiguous();
+  const at::Tensor ws = w_uk_scale.has_value() ? w_uk_scale->contiguous() : at::Tensor();
+  const at::Tensor cos = rope_cos.contiguous(), sin = rope_sin.contiguous();
+  at::Tensor overflow = at::zeros({1}, cache.options().dtype(at::kInt));
+  qsvd::latent_cache::RopeKeysAppendParams p;
+  p.cache = latent_cache_layout(cache_c, scale_c, bits, s.r);  // either layout
+  p.slot_mapping = slots.data_ptr();
+  p.slot_is_int64 = slots.scalar_type() == at::kLong;
+  p.positions = pos.data_ptr();
+  p.pos_is_int64 = pos.scalar_type() == at::kLong;
+  p.w_uk = w.data_ptr();
+  p.weight_type = to_dtype(op, w.scalar_type());
+  p.w_uk_scale = ws.defined() ? ws.data_ptr<float>() : nullptr;
+  p.rope_cos = cos.data_ptr<float>();
+  p.rope_sin = sin.data_ptr<float>();
+  p.rope_keys = rope_keys.data_ptr();  // contiguous (checked)
+  p.overflow = overflow.data_ptr<int>();
+  p.N = N;
+  p.r = s.r;
+  p.H_kv = s.H_kv;
+  p.d = s.d;
+  p.d_rope = s.d_rope;
+  p.num_slots = num_slots;
+  p.rope_len = rope_len;
+  p.bits = static_cast<int>(bits);
+  check_launch(op, qsvd::latent_cache::launch_rope_keys_append(p, at::cuda::getCurrentCUDAStream()));
+  if (host_checks) check_rope_keys_in_range(op, overflow.item<int>() - 1);
 }
 
 }  // namespace qsvd_torch

@@ -71,7 +71,10 @@ void latent_cache_append_cuda(const at::Tensor& c_in, const at::Tensor& slot_map
 //   2. one cuBLAS GEMM codes x [W_uk | W_uv] ([r, 2 H_kv d], the weights
 //      permuted once per call; int8 weights as fp16, exact) with fp32
 //      output: tensor cores, exact products, fp32 sums;
-//   3. epilogue: token scale, weight scale (int8), RoPE, one rounding.
+//   3. epilogue: token scale, weight scale (int8), RoPE over the first
+//      d_rope dims (the tables' width), one rounding; with rope_keys, K's
+//      rotary dims are then copied from the cached rotary keys instead
+//      (the epilogue leaves them unrotated, and the copy overwrites them).
 // Error bound: see kv_epilogue_kernel. It is derived for round-to-nearest
 // fp32 accumulation; tensor cores may align and truncate partial sums,
 // which can at worst double the per-addition error of step 2. Random data
@@ -83,11 +86,10 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
     const std::optional<at::Tensor>& rope_cos, const std::optional<at::Tensor>& rope_sin,
     std::optional<at::ScalarType> out_dtype_opt, bool check_indices, const std::optional<at::Tensor>& rope_keys) {
   const char* op = "latent_reconstruct_kv";
-  QSVD_CHECK_VALUE(!rope_keys.has_value(), op, "`rope_keys` (cached rotary keys) is not implemented in the CUDA "
-                   "kernels yet; the CPU kernels serve it");
   const LatentShape s = check_latent_cache_and_weights(op, cache, cache_scale, block_table, seq_lens, w_uk,
                                                        w_uk_scale, w_uv, w_uv_scale, bits, rope_cos, rope_sin);
-  check_full_rope_cuda(op, s);
+  if (rope_keys.has_value()) check_rope_keys(op, *rope_keys, s, cache);
+  const bool cached = rope_keys.has_value();
   const at::ScalarType out_dtype = reconstruct_out_dtype(op, w_uk, out_dtype_opt);
   const c10::cuda::CUDAGuard guard(cache.device());
   const int64_t rope_positions = s.rope ? rope_cos->size(0) : 0;
@@ -137,6 +139,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   at::Tensor token_scale = at::empty({chunk}, dev.dtype(at::kFloat));
   at::Tensor position = at::empty({chunk}, dev.dtype(at::kInt));
   at::Tensor acc = at::empty({chunk, 2 * N1}, dev.dtype(at::kFloat));
+  at::Tensor row_slot = cached ? at::empty({chunk}, dev.dtype(at::kLong)) : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   lc::GatherCodesParams g;
@@ -153,6 +156,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   g.codes_type = to_dtype(op, gemm_dtype);
   g.token_scale = token_scale.data_ptr<float>();
   g.position = position.data_ptr<int32_t>();
+  g.slot = cached ? row_slot.data_ptr<int64_t>() : nullptr;
   // Code rows (base and stride) at 4 bytes; 8 for the 8-byte int8 loads.
   g.vectorized = s.r % 8 == 0 && aligned(g.cache.codes, 4) && g.cache.code_stride % 4 == 0;
   g.codes_8byte = g.vectorized && aligned(g.cache.codes, 8) && g.cache.code_stride % 8 == 0;
@@ -164,15 +168,29 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   e.out_type = to_dtype(op, out_dtype);
   e.H_kv = s.H_kv;
   e.d = s.d;
+  e.d_rope = s.d_rope;
   float* acc_p = acc.data_ptr<float>();
   const float* wk_scale_p = s.int8_weights ? wk_scale.data_ptr<float>() : nullptr;
   const float* wv_scale_p = s.int8_weights ? wv_scale.data_ptr<float>() : nullptr;
-  const float* cos_p = s.rope ? cos_c.data_ptr<float>() : nullptr;
-  const float* sin_p = s.rope ? sin_c.data_ptr<float>() : nullptr;
+  // The tables are read only where K's rotary dims are rebuilt (not cached).
+  const bool rotate = s.rope && !cached;
+  const float* cos_p = rotate ? cos_c.data_ptr<float>() : nullptr;
+  const float* sin_p = rotate ? sin_c.data_ptr<float>() : nullptr;
   // 16-byte fp32 loads at channel offsets that are multiples of 4 (d % 8 ==
-  // 0 also makes N1, h * d and d / 2 multiples of 4).
-  e.vectorized = s.d % 8 == 0 && aligned(acc_p, 16) && (!s.rope || (aligned(cos_p, 16) && aligned(sin_p, 16))) &&
+  // 0 also makes N1 and h * d multiples of 4; d_rope % 8 == 0 d_rope / 2 and
+  // the tables' rows).
+  e.vectorized = s.d % 8 == 0 && aligned(acc_p, 16) &&
+                 (!rotate || (s.d_rope % 8 == 0 && aligned(cos_p, 16) && aligned(sin_p, 16))) &&
                  (!s.int8_weights || (aligned(wk_scale_p, 16) && aligned(wv_scale_p, 16)));
+  qsvd::latent_cache::CopyRopeKeysParams ck;
+  if (cached) {
+    ck.rope_keys = rope_keys->data_ptr();  // contiguous (checked)
+    ck.slot = row_slot.data_ptr<int64_t>();
+    ck.out_type = e.out_type;
+    ck.H_kv = s.H_kv;
+    ck.d = s.d;
+    ck.d_rope = s.d_rope;
+  }
   char* k_p = static_cast<char*>(k.data_ptr());
   char* v_p = static_cast<char*>(v.data_ptr());
   const int64_t out_row_bytes = N1 * k.element_size();
@@ -191,6 +209,11 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
     e.rope_sin = sin_p;
     e.out = k_p + row0 * out_row_bytes;
     check_launch(op, lc::launch_kv_epilogue(e, stream));
+    if (cached) {
+      ck.rows = rows;
+      ck.out = e.out;
+      check_launch(op, lc::launch_copy_rope_keys(ck, stream));
+    }
     e.acc = acc_p + N1;  // V: columns [N1, 2 N1), no RoPE
     e.w_scale = wv_scale_p;
     e.rope_cos = nullptr;

@@ -1,5 +1,6 @@
 // Instantiations of the paged latent cache kernels (cache append per input
-// element type, the reconstruct gather and epilogue). Torch-free.
+// element type, the reconstruct gather and epilogue, the cached rotary keys'
+// append and copy). Torch-free.
 #include "qsvd/kernels/latent_cache_kernel.cuh"
 
 namespace qsvd {
@@ -23,6 +24,14 @@ cudaError_t launch_gather_codes(const GatherCodesParams& p, cudaStream_t stream)
 
 cudaError_t launch_kv_epilogue(const KvEpilogueParams& p, cudaStream_t stream) {
   return detail::launch_kv_epilogue_impl(p, stream);
+}
+
+cudaError_t launch_copy_rope_keys(const CopyRopeKeysParams& p, cudaStream_t stream) {
+  return detail::launch_copy_rope_keys_impl(p, stream);
+}
+
+cudaError_t launch_rope_keys_append(const RopeKeysAppendParams& p, cudaStream_t stream) {
+  return detail::launch_rope_keys_append_impl(p, stream);
 }
 
 }  // namespace latent_cache

@@ -348,14 +348,16 @@ class QSVDAttentionCore(AttentionStep):
         q = q.contiguous()
         args = (q, cache.codes, cache.scale, block_table, seq_lens, self._t("wuk"), self._t("wuk_scale"),
                 self._t("wuv"), self._t("wuv_scale"), s.latent_bits)
+        rope_keys = self._rope_keys(cache)
         plan = None
         if plans is not None:
             w = self._t("wuk")
-            key = (tuple(w.shape), w.dtype, w.device, q.shape[1], s.latent_bits, 0 if cos is None else cos.shape[1])
+            key = (tuple(w.shape), w.dtype, w.device, q.shape[1], s.latent_bits, 0 if cos is None else cos.shape[1],
+                   rope_keys is not None)
             plan = plans.get(key)
             if plan is None:
-                plan = plans[key] = ops.latent_attention_plan(*args, cos, sin)
-        out, _ = ops.latent_attention(*args, sm_scale, cos, sin, self.check_indices, plan, self._rope_keys(cache))
+                plan = plans[key] = ops.latent_attention_plan(*args, cos, sin, rope_keys)
+        out, _ = ops.latent_attention(*args, sm_scale, cos, sin, self.check_indices, plan, rope_keys)
         bv = self.v_bias_per_query_head()
         return out.float() if bv is None else out.float() + bv
 

@@ -9,7 +9,9 @@
 //   2. codes of the tile -> shared memory as int8 (INT4 unpacked), each row
 //      read once, coalesced and vectorised, for all heads of the tile;
 //   3. scores x_t (log2 units: score_scale = sm_scale log2 e is folded into
-//      the query): no RoPE, x = s_t (code_t . q_lat); RoPE, the tile's
+//      the query): no RoPE, x = s_t (code_t . q_lat); cached rotary keys
+//      (partial RoPE, rope_keys), x = s_t (code_t . q_lat) + q'[:d_rope] .
+//      rope_keys[slot] (q_lat absorbs dims [d_rope, d) only); RoPE, the tile's
 //      K~ = codes W_uk (times w_uk_scale) is rebuilt through shared memory
 //      (W_uk staged in chunks of 32 rows, each element serving the whole
 //      tile), rotated, and x = s_t (q' . RoPE(K~));
@@ -153,7 +155,8 @@ inline int code_vector_bytes(const LatentAttentionParams& p) {
 // ---------------------------------------------------------------------------
 // Split kernel.
 // Shared memory (split_smem_bytes): codes [T, rp] int8 | (RoPE: w_s [32, dp],
-// k_s [T, dp], q_s [HT, dp]; no RoPE: q_lat_s [HT, rp]) | xs [16, 32] |
+// k_s [T, dp], q_s [HT, dp]; no RoPE: q_lat_s [HT, rp], then with rope_keys
+// qr_s [HT, round_up(d_rope, 4)]) | xs [16, 32] |
 // tok_scale [32] | tok_slot [32] int64 | m, l, rescale [16] each.
 template <int kBits, bool kRope, typename W>
 __global__ void __launch_bounds__(kThreads, 1) latent_split_kernel(const LatentAttentionParams p, int vec) {
@@ -203,6 +206,12 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_kernel(const LatentA
     q_s = reinterpret_cast<float*>(ptr);
     ptr += 4 * static_cast<int64_t>(HT) * rp;
   }
+  // Cached rotary keys (absorbed kernel only): q[:d_rope] * score_scale [HT, nrp].
+  const int nr = kRope ? 0 : cached_rope_dims(p);
+  const int nrp = static_cast<int>(padded_head_dim(nr));
+  float* qr_s = reinterpret_cast<float*>(ptr);
+  ptr += 4 * static_cast<int64_t>(HT) * (nr > 0 ? nrp : 0);
+  const __half* rope_keys = static_cast<const __half*>(p.rope_keys);
   float* xs = reinterpret_cast<float*>(ptr);  // [16][32]: scores, then weights p_t s_t
   ptr += 4 * kMaxHeadsPerCta * kMaxTileTokens;
   float* tok_scale = reinterpret_cast<float*>(ptr);
@@ -225,6 +234,13 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_kernel(const LatentA
     for (int idx = tid; idx < HT * rp; idx += kThreads) {
       const int g = idx / rp, i = idx - g * rp;
       q_s[idx] = (g < hc && i < r) ? p.q_lat[(static_cast<int64_t>(b) * p.H + h0 + g) * r + i] : 0.f;
+    }
+    // q is rotated by the caller; the cached keys are rotated, token scale included.
+    for (int idx = tid; idx < HT * nrp; idx += kThreads) {
+      const int g = idx / nrp, j = idx - g * nrp;
+      float v = 0.f;
+      if (g < hc && j < nr) v = __fmul_rn(p.q[(static_cast<int64_t>(b) * p.H + h0 + g) * d + j], p.score_scale);
+      qr_s[idx] = v;
     }
   }
   for (int idx = tid; idx < T * (rp - r); idx += kThreads) {
@@ -396,10 +412,26 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_kernel(const LatentA
 #pragma unroll
           for (int g = 0; g < kMaxHeadsPerCta; ++g)
             if (g < hc) part[g] = warp_sum(part[g]);
+          // The rotary part from the cached keys: x = s_t (c . q_lat) + q'[:d_rope] . k_rope.
+          float rot[kMaxHeadsPerCta];
+#pragma unroll
+          for (int g = 0; g < kMaxHeadsPerCta; ++g) rot[g] = 0.f;
+          if (nr > 0) {
+            const __half* key = rope_keys + (tok_slot[t] * p.H_kv + kv) * nr;
+            for (int j = lane; j < nr; j += 32) {
+              const float kf = __half2float(key[j]);
+#pragma unroll
+              for (int g = 0; g < kMaxHeadsPerCta; ++g)
+                if (g < hc) rot[g] = fmaf(qr_s[g * nrp + j], kf, rot[g]);
+            }
+#pragma unroll
+            for (int g = 0; g < kMaxHeadsPerCta; ++g)
+              if (g < hc) rot[g] = warp_sum(rot[g]);
+          }
           if (lane == 0) {
 #pragma unroll
             for (int g = 0; g < kMaxHeadsPerCta; ++g)
-              if (g < hc) xs[g * kMaxTileTokens + t] = __fmul_rn(tok_scale[t], part[g]);
+              if (g < hc) xs[g * kMaxTileTokens + t] = __fadd_rn(__fmul_rn(tok_scale[t], part[g]), rot[g]);
           }
         } else if (lane == 0) {
           for (int g = 0; g < hc; ++g) xs[g * kMaxTileTokens + t] = -INFINITY;
@@ -482,6 +514,8 @@ cudaError_t launch_split_bits(const LatentAttentionParams& p, cudaStream_t strea
 // Prologue (no RoPE): q_lat[b, h, i] = sum_j W_uk[kv, i, j] q'[j],
 // q'[j] = (q[j] * w_uk_scale[kv, j]) * score_scale. Grid (B, H_kv); the
 // group's queries in shared memory (16 heads at a time), one warp per row i.
+// With rope_keys the sum runs over j >= d_rope (the rotary dims are scored
+// against the cached keys instead): q'[j] = 0 below d_rope.
 template <typename W>
 __global__ void __launch_bounds__(kThreads) latent_prologue_kernel(const LatentAttentionParams p) {
   __shared__ float qs[kMaxHeadsPerCta * kMaxHeadDim];
@@ -490,6 +524,7 @@ __global__ void __launch_bounds__(kThreads) latent_prologue_kernel(const LatentA
   const int G = p.H / p.H_kv, r = p.r, d = p.d;
   const W* w = static_cast<const W*>(p.w_uk) + static_cast<int64_t>(kv) * r * d;
   const float* ws = p.w_uk_scale != nullptr ? p.w_uk_scale + static_cast<int64_t>(kv) * d : nullptr;
+  const int j0 = cached_rope_dims(p);
   for (int c0 = 0; c0 < G; c0 += kMaxHeadsPerCta) {
     const int nh = min(kMaxHeadsPerCta, G - c0);
     const int64_t h0 = static_cast<int64_t>(b) * p.H + kv * G + c0;
@@ -498,7 +533,7 @@ __global__ void __launch_bounds__(kThreads) latent_prologue_kernel(const LatentA
       const int g = idx / d, j = idx - g * d;
       float v = p.q[(h0 + g) * d + j];
       if (ws != nullptr) v = __fmul_rn(v, ws[j]);
-      qs[idx] = __fmul_rn(v, p.score_scale);
+      qs[idx] = j < j0 ? 0.f : __fmul_rn(v, p.score_scale);
     }
     __syncthreads();
     for (int i = warp; i < r; i += kWarps) {

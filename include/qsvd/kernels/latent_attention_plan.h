@@ -49,8 +49,15 @@ struct LatentAttentionParams {
   const float* rope_cos = nullptr;      // [rope_len, d] or nullptr (no RoPE)
   const float* rope_sin = nullptr;
   int64_t rope_len = 0;
+  // Partial RoPE with K's rotary part cached (latent_rope_keys_append): fp16
+  // [num_blocks * block_size, H_kv, d_rope], the first d_rope dims of each
+  // head's K, rotated; nullptr: none. With them the absorbed kernels run
+  // (rope_cos is nullptr): q_lat absorbs W_uk over dims [d_rope, d) only,
+  // and each score adds q[:d_rope] . rope_keys[slot].
+  const void* rope_keys = nullptr;
+  int d_rope = 0;                       // rotary dims read from rope_keys (0 without them)
   // Workspace (fp32).
-  float* q_lat = nullptr;               // [B, H, r] (no RoPE)
+  float* q_lat = nullptr;               // [B, H, r] (no RoPE, or rope_keys)
   float* part_acc = nullptr;            // [B, H, splits, r]
   float* part_ml = nullptr;             // [B, H, splits, 2]: max (log2 units, integer-valued), sum
   // Outputs.
@@ -84,15 +91,18 @@ QSVD_INLINE int combine_tiles(const LatentAttentionParams& p) {
 }
 QSVD_INLINE int64_t padded_rank(int r) { return round_up(r, kWeightChunkRows); }
 QSVD_INLINE int64_t padded_head_dim(int d) { return round_up(d, 4); }
+// Rotary dims the absorbed split kernel reads from rope_keys (0: none).
+QSVD_INLINE int cached_rope_dims(const LatentAttentionParams& p) { return p.rope_keys != nullptr ? p.d_rope : 0; }
 
 // Dynamic shared memory of the split kernel (layout in latent_attention_kernel.cuh).
-inline size_t split_smem_bytes(int r, int d, bool rope, int heads_per_cta, int tile_tokens) {
+// cached_rope: rotary dims read from rope_keys (the absorbed kernel only).
+inline size_t split_smem_bytes(int r, int d, bool rope, int heads_per_cta, int tile_tokens, int cached_rope = 0) {
   const int64_t rp = padded_rank(r), dp = padded_head_dim(d);
   int64_t bytes = round_up(static_cast<int64_t>(tile_tokens) * rp, 16);          // codes
   if (rope)
     bytes += 4 * (kWeightChunkRows * dp + static_cast<int64_t>(tile_tokens) * dp + heads_per_cta * dp);
   else
-    bytes += 4 * static_cast<int64_t>(heads_per_cta) * rp;                       // q_lat
+    bytes += 4 * static_cast<int64_t>(heads_per_cta) * (rp + padded_head_dim(cached_rope));  // q_lat, q[:d_rope]
   bytes += 4 * static_cast<int64_t>(kMaxHeadsPerCta) * kMaxTileTokens;           // scores / weights
   bytes += 4 * kMaxTileTokens + 8 * kMaxTileTokens;                               // token scales, slots
   bytes += 4 * 3 * kMaxHeadsPerCta;                                               // m, l, rescale
@@ -149,14 +159,17 @@ inline void plan_combine(LatentAttentionParams& p) {
 inline const char* plan_latent_attention(LatentAttentionParams& p, int64_t token_capacity, int sm_count,
                                          size_t smem_limit, int forced_splits) {
   const bool rope = p.rope_cos != nullptr;
+  const int cached = cached_rope_dims(p);
   if (p.d > kMaxHeadDim) return "the CUDA kernel serves head dims d <= 256";
   if (p.r > kMaxRank) return "the CUDA kernel serves latent ranks r <= 8192";
+  if (p.rope_keys != nullptr && (rope || p.d_rope < 1 || p.d_rope > p.d))
+    return "rope_keys needs the absorbed kernel (no RoPE tables in the parameters) and 1 <= d_rope <= d";
   p.split_kernel = SplitKernel::kSimt;
   p.heads_per_cta = plan_heads_per_cta(p);
   int tile = kMaxTileTokens;
-  while (tile > kWarps && split_smem_bytes(p.r, p.d, rope, p.heads_per_cta, tile) > smem_limit) tile -= kWarps;
+  while (tile > kWarps && split_smem_bytes(p.r, p.d, rope, p.heads_per_cta, tile, cached) > smem_limit) tile -= kWarps;
   p.tile_tokens = tile;
-  p.split_smem = split_smem_bytes(p.r, p.d, rope, p.heads_per_cta, tile);
+  p.split_smem = split_smem_bytes(p.r, p.d, rope, p.heads_per_cta, tile, cached);
   if (p.split_smem > smem_limit) return "the shape needs more shared memory than the device offers per block";
   plan_splits(p, static_cast<int64_t>(p.B) * p.H_kv * head_tiles(p), token_capacity, sm_count, forced_splits,
               kMaxTileTokens);
@@ -281,6 +294,7 @@ inline const char* plan_latent_attention_tc(LatentAttentionParams& p, int64_t to
                                             size_t smem_limit, int forced_splits) {
   if (p.d > kMaxHeadDim) return "the CUDA kernel serves head dims d <= 256";
   if (p.r > kMaxRank) return "the CUDA kernel serves latent ranks r <= 8192";
+  if (p.rope_keys != nullptr) return "the tensor-core kernels do not read cached rotary keys (rope_keys)";
   p.split_kernel = SplitKernel::kTensorCore;
   if (p.rope_cos == nullptr) {
     const int rk = static_cast<int>(round_up(p.r, 16));
@@ -359,7 +373,7 @@ inline const char* plan_latent_attention_knobs(LatentAttentionParams& p, int64_t
   }
   const bool i8_mma = p.weight_type == DType::kI8;
   const auto smem_of = [&](int tile) -> size_t {
-    if (!tensor_core) return split_smem_bytes(p.r, p.d, rope, p.heads_per_cta, tile);
+    if (!tensor_core) return split_smem_bytes(p.r, p.d, rope, p.heads_per_cta, tile, cached_rope_dims(p));
     if (norope_tc) return static_cast<size_t>(norope_tc_layout(p.r, p.slice_cols, tile).total);
     return static_cast<size_t>(rope_tc_layout(p.r, p.d, p.heads_per_cta, tile, i8_mma).total);
   };

@@ -22,9 +22,20 @@
 // [0, num_blocks) gives zero codes and a zero scale: never an out-of-bounds
 // read), codes unpacked to fp16/bf16 (|code| <= 127 is exact in both).
 //
-// kv_epilogue: one thread per (row, kv head, 4 channels) (times two halves
-// with RoPE): k = (acc * token_scale) (* w_scale), then rotate-half RoPE in
-// fp32 with every product and sum rounded separately, one final rounding.
+// kv_epilogue: one thread per (row, kv head, 4 channels) (a rotary unit
+// covers 4 channels and their rotate-half partners d_rope / 2 apart):
+// k = (acc * token_scale) (* w_scale), then rotate-half RoPE over the first
+// d_rope channels in fp32 with every product and sum rounded separately,
+// one final rounding.
+//
+// copy_rope_keys: one thread per (row, kv head, channel < d_rope).
+//
+// rope_keys_append: one block per new row: its codes (unpacked) and scale in
+// shared memory, then one thread per (kv head, rotary channel) sums r exact
+// products with W_uk's column (consecutive threads read consecutive
+// columns), scales, and after a barrier rotates with its partner and stores
+// fp16. Decode appends B rows per layer and step: launch-bound; a prefill of
+// N rows reads W_uk's rotary columns N times from L2.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -36,6 +47,7 @@
 
 #include "qsvd/kernels/element.cuh"
 #include "qsvd/kernels/latent_cache_params.h"
+#include "qsvd/kernels/launch_util.cuh"
 #include "qsvd/numerics.h"
 
 namespace qsvd {
@@ -236,6 +248,7 @@ __global__ void __launch_bounds__(kThreads) gather_codes_kernel(const GatherCode
   if (lane == 0) {
     p.token_scale[local] = valid ? *p.cache.scale_of(slot) : 0.f;
     p.position[local] = static_cast<int32_t>(t);
+    if (p.slot != nullptr) p.slot[local] = valid ? slot : -1;
   }
   const int64_t r = p.r;
   TC* out = static_cast<TC*>(p.codes) + local * r;
@@ -358,8 +371,10 @@ __device__ __forceinline__ void store_out(TO* dst, const float (&v)[kV]) {
 template <typename TO, int kV, bool kRope>
 __global__ void __launch_bounds__(kThreads) kv_epilogue_kernel(const KvEpilogueParams p) {
   const int64_t d = p.d;
-  const int64_t half = d / 2;
-  const int64_t units = (kRope ? half : d) / kV;
+  const int64_t n = kRope ? p.d_rope : 0;  // rotary channels [0, n), the rest unrotated
+  const int64_t half = n / 2;
+  const int64_t rot_units = half / kV;
+  const int64_t units = rot_units + (d - n) / kV;
   const int64_t items = p.rows * p.H_kv * units;
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; item < items;
        item += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -367,7 +382,8 @@ __global__ void __launch_bounds__(kThreads) kv_epilogue_kernel(const KvEpilogueP
     const int64_t row_head = item / units;
     const int64_t h = row_head % p.H_kv;
     const int64_t row = row_head / p.H_kv;
-    const int64_t j0 = u * kV;
+    const bool rotary = kRope && u < rot_units;
+    const int64_t j0 = rotary ? u * kV : n + (u - rot_units) * kV;
     const float* acc = p.acc + row * p.acc_row_stride + h * d;
     const float* w_scale = p.w_scale != nullptr ? p.w_scale + h * d : nullptr;
     const float token_scale = p.token_scale[row];
@@ -376,7 +392,7 @@ __global__ void __launch_bounds__(kThreads) kv_epilogue_kernel(const KvEpilogueP
     float k_lo[kV];
     load_floats<kV>(acc + j0, k_lo);
     scale_channels<kV>(k_lo, token_scale, w_scale != nullptr ? w_scale + j0 : nullptr);
-    if constexpr (!kRope) {
+    if (!rotary) {
       store_out<TO, kV>(out + j0, k_lo);
     } else {
       // Channels j0.. (first half) and j0 + half.. (their rotate-half partners).
@@ -384,8 +400,8 @@ __global__ void __launch_bounds__(kThreads) kv_epilogue_kernel(const KvEpilogueP
       load_floats<kV>(acc + j0 + half, k_hi);
       scale_channels<kV>(k_hi, token_scale, w_scale != nullptr ? w_scale + j0 + half : nullptr);
       const int64_t pos = p.position[row];
-      const float* cos_row = p.rope_cos + pos * d;
-      const float* sin_row = p.rope_sin + pos * d;
+      const float* cos_row = p.rope_cos + pos * n;
+      const float* sin_row = p.rope_sin + pos * n;
       float cos_lo[kV], sin_lo[kV], cos_hi[kV], sin_hi[kV];
       load_floats<kV>(cos_row + j0, cos_lo);
       load_floats<kV>(sin_row + j0, sin_lo);
@@ -406,7 +422,7 @@ __global__ void __launch_bounds__(kThreads) kv_epilogue_kernel(const KvEpilogueP
 
 template <typename TO, int kV>
 cudaError_t launch_kv_epilogue_config(const KvEpilogueParams& p, bool rope, cudaStream_t stream) {
-  const int64_t units = (rope ? p.d / 2 : p.d) / kV;
+  const int64_t units = rope ? p.d_rope / 2 / kV + (p.d - p.d_rope) / kV : p.d / kV;
   const int64_t items = p.rows * p.H_kv * units;
   if (items == 0) return cudaSuccess;
   int64_t blocks = (items + kThreads - 1) / kThreads;
@@ -427,13 +443,126 @@ cudaError_t launch_kv_epilogue_typed(const KvEpilogueParams& p, cudaStream_t str
 
 inline cudaError_t launch_kv_epilogue_impl(const KvEpilogueParams& p, cudaStream_t stream) {
   const bool rope = p.rope_cos != nullptr;
-  if (p.rows < 0 || p.H_kv < 0 || p.d < 0 || (rope && (p.rope_sin == nullptr || (p.d & 1))) ||
-      (p.vectorized && p.d % 8 != 0))
+  if (p.rows < 0 || p.H_kv < 0 || p.d < 0 ||
+      (rope && (p.rope_sin == nullptr || (p.d_rope & 1) || p.d_rope < 2 || p.d_rope > p.d)) ||
+      (p.vectorized && (p.d % 8 != 0 || (rope && p.d_rope % 8 != 0))))
     return cudaErrorInvalidValue;
   switch (p.out_type) {
     case DType::kF32: return launch_kv_epilogue_typed<float>(p, stream);
     case DType::kF16: return launch_kv_epilogue_typed<__half>(p, stream);
     case DType::kBF16: return launch_kv_epilogue_typed<__nv_bfloat16>(p, stream);
+    default: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+// ---------------------------------------------------------------------------
+// latent_reconstruct_kv with cached rotary keys: copy_rope_keys
+// ---------------------------------------------------------------------------
+
+template <typename TO>
+__global__ void __launch_bounds__(kThreads) copy_rope_keys_kernel(const CopyRopeKeysParams p) {
+  const int64_t n = p.d_rope, items = p.rows * p.H_kv * n;
+  const __half* keys = static_cast<const __half*>(p.rope_keys);
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; item < items;
+       item += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t j = item % n, row_head = item / n;
+    const int64_t h = row_head % p.H_kv, row = row_head / p.H_kv;
+    const int64_t slot = p.slot[row];
+    const float v = slot >= 0 ? __half2float(keys[(slot * p.H_kv + h) * n + j]) : 0.f;
+    static_cast<TO*>(p.out)[(row * p.H_kv + h) * p.d + j] = from_float<TO>(v);
+  }
+}
+
+inline cudaError_t launch_copy_rope_keys_impl(const CopyRopeKeysParams& p, cudaStream_t stream) {
+  if (p.rows < 0 || p.H_kv < 0 || p.d_rope < 0 || p.d_rope > p.d) return cudaErrorInvalidValue;
+  const int64_t items = p.rows * p.H_kv * p.d_rope;
+  if (items == 0) return cudaSuccess;
+  int64_t blocks = (items + kThreads - 1) / kThreads;
+  if (blocks > kMaxEpilogueBlocks) blocks = kMaxEpilogueBlocks;
+  const unsigned grid = static_cast<unsigned>(blocks);
+  switch (p.out_type) {
+    case DType::kF32: copy_rope_keys_kernel<float><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kF16: copy_rope_keys_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kBF16: copy_rope_keys_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------------------
+// latent_rope_keys_append
+// ---------------------------------------------------------------------------
+
+// Shared memory: codes [r] fp32 | k [H_kv * d_rope] fp32.
+template <typename W>
+__global__ void __launch_bounds__(kThreads) rope_keys_append_kernel(const RopeKeysAppendParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t row = blockIdx.x;
+  const int64_t slot = p.slot_is_int64 ? static_cast<const int64_t*>(p.slot_mapping)[row]
+                                       : static_cast<const int32_t*>(p.slot_mapping)[row];
+  const int64_t pos = p.pos_is_int64 ? static_cast<const int64_t*>(p.positions)[row]
+                                     : static_cast<const int32_t*>(p.positions)[row];
+  // Padding (slot < 0) and, with the host check off, bad slots or positions: skipped.
+  if (slot < 0 || slot >= p.num_slots || pos < 0 || pos >= p.rope_len) return;
+  const int64_t r = p.r, n = p.d_rope, half = n / 2, E = p.H_kv * n;
+  float* codes = reinterpret_cast<float*>(smem);
+  float* k = codes + r;
+  const uint8_t* src = p.cache.codes_of(slot);
+  for (int64_t i = threadIdx.x; i < r; i += kThreads) {
+    int c;
+    if (p.bits == 8) c = reinterpret_cast<const int8_t*>(src)[i];
+    else c = (i & 1) ? unpack_int4_hi(src[i / 2]) : unpack_int4_lo(src[i / 2]);
+    codes[i] = static_cast<float>(c);
+  }
+  const float token_scale = *p.cache.scale_of(slot);
+  __syncthreads();
+  const W* w = static_cast<const W*>(p.w_uk);
+  for (int64_t e = threadIdx.x; e < E; e += kThreads) {
+    const int64_t h = e / n, j = e - h * n;
+    const W* col = w + h * r * p.d + j;
+    float acc = 0.f;
+    for (int64_t i = 0; i < r; ++i) acc = fmaf(codes[i], to_float<W>(col[i * p.d]), acc);  // exact products
+    float v = mul_rn(acc, token_scale);
+    if (p.w_uk_scale != nullptr) v = mul_rn(v, p.w_uk_scale[h * p.d + j]);
+    k[e] = v;
+  }
+  __syncthreads();
+  const float* cos_row = p.rope_cos + pos * n;
+  const float* sin_row = p.rope_sin + pos * n;
+  __half* dst = static_cast<__half*>(p.rope_keys) + slot * E;
+  for (int64_t e = threadIdx.x; e < E; e += kThreads) {
+    const int64_t h = e / n, j = e - h * n;
+    const float rot = j < half ? -k[h * n + j + half] : k[h * n + j - half];  // rotate_half(k)
+    const float v = __fadd_rn(mul_rn(k[e], cos_row[j]), mul_rn(rot, sin_row[j]));
+    const __half o = __float2half_rn(v);
+    if (__hisinf(o) && isfinite(v)) atomicMax(p.overflow, static_cast<int>(row) + 1);
+    dst[e] = o;
+  }
+}
+
+inline size_t rope_keys_append_smem(const RopeKeysAppendParams& p) {
+  return 4 * static_cast<size_t>(p.r + p.H_kv * p.d_rope);
+}
+
+template <typename W>
+cudaError_t launch_rope_keys_append_typed(const RopeKeysAppendParams& p, cudaStream_t stream) {
+  const size_t smem = rope_keys_append_smem(p);
+  const cudaError_t err = allow_dynamic_smem(rope_keys_append_kernel<W>, smem);  // launch_util.cuh
+  if (err != cudaSuccess) return err;
+  rope_keys_append_kernel<W><<<static_cast<unsigned>(p.N), kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+inline cudaError_t launch_rope_keys_append_impl(const RopeKeysAppendParams& p, cudaStream_t stream) {
+  if (p.N < 0 || p.N > INT_MAX || p.r < 1 || p.H_kv < 1 || p.d_rope < 2 || (p.d_rope & 1) || p.d_rope > p.d ||
+      (p.bits != 8 && p.bits != 4) || (p.bits == 4 && (p.r & 1)) || p.overflow == nullptr)
+    return cudaErrorInvalidValue;
+  if (p.N == 0) return cudaSuccess;
+  switch (p.weight_type) {
+    case DType::kF16: return launch_rope_keys_append_typed<__half>(p, stream);
+    case DType::kBF16: return launch_rope_keys_append_typed<__nv_bfloat16>(p, stream);
+    case DType::kI8: return launch_rope_keys_append_typed<int8_t>(p, stream);
     default: break;
   }
   return cudaErrorInvalidValue;

@@ -6,7 +6,11 @@
 //   latent_reconstruct_kv      = gather_latent_codes (paged codes -> dense
 //                                fp16/bf16 codes, token scales, positions)
 //                              + a cuBLAS GEMM with fp32 output (the launcher's)
-//                              + kv_epilogue (scales, RoPE, one rounding).
+//                              + kv_epilogue (scales, RoPE over the first
+//                                d_rope dims, one rounding)
+//                              (+ copy_rope_keys: K's rotary dims from the
+//                                cached rotary keys, when given);
+//   latent_rope_keys_append    K's rotary part of cached rows, rotated, in fp16.
 #pragma once
 
 #include <cstdint>
@@ -74,6 +78,7 @@ struct GatherCodesParams {
   DType codes_type = DType::kF16;
   float* token_scale = nullptr;         // [rows]
   int32_t* position = nullptr;          // [rows]
+  int64_t* slot = nullptr;              // [rows] the row's cache slot (-1: a bad block id), or nullptr: not written
   // 4-byte-aligned loads of codes and 16-byte stores: r % 8 == 0, the code
   // base and cache.code_stride multiples of 4 (the launcher checks).
   bool vectorized = false;
@@ -84,22 +89,62 @@ struct GatherCodesParams {
 cudaError_t launch_gather_codes(const GatherCodesParams& p, cudaStream_t stream);
 
 // out[row, h, j] = round(RoPE_pos(acc[row, h*d + j] * token_scale[row] (* w_scale[h*d + j])))
+// (RoPE over dims j < d_rope among themselves: rotate-half of width d_rope;
+// dims j >= d_rope unrotated.)
 struct KvEpilogueParams {
   const float* acc = nullptr;           // [rows, acc_row_stride] fp32, columns h*d + j
   int64_t acc_row_stride = 0;
   const float* token_scale = nullptr;   // [rows]
   const int32_t* position = nullptr;    // [rows], each < the RoPE table length
   const float* w_scale = nullptr;       // [H_kv * d] (int8 weights) or nullptr
-  const float* rope_cos = nullptr;      // [max_position, d] or nullptr (no RoPE); d even with RoPE
+  const float* rope_cos = nullptr;      // [max_position, d_rope] or nullptr (no RoPE); d_rope even
   const float* rope_sin = nullptr;
+  int64_t d_rope = 0;                   // rotary dims (the tables' width), <= d
   void* out = nullptr;                  // [rows, H_kv, d] of out_type, contiguous
   DType out_type = DType::kF16;
   int64_t rows = 0, H_kv = 0, d = 0;
-  // Four consecutive channels per thread with 16-byte fp32 loads: d % 8 == 0,
-  // acc_row_stride % 4 == 0 and acc / rope / w_scale 16-byte aligned.
+  // Four consecutive channels per thread with 16-byte fp32 loads: d % 8 == 0
+  // (and d_rope % 8 == 0 with RoPE), acc_row_stride % 4 == 0 and acc / rope
+  // / w_scale 16-byte aligned.
   bool vectorized = false;
 };
 cudaError_t launch_kv_epilogue(const KvEpilogueParams& p, cudaStream_t stream);
+
+// out[row, h, j] = rope_keys[slot[row], h, j] for j < d_rope (0 where slot <
+// 0): K's rotary dims read from the cached rotary keys, after kv_epilogue.
+struct CopyRopeKeysParams {
+  const void* rope_keys = nullptr;      // fp16 [num_slots, H_kv, d_rope]
+  const int64_t* slot = nullptr;        // [rows] (gather_codes' slot output), each < num_slots or -1
+  void* out = nullptr;                  // [rows, H_kv, d] of out_type, contiguous
+  DType out_type = DType::kF16;
+  int64_t rows = 0, H_kv = 0, d = 0, d_rope = 0;
+};
+cudaError_t launch_copy_rope_keys(const CopyRopeKeysParams& p, cudaStream_t stream);
+
+// latent_rope_keys_append: for each row n with a slot in [0, num_slots) and a
+// position in [0, rope_len) (others are skipped: the launcher's host check
+// raises on them first), keys[slot, h, j] = fp16(RoPE_pos(k)[h, j]) for j <
+// d_rope, k[h, j] = ((sum_i code_i W_uk[h, i, j]) * token_scale) (*
+// w_uk_scale[h, j]): the CPU kernel's arithmetic (fp32 sums of exact
+// products). A finite key that rounds to an infinite fp16 sets *overflow to
+// (its row + 1) at most (atomicMax), for the launcher to report.
+struct RopeKeysAppendParams {
+  LatentCacheLayout cache;              // either layout, as in CacheAppendParams
+  const void* slot_mapping = nullptr;   // [N] int64 (slot_is_int64) or int32
+  bool slot_is_int64 = true;
+  const void* positions = nullptr;      // [N] int64 (pos_is_int64) or int32
+  bool pos_is_int64 = true;
+  const void* w_uk = nullptr;           // [H_kv, r, d] of weight_type, contiguous
+  DType weight_type = DType::kF16;      // kF16, kBF16 or kI8
+  const float* w_uk_scale = nullptr;    // [H_kv, d] (int8 weights) or nullptr
+  const float* rope_cos = nullptr;      // [rope_len, d_rope]
+  const float* rope_sin = nullptr;
+  void* rope_keys = nullptr;            // fp16 [num_slots, H_kv, d_rope]
+  int* overflow = nullptr;              // one int, 0 before the launch
+  int64_t N = 0, r = 0, H_kv = 0, d = 0, d_rope = 0, num_slots = 0, rope_len = 0;
+  int bits = 8;
+};
+cudaError_t launch_rope_keys_append(const RopeKeysAppendParams& p, cudaStream_t stream);
 
 }  // namespace latent_cache
 }  // namespace qsvd
