@@ -370,7 +370,8 @@ void latent_rope_keys_append_cpu(QSVD_ROPE_KEYS_APPEND_PARAMS) {
   const at::Tensor cos = rope_cos.contiguous(), sin = rope_sin.contiguous();
   const int64_t R = static_cast<int64_t>(rows.size());
   const auto f32 = cache.options().dtype(at::kFloat);
-  std::atomic<int64_t> overflow{-1};  // a row whose finite key rounds to an infinite fp16
+  // The first row whose finite key rounds to an infinite fp16 (INT64_MAX: none).
+  std::atomic<int64_t> overflow{std::numeric_limits<int64_t>::max()};
   parallel_tasks(0, (R + kTileRope - 1) / kTileRope, 1, [&](int64_t k0, int64_t k1) {
     at::Tensor codes = at::empty({kTileRope, r}, f32.dtype(at::kChar));
     at::Tensor codes_f = at::empty({kTileRope, r}, f32);
@@ -397,12 +398,17 @@ void latent_rope_keys_append_cpu(QSVD_ROPE_KEYS_APPEND_PARAMS) {
         for (int64_t e = 0; e < E; ++e) {
           const float v = kp[j * E + e];
           dst[e] = static_cast<at::Half>(v);
-          if (std::isinf(static_cast<float>(dst[e])) && std::isfinite(v)) overflow.store(i);
+          if (std::isinf(static_cast<float>(dst[e])) && std::isfinite(v)) {
+            int64_t cur = overflow.load();
+            while (i < cur && !overflow.compare_exchange_weak(cur, i)) {
+            }
+          }
         }
       }
     }
   });
-  check_rope_keys_in_range(op, overflow.load());
+  const int64_t first = overflow.load();
+  check_rope_keys_in_range(op, first == std::numeric_limits<int64_t>::max() ? -1 : first);
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cpu(

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../checks.h"
@@ -85,7 +86,7 @@ Launch launch_params(const at::Tensor& q_in, const at::Tensor& cache_in, const s
   p.w_uv = w_uv.data_ptr();
   p.w_uv_scale = wv_scale.defined() ? wv_scale.data_ptr<float>() : nullptr;
   p.rope_sin = rebuild ? sin.data_ptr<float>() : nullptr;
-  p.rope_len = rebuild ? rope_cos->size(0) : 0;
+  p.rope_len = s.rope ? rope_cos->size(0) : 0;  // bounds L with K rebuilt or cached, as the plan's capacity
   p.num_blocks = s.num_blocks;
   p.block_size = s.block_size;
   p.max_blocks = s.max_blocks;
@@ -218,7 +219,7 @@ void latent_rope_keys_append_cuda(QSVD_ROPE_KEYS_APPEND_PARAMS) {
   const at::Tensor w = w_uk.contiguous();
   const at::Tensor ws = w_uk_scale.has_value() ? w_uk_scale->contiguous() : at::Tensor();
   const at::Tensor cos = rope_cos.contiguous(), sin = rope_sin.contiguous();
-  at::Tensor overflow = at::zeros({1}, cache.options().dtype(at::kInt));
+  at::Tensor overflow = at::full({1}, std::numeric_limits<int>::max(), cache.options().dtype(at::kInt));
   qsvd::latent_cache::RopeKeysAppendParams p;
   p.cache = latent_cache_layout(cache_c, scale_c, bits, s.r);  // either layout
   p.slot_mapping = slots.data_ptr();
@@ -241,7 +242,10 @@ void latent_rope_keys_append_cuda(QSVD_ROPE_KEYS_APPEND_PARAMS) {
   p.rope_len = rope_len;
   p.bits = static_cast<int>(bits);
   check_launch(op, qsvd::latent_cache::launch_rope_keys_append(p, at::cuda::getCurrentCUDAStream()));
-  if (host_checks) check_rope_keys_in_range(op, overflow.item<int>() - 1);
+  if (host_checks) {
+    const int row = overflow.item<int>();
+    check_rope_keys_in_range(op, row == std::numeric_limits<int>::max() ? -1 : row);
+  }
 }
 
 }  // namespace qsvd_torch

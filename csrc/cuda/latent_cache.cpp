@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> latent_reconstruct_kv_cuda(
   const at::Tensor wk_scale = s.int8_weights ? w_uk_scale->contiguous() : at::Tensor();
   const at::Tensor wv_scale = s.int8_weights ? w_uv_scale->contiguous() : at::Tensor();
 
-  const int64_t row_bytes = 2 * N1 * 4 + s.r * 2 + 8;
+  const int64_t row_bytes = 2 * N1 * 4 + s.r * 2 + 8 + (cached ? 8 : 0);  // acc, codes, scale + position, slot
   const int64_t chunk = std::min(total, std::max<int64_t>(1, kReconstructWorkspaceBytes / row_bytes));
   const auto dev = cache.options();
   at::Tensor codes = at::empty({chunk, s.r}, dev.dtype(gemm_dtype));

@@ -176,7 +176,9 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_kernel(const LatentA
   int64_t L = p.seq_lens[b];
   const int64_t capacity = p.max_blocks * p.block_size;
   L = L < 0 ? 0 : (L > capacity ? capacity : L);
-  if (kRope && L > p.rope_len) L = p.rope_len;
+  // The RoPE table bounds L with K rebuilt and with K's rotary part cached
+  // (the launcher's plan capacity is capped by it in both).
+  if ((kRope || cached_rope_dims(p) > 0) && L > p.rope_len) L = p.rope_len;
   const int64_t start = static_cast<int64_t>(split) * p.split_tokens;
   const int64_t end = min(start + p.split_tokens, L);
   const int64_t ml_base = (static_cast<int64_t>(b) * p.H + h0) * p.splits + split;  // + g * splits
@@ -416,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_kernel(const LatentA
           float rot[kMaxHeadsPerCta];
 #pragma unroll
           for (int g = 0; g < kMaxHeadsPerCta; ++g) rot[g] = 0.f;
-          if (nr > 0) {
+          if (nr > 0) {  // uniform across the CTA: warp_sum below is safe
             const __half* key = rope_keys + (tok_slot[t] * p.H_kv + kv) * nr;
             for (int j = lane; j < nr; j += 32) {
               const float kf = __half2float(key[j]);
@@ -430,8 +432,12 @@ __global__ void __launch_bounds__(kThreads, 1) latent_split_kernel(const LatentA
           }
           if (lane == 0) {
 #pragma unroll
-            for (int g = 0; g < kMaxHeadsPerCta; ++g)
-              if (g < hc) xs[g * kMaxTileTokens + t] = __fadd_rn(__fmul_rn(tok_scale[t], part[g]), rot[g]);
+            for (int g = 0; g < kMaxHeadsPerCta; ++g) {
+              if (g < hc) {
+                const float x = __fmul_rn(tok_scale[t], part[g]);
+                xs[g * kMaxTileTokens + t] = nr > 0 ? __fadd_rn(x, rot[g]) : x;
+              }
+            }
           }
         } else if (lane == 0) {
           for (int g = 0; g < hc; ++g) xs[g * kMaxTileTokens + t] = -INFINITY;

@@ -49,6 +49,8 @@ cudaError_t launch_latent_split_norope_tc(const LatentAttentionParams& p, cudaSt
 inline cudaError_t launch_latent_attention(const LatentAttentionParams& p, cudaStream_t stream) {
   const bool rope = p.rope_cos != nullptr;
   const bool tc = p.split_kernel == SplitKernel::kTensorCore;
+  // Cached rotary keys: only the CUDA-core absorbed kernel reads them.
+  if (p.rope_keys != nullptr && (rope || tc || p.d_rope < 1 || p.d_rope > p.d)) return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
   switch (p.weight_type) {
     case DType::kF16:

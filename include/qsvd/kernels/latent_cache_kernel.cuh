@@ -30,10 +30,10 @@
 //
 // copy_rope_keys: one thread per (row, kv head, channel < d_rope).
 //
-// rope_keys_append: one block per new row: its codes (unpacked) and scale in
-// shared memory, then one thread per (kv head, rotary channel) sums r exact
-// products with W_uk's column (consecutive threads read consecutive
-// columns), scales, and after a barrier rotates with its partner and stores
+// rope_keys_append: one block per new row: its codes (unpacked) in shared
+// memory, then one thread per (kv head, rotary pair) sums the r exact
+// products down W_uk's two partner columns (consecutive threads read
+// consecutive columns), scales as the CPU kernel does, rotates and stores
 // fp16. Decode appends B rows per layer and step: launch-bound; a prefill of
 // N rows reads W_uk's rotary columns N times from L2.
 #pragma once
@@ -44,6 +44,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "qsvd/kernels/element.cuh"
 #include "qsvd/kernels/latent_cache_params.h"
@@ -494,7 +495,25 @@ inline cudaError_t launch_copy_rope_keys_impl(const CopyRopeKeysParams& p, cudaS
 // latent_rope_keys_append
 // ---------------------------------------------------------------------------
 
-// Shared memory: codes [r] fp32 | k [H_kv * d_rope] fp32.
+// Sum of exact products code_i W[i, col] down one column: int32 for int8
+// weights (|sum| <= 128 * 127 * r < 2^31: exact, rounded once), fp32 for
+// fp16 / bf16 (each product exact in fp32).
+template <typename W>
+__device__ __forceinline__ float column_dot(const float* codes, const W* col, int64_t r, int64_t stride) {
+  if constexpr (std::is_same_v<W, int8_t>) {
+    int32_t acc = 0;
+    for (int64_t i = 0; i < r; ++i) acc += static_cast<int32_t>(codes[i]) * static_cast<int32_t>(col[i * stride]);
+    return static_cast<float>(acc);
+  } else {
+    float acc = 0.f;
+    for (int64_t i = 0; i < r; ++i) acc = fmaf(codes[i], to_float<W>(col[i * stride]), acc);
+    return acc;
+  }
+}
+
+// Shared memory: codes [r] fp32. One thread per (kv head, rotary pair j <
+// d_rope / 2) computes both partners j and j + d_rope / 2, in the CPU
+// kernel's order: ((sum) * w_uk_scale) * token_scale, then rotate-half.
 template <typename W>
 __global__ void __launch_bounds__(kThreads) rope_keys_append_kernel(const RopeKeysAppendParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -503,11 +522,11 @@ __global__ void __launch_bounds__(kThreads) rope_keys_append_kernel(const RopeKe
                                        : static_cast<const int32_t*>(p.slot_mapping)[row];
   const int64_t pos = p.pos_is_int64 ? static_cast<const int64_t*>(p.positions)[row]
                                      : static_cast<const int32_t*>(p.positions)[row];
-  // Padding (slot < 0) and, with the host check off, bad slots or positions: skipped.
+  // Padding (slot < 0) and, with the host check off, bad slots or positions:
+  // skipped (the whole block returns: no barrier is left waiting).
   if (slot < 0 || slot >= p.num_slots || pos < 0 || pos >= p.rope_len) return;
-  const int64_t r = p.r, n = p.d_rope, half = n / 2, E = p.H_kv * n;
+  const int64_t r = p.r, n = p.d_rope, half = n / 2, d = p.d;
   float* codes = reinterpret_cast<float*>(smem);
-  float* k = codes + r;
   const uint8_t* src = p.cache.codes_of(slot);
   for (int64_t i = threadIdx.x; i < r; i += kThreads) {
     int c;
@@ -518,32 +537,31 @@ __global__ void __launch_bounds__(kThreads) rope_keys_append_kernel(const RopeKe
   const float token_scale = *p.cache.scale_of(slot);
   __syncthreads();
   const W* w = static_cast<const W*>(p.w_uk);
-  for (int64_t e = threadIdx.x; e < E; e += kThreads) {
-    const int64_t h = e / n, j = e - h * n;
-    const W* col = w + h * r * p.d + j;
-    float acc = 0.f;
-    for (int64_t i = 0; i < r; ++i) acc = fmaf(codes[i], to_float<W>(col[i * p.d]), acc);  // exact products
-    float v = mul_rn(acc, token_scale);
-    if (p.w_uk_scale != nullptr) v = mul_rn(v, p.w_uk_scale[h * p.d + j]);
-    k[e] = v;
-  }
-  __syncthreads();
   const float* cos_row = p.rope_cos + pos * n;
   const float* sin_row = p.rope_sin + pos * n;
-  __half* dst = static_cast<__half*>(p.rope_keys) + slot * E;
-  for (int64_t e = threadIdx.x; e < E; e += kThreads) {
-    const int64_t h = e / n, j = e - h * n;
-    const float rot = j < half ? -k[h * n + j + half] : k[h * n + j - half];  // rotate_half(k)
-    const float v = __fadd_rn(mul_rn(k[e], cos_row[j]), mul_rn(rot, sin_row[j]));
-    const __half o = __float2half_rn(v);
-    if (__hisinf(o) && isfinite(v)) atomicMax(p.overflow, static_cast<int>(row) + 1);
-    dst[e] = o;
+  __half* dst = static_cast<__half*>(p.rope_keys) + slot * p.H_kv * n;
+  for (int64_t e = threadIdx.x; e < p.H_kv * half; e += kThreads) {
+    const int64_t h = e / half, j = e - h * half;
+    const W* head = w + h * r * d;
+    float lo = column_dot<W>(codes, head + j, r, d), hi = column_dot<W>(codes, head + j + half, r, d);
+    if (p.w_uk_scale != nullptr) {
+      lo = mul_rn(lo, p.w_uk_scale[h * d + j]);
+      hi = mul_rn(hi, p.w_uk_scale[h * d + j + half]);
+    }
+    lo = mul_rn(lo, token_scale);
+    hi = mul_rn(hi, token_scale);
+    // rotate_half(k) = [-k_hi, k_lo]
+    const float out_lo = __fsub_rn(mul_rn(lo, cos_row[j]), mul_rn(hi, sin_row[j]));
+    const float out_hi = __fadd_rn(mul_rn(hi, cos_row[j + half]), mul_rn(lo, sin_row[j + half]));
+    const __half o_lo = __float2half_rn(out_lo), o_hi = __float2half_rn(out_hi);
+    if ((__hisinf(o_lo) && isfinite(out_lo)) || (__hisinf(o_hi) && isfinite(out_hi)))
+      atomicMin(p.overflow, static_cast<int>(row));
+    dst[h * n + j] = o_lo;
+    dst[h * n + j + half] = o_hi;
   }
 }
 
-inline size_t rope_keys_append_smem(const RopeKeysAppendParams& p) {
-  return 4 * static_cast<size_t>(p.r + p.H_kv * p.d_rope);
-}
+inline size_t rope_keys_append_smem(const RopeKeysAppendParams& p) { return 4 * static_cast<size_t>(p.r); }
 
 template <typename W>
 cudaError_t launch_rope_keys_append_typed(const RopeKeysAppendParams& p, cudaStream_t stream) {

@@ -126,8 +126,9 @@ cudaError_t launch_copy_rope_keys(const CopyRopeKeysParams& p, cudaStream_t stre
 // raises on them first), keys[slot, h, j] = fp16(RoPE_pos(k)[h, j]) for j <
 // d_rope, k[h, j] = ((sum_i code_i W_uk[h, i, j]) * token_scale) (*
 // w_uk_scale[h, j]): the CPU kernel's arithmetic (fp32 sums of exact
-// products). A finite key that rounds to an infinite fp16 sets *overflow to
-// (its row + 1) at most (atomicMax), for the launcher to report.
+// products; int32 for int8 weights). A finite key that rounds to an infinite
+// fp16 lowers *overflow to its row (atomicMin: the first such row), for the
+// launcher to report.
 struct RopeKeysAppendParams {
   LatentCacheLayout cache;              // either layout, as in CacheAppendParams
   const void* slot_mapping = nullptr;   // [N] int64 (slot_is_int64) or int32
@@ -140,7 +141,7 @@ struct RopeKeysAppendParams {
   const float* rope_cos = nullptr;      // [rope_len, d_rope]
   const float* rope_sin = nullptr;
   void* rope_keys = nullptr;            // fp16 [num_slots, H_kv, d_rope]
-  int* overflow = nullptr;              // one int, 0 before the launch
+  int* overflow = nullptr;              // one int, INT_MAX before the launch
   int64_t N = 0, r = 0, H_kv = 0, d = 0, d_rope = 0, num_slots = 0, rope_len = 0;
   int bits = 8;
 };

@@ -65,6 +65,9 @@ struct LatentKey {
   int64_t r = 0, d = 0, group = 0, B = 0, ctx = 0;
 };
 
+// Calls with K's rotary part cached (rope_keys) match rules as rope 0: they
+// run the no-RoPE CUDA-core kernel plus one d_rope dot product per token (a
+// no-RoPE tensor-core rule is refused for them, giving the default plan).
 inline LatentKey latent_key(const latent::LatentAttentionParams& p, int64_t token_capacity) {
   LatentKey k;
   k.rope = p.rope_cos != nullptr;
