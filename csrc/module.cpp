@@ -115,6 +115,11 @@ pybind11::dict cpu_paths() {
   out["features"] = features;
   out["int8_brgemm"] = tc::int8_brgemm_ready();
   out["mkl_bf16_gemm"] = tc::gemm_bf16_f32() != nullptr;
+  // The split path's int8 digit scores: brgemm (AMX), onednn (at::_int_mm,
+  // exact: VNNI) or none.
+  const tc::DigitScores ds = tc::digit_scores();
+  out["latent_digit_scores"] = ds == tc::DigitScores::kBrgemm ? "brgemm" : ds == tc::DigitScores::kIntMm ? "onednn"
+                                                                                                          : "none";
   out["weight_streaming"] = isa_error.empty() && tc::weight_streaming();
   out["quant_gemm_small_m"] = reported([] {
     switch (qsvd_torch::quant_gemm_cpu_path(1, 4096)) {

@@ -203,8 +203,12 @@ LatentPlan read_latent_plan(const char* op, const at::Tensor& t, const LatentPla
              plan.token_capacity, " (max_blocks * block_size, capped by the RoPE table), but the call's is ",
              expect.token_capacity, ": make a plan for the largest block table of the step");
   if (plan.device_type == 0) {
-    QSVD_CHECK_VALUE(plan.cpu_path >= 0 && plan.cpu_path <= 2 && (plan.cpu_path == 0) == (plan.d_rope != 0) &&
-                   plan.cpu_threads >= 1,
+    // No RoPE: an absorbed path; K rebuilt: the RoPE path; K's rotary part
+    // cached (partial RoPE): the RoPE path (fp32) or the split one.
+    const bool path_ok = plan.d_rope == 0 ? plan.cpu_path == 1 || plan.cpu_path == 2
+                         : plan.rope_keys != 0 && plan.d_rope < plan.d ? plan.cpu_path == 0 || plan.cpu_path == 1
+                                                                        : plan.cpu_path == 0;
+    QSVD_CHECK_VALUE(path_ok && plan.cpu_threads >= 1,
                op, "plan's CPU path (", plan.cpu_path, ") or thread count (", plan.cpu_threads, ") is not valid");
     QSVD_CHECK_VALUE(plan.cpu_path != static_cast<int64_t>(CpuLatentPath::kAbsorbedSplit) || cpu::latent_split_available(),
                op, "plan asks for the split-precision GEMMs, which this CPU or torch build lacks");
@@ -213,9 +217,13 @@ LatentPlan read_latent_plan(const char* op, const at::Tensor& t, const LatentPla
 }
 
 void plan_latent_attention_cpu(LatentPlan& plan, const char* op) {
-  plan.cpu_path = static_cast<int64_t>(plan.d_rope != 0                        ? CpuLatentPath::kRope
+  // The position-free dims are absorbed without RoPE and with K's rotary part
+  // cached; there the split GEMMs serve where available.
+  const bool absorbed = plan.d_rope == 0 || (plan.rope_keys != 0 && plan.d_rope < plan.d);
+  plan.cpu_path = static_cast<int64_t>(!absorbed                        ? CpuLatentPath::kRope
                                        : cpu::latent_absorbed_split(op) ? CpuLatentPath::kAbsorbedSplit
-                                                                        : CpuLatentPath::kAbsorbedFp32);
+                                       : plan.d_rope == 0               ? CpuLatentPath::kAbsorbedFp32
+                                                                        : CpuLatentPath::kRope);
   plan.cpu_threads = at::get_num_threads();
 }
 

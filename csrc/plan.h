@@ -100,7 +100,9 @@ struct LatentPlan {
 
 // The CPU latent_attention paths: RoPE needs K rebuilt per token; without
 // it, the split-precision GEMMs where torch has them (or the knob
-// QSVD_CPU_LATENT_GEMM asks), else fp32 GEMMs.
+// QSVD_CPU_LATENT_GEMM asks), else fp32 GEMMs. Partial RoPE with K's rotary
+// part cached: the split path as without RoPE, else the RoPE path (fp32;
+// it reads the keys).
 enum class CpuLatentPath : int { kRope = 0, kAbsorbedSplit = 1, kAbsorbedFp32 = 2 };
 
 // The signature part of a call's plan: device, sizes, rotary dims, whether

@@ -19,8 +19,13 @@ from qsvd_kernels.formats import code_format
 
 from conftest import ISA_LEVELS, isa_levels_to_test
 
-KEYS = {"isa", "isa_detected", "isa_supported", "features", "int8_brgemm", "mkl_bf16_gemm", "weight_streaming",
-        "quant_gemm_small_m", "latent_absorbed", "knobs"}
+KEYS = {"isa", "isa_detected", "isa_supported", "features", "int8_brgemm", "mkl_bf16_gemm", "latent_digit_scores",
+        "weight_streaming", "quant_gemm_small_m", "latent_absorbed", "knobs"}
+
+
+def _split(p):
+    """Whether the split path serves, from the report's own parts."""
+    return p["latent_digit_scores"] != "none" and p["mkl_bf16_gemm"]
 FEATURES = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
             "amx_tile", "amx_int8", "amx_bf16"}
 KNOBS = ("QSVD_CPU_ISA", "QSVD_CPU_QUANT_GEMM", "QSVD_CPU_LATENT_GEMM")
@@ -53,7 +58,14 @@ def test_cpu_paths_report_is_consistent():
         assert p["quant_gemm_small_m"] == ("brgemm" if p["int8_brgemm"] else qk._C.quant_gemm_cpu_path(1, 4096))
         assert p["quant_gemm_small_m"] in ("brgemm", "onednn", "scalar")
     if p["knobs"]["QSVD_CPU_LATENT_GEMM"] in (None, "", "auto"):
-        assert p["latent_absorbed"] == ("split" if p["int8_brgemm"] and p["mkl_bf16_gemm"] else "fp32")
+        assert p["latent_absorbed"] == ("split" if _split(p) else "fp32")
+    # The digit scores: brgemm where it serves, else oneDNN's _int_mm where it is exact (and oneDNN on).
+    if p["int8_brgemm"]:
+        assert p["latent_digit_scores"] == "brgemm"
+    else:
+        assert p["latent_digit_scores"] in ("onednn", "none")
+        if p["latent_digit_scores"] == "onednn":
+            assert torch.backends.mkldnn.enabled
     # brgemm's int8 path needs AMX (torch offers it nowhere else).
     if p["int8_brgemm"]:
         assert f["amx_int8"]
@@ -97,7 +109,7 @@ def test_cpu_paths_reports_forced_latent_path(monkeypatch, value):
     monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", value)
     p = qk._C.cpu_paths()
     assert p["knobs"]["QSVD_CPU_LATENT_GEMM"] == value
-    split = p["int8_brgemm"] and p["mkl_bf16_gemm"]
+    split = _split(p)
     if value == "fast":
         assert p["latent_absorbed"].startswith("error: ") and \
             "QSVD_CPU_LATENT_GEMM must be fp32, split or auto, got 'fast'" in p["latent_absorbed"]

@@ -92,32 +92,36 @@ NOROPE_CASES = [c for c in CASES if "norope" in c.id]
 @pytest.mark.parametrize("bits,wdtype,rope,H,H_kv,block_size,q_dtype,r,d", NOROPE_CASES)
 def test_cpu_absorbed_gemm_paths(monkeypatch, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d, gemm):
     """The CPU absorbed path's two GEMM paths (fp32; split: int8 digits of
-    q_lat on torch's int8 brgemm, bf16 hi/lo weights on MKL's bf16 GEMM),
+    q_lat on torch's int8 brgemm or oneDNN's _int_mm, bf16 hi/lo weights on
+    MKL's bf16 GEMM),
     each forced, within the derived bound; ranks that are not multiples of
     4 (130) exercise the padded codes; a long sequence spans several token
     tiles and splits."""
     if gemm == "split" and not _split_available():
-        pytest.skip("no split path here (it needs torch's int8 brgemm, on an AMX CPU with oneDNN enabled, and MKL's "
-                    "bf16 GEMM): the kernel always takes the fp32 path, which the fp32 case tests")
+        pytest.skip(SPLIT_MISSING)
     monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)
     out, lse, truth, bound, _ = _run("cpu", SEQ_LENS + [700], bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d)
     _check(out, lse, truth, bound, q_dtype, gemm)
 
 
+SPLIT_MISSING = ("no split path here (it needs an exact int8 GEMM: torch's int8 brgemm on an AMX CPU, or oneDNN's "
+                 "_int_mm on a CPU with VNNI, oneDNN enabled; and MKL's bf16 GEMM): the kernel always takes the fp32 "
+                 "path, which the fp32 case tests")
+
+
 def _split_available():
-    """Whether the absorbed path's split GEMMs serve here now (torch's int8
-    brgemm, on an AMX CPU with oneDNN enabled, and MKL's bf16 GEMM), whatever
+    """Whether the absorbed path's split GEMMs serve here now (int8 digit
+    scores on brgemm or _int_mm, and MKL's bf16 GEMM), whatever
     QSVD_CPU_LATENT_GEMM says."""
     paths = qk._C.cpu_paths()
-    return paths["int8_brgemm"] and paths["mkl_bf16_gemm"]
+    return paths["latent_digit_scores"] != "none" and paths["mkl_bf16_gemm"]
 
 
 def test_cpu_gemm_paths_differ_and_bad_knob_is_refused(monkeypatch):
     """The knob takes effect (the split path changes the last bits), and a
     bad value is an error naming it."""
     if not _split_available():
-        pytest.skip("no split path here (it needs torch's int8 brgemm, on an AMX CPU with oneDNN enabled, and MKL's "
-                    "bf16 GEMM): there is only the fp32 path, so nothing to tell apart")
+        pytest.skip(SPLIT_MISSING)
     outs = {}
     for gemm in ("fp32", "split"):
         monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)
@@ -130,8 +134,9 @@ def test_cpu_gemm_paths_differ_and_bad_knob_is_refused(monkeypatch):
 
 def test_cpu_split_path_follows_onednn_switch(monkeypatch):
     """With torch's oneDNN switched off after a call on the split path, the
-    next call takes the fp32 path (brgemm's availability is asked per call)
-    within the same bound, and a forced split is an error naming the knob."""
+    next call takes the fp32 path (the int8 GEMMs' availability is asked per
+    call: brgemm and _int_mm both need oneDNN) within the same bound, and a
+    forced split is an error naming the knob."""
     if not _split_available():
         pytest.skip("no split path here: every call takes the fp32 path, with oneDNN on or off")
     case = ("cpu", [300], 8, torch.float16, False, 4, 4, 16, torch.float32, 64, 64)
@@ -171,8 +176,8 @@ def test_cpu_every_isa_level(monkeypatch, gemm, bits, wdtype, rope, H, H_kv, r, 
     always, avx512 too where B G > 8); reconstruct_kv (no weight streaming)
     the same bits at every level."""
     if gemm == "split" and (rope or not _split_available()):
-        pytest.skip("the split GEMMs serve the absorbed path (no RoPE) only, where torch's int8 brgemm (AMX, oneDNN "
-                    "enabled) and MKL's bf16 GEMM are present")
+        pytest.skip("the split GEMMs serve the absorbed path (no RoPE, or K's rotary part cached) only, where an "
+                    "exact int8 GEMM (brgemm: AMX; _int_mm: VNNI; oneDNN enabled) and MKL's bf16 GEMM are present")
     levels = isa_levels_to_test()
     if len(levels) < 2:
         pytest.skip(f"only one ISA level to test here ({levels})")
@@ -380,6 +385,38 @@ def test_cached_rope_keys_match_the_reference(device, bits, wdtype, d_rope, pack
                                            rope_keys=keys)
     kb, _ = latent_reconstruct_error_bound(*kv_args, **RECONSTRUCT_BOUND[device])
     assert bool(((k.cpu().double() - k_ref.double()).abs() <= kb + EPS[torch.float32] * k_ref.abs()).all())
+
+
+@pytest.mark.parametrize("gemm", ["fp32", "split"])
+@pytest.mark.parametrize("bits,wdtype,d_rope,H,H_kv,r", [(8, torch.int8, 16, 8, 2, 96), (4, torch.float16, 6, 6, 3, 130),
+                                                        (8, torch.bfloat16, 64, 4, 4, 64)])
+def test_cpu_cached_rope_keys_on_each_gemm_path(monkeypatch, gemm, bits, wdtype, d_rope, H, H_kv, r):
+    """Partial RoPE with K's rotary part cached takes the absorbed paths'
+    GEMMs for its position-free dims: split (int8 digit scores, bf16 V) where
+    it serves, else the RoPE path's fp32 GEMMs (which read the keys too);
+    each forced, within the derived bound, over several tiles and splits.
+    Full RoPE (d_rope = d) with cached keys has no absorbed dims: the RoPE
+    path whatever the knob."""
+    if gemm == "split" and not _split_available():
+        pytest.skip(SPLIT_MISSING)
+    monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)
+    g = torch.Generator().manual_seed(23)
+    seq_lens, d = [37, 0, 700, 1], 64
+    pc = make_paged_cache(seq_lens, r, bits, 16, generator=g)
+    w_uk, ws_k, w_uv, ws_v = make_weights(H_kv, r, d, wdtype, generator=g)
+    cos, sin = R.rope_tables(710, d, pairs=range(d_rope // 2))
+    keys = torch.zeros(pc.cache.shape[0], pc.cache.shape[1], H_kv, d_rope, dtype=torch.float16)
+    slots, pos = _all_slots(pc, seq_lens)
+    qk.latent_rope_keys_append(pc.cache, pc.cache_scale, slots, pos, w_uk, ws_k, bits, cos, sin, keys)
+    q = torch.randn(len(seq_lens), H, d, generator=g)
+    host = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, w_uk, ws_k, w_uv, ws_v, bits, 0.125, cos, sin]
+    plan = qk.latent_attention_plan(q, *host[:9], cos, sin, keys)
+    path = qk.describe_latent_attention_plan(plan)["cpu_path"]
+    assert path == ("absorbed_split" if gemm == "split" and d_rope < d else "rope"), path
+    out, lse = qk.latent_attention(q, *host, plan=plan, rope_keys=keys)
+    truth = R.latent_attention_ref(q.double(), *host, rope_keys=keys)
+    _check(out, lse, truth, latent_attention_error_bound(q, *host, **LATENT_BOUND["cpu"], rope_keys=keys),
+           torch.float32, f"{gemm} d_rope={d_rope}")
 
 
 def test_cached_rope_keys_give_the_same_bits_at_every_isa_level():

@@ -239,7 +239,10 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
         the rounded ln2 and the product 3u (S_max + ln L + 1):
         ds + (n_l + 2 + 2 ln L) u + 3u (S_max + ln L + 1).
       - No RoPE, the split path (the default where torch has an int8
-        brgemm and MKL's bf16 GEMM; QSVD_CPU_LATENT_GEMM picks). Scores on
+        brgemm (AMX) or at::_int_mm (oneDNN, exact: VNNI) and MKL's bf16
+        GEMM; QSVD_CPU_LATENT_GEMM picks; also partial RoPE with
+        ``rope_keys``, whose rotary part adds q' . k_rope (d_rope + 3
+        roundings, inside the count below)). Scores on
         int8 digits of q_lat: per query head,
         sigma = fl(max|q_lat| / 127), t_i = fl(q_lat_i / sigma) (u |q_lat_i|),
         a_i = rint(t_i), b_i = rint(fl((t_i - a_i) 254)) (t_i - a_i exact), so
@@ -309,7 +312,8 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
             n_l = min(T, L) + 2 * -(-L // T)
             ds = (r + d + 8) * u * s_max + 5 * u
             out_terms, floor_v = 2 * n_l + r + 3, 0.0
-            if rope_cos is None:  # the split path may run: the larger of both paths' counts, and its floors
+            cached_partial = rope_keys is not None and rope_cos.shape[-1] < d
+            if rope_cos is None or cached_partial:  # the split path may run: the larger of both paths' counts, floors
                 q_lat_abs = torch.einsum("hrd,hd->hr", w_k.repeat_interleave(H // H_kv, dim=0), q[b].double().abs())
                 c_abs = R.gather_latent_ref(cache, cache_scale, block_table, L, b, bits).abs()
                 floor_s = (1 + 2.0**-10) / 64516 * abs(sm_scale) * q_lat_abs.amax(dim=-1) * c_abs.sum(dim=-1).max()

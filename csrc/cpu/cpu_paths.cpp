@@ -56,6 +56,10 @@ void check_isa_env(const char* op) {
 }
 
 bool int_mm_exact() {
+  // at::_int_mm runs oneDNN only while it is enabled (else exact reference
+  // loops): oneDNN's arithmetic is probed once, by the first call that
+  // would run it.
+  if (!at::globalContext().userEnabledMkldnn()) return true;
   static const bool exact = [] {
     const int64_t M = 4, N = 8, K = 256;
     at::Tensor a = at::full({M, K}, 127, at::kChar);
@@ -67,6 +71,8 @@ bool int_mm_exact() {
   }();
   return exact;
 }
+
+bool int_mm_fast() { return at::globalContext().userEnabledMkldnn() && int_mm_exact(); }
 
 bool int8_brgemm_ready() {
 #if defined(CPUBLAS_BRGEMM_I8I8I32)
@@ -124,15 +130,21 @@ bool quant_gemm_small_m_brgemm(QuantGemmKnob knob, const char* op) {
   return int8_brgemm_ready();
 }
 
-bool latent_split_available() { return int8_brgemm_ready() && gemm_bf16_f32() != nullptr; }
+DigitScores digit_scores() {
+  if (int8_brgemm_ready()) return DigitScores::kBrgemm;
+  return int_mm_fast() ? DigitScores::kIntMm : DigitScores::kNone;
+}
+
+bool latent_split_available() { return digit_scores() != DigitScores::kNone && gemm_bf16_f32() != nullptr; }
 
 bool latent_absorbed_split(const char* op) {
   switch (plan::cpu_latent_gemm_knob(op)) {
     case LatentGemmKnob::kFp32: return false;
     case LatentGemmKnob::kSplit:
       QSVD_CHECK(latent_split_available(), op,
-                 "QSVD_CPU_LATENT_GEMM=split, but this CPU or torch build (or oneDNN, switched off) lacks the int8 "
-                 "batch-reduce GEMM (at::native::cpublas::brgemm) or MKL's cblas_gemm_bf16bf16f32");
+                 "QSVD_CPU_LATENT_GEMM=split, but this CPU or torch build (or oneDNN, switched off) lacks an exact "
+                 "int8 GEMM (torch's int8 brgemm, AMX; or oneDNN's at::_int_mm, exact where the CPU has VNNI) or "
+                 "MKL's cblas_gemm_bf16bf16f32");
       return true;
     case LatentGemmKnob::kAuto: break;
   }

@@ -36,7 +36,17 @@ bool int8_brgemm_ready();
 // 16-bit pair sum (pmaddubsw after the s8 -> u8 shift, 255 * 127 * 2 >
 // 32767) would clip, as on CPUs without VNNI/AMX. quant_gemm and
 // latent_attention's RoPE rebuild take the exact int8 GEMM only then.
+// While oneDNN is switched off, at::_int_mm runs exact reference loops
+// (true; about 100x slower).
 bool int_mm_exact();
+// at::_int_mm on oneDNN, exact: enabled now and the probe passed.
+bool int_mm_fast();
+
+// How latent_attention's split path forms its int8 digit scores now (asked
+// per call): torch's int8 brgemm where ready (AMX), else at::_int_mm where
+// fast (oneDNN's int8 GEMM, exact: VNNI), else none.
+enum class DigitScores { kNone, kBrgemm, kIntMm };
+DigitScores digit_scores();
 
 // MKL's C = alpha A B + beta C with bf16 A, B and fp32 C (row-major, no
 // transposes), looked up at run time in torch's MKL; null when absent.
@@ -59,8 +69,9 @@ bool quant_gemm_small_m_brgemm(QuantGemmKnob knob, const char* op = "quant_gemm"
 // QSVD_CPU_LATENT_GEMM's values (plan::cpu_latent_gemm_knob reads it).
 enum class LatentGemmKnob { kAuto, kFp32, kSplit };
 
-// Whether latent_attention's absorbed path (no RoPE) could take the split
-// GEMMs here now (int8 brgemm ready and MKL's bf16 GEMM found), and whether
+// Whether latent_attention's absorbed path (no RoPE, or K's rotary part
+// cached) could take the split GEMMs here now (digit scores on an exact
+// int8 GEMM and MKL's bf16 GEMM found), and whether
 // it does under the knob: auto where it could, fp32 never, split always (an
 // error naming the knob where it could not).
 bool latent_split_available();

@@ -1,4 +1,5 @@
-// latent_attention's absorbed path on split-precision GEMMs (CPU; no RoPE):
+// latent_attention's absorbed path on split-precision GEMMs (CPU; no RoPE,
+// or K's rotary part cached: CachedKeysSplitWorker adds the rotary scores):
 // the default where torch has them; QSVD_CPU_LATENT_GEMM=fp32|split|auto
 // forces one (cpu_paths.h), so tests cover both on one host. Error bounds:
 // docs/ops.md and qsvd_kernels/testing.py (kernel="cpu"), which hold
@@ -17,7 +18,10 @@ namespace latent_cpu {
 // |q_lat - sigma (a + b / 254)| <= sigma / 508 (+ one rounding of
 // q_lat / sigma): 2^-16 of the head's largest entry. Both digit GEMMs sum
 // exactly in int32 (|sum| <= 127^2 r) through torch's oneDNN batch-reduce
-// GEMM (at::native::cpublas::brgemm, which torch offers on AMX CPUs).
+// GEMM (at::native::cpublas::brgemm, which torch offers on AMX CPUs), or
+// elsewhere through at::_int_mm (oneDNN's int8 GEMM, where it is exact:
+// VNNI), both digits of every head in one [T, r] x [r, 2H] call. Exact
+// sums either way: the two give the same bits.
 //
 // V absorbed: acc += w[H, T] x codes[T, r] with w = p s split into bf16
 // hi + lo (|w - hi - lo| <= 2^-18 |w|) and the codes exact in bf16: one
@@ -29,7 +33,10 @@ namespace latent_cpu {
 // Measured on this project's AMX host, one thread, r = 1536, a 256-token
 // tile, 32 heads: the digit scores (both digits in one call) take 1/4 to
 // 1/6 of the fp32 score GEMM's time, the bf16 V GEMM (hi and lo rows)
-// about 0.6 of the fp32 one's.
+// about 0.6 of the fp32 one's. On an AMD EPYC without AMX (AVX-512 VNNI
+// and BF16), one thread, r = 960, a 256-token tile, 32 heads: at::_int_mm's
+// digit scores 81 us against the fp32 score GEMM's 177 us (plus 17 us to
+// convert the codes), the bf16 V GEMM 170 us against fp32's 179 us.
 
 // brgemm takes K a multiple of 4 (the codes are padded with zero columns
 // when r is not) and N up to 64 (cpu/int8_brgemm.h). So a packed operand
@@ -38,30 +45,40 @@ namespace latent_cpu {
 constexpr int64_t kScoreHeadsPerGroup = cpu::kInt8BrgemmMaxN / 2;
 inline int64_t group_columns(int64_t Hg) { return cpu::int8_brgemm_n(2 * Hg); }
 
-// q_lat [B, H, r] as int8 digits, packed for brgemm per (sequence, head
-// group): packed [B, groups, Kp, 64] and sigma [B, H].
+// q_lat [B, H, r] as int8 digits: for brgemm packed per (sequence, head
+// group), packed [B, groups, Kp, 64]; for at::_int_mm plain [B, r, 2H] (a
+// digits of every head, then b digits); and sigma [B, H].
 struct QueryDigits {
-  at::Tensor packed, sigma;
+  at::Tensor packed, plain, sigma;
+  bool brgemm = true;
   int64_t groups = 0, Kp = 0;
   int8_t* group_ptr(int64_t b, int64_t g) const {
     return packed.data_ptr<int8_t>() + ((b * groups + g) * Kp) * 2 * kScoreHeadsPerGroup;
   }
 };
 
-inline QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */) {
-  const int64_t B = q_lat.size(0), H = q_lat.size(1), r = q_lat.size(2), r4 = cpu::int8_brgemm_k(r);
+inline QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */, bool brgemm) {
+  const int64_t B = q_lat.size(0), H = q_lat.size(1), r = q_lat.size(2);
+  const int64_t r4 = brgemm ? cpu::int8_brgemm_k(r) : r;
   QueryDigits qd;
-  qd.groups = (H + kScoreHeadsPerGroup - 1) / kScoreHeadsPerGroup;
-  qd.Kp = cpu::int8_brgemm_packed_k(r4);
-  qd.packed = at::zeros({B, qd.groups, qd.Kp, 2 * kScoreHeadsPerGroup}, q_lat.options().dtype(at::kChar));
+  qd.brgemm = brgemm;
+  qd.groups = brgemm ? (H + kScoreHeadsPerGroup - 1) / kScoreHeadsPerGroup : 1;
+  if (brgemm) {
+    qd.Kp = cpu::int8_brgemm_packed_k(r4);
+    qd.packed = at::zeros({B, qd.groups, qd.Kp, 2 * kScoreHeadsPerGroup}, q_lat.options().dtype(at::kChar));
+  } else {
+    qd.plain = at::empty({B, r, 2 * H}, q_lat.options().dtype(at::kChar));
+  }
   qd.sigma = at::empty({B, H}, q_lat.options());
   const float* qp = q_lat.data_ptr<float>();
   float* sg = qd.sigma.data_ptr<float>();
   parallel_tasks(0, B * qd.groups, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / qd.groups, g = i % qd.groups, h0 = g * kScoreHeadsPerGroup;
-      const int64_t Hg = std::min(kScoreHeadsPerGroup, H - h0), N = group_columns(Hg);
-      std::vector<int8_t> plain(r4 * N, 0);  // [r4, N]: a digits, b digits, zero padding
+      const int64_t b = i / qd.groups, g = i % qd.groups, h0 = brgemm ? g * kScoreHeadsPerGroup : 0;
+      const int64_t Hg = brgemm ? std::min(kScoreHeadsPerGroup, H - h0) : H;
+      const int64_t N = brgemm ? group_columns(Hg) : 2 * H;
+      std::vector<int8_t> plain(brgemm ? r4 * N : 0, 0);  // [r4, N]: a digits, b digits, zero padding
+      int8_t* dst = brgemm ? plain.data() : qd.plain.data_ptr<int8_t>() + b * r * N;  // [r, 2H] for _int_mm
       for (int64_t h = 0; h < Hg; ++h) {
         const float* row = qp + (b * H + h0 + h) * r;
         float amax = 0.f;
@@ -84,45 +101,60 @@ inline QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */) {
             da = static_cast<int8_t>(a);
             db = static_cast<int8_t>(bq);
           }
-          plain[k * N + h] = da;
-          plain[k * N + Hg + h] = db;
+          dst[k * N + h] = da;
+          dst[k * N + Hg + h] = db;
         }
       }
 #if defined(CPUBLAS_BRGEMM_I8I8I32)
-      at::native::cpublas::pack(r4, N, N, N, at::kChar, at::kChar, plain.data(), qd.group_ptr(b, g));
+      if (brgemm) at::native::cpublas::pack(r4, N, N, N, at::kChar, at::kChar, plain.data(), qd.group_ptr(b, g));
 #endif
     }
   });
   return qd;
 }
 
-// x[h T + i] = (A_hi + A_lo / 254) sigma_h s_i for the tile's codes
-// [T, r4] (zero columns past r) against one sequence's digits (every head
-// group).
-inline void int8_scores(const QueryDigits& qd, int64_t b, int64_t H, int64_t r4, const int8_t* codes, int64_t T,
-                 const float* scales, int32_t* acc /* [T, 64] */, float* x /* [H, T] */) {
-#if defined(CPUBLAS_BRGEMM_I8I8I32)
-  const float* sg = qd.sigma.data_ptr<float>() + b * H;
+// x[h T + i] = (A_hi + A_lo / 254) sigma_h s_i from the int32 digit sums
+// acc [T, N] (a digits in columns [0, Hg), b digits in [Hg, 2 Hg)) of the
+// heads [h0, h0 + Hg).
+inline void digit_scores_to_x(const int32_t* acc, int64_t N, int64_t h0, int64_t Hg, const float* sg, int64_t T,
+                              const float* scales, float* x) {
   const float inv254 = 1.f / 254.f;
+  for (int64_t h = 0; h < Hg; ++h) {
+    const float sigma = sg[h0 + h];
+    float* xh = x + (h0 + h) * T;
+    for (int64_t i = 0; i < T; ++i) {
+      const float digits = static_cast<float>(acc[i * N + h]) + static_cast<float>(acc[i * N + Hg + h]) * inv254;
+      xh[i] = digits * sigma * scales[i];
+    }
+  }
+}
+
+// The scores of the tile's codes [T, r4] (brgemm: zero columns past r;
+// _int_mm: r4 = r) against one sequence's digits (every head group):
+// x [H, T]. acc: int32 [T, 64] (brgemm) or [T, 2H] (_int_mm).
+inline void int8_scores(const QueryDigits& qd, int64_t b, int64_t H, int64_t r4, const int8_t* codes, int64_t T,
+                 const float* scales, int32_t* acc, float* x /* [H, T] */) {
+  const float* sg = qd.sigma.data_ptr<float>() + b * H;
+  if (!qd.brgemm) {
+    const at::Tensor a = at::from_blob(const_cast<int8_t*>(codes), {T, r4}, qd.plain.options());
+    at::Tensor out = at::from_blob(acc, {T, 2 * H}, qd.plain.options().dtype(at::kInt));
+    at::_int_mm_out(out, a, qd.plain.select(0, b));
+    digit_scores_to_x(acc, 2 * H, 0, H, sg, T, scales, x);
+    return;
+  }
+#if defined(CPUBLAS_BRGEMM_I8I8I32)
   for (int64_t g = 0; g < qd.groups; ++g) {
     const int64_t h0 = g * kScoreHeadsPerGroup, Hg = std::min(kScoreHeadsPerGroup, H - h0), N = group_columns(Hg);
     at::native::cpublas::brgemm(T, N, r4, r4, N, N, false, reinterpret_cast<const signed char*>(codes),
                                 reinterpret_cast<const signed char*>(qd.group_ptr(b, g)), acc);
-    for (int64_t h = 0; h < Hg; ++h) {
-      const float sigma = sg[h0 + h];
-      float* xh = x + (h0 + h) * T;
-      for (int64_t i = 0; i < T; ++i) {
-        const float digits = static_cast<float>(acc[i * N + h]) + static_cast<float>(acc[i * N + Hg + h]) * inv254;
-        xh[i] = digits * sigma * scales[i];
-      }
-    }
+    digit_scores_to_x(acc, N, h0, Hg, sg, T, scales, x);
   }
   // MKL's bf16 GEMM (the V step) configures the AMX tiles its own way:
   // give them back, so the next brgemm call configures them again (a stale
   // configuration is a SIGILL).
   at::native::cpublas::brgemm_release();
 #else
-  (void)qd, (void)b, (void)H, (void)r4, (void)codes, (void)T, (void)scales, (void)acc, (void)x;
+  (void)codes, (void)T, (void)scales, (void)acc, (void)x, (void)r4, (void)sg;
 #endif
 }
 
@@ -140,7 +172,8 @@ struct AbsorbedSplitWorker {
   at::Tensor acc2;
 
   AbsorbedSplitWorker(const Call& call, const QueryDigits& qd)
-      : c(call), digits(qd), r4(cpu::int8_brgemm_k(call.s.r)), digit_acc(call.tile * 2 * kScoreHeadsPerGroup),
+      : c(call), digits(qd), r4(qd.brgemm ? cpu::int8_brgemm_k(call.s.r) : call.s.r),
+        digit_acc(call.tile * std::max<int64_t>(2 * kScoreHeadsPerGroup, 2 * call.H)),
         codes_padded(r4 != call.s.r ? call.tile * r4 : 0, 0),
         x_buf(at::empty({call.H, call.tile}, call.q.options())), codes_bf16(call.tile * call.s.r),
         w_split(2 * call.H * call.tile), acc2(at::empty({2 * call.H, call.s.r}, call.q.options())) {}
@@ -178,6 +211,34 @@ struct AbsorbedSplitWorker {
   }
 
   void end_task(at::Tensor& acc) { at::add_out(acc, acc2.narrow(0, 0, c.H), acc2.narrow(0, c.H, c.H)); }  // hi + lo
+};
+
+// Partial RoPE with K's rotary part cached (rope_keys): the position-free
+// dims on the split path, plus x += q'[:d_rope] . k_rope per token (fp32,
+// at::bmm over kv heads, as the RoPE path reads the keys).
+struct CachedKeysSplitWorker : AbsorbedSplitWorker {
+  at::Tensor k_buf;  // fp32 [tile, H_kv d_rope]
+  at::Tensor q_b;
+
+  CachedKeysSplitWorker(const Call& call, const QueryDigits& qd)
+      : AbsorbedSplitWorker(call, qd), k_buf(at::empty({call.tile, call.s.H_kv * call.s.d_rope}, call.q.options())) {}
+
+  void begin_task(int64_t seq) {
+    AbsorbedSplitWorker::begin_task(seq);
+    q_b = c.q.narrow(0, seq, 1).view({c.s.H_kv, c.G, c.s.d_rope});
+  }
+
+  at::Tensor scores(const at::Tensor& codes, const float* scales, int64_t t0, int64_t T) {
+    at::Tensor x = AbsorbedSplitWorker::scores(codes, scales, t0, T);  // [H, T]: the position-free part
+    const int64_t H_kv = c.s.H_kv, n = c.s.d_rope, E = H_kv * n;
+    at::Tensor kt = k_buf.narrow(0, 0, T);
+    gather_rope_keys(c.rope_keys, rows_of(c.p, c.s, b, c.bits), t0, T, E, kt.data_ptr<float>());
+    const at::Tensor xr = at::bmm(q_b, kt.view({T, H_kv, n}).permute({1, 2, 0})).view({c.H, T}).contiguous();
+    const float* rp = xr.data_ptr<float>();
+    float* xp = x.data_ptr<float>();
+    for (int64_t i = 0; i < c.H * T; ++i) xp[i] = xp[i] + rp[i];
+    return x;
+  }
 };
 
 }  // namespace latent_cpu

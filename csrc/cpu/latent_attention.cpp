@@ -16,8 +16,10 @@
 //        over kv heads);
 //      no RoPE: x = (c_t . q_lat) * s_t with q_lat = W_uk q' computed once
 //        per call, all heads sharing the latent: by default int8 digits of
-//        q_lat against the int8 codes on torch's int8 brgemm (exact int32
-//        sums; see "split-precision GEMMs" below), else at::mm in fp32;
+//        q_lat against the int8 codes on torch's int8 brgemm (AMX) or
+//        at::_int_mm (oneDNN, VNNI) (exact int32 sums; see
+//        latent_absorbed_split_path.h), else at::mm in fp32; partial RoPE
+//        with K's rotary part cached: the same, plus q'[:d_rope] . k_rope;
 //   3. online softmax in base 2 with an integer running max M, so every
 //      rescale is an exact power of two (as the CUDA kernels);
 //   4. V absorbed in latent space: acc[H, r] += (p_t s_t)[H, T] x codes[T, r]
@@ -244,8 +246,8 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     });
     q_lat = q_lat.view({B, H, r});
   }
-  // The RoPE path's queries: their rotary dims.
-  const at::Tensor q_rope = path == Path::kRope ? q.narrow(2, 0, s.d_rope).contiguous() : q;
+  // The queries' rotary dims (the RoPE path; the split path with cached keys).
+  const at::Tensor q_rope = s.rope ? q.narrow(2, 0, s.d_rope).contiguous() : q;
   // Per-task partial state: M (integer running max, log2 units), l, acc.
   at::Tensor m_all = at::empty({std::max<int64_t>(n_tasks, 1), H}, f32);
   at::Tensor l_all = at::empty({std::max<int64_t>(n_tasks, 1), H}, f32);
@@ -262,8 +264,11 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
       break;
     }
     case Path::kAbsorbedSplit: {
-      const QueryDigits digits = split_query(q_lat);
-      run_tasks(call, tasks, parts, [&] { return AbsorbedSplitWorker(call, digits); });
+      const QueryDigits digits = split_query(q_lat, cpu::digit_scores() == cpu::DigitScores::kBrgemm);
+      if (rope_keys.has_value())
+        run_tasks(call, tasks, parts, [&] { return CachedKeysSplitWorker(call, digits); });
+      else
+        run_tasks(call, tasks, parts, [&] { return AbsorbedSplitWorker(call, digits); });
       break;
     }
     case Path::kAbsorbedFp32:

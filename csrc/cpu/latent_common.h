@@ -106,7 +106,7 @@ struct Rebuild {
 inline Rebuild rebuild_operand(const at::Tensor& w_in, const std::optional<at::Tensor>& scale) {
   const int64_t H_kv = w_in.size(0), r = w_in.size(1), d = w_in.size(2);
   Rebuild rb;
-  rb.int8_gemm = w_in.scalar_type() == at::kChar && cpu::int_mm_exact();
+  rb.int8_gemm = w_in.scalar_type() == at::kChar && cpu::int_mm_fast();  // oneDNN off: the fp32 GEMM
   rb.w = at::empty({r, H_kv, d}, w_in.options().dtype(rb.int8_gemm ? at::kChar : at::kFloat));
   rb.w.copy_(w_in.permute({1, 0, 2}));
   rb.w = rb.w.view({r, H_kv * d});

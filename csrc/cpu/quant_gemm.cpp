@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "../checks.h"
@@ -40,14 +41,14 @@ namespace {
 
 // cpu_paths.h's probe, with a warning (once) where it fails.
 bool int_mm_is_exact() {
-  static const bool exact = [] {
-    const bool ok = cpu::int_mm_exact();
-    if (!ok)
+  const bool ok = cpu::int_mm_exact();
+  static std::once_flag warned;
+  if (!ok)
+    std::call_once(warned, [] {
       TORCH_WARN("qsvd.quant_gemm: torch's int8 GEMM (oneDNN) does not return exact int32 sums on this CPU ",
                  "(no VNNI/AMX); using the exact scalar loop, which is much slower");
-    return ok;
-  }();
-  return exact;
+    });
+  return ok;
 }
 
 // Exact fallback: int32 dot products (GCC vectorizes the widening loop).
