@@ -129,7 +129,8 @@ def decode_timing(shapes: dict, rounds: int, log=print) -> list:
                 keys = torch.zeros(pc.cache.shape[0], 256, H_kv, d_rope, dtype=torch.float16)
                 qk.latent_rope_keys_append(pc.cache, pc.cache_scale, slots, torch.arange(L_CTX), w[0], w[1], 8,
                                            *tables, keys)
-                fns[f"cached_d{d_rope}"] = (lambda a=args, t=tables, p=plan, k=keys:
+                cached_plan = qk.latent_attention_plan(*args, *tables, keys)  # its own path (the keys' signature)
+                fns[f"cached_d{d_rope}"] = (lambda a=args, t=tables, p=cached_plan, k=keys:
                                             qk.latent_attention(*a, d ** -0.5, *t, True, p, k))
         med = _median_interleaved(fns, rounds)
         for d_rope, cached in [(d, False), (d // 2, False), (d // 2, True), (d // 4, False), (d // 4, True),
@@ -201,6 +202,14 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_paths() -> dict:
+    """What chose latent_attention's CPU GEMMs in this run (cpu_paths.h)."""
+    from qsvd_kernels import _C
+
+    p = _C.cpu_paths()
+    return {k: p[k] for k in ("isa", "latent_absorbed", "latent_digit_scores", "int8_brgemm", "mkl_bf16_gemm")}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "partial_rope"))
@@ -212,7 +221,7 @@ def main(argv=None):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     res = {"meta": {"date": time.strftime("%Y-%m-%d"), "commit": commit, "cpu": cpu_model(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "quick": args.quick}}
+                    "threads": torch.get_num_threads(), "quick": args.quick, "cpu_paths": _cpu_paths()}}
     ranks = None
     if args.skip_perplexity and os.path.exists(args.out + ".json"):  # keep an earlier run's perplexity rows
         with open(args.out + ".json") as f:
