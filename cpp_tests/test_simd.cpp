@@ -117,6 +117,30 @@ void test_quantize_row(const char* level) {
   }
 }
 
+// Two int8 digits per value (latent_attention's split path): the spec's
+// sigma and digits at every level, for random rows, rows with a NaN or an
+// infinity, zero rows, and values whose digits are exact ties.
+void test_digit_row(const char* level) {
+  std::mt19937 rng(5);
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t n : {1, 7, 64, 96, 130, 1536}) {
+    for (int kind = 0; kind < 6; ++kind) {
+      std::vector<float> v = random_row(n, rng, kind == 1 ? 1e-30f : 3.f);
+      if (kind == 2) std::fill(v.begin(), v.end(), 0.f);
+      if (kind == 3) v[n / 2] = nan;
+      if (kind == 4) v[0] = -inf;
+      if (kind == 5)  // sigma = 1 / 127 * 127 = 1: digits of k/2 and k/2 + j/508 hit ties of both roundings
+        for (int64_t i = 0; i < n; ++i) v[i] = i == 0 ? 127.f : static_cast<float>(i % 255 - 127) / 2.f;
+      std::vector<int8_t> wa(n, 7), wb(n, 7), ga(n, -7), gb(n, -7);
+      const float ws = qsvd::digit_row_host(v.data(), n, wa.data(), wb.data());
+      const float gs = qc::digit_row(v.data(), n, ga.data(), gb.data());
+      CHECK(same_float(gs, ws), "%s: digit_row sigma n=%lld kind=%d: %g vs %g", level, static_cast<long long>(n), kind,
+            gs, ws);
+      CHECK(ga == wa && gb == wb, "%s: digit_row digits n=%lld kind=%d", level, static_cast<long long>(n), kind);
+    }
+  }
+}
+
 // Quotients v / scale that are exact ties (k + 1/2) for every k, and ones
 // past +-qmax: the rounding (ties to even) and the clamp of the codes. The
 // scale is 1/8 exactly (clip_ratio amax / qmax with amax = +-row[0]).
@@ -270,6 +294,7 @@ int main(int argc, char** argv) {
     test_hadamard_row(qc::isa_name(l));
     test_quantize_row(qc::isa_name(l));
     test_quantize_ties(qc::isa_name(l));
+    test_digit_row(qc::isa_name(l));
     test_unpack(qc::isa_name(l));
     test_conversions(qc::isa_name(l));
     ++levels;

@@ -46,8 +46,9 @@ constexpr int64_t kScoreHeadsPerGroup = cpu::kInt8BrgemmMaxN / 2;
 inline int64_t group_columns(int64_t Hg) { return cpu::int8_brgemm_n(2 * Hg); }
 
 // q_lat [B, H, r] as int8 digits: for brgemm packed per (sequence, head
-// group), packed [B, groups, Kp, 64]; for at::_int_mm plain [B, r, 2H] (a
-// digits of every head, then b digits); and sigma [B, H].
+// group), packed [B, groups, Kp, 64]; for at::_int_mm plain [B, 2H, r] (the
+// a digit rows of every head, then the b digit rows; its transpose is the
+// GEMM's right operand); and sigma [B, H].
 struct QueryDigits {
   at::Tensor packed, plain, sigma;
   bool brgemm = true;
@@ -67,46 +68,36 @@ inline QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */, boo
     qd.Kp = cpu::int8_brgemm_packed_k(r4);
     qd.packed = at::zeros({B, qd.groups, qd.Kp, 2 * kScoreHeadsPerGroup}, q_lat.options().dtype(at::kChar));
   } else {
-    qd.plain = at::empty({B, r, 2 * H}, q_lat.options().dtype(at::kChar));
+    qd.plain = at::empty({B, 2 * H, r}, q_lat.options().dtype(at::kChar));
   }
   qd.sigma = at::empty({B, H}, q_lat.options());
   const float* qp = q_lat.data_ptr<float>();
   float* sg = qd.sigma.data_ptr<float>();
+  if (!brgemm) {
+    int8_t* base = qd.plain.data_ptr<int8_t>();
+    parallel_tasks(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H, h = i % H;
+        sg[i] = qsvd::cpu::digit_row(qp + i * r, r, base + (b * 2 * H + h) * r, base + (b * 2 * H + H + h) * r);
+      }
+    });
+    return qd;
+  }
   parallel_tasks(0, B * qd.groups, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<int8_t> da(r), db(r);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / qd.groups, g = i % qd.groups, h0 = brgemm ? g * kScoreHeadsPerGroup : 0;
-      const int64_t Hg = brgemm ? std::min(kScoreHeadsPerGroup, H - h0) : H;
-      const int64_t N = brgemm ? group_columns(Hg) : 2 * H;
-      std::vector<int8_t> plain(brgemm ? r4 * N : 0, 0);  // [r4, N]: a digits, b digits, zero padding
-      int8_t* dst = brgemm ? plain.data() : qd.plain.data_ptr<int8_t>() + b * r * N;  // [r, 2H] for _int_mm
+      const int64_t b = i / qd.groups, g = i % qd.groups, h0 = g * kScoreHeadsPerGroup;
+      const int64_t Hg = std::min(kScoreHeadsPerGroup, H - h0), N = group_columns(Hg);
+      std::vector<int8_t> plain(r4 * N, 0);  // [r4, N]: a digits, b digits, zero padding
       for (int64_t h = 0; h < Hg; ++h) {
-        const float* row = qp + (b * H + h0 + h) * r;
-        float amax = 0.f;
-        bool nan = false;
+        sg[b * H + h0 + h] = qsvd::cpu::digit_row(qp + (b * H + h0 + h) * r, r, da.data(), db.data());
         for (int64_t k = 0; k < r; ++k) {
-          const float a = std::fabs(row[k]);
-          nan |= a != a;
-          amax = a > amax ? a : amax;
-        }
-        // A non-finite q_lat makes the head's scores NaN (digits 0, sigma NaN).
-        const bool finite = !nan && amax != std::numeric_limits<float>::infinity();
-        const float sigma = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
-        sg[b * H + h0 + h] = sigma;
-        for (int64_t k = 0; k < r; ++k) {
-          int8_t da = 0, db = 0;
-          if (finite && amax > 0.f) {
-            const float t = row[k] / sigma;
-            const float a = std::min(127.f, std::max(-127.f, std::nearbyint(t)));
-            const float bq = std::min(127.f, std::max(-127.f, std::nearbyint((t - a) * 254.f)));
-            da = static_cast<int8_t>(a);
-            db = static_cast<int8_t>(bq);
-          }
-          dst[k * N + h] = da;
-          dst[k * N + Hg + h] = db;
+          plain[k * N + h] = da[k];
+          plain[k * N + Hg + h] = db[k];
         }
       }
 #if defined(CPUBLAS_BRGEMM_I8I8I32)
-      if (brgemm) at::native::cpublas::pack(r4, N, N, N, at::kChar, at::kChar, plain.data(), qd.group_ptr(b, g));
+      at::native::cpublas::pack(r4, N, N, N, at::kChar, at::kChar, plain.data(), qd.group_ptr(b, g));
 #endif
     }
   });
@@ -138,7 +129,7 @@ inline void int8_scores(const QueryDigits& qd, int64_t b, int64_t H, int64_t r4,
   if (!qd.brgemm) {
     const at::Tensor a = at::from_blob(const_cast<int8_t*>(codes), {T, r4}, qd.plain.options());
     at::Tensor out = at::from_blob(acc, {T, 2 * H}, qd.plain.options().dtype(at::kInt));
-    at::_int_mm_out(out, a, qd.plain.select(0, b));
+    at::_int_mm_out(out, a, qd.plain.select(0, b).t());  // [r, 2H], transposed rows
     digit_scores_to_x(acc, 2 * H, 0, H, sg, T, scales, x);
     return;
   }
@@ -158,9 +149,15 @@ inline void int8_scores(const QueryDigits& qd, int64_t b, int64_t H, int64_t r4,
 #endif
 }
 
+// V: bf16 hi/lo on MKL's bf16 GEMM with the brgemm digit scores (AMX hosts,
+// where it measured faster than fp32); with _int_mm's digit scores, fp32
+// GEMMs (at::addmm, as Fp32Values): MKL's bf16 GEMM measured 338 us
+// against fp32's 178 us on the AMD EPYC above (it does not take AMD's
+// AVX-512 BF16 path).
 struct AbsorbedSplitWorker {
   const Call& c;
   const QueryDigits& digits;
+  const bool bf16_values;
   int64_t r4, b = 0;
   std::vector<int32_t> digit_acc;
   // Codes with r padded to a multiple of 4 (zero columns), for brgemm.
@@ -170,22 +167,28 @@ struct AbsorbedSplitWorker {
   // [2H, tile], and the two accumulators [2H, r].
   std::vector<uint16_t> codes_bf16, w_split;
   at::Tensor acc2;
+  at::Tensor codes_f;  // fp32 values: the tile's codes [tile, r] (exact)
 
   AbsorbedSplitWorker(const Call& call, const QueryDigits& qd)
-      : c(call), digits(qd), r4(qd.brgemm ? cpu::int8_brgemm_k(call.s.r) : call.s.r),
+      : c(call), digits(qd), bf16_values(qd.brgemm), r4(qd.brgemm ? cpu::int8_brgemm_k(call.s.r) : call.s.r),
         digit_acc(call.tile * std::max<int64_t>(2 * kScoreHeadsPerGroup, 2 * call.H)),
         codes_padded(r4 != call.s.r ? call.tile * r4 : 0, 0),
-        x_buf(at::empty({call.H, call.tile}, call.q.options())), codes_bf16(call.tile * call.s.r),
-        w_split(2 * call.H * call.tile), acc2(at::empty({2 * call.H, call.s.r}, call.q.options())) {}
+        x_buf(at::empty({call.H, call.tile}, call.q.options())), codes_bf16(bf16_values ? call.tile * call.s.r : 0),
+        w_split(bf16_values ? 2 * call.H * call.tile : 0),
+        acc2(bf16_values ? at::empty({2 * call.H, call.s.r}, call.q.options()) : at::Tensor()),
+        codes_f(bf16_values ? at::Tensor() : at::empty({call.tile, call.s.r}, call.q.options())) {}
 
   void begin_task(int64_t seq) {
     b = seq;
-    acc2.zero_();
+    if (bf16_values) acc2.zero_();
   }
 
   at::Tensor scores(const at::Tensor& codes, const float* scales, int64_t, int64_t T) {
     const int64_t r = c.s.r;
-    qsvd::cpu::int8_to_bf16(codes.data_ptr<int8_t>(), T * r, codes_bf16.data());
+    if (bf16_values)
+      qsvd::cpu::int8_to_bf16(codes.data_ptr<int8_t>(), T * r, codes_bf16.data());
+    else
+      qsvd::cpu::int8_to_float(codes.data_ptr<int8_t>(), T * r, codes_f.data_ptr<float>());
     at::Tensor x = T == c.tile ? x_buf : at::empty({c.H, T}, c.q.options());  // [H, T]
     const int8_t* a = codes.data_ptr<int8_t>();
     if (r4 != r) {
@@ -197,8 +200,13 @@ struct AbsorbedSplitWorker {
   }
 
   // pw: [H, tile] (the first T columns hold this tile's p_t s_t).
-  void accumulate(at::Tensor&, const float* factor, bool rescale, const at::Tensor& pw, int64_t T) {
+  void accumulate(at::Tensor& acc, const float* factor, bool rescale, const at::Tensor& pw, int64_t T) {
     const int64_t H = c.H, r = c.s.r, tile = c.tile;
+    if (!bf16_values) {  // fp32, as Fp32Values
+      if (rescale) acc.mul_(at::from_blob(const_cast<float*>(factor), {H, 1}, acc.options()));
+      acc.addmm_(pw.narrow(1, 0, T), codes_f.narrow(0, 0, T));
+      return;
+    }
     if (rescale) {
       const at::Tensor f = at::from_blob(const_cast<float*>(factor), {1, H, 1}, acc2.options());
       acc2.view({2, H, r}).mul_(f);
@@ -210,7 +218,9 @@ struct AbsorbedSplitWorker {
                          w_split.data(), tile, codes_bf16.data(), r, 1.f, acc2.data_ptr<float>(), r);
   }
 
-  void end_task(at::Tensor& acc) { at::add_out(acc, acc2.narrow(0, 0, c.H), acc2.narrow(0, c.H, c.H)); }  // hi + lo
+  void end_task(at::Tensor& acc) {
+    if (bf16_values) at::add_out(acc, acc2.narrow(0, 0, c.H), acc2.narrow(0, c.H, c.H));  // hi + lo
+  }
 };
 
 // Partial RoPE with K's rotary part cached (rope_keys): the position-free

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "qsvd/config.h"
 #include "qsvd/formats.h"
@@ -104,6 +105,36 @@ inline float quantize_row_host(const float* v, int64_t n, int bits, float clip_r
                          quantize_value(v[2 * i + 1], scale, qmax));
   }
   return scale;
+}
+
+// A row of n fp32 values as two int8 digits (the CPU latent_attention's
+// split path writes q_lat so, for exact int8 GEMMs against the codes):
+// sigma = max|v| / 127, t = v / sigma, a = rint(clamp(t, +-127)),
+// b = rint(clamp((t - a) 254, +-127)), so |v - sigma (a + b / 254)| <=
+// sigma / 508 + u |v|. A NaN or infinity in the row gives sigma NaN and
+// zero digits; an all-zero row zero digits. Returns sigma. rint rounds to
+// nearest, ties to even (the default rounding mode).
+inline float digit_row_host(const float* v, int64_t n, int8_t* a, int8_t* b) {
+  float amax = 0.f;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = std::fabs(v[i]);
+    nan |= x != x;
+    amax = x > amax ? x : amax;
+  }
+  const bool finite = !nan && amax != std::numeric_limits<float>::infinity();
+  const float sigma = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = 0;
+    b[i] = 0;
+    if (!finite || amax == 0.f) continue;
+    const float t = v[i] / sigma;
+    const float ta = std::nearbyint(std::fmin(127.f, std::fmax(-127.f, t)));
+    const float tb = std::nearbyint(std::fmin(127.f, std::fmax(-127.f, (t - ta) * 254.f)));
+    a[i] = static_cast<int8_t>(ta);
+    b[i] = static_cast<int8_t>(tb);
+  }
+  return sigma;
 }
 
 // Unpack a row of codes (INT8, or packed INT4 with n even) to int8 values.

@@ -282,8 +282,10 @@ QSVD_CPU_DISPATCH_LEVEL(void, hadamard_row,
 // differ, which its int code does not keep). Why not nearbyintf: baseline
 // x86-64 has no rounding instruction (SSE4.1's roundps), so GCC calls libm
 // per element there; and GCC vectorises this form at every level.
+// max |v|, and whether v holds a NaN, on VL-lane registers (see
+// quantize_row below for why this form).
 template <Isa L>
-QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float clip_ratio, void* codes) {
+QSVD_CPU_BODY float abs_max_body(const float* v, int64_t n, bool* has_nan) {
   constexpr int VL = kFloatLanes<L>;
   constexpr int R = 16 / VL;
   typedef typename VecOf<VL>::f vf;
@@ -310,6 +312,17 @@ QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float
     nan |= a != a;
     amax = a > amax ? a : amax;
   }
+  *has_nan = nan;
+  return amax;
+}
+
+template <Isa L>
+QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float clip_ratio, void* codes) {
+  constexpr int VL = kFloatLanes<L>;
+  typedef typename VecOf<VL>::f vf;
+  typedef typename VecOf<VL>::i vi;
+  bool nan = false;
+  float amax = abs_max_body<L>(v, n, &nan);
   if (nan) amax = __builtin_nanf("");
   // A NaN in the row makes the scale NaN (its payload is not specified).
   const int qmax = qmax_for_bits(bits);
@@ -368,6 +381,66 @@ QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float
 }
 QSVD_CPU_DISPATCH_LEVEL(float, quantize_row, (const float* v, int64_t n, int bits, float clip_ratio, void* codes),
                         (v, n, bits, clip_ratio, codes))
+
+// Two int8 digits per value, as qsvd::digit_row_host (the spec): the same
+// sigma and digits. rint as in quantize_row (the 1.5 2^23 form; |t| <= 127
+// after the clamp, |(t - a) 254| <= 127 + a little before it).
+template <Isa L>
+QSVD_CPU_BODY float digit_row_body(const float* v, int64_t n, int8_t* a, int8_t* b) {
+  constexpr int VL = kFloatLanes<L>;
+  typedef typename VecOf<VL>::f vf;
+  typedef typename VecOf<VL>::i vi;
+  bool nan = false;
+  const float amax = abs_max_body<L>(v, n, &nan);
+  const bool finite = !nan && amax != __builtin_inff();
+  const float sigma = finite ? amax / 127.f : __builtin_nanf("");
+  if (!finite || amax == 0.f) {
+    std::memset(a, 0, n);
+    std::memset(b, 0, n);
+    return sigma;
+  }
+  const auto digits = [sigma](float x, int* da, int* db) {
+    const float t = x / sigma;
+    float ta = t < -127.f ? -127.f : t;
+    ta = ta > 127.f ? 127.f : ta;
+    ta = (ta + 12582912.f) - 12582912.f;
+    float tb = (t - ta) * 254.f;
+    tb = tb < -127.f ? -127.f : tb;
+    tb = tb > 127.f ? 127.f : tb;
+    tb = (tb + 12582912.f) - 12582912.f;
+    *da = static_cast<int>(ta);
+    *db = static_cast<int>(tb);
+  };
+  const vf sv = vf{} + sigma, hv = vf{} + 127.f, mhv = vf{} - 127.f, magic = vf{} + 12582912.f,
+           scale254 = vf{} + 254.f;
+  constexpr int64_t kChunk = 64;
+  int32_t ca[kChunk], cb[kChunk];
+  int64_t j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    for (int64_t k = 0; k < kChunk; k += VL) {
+      const vf t = loadv<VL>(v + j + k) / sv;
+      vf ta = t < mhv ? mhv : t;
+      ta = ta > hv ? hv : ta;
+      ta = (ta + magic) - magic;
+      vf tb = (t - ta) * scale254;
+      tb = tb < mhv ? mhv : tb;
+      tb = tb > hv ? hv : tb;
+      tb = (tb + magic) - magic;
+      const vi ia = __builtin_convertvector(ta, vi), ib = __builtin_convertvector(tb, vi);
+      std::memcpy(ca + k, &ia, sizeof(ia));
+      std::memcpy(cb + k, &ib, sizeof(ib));
+    }
+    for (int64_t k = 0; k < kChunk; ++k) a[j + k] = static_cast<int8_t>(ca[k]), b[j + k] = static_cast<int8_t>(cb[k]);
+  }
+  for (; j < n; ++j) {
+    int da, db;
+    digits(v[j], &da, &db);
+    a[j] = static_cast<int8_t>(da);
+    b[j] = static_cast<int8_t>(db);
+  }
+  return sigma;
+}
+QSVD_CPU_DISPATCH_LEVEL(float, digit_row, (const float* v, int64_t n, int8_t* a, int8_t* b), (v, n, a, b))
 
 // INT4 (two's-complement nibbles, element 2i low) -> int8, n even.
 QSVD_CPU_BODY void unpack_int4_row_body(const uint8_t* in, int64_t n, int8_t* out) {
