@@ -108,6 +108,7 @@ def decode_timing(shapes: dict, rounds: int, log=print) -> list:
 
     rows = []
     for name, (H, H_kv, d, r) in shapes.items():
+        paths = {}
         g = torch.Generator().manual_seed(0)
         pc = make_paged_cache([L_CTX], r, 8, 256, extra_blocks=0, generator=g)
         w = make_weights(H_kv, r, d, torch.int8, generator=g)
@@ -123,19 +124,36 @@ def decode_timing(shapes: dict, rounds: int, log=print) -> list:
             tables = R.rope_tables(L_CTX, d, pairs=range(d_rope // 2)) if d_rope else (None, None)
             args = (q, pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, *w, 8)
             plan = qk.latent_attention_plan(*args, *tables)
+            paths[f"latent_d{d_rope}"] = qk.describe_latent_attention_plan(plan)["cpu_path"]
             fns[f"latent_d{d_rope}"] = (lambda a=args, t=tables, p=plan:
                                         qk.latent_attention(*a, d ** -0.5, *t, True, p))
+            if d_rope == 0 and paths["latent_d0"] == "absorbed_split":  # the fp32 GEMMs too, in the same rounds
+                fp32_plan = _plan_with_fp32_gemms(args, tables)
+                paths["latent_fp32_d0"] = "absorbed_fp32"
+                fns["latent_fp32_d0"] = (lambda a=args, t=tables, p=fp32_plan:
+                                         qk.latent_attention(*a, d ** -0.5, *t, True, p))
             if 0 < d_rope < d:  # the cached form: K's rotary part appended once, read per step
                 keys = torch.zeros(pc.cache.shape[0], 256, H_kv, d_rope, dtype=torch.float16)
                 qk.latent_rope_keys_append(pc.cache, pc.cache_scale, slots, torch.arange(L_CTX), w[0], w[1], 8,
                                            *tables, keys)
                 cached_plan = qk.latent_attention_plan(*args, *tables, keys)  # its own path (the keys' signature)
+                paths[f"cached_d{d_rope}"] = qk.describe_latent_attention_plan(cached_plan)["cpu_path"]
                 fns[f"cached_d{d_rope}"] = (lambda a=args, t=tables, p=cached_plan, k=keys:
                                             qk.latent_attention(*a, d ** -0.5, *t, True, p, k))
+                if paths[f"cached_d{d_rope}"] == "absorbed_split":  # the fp32 GEMMs too, in the same rounds
+                    fp32_plan = _plan_with_fp32_gemms(args, tables, keys)
+                    paths[f"cached_fp32_d{d_rope}"] = qk.describe_latent_attention_plan(fp32_plan)["cpu_path"]
+                    fns[f"cached_fp32_d{d_rope}"] = (lambda a=args, t=tables, p=fp32_plan, k=keys:
+                                                     qk.latent_attention(*a, d ** -0.5, *t, True, p, k))
         med = _median_interleaved(fns, rounds)
-        for d_rope, cached in [(d, False), (d // 2, False), (d // 2, True), (d // 4, False), (d // 4, True),
-                               (d // 8, False), (d // 8, True), (0, False)]:
-            t = med[f"{'cached' if cached else 'latent'}_d{d_rope}"]
+        for d_rope, cached, fp32 in [(d, False, False), (d // 2, False, False), (d // 2, True, False),
+                                     (d // 2, True, True), (d // 4, False, False), (d // 4, True, False),
+                                     (d // 4, True, True), (d // 8, False, False), (d // 8, True, False),
+                                     (d // 8, True, True), (0, False, False), (0, False, True)]:
+            key = f"{'cached' if cached else 'latent'}{'_fp32' if fp32 else ''}_d{d_rope}"
+            if key not in med:  # the fp32 variant where the default is fp32 already
+                continue
+            t = med[key]
             # docs/partial-rope.md: rotary K rebuilt (2 L r H_kv d_rope), its scores (2 L H d_rope), the
             # absorbed part's q_lat (2 H r (d - d_rope)) and scores (2 L H r, when d_rope < d), V (2 L H r),
             # W_uv (2 H r d); bytes: codes and scales, the int8 weights, the narrow tables (fp32 cos, sin).
@@ -147,6 +165,7 @@ def decode_timing(shapes: dict, rounds: int, log=print) -> list:
                                                                   else 8 * L_CTX * d_rope)
             rows.append({"shape": name, "H": H, "H_kv": H_kv, "d": d, "r": r, "L": L_CTX, "d_rope": d_rope,
                          "rotary_keys": "cached" if cached else ("rebuilt" if d_rope else "none"),
+                         "cpu_path": paths[key] + (" (forced)" if fp32 else ""),
                          "latent_s": t, "sdpa_fp32_s": med["sdpa_fp32"], "sdpa_bf16_s": med["sdpa_bf16"],
                          "ratio_vs_sdpa_fp32": t / med["sdpa_fp32"], "ratio_vs_sdpa_bf16": t / med["sdpa_bf16"],
                          "ops": ops, "bytes": nbytes, "gops": ops / t / 1e9, "gbps": nbytes / t / 1e9,
@@ -190,16 +209,34 @@ def to_markdown(res: dict) -> str:
         lines += ["## Decode time (B = 1, 4096 cached tokens, INT8 latent, int8 weights)", "",
                   "latent_attention with its plan made once, against SDPA over the uncompressed K/V cache of the "
                   "same heads (fp32 and bf16), interleaved, median of rounds. GOPS and GB/s by the model in "
-                  "docs/partial-rope.md. Goal: d/4 at r = 1536 (LLaMA-7B) <= 1.0x SDPA fp32.", "",
-                  "| shape | d_rope | rotary K | latent_attention | SDPA fp32 | SDPA bf16 | vs fp32 | vs bf16 | GOPS "
-                  "| GB/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "docs/partial-rope.md. Goal: d/4 at r = 1536 (LLaMA-7B) <= 1.0x SDPA fp32. CPU path: the plan's "
+                  "(absorbed_split: int8 digit scores; where it is the default, the fp32 GEMMs forced by "
+                  "QSVD_CPU_LATENT_GEMM=fp32 are timed in the same rounds: rope = the RoPE path's fp32 GEMMs, "
+                  "absorbed_fp32 without RoPE).", "",
+                  "| shape | d_rope | rotary K | CPU path | latent_attention | SDPA fp32 | SDPA bf16 | vs fp32 | vs bf16 "
+                  "| GOPS | GB/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in t:
             lines.append(f"| {r['shape']} (H {r['H']}/{r['H_kv']}, d {r['d']}, r {r['r']}) | {r['d_rope']} | "
-                         f"{r['rotary_keys']} | "
+                         f"{r['rotary_keys']} | {r.get('cpu_path', '-')} | "
                          f"{r['latent_s'] * 1e3:.2f} ms | {r['sdpa_fp32_s'] * 1e3:.2f} ms | "
                          f"{r['sdpa_bf16_s'] * 1e3:.2f} ms | {r['ratio_vs_sdpa_fp32']:.2f}x | "
                          f"{r['ratio_vs_sdpa_bf16']:.2f}x | {r['gops']:.0f} | {r['gbps']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _plan_with_fp32_gemms(args, tables, keys=None):
+    """The plan with QSVD_CPU_LATENT_GEMM=fp32 (read when the plan is made)."""
+    import qsvd_kernels as qk
+
+    old = os.environ.get("QSVD_CPU_LATENT_GEMM")
+    os.environ["QSVD_CPU_LATENT_GEMM"] = "fp32"
+    try:
+        return qk.latent_attention_plan(*args, *tables, keys)
+    finally:
+        if old is None:
+            del os.environ["QSVD_CPU_LATENT_GEMM"]
+        else:
+            os.environ["QSVD_CPU_LATENT_GEMM"] = old
 
 
 def _cpu_paths() -> dict:

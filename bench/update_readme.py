@@ -110,7 +110,9 @@ def partial_rope_section(results: str = RESULTS) -> list[str]:
         rows = [r for r in res["decode"] if r["shape"] == shape]
         lines.append(f"- latent_attention decode, {shape} (r {rows[0]['r']}, {rows[0]['L']} cached tokens, B = 1) vs "
                      "SDPA fp32 over the K/V cache: " + ", ".join(
-                         f"d_rope {r['d_rope']} {r['rotary_keys']} {r['ratio_vs_sdpa_fp32']:.2f}x" for r in rows) + ".")
+                         f"d_rope {r['d_rope']} {r['rotary_keys']}"
+                         + (f" [{r['cpu_path']}]" if r.get("cpu_path") else "") + f" {r['ratio_vs_sdpa_fp32']:.2f}x"
+                         for r in rows) + ".")
     return lines + [""]
 
 
