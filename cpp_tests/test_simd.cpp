@@ -124,13 +124,19 @@ void test_digit_row(const char* level) {
   std::mt19937 rng(5);
   const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
   for (int64_t n : {1, 7, 64, 96, 130, 1536}) {
-    for (int kind = 0; kind < 6; ++kind) {
+    for (int kind = 0; kind < 8; ++kind) {
       std::vector<float> v = random_row(n, rng, kind == 1 ? 1e-30f : 3.f);
       if (kind == 2) std::fill(v.begin(), v.end(), 0.f);
       if (kind == 3) v[n / 2] = nan;
       if (kind == 4) v[0] = -inf;
-      if (kind == 5)  // sigma = 1 / 127 * 127 = 1: digits of k/2 and k/2 + j/508 hit ties of both roundings
+      if (kind == 5)  // sigma = 127 / 127 = 1: the halves k/2 are ties of the a digit's rounding
         for (int64_t i = 0; i < n; ++i) v[i] = i == 0 ? 127.f : static_cast<float>(i % 255 - 127) / 2.f;
+      if (kind == 6) {  // max|v| below 63.5 2^-149: sigma rounds to 0, every digit 0
+        std::fill(v.begin(), v.end(), 0.f);
+        v[0] = std::numeric_limits<float>::denorm_min();
+      }
+      if (kind == 7)  // a subnormal sigma (2^-149): quotients past 127 are clamped alike
+        for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(i % 191) * std::numeric_limits<float>::denorm_min();
       std::vector<int8_t> wa(n, 7), wb(n, 7), ga(n, -7), gb(n, -7);
       const float ws = qsvd::digit_row_host(v.data(), n, wa.data(), wb.data());
       const float gs = qc::digit_row(v.data(), n, ga.data(), gb.data());

@@ -25,7 +25,7 @@ KEYS = {"isa", "isa_detected", "isa_supported", "features", "int8_brgemm", "mkl_
 
 def _split(p):
     """Whether the split path serves, from the report's own parts."""
-    return p["latent_digit_scores"] != "none" and p["mkl_bf16_gemm"]
+    return p["latent_digit_scores"] != "none"
 FEATURES = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
             "amx_tile", "amx_int8", "amx_bf16"}
 KNOBS = ("QSVD_CPU_ISA", "QSVD_CPU_QUANT_GEMM", "QSVD_CPU_LATENT_GEMM")
@@ -59,8 +59,9 @@ def test_cpu_paths_report_is_consistent():
         assert p["quant_gemm_small_m"] in ("brgemm", "onednn", "scalar")
     if p["knobs"]["QSVD_CPU_LATENT_GEMM"] in (None, "", "auto"):
         assert p["latent_absorbed"] == ("split" if _split(p) else "fp32")
-    # The digit scores: brgemm where it serves, else oneDNN's _int_mm where it is exact (and oneDNN on).
-    if p["int8_brgemm"]:
+    # The digit scores: brgemm where it serves with MKL's bf16 GEMM (its V step), else oneDNN's _int_mm
+    # where it is exact (and oneDNN on).
+    if p["int8_brgemm"] and p["mkl_bf16_gemm"]:
         assert p["latent_digit_scores"] == "brgemm"
     else:
         assert p["latent_digit_scores"] in ("onednn", "none")
@@ -275,3 +276,23 @@ def test_hadamard_same_bits_at_every_level(dtype):
         assert first[0][3, 0].abs() == float("inf") and (first[0][2].abs() < 6.1e-5).all()
     for level, o in outs.items():
         assert _same(o, first), level
+
+
+def test_onednn_switched_off_takes_the_scalar_and_fp32_paths(monkeypatch):
+    """With oneDNN off, at::_int_mm runs torch's reference loops (about 100x
+    slower): quant_gemm takes its own exact scalar loop and latent_attention
+    has no split path (nothing to run its digit scores on), asked per call."""
+    monkeypatch.delenv("QSVD_CPU_QUANT_GEMM", raising=False)
+    monkeypatch.delenv("QSVD_CPU_LATENT_GEMM", raising=False)
+    with torch.backends.mkldnn.flags(enabled=False):
+        p = qk._C.cpu_paths()
+        assert p["latent_digit_scores"] == "none" and p["latent_absorbed"] == "fp32"
+        assert qk._C.quant_gemm_cpu_path(128, 4096) == "scalar"
+    assert qk._C.cpu_paths()["latent_digit_scores"] == _C_digit_scores_expected()
+
+
+def _C_digit_scores_expected():
+    p = qk._C.cpu_paths()
+    if p["int8_brgemm"] and p["mkl_bf16_gemm"]:
+        return "brgemm"
+    return "onednn" if qk._C.quant_gemm_cpu_path(128, 4096) == "onednn" else "none"

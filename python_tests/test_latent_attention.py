@@ -104,17 +104,29 @@ def test_cpu_absorbed_gemm_paths(monkeypatch, bits, wdtype, rope, H, H_kv, block
     _check(out, lse, truth, bound, q_dtype, gemm)
 
 
-SPLIT_MISSING = ("no split path here (it needs an exact int8 GEMM: torch's int8 brgemm on an AMX CPU, or oneDNN's "
-                 "_int_mm on a CPU with VNNI, oneDNN enabled; and MKL's bf16 GEMM): the kernel always takes the fp32 "
+SPLIT_MISSING = ("no split path here (it needs an exact int8 GEMM: torch's int8 brgemm on an AMX CPU with MKL's bf16 "
+                 "GEMM, or oneDNN's _int_mm on a CPU with VNNI; oneDNN enabled): the kernel always takes the fp32 "
                  "path, which the fp32 case tests")
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 5])
+def test_cpu_split_path_at_ranks_below_the_gemm_width(monkeypatch, r):
+    """Ranks that are not multiples of 4, down to 1: the digit GEMMs take
+    K padded with zero columns (torch's _int_mm gets K = 1 wrong), within
+    the derived bound."""
+    if not _split_available():
+        pytest.skip(SPLIT_MISSING)
+    monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", "split")
+    out, lse, truth, bound, _ = _run("cpu", [37, 300, 1], 8, torch.int8, False, 4, 2, 16, torch.float32, r, 64)
+    _check(out, lse, truth, bound, torch.float32, f"split r={r}")
 
 
 def _split_available():
     """Whether the absorbed path's split GEMMs serve here now (int8 digit
-    scores on brgemm or _int_mm, and MKL's bf16 GEMM), whatever
+    scores on brgemm with MKL's bf16 GEMM, or on _int_mm), whatever
     QSVD_CPU_LATENT_GEMM says."""
     paths = qk._C.cpu_paths()
-    return paths["latent_digit_scores"] != "none" and paths["mkl_bf16_gemm"]
+    return paths["latent_digit_scores"] != "none"
 
 
 def test_cpu_gemm_paths_differ_and_bad_knob_is_refused(monkeypatch):

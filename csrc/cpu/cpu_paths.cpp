@@ -6,6 +6,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -57,18 +58,24 @@ void check_isa_env(const char* op) {
 
 bool int_mm_exact() {
   // at::_int_mm runs oneDNN only while it is enabled (else exact reference
-  // loops): oneDNN's arithmetic is probed once, by the first call that
-  // would run it.
+  // loops): oneDNN's arithmetic is probed by the first call that would run
+  // it, and the answer kept only if oneDNN stayed enabled through the probe
+  // (another thread may switch it). -1: not probed yet.
+  static std::atomic<int> state{-1};
   if (!at::globalContext().userEnabledMkldnn()) return true;
-  static const bool exact = [] {
-    const int64_t M = 4, N = 8, K = 256;
+  const int known = state.load(std::memory_order_acquire);
+  if (known >= 0) return known == 1;
+  const auto probe = [](int64_t M) {
+    const int64_t N = 8, K = 256;
     at::Tensor a = at::full({M, K}, 127, at::kChar);
     at::Tensor b = at::full({N, K}, 127, at::kChar);
-    a.select(0, 1).fill_(-127);
+    if (M > 1) a.select(0, 1).fill_(-127);
     b.select(0, 2).fill_(-127);
-    a.select(0, 3).narrow(0, 0, K / 2).fill_(-127);
+    if (M > 3) a.select(0, 3).narrow(0, 0, K / 2).fill_(-127);
     return at::equal(at::_int_mm(a, b.t()).to(at::kLong), at::mm(a.to(at::kLong), b.to(at::kLong).t()));
-  }();
+  };
+  const bool exact = probe(4) && probe(1);  // M = 1: oneDNN's GEMV kernels dispatch apart
+  if (at::globalContext().userEnabledMkldnn()) state.store(exact ? 1 : 0, std::memory_order_release);
   return exact;
 }
 
@@ -131,11 +138,11 @@ bool quant_gemm_small_m_brgemm(QuantGemmKnob knob, const char* op) {
 }
 
 DigitScores digit_scores() {
-  if (int8_brgemm_ready()) return DigitScores::kBrgemm;
+  if (int8_brgemm_ready() && gemm_bf16_f32() != nullptr) return DigitScores::kBrgemm;
   return int_mm_fast() ? DigitScores::kIntMm : DigitScores::kNone;
 }
 
-bool latent_split_available() { return digit_scores() != DigitScores::kNone && gemm_bf16_f32() != nullptr; }
+bool latent_split_available() { return digit_scores() != DigitScores::kNone; }
 
 bool latent_absorbed_split(const char* op) {
   switch (plan::cpu_latent_gemm_knob(op)) {
@@ -143,8 +150,8 @@ bool latent_absorbed_split(const char* op) {
     case LatentGemmKnob::kSplit:
       QSVD_CHECK(latent_split_available(), op,
                  "QSVD_CPU_LATENT_GEMM=split, but this CPU or torch build (or oneDNN, switched off) lacks an exact "
-                 "int8 GEMM (torch's int8 brgemm, AMX; or oneDNN's at::_int_mm, exact where the CPU has VNNI) or "
-                 "MKL's cblas_gemm_bf16bf16f32");
+                 "int8 GEMM (torch's int8 brgemm, AMX, with MKL's cblas_gemm_bf16bf16f32; or oneDNN's "
+                 "at::_int_mm, exact where the CPU has VNNI)");
       return true;
     case LatentGemmKnob::kAuto: break;
   }

@@ -43,8 +43,9 @@ bool int_mm_exact();
 bool int_mm_fast();
 
 // How latent_attention's split path forms its int8 digit scores now (asked
-// per call): torch's int8 brgemm where ready (AMX), else at::_int_mm where
-// fast (oneDNN's int8 GEMM, exact: VNNI), else none.
+// per call): torch's int8 brgemm where ready (AMX) and MKL's bf16 GEMM is
+// found (its V step), else at::_int_mm where fast (oneDNN's int8 GEMM,
+// exact: VNNI; V on fp32 GEMMs), else none.
 enum class DigitScores { kNone, kBrgemm, kIntMm };
 DigitScores digit_scores();
 
@@ -70,8 +71,8 @@ bool quant_gemm_small_m_brgemm(QuantGemmKnob knob, const char* op = "quant_gemm"
 enum class LatentGemmKnob { kAuto, kFp32, kSplit };
 
 // Whether latent_attention's absorbed path (no RoPE, or K's rotary part
-// cached) could take the split GEMMs here now (digit scores on an exact
-// int8 GEMM and MKL's bf16 GEMM found), and whether
+// cached) could take the split GEMMs here now (digit_scores() is not none),
+// and whether
 // it does under the knob: auto where it could, fp32 never, split always (an
 // error naming the knob where it could not).
 bool latent_split_available();

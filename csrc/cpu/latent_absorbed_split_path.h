@@ -36,7 +36,7 @@ namespace latent_cpu {
 // about 0.6 of the fp32 one's. On an AMD EPYC without AMX (AVX-512 VNNI
 // and BF16), one thread, r = 960, a 256-token tile, 32 heads: at::_int_mm's
 // digit scores 81 us against the fp32 score GEMM's 177 us (plus 17 us to
-// convert the codes), the bf16 V GEMM 170 us against fp32's 179 us.
+// convert the codes); the V step, see AbsorbedSplitWorker.
 
 // brgemm takes K a multiple of 4 (the codes are padded with zero columns
 // when r is not) and N up to 64 (cpu/int8_brgemm.h). So a packed operand
@@ -46,7 +46,7 @@ constexpr int64_t kScoreHeadsPerGroup = cpu::kInt8BrgemmMaxN / 2;
 inline int64_t group_columns(int64_t Hg) { return cpu::int8_brgemm_n(2 * Hg); }
 
 // q_lat [B, H, r] as int8 digits: for brgemm packed per (sequence, head
-// group), packed [B, groups, Kp, 64]; for at::_int_mm plain [B, 2H, r] (the
+// group), packed [B, groups, Kp, 64]; for at::_int_mm plain [B, 2H, r4] (the
 // a digit rows of every head, then the b digit rows; its transpose is the
 // GEMM's right operand); and sigma [B, H].
 struct QueryDigits {
@@ -60,7 +60,9 @@ struct QueryDigits {
 
 inline QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */, bool brgemm) {
   const int64_t B = q_lat.size(0), H = q_lat.size(1), r = q_lat.size(2);
-  const int64_t r4 = brgemm ? cpu::int8_brgemm_k(r) : r;
+  // K a multiple of 4 for both int8 GEMMs: brgemm takes no other, and
+  // torch's at::_int_mm gets K = 1 wrong (docs/ops.md, quant_gemm).
+  const int64_t r4 = cpu::int8_brgemm_k(r);
   QueryDigits qd;
   qd.brgemm = brgemm;
   qd.groups = brgemm ? (H + kScoreHeadsPerGroup - 1) / kScoreHeadsPerGroup : 1;
@@ -68,7 +70,7 @@ inline QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */, boo
     qd.Kp = cpu::int8_brgemm_packed_k(r4);
     qd.packed = at::zeros({B, qd.groups, qd.Kp, 2 * kScoreHeadsPerGroup}, q_lat.options().dtype(at::kChar));
   } else {
-    qd.plain = at::empty({B, 2 * H, r}, q_lat.options().dtype(at::kChar));
+    qd.plain = at::zeros({B, 2 * H, r4}, q_lat.options().dtype(at::kChar));  // zero columns past r
   }
   qd.sigma = at::empty({B, H}, q_lat.options());
   const float* qp = q_lat.data_ptr<float>();
@@ -78,7 +80,7 @@ inline QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */, boo
     parallel_tasks(0, B * H, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / H, h = i % H;
-        sg[i] = qsvd::cpu::digit_row(qp + i * r, r, base + (b * 2 * H + h) * r, base + (b * 2 * H + H + h) * r);
+        sg[i] = qsvd::cpu::digit_row(qp + i * r, r, base + (b * 2 * H + h) * r4, base + (b * 2 * H + H + h) * r4);
       }
     });
     return qd;
@@ -120,8 +122,8 @@ inline void digit_scores_to_x(const int32_t* acc, int64_t N, int64_t h0, int64_t
   }
 }
 
-// The scores of the tile's codes [T, r4] (brgemm: zero columns past r;
-// _int_mm: r4 = r) against one sequence's digits (every head group):
+// The scores of the tile's codes [T, r4] (zero columns past r) against one
+// sequence's digits (every head group):
 // x [H, T]. acc: int32 [T, 64] (brgemm) or [T, 2H] (_int_mm).
 inline void int8_scores(const QueryDigits& qd, int64_t b, int64_t H, int64_t r4, const int8_t* codes, int64_t T,
                  const float* scales, int32_t* acc, float* x /* [H, T] */) {
@@ -170,7 +172,7 @@ struct AbsorbedSplitWorker {
   at::Tensor codes_f;  // fp32 values: the tile's codes [tile, r] (exact)
 
   AbsorbedSplitWorker(const Call& call, const QueryDigits& qd)
-      : c(call), digits(qd), bf16_values(qd.brgemm), r4(qd.brgemm ? cpu::int8_brgemm_k(call.s.r) : call.s.r),
+      : c(call), digits(qd), bf16_values(qd.brgemm), r4(cpu::int8_brgemm_k(call.s.r)),
         digit_acc(call.tile * std::max<int64_t>(2 * kScoreHeadsPerGroup, 2 * call.H)),
         codes_padded(r4 != call.s.r ? call.tile * r4 : 0, 0),
         x_buf(at::empty({call.H, call.tile}, call.q.options())), codes_bf16(bf16_values ? call.tile * call.s.r : 0),

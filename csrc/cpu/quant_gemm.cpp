@@ -40,10 +40,12 @@ namespace qsvd_torch {
 namespace {
 
 // cpu_paths.h's probe, with a warning (once) where it fails.
+// Whether at::_int_mm runs oneDNN here now and sums exactly (with oneDNN
+// off it runs reference loops ~100x slower than the scalar path below).
 bool int_mm_is_exact() {
-  const bool ok = cpu::int_mm_exact();
+  const bool ok = cpu::int_mm_fast();
   static std::once_flag warned;
-  if (!ok)
+  if (!ok && at::globalContext().userEnabledMkldnn())
     std::call_once(warned, [] {
       TORCH_WARN("qsvd.quant_gemm: torch's int8 GEMM (oneDNN) does not return exact int32 sums on this CPU ",
                  "(no VNNI/AMX); using the exact scalar loop, which is much slower");

@@ -111,8 +111,10 @@ inline float quantize_row_host(const float* v, int64_t n, int bits, float clip_r
 // split path writes q_lat so, for exact int8 GEMMs against the codes):
 // sigma = max|v| / 127, t = v / sigma, a = rint(clamp(t, +-127)),
 // b = rint(clamp((t - a) 254, +-127)), so |v - sigma (a + b / 254)| <=
-// sigma / 508 + u |v|. A NaN or infinity in the row gives sigma NaN and
-// zero digits; an all-zero row zero digits. Returns sigma. rint rounds to
+// sigma / 508 + u |v| (for a normal sigma; a subnormal one loses relative
+// precision, below the bound's absolute floor). A NaN or infinity in the
+// row gives sigma NaN and zero digits; a row whose sigma is 0 (all zeros,
+// or max|v| < 63.5 2^-149) zero digits. Returns sigma. rint rounds to
 // nearest, ties to even (the default rounding mode).
 inline float digit_row_host(const float* v, int64_t n, int8_t* a, int8_t* b) {
   float amax = 0.f;
@@ -127,7 +129,7 @@ inline float digit_row_host(const float* v, int64_t n, int8_t* a, int8_t* b) {
   for (int64_t i = 0; i < n; ++i) {
     a[i] = 0;
     b[i] = 0;
-    if (!finite || amax == 0.f) continue;
+    if (!finite || !(sigma > 0.f)) continue;
     const float t = v[i] / sigma;
     const float ta = std::nearbyint(std::fmin(127.f, std::fmax(-127.f, t)));
     const float tb = std::nearbyint(std::fmin(127.f, std::fmax(-127.f, (t - ta) * 254.f)));

@@ -264,24 +264,6 @@ QSVD_CPU_DISPATCH_LEVEL(void, hadamard_row,
                          float norm, float* scratch),
                         (in, signs, v, dst, f, norm, scratch))
 
-// Per-row quantization, as qsvd::quantize_row_host: the same scale and the
-// same codes.
-//
-// max |v| runs on VL-lane registers, 16 / VL partial maxima per 16 values,
-// combined at the end: GCC does not vectorise one running max (whose NaN
-// and -0 rules it may not reorder without -ffast-math), and the result is
-// the same in any order (NaNs are counted apart; a > m ? a : m never takes
-// a -0 over the +0 every partial starts at).
-//
-// The codes: clamp(round(v / scale)) of the spec is computed as
-// round(clamp(v / scale)) (the same integer: the bounds +-qmax are
-// integers, and rounding is monotone), with round(q) = (q + 1.5 2^23) -
-// 1.5 2^23: for |q| < 2^22 the sum lies in [2^23, 2^24), where fp32 holds
-// exactly the integers, so the addition rounds q to an integer once, in the
-// current rounding mode, as nearbyintf does (only the sign of a zero may
-// differ, which its int code does not keep). Why not nearbyintf: baseline
-// x86-64 has no rounding instruction (SSE4.1's roundps), so GCC calls libm
-// per element there; and GCC vectorises this form at every level.
 // max |v|, and whether v holds a NaN, on VL-lane registers (see
 // quantize_row below for why this form).
 template <Isa L>
@@ -316,6 +298,24 @@ QSVD_CPU_BODY float abs_max_body(const float* v, int64_t n, bool* has_nan) {
   return amax;
 }
 
+// Per-row quantization, as qsvd::quantize_row_host: the same scale and the
+// same codes.
+//
+// max |v| runs on VL-lane registers, 16 / VL partial maxima per 16 values,
+// combined at the end: GCC does not vectorise one running max (whose NaN
+// and -0 rules it may not reorder without -ffast-math), and the result is
+// the same in any order (NaNs are counted apart; a > m ? a : m never takes
+// a -0 over the +0 every partial starts at).
+//
+// The codes: clamp(round(v / scale)) of the spec is computed as
+// round(clamp(v / scale)) (the same integer: the bounds +-qmax are
+// integers, and rounding is monotone), with round(q) = (q + 1.5 2^23) -
+// 1.5 2^23: for |q| < 2^22 the sum lies in [2^23, 2^24), where fp32 holds
+// exactly the integers, so the addition rounds q to an integer once, in the
+// current rounding mode, as nearbyintf does (only the sign of a zero may
+// differ, which its int code does not keep). Why not nearbyintf: baseline
+// x86-64 has no rounding instruction (SSE4.1's roundps), so GCC calls libm
+// per element there; and GCC vectorises this form at every level.
 template <Isa L>
 QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float clip_ratio, void* codes) {
   constexpr int VL = kFloatLanes<L>;
@@ -394,7 +394,7 @@ QSVD_CPU_BODY float digit_row_body(const float* v, int64_t n, int8_t* a, int8_t*
   const float amax = abs_max_body<L>(v, n, &nan);
   const bool finite = !nan && amax != __builtin_inff();
   const float sigma = finite ? amax / 127.f : __builtin_nanf("");
-  if (!finite || amax == 0.f) {
+  if (!finite || !(sigma > 0.f)) {  // sigma 0: every digit 0 (t would be 0 / 0)
     std::memset(a, 0, n);
     std::memset(b, 0, n);
     return sigma;
