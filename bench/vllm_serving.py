@@ -37,6 +37,12 @@ reverse order, so a slow spell of a shared machine spreads over engines):
                  preempts, QSVD batches them all.
 Reported, each as vLLM reports it: blocks x block_size = tokens that fit
 and the most concurrent sequences of max_model_len tokens.
+
+The split of a round's time: after the timed rounds, each pass runs the
+load once more with max_tokens = 1 (the prefills and one token: "prefill
+s", the median over passes). The decode phase's tokens/s is then
+requests x (new - 1) / (round - prefill), from the two medians: where the
+capacity win can show, since both engines do the same prefill work.
 """
 
 from __future__ import annotations
@@ -151,6 +157,7 @@ def main(argv=None) -> int:
         # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override kv_cache_memory_bytes: unset it for a budget
         load_env = {k: v for k, v in env.items() if not (L["kv_bytes"] and k == "VLLM_CPU_KVCACHE_SPACE")}
         times, runs = {name: [] for name in engines}, {}
+        prefill = {name: [] for name in engines}
         for pass_ in range(args.passes):
             for name in (list(engines) if pass_ % 2 == 0 else list(engines)[::-1]):
                 path, info = engines[name]
@@ -158,9 +165,11 @@ def main(argv=None) -> int:
                 res = run_engine({"model": path, "dtype": "bfloat16", "max_model_len": args.max_model_len,
                                   "block_size": 32, "kv_cache_memory_bytes": L["kv_bytes"],
                                   "additional_config": info and {"qsvd": {"rope_key_cache": info["rope_key_cache"]}},
-                                  "rounds": [L["prompts"][:2]] + [L["prompts"]] * args.repeats,
+                                  "rounds": [L["prompts"][:2]] + [L["prompts"]] * (args.repeats + 1),
+                                  "round_max_tokens": [None] * (1 + args.repeats) + [1],
                                   "max_tokens": L["new"], "enable_prefix_caching": False}, load_env, work)
-                times[name] += [r["seconds"] for r in res["rounds"][1:]]
+                times[name] += [r["seconds"] for r in res["rounds"][1:-1]]
+                prefill[name].append(res["rounds"][-1]["seconds"])
                 runs[name] = res
                 print(f"{load} {name} pass {pass_ + 1}: "
                       f"{len(L['prompts']) * L['new'] / sorted(times[name])[len(times[name]) // 2]:.1f} tokens/s "
@@ -174,6 +183,7 @@ def main(argv=None) -> int:
                                    f"{budget}-byte budget: the budget was not applied")
             secs_all = sorted(times[name])
             secs = secs_all[len(secs_all) // 2]  # the median round over all passes
+            pre = sorted(prefill[name])[len(prefill[name]) // 2]
             rows.append({"load": load, "engine": name, "quant": info and info["quant"],
                          "d_rope": info["d_rope"] if info else d, "bytes_per_token": per_token,
                          "rope_key_cache": info and info["rope_key_cache"],
@@ -184,6 +194,8 @@ def main(argv=None) -> int:
                          "requests": len(L["prompts"]), "request_tokens": len(L["prompts"][0]) + L["new"],
                          "new_tokens": L["new"], "median_seconds": secs, "round_seconds": times[name],
                          "tokens_per_s": len(L["prompts"]) * L["new"] / secs,
+                         "prefill_seconds": pre, "prefill_round_seconds": prefill[name],
+                         "decode_tokens_per_s": len(L["prompts"]) * (L["new"] - 1) / (secs - pre),
                          "ranks": info and info["ranks"], "vllm_version": res["vllm_version"]})
     kept = []
     if args.out and os.path.exists(args.out + ".json"):  # the loads not run this time keep their rows
@@ -197,6 +209,8 @@ def main(argv=None) -> int:
             if r["load"] == load:
                 r["capacity_x"] = r["tokens_that_fit"] / base["tokens_that_fit"]
                 r["throughput_x"] = r["tokens_per_s"] / base["tokens_per_s"]
+                if "decode_tokens_per_s" in r and "decode_tokens_per_s" in base:
+                    r["decode_x"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     data = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": platform.processor() or platform.machine(),
@@ -226,14 +240,20 @@ def main(argv=None) -> int:
           f"off, the median of {args.passes} x {args.repeats} rounds ({args.passes} passes over the engines, every "
           f"other one in reverse order; {args.repeats} rounds after a warm-up round per engine and pass). "
           "`tokens that fit` is vLLM's own "
-          "report (blocks x block size); `byte model` is the arithmetic.", "",
+          "report (blocks x block size); `byte model` is the arithmetic. `prefill s`: the median round of the "
+          "same load with max_tokens = 1; `decode phase`: requests x (new - 1) / (round - prefill s), the two "
+          "medians (bench/vllm_serving.py's docstring).", "",
           f"| load | engine | ranks | B/token | tokens that fit | byte model | capacity vs uncompressed | max "
-          f"concurrent {args.max_model_len}-token sequences | tokens/s | throughput vs uncompressed |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          f"concurrent {args.max_model_len}-token sequences | tokens/s | throughput vs uncompressed | prefill s | "
+          "decode phase tokens/s | decode phase vs uncompressed |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        split = (f"{r['prefill_seconds']:.2f} | {r['decode_tokens_per_s']:.1f} | {r['decode_x']:.2f}x"
+                 if "decode_x" in r else "- | - | -")
         md.append(f"| {r['load']} | {r['engine']} | {r['ranks'] or '-'} | {r['bytes_per_token']} | "
                   f"{r['tokens_that_fit']} | {r['byte_model_tokens']} | {r['capacity_x']:.2f}x | "
-                  f"{r['max_concurrent_sequences']} | {r['tokens_per_s']:.1f} | {r['throughput_x']:.2f}x |")
+                  f"{r['max_concurrent_sequences']} | {r['tokens_per_s']:.1f} | {r['throughput_x']:.2f}x | "
+                  f"{split} |")
     write_results(args.out, data, "\n".join(md) + "\n")
     return 0
 

@@ -107,9 +107,9 @@ def test_the_torch_simulation_decodes_through_the_prefill_path():
     calls = []
     original = projector.core.keys_values
 
-    def spy(cache, block_table, seq_lens, cos, sin):
+    def spy(cache, block_table, seq_lens, cos, sin, dtype):
         calls.append(seq_lens.tolist())
-        return original(cache, block_table, seq_lens, cos, sin)
+        return original(cache, block_table, seq_lens, cos, sin, dtype)
 
     projector.core.keys_values = spy
     out = seqs.step(x[5:], [[0], [], []])
@@ -208,3 +208,60 @@ def test_a_step_plans_latent_attention_once_per_layer_shape(device, monkeypatch)
     want = projector.core.run(proj, cache, meta, seqs.cos, seqs.sin, 0.25)
     for out in outs:
         torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,prefix", [(1, 0), (1, 40), (7, 0), (192, 0), (193, 5), (401, 0), (300, 123)])
+def test_causal_attention_within_its_derived_bound(device, dtype, n, prefix):
+    """The prefill rows' attention (core.causal_attention) against the
+    float64 reference, within the bound derived from its arithmetic, in fp32
+    and in a model's bf16 / fp16 (on the CPU, bf16 runs as chunks of GEMMs:
+    one chunk, a chunk edge at 192 rows, several chunks, over a cached
+    prefix); GQA (4 query heads on 2 kv heads)."""
+    from qsvd_kernels import testing as T
+    from qsvd_kernels.integrations.core import CAUSAL_CHUNK_ROWS, causal_attention
+
+    assert CAUSAL_CHUNK_ROWS == 192  # the n values above straddle its chunks
+    g = torch.Generator().manual_seed(n + prefix)
+    L, d = n + prefix, 32
+    q, k, v = (torch.randn(*shape, generator=g).to(device) for shape in ((4, n, d), (2, L, d), (2, L, d)))
+    scale = d**-0.5
+    out = causal_attention(q, k, v, scale, dtype)
+    assert out.dtype == torch.float32 and out.shape == (4, n, d)
+    bound = T.causal_attention_bound(q, k, v, scale, dtype)
+    T.assert_within(out, R.causal_attention_ref(q, k, v, scale), bound, torch.float32, f"causal_attention {dtype}")
+    # not vacuous: an output is a convex combination of v's rows, so a bound
+    # near max |v| would pass anything
+    W = v.double().abs().amax(1, keepdim=True).repeat_interleave(2, 0)
+    assert (bound / W).max() < (0.25 if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_attention_masks_exactly_the_future_keys(device, dtype):
+    """Causality, exactly: a key changed (to a huge value the row would
+    see) leaves every row before it bit-identical and moves its own row, at
+    the chunk edges of the CPU's bf16 GEMM chunks (rows 191, 192, 193, 383,
+    384) and over a cached prefix."""
+    from qsvd_kernels.integrations.core import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    n, prefix, d = 400, 17, 16
+    L = n + prefix
+    q, k, v = (torch.randn(*shape, generator=g).to(device) for shape in ((4, n, d), (2, L, d), (2, L, d)))
+    base = causal_attention(q, k, v, 0.25, dtype)
+    for row in (0, 191, 192, 193, 383, 384, 399):
+        j = prefix + row  # the first key this row sees and no earlier row does
+        k2, v2 = k.clone(), v.clone()
+        k2[:, j] = 4 * q.view(2, 2, n, d)[:, 0, row]  # sharp for this row
+        v2[:, j] = 100.0
+        got = causal_attention(q, k2, v2, 0.25, dtype)
+        assert torch.equal(got[:, :row], base[:, :row]), f"row {row}: an earlier row saw key {j}"
+        assert (got[0, row] - base[0, row]).abs().min() > 10, f"row {row} did not see its own key {j}"
+
+
+def test_causal_attention_refuses_more_rows_than_keys():
+    from qsvd_kernels.integrations.core import causal_attention
+
+    with pytest.raises(ValueError, match="3 new rows but only 2 keys"):
+        causal_attention(torch.zeros(2, 3, 8), torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), 1.0)

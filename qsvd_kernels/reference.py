@@ -480,6 +480,19 @@ def latent_attention_ref(q, cache, cache_scale, block_table, seq_lens, w_uk, w_u
     return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
+def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """float64 softmax(sm_scale q k^T + causal) v: q [H, n, d], k / v
+    [H_kv, L, d] (GQA), the n rows being the last n of the L keys (row i
+    sees keys <= L - n + i), as integrations/core.causal_attention."""
+    H, n, _ = q.shape
+    H_kv, L = k.shape[:2]
+    K = k.double().repeat_interleave(H // H_kv, 0)
+    V = v.double().repeat_interleave(H // H_kv, 0)
+    s = torch.einsum("hnd,hld->hnl", q.double(), K) * sm_scale
+    seen = torch.arange(L, device=q.device)[None] <= (L - n + torch.arange(n, device=q.device))[:, None]
+    return torch.einsum("hnl,hld->hnd", torch.softmax(s.masked_fill(~seen, float("-inf")), -1), V)
+
+
 def latent_reconstruct_kv_ref(cache, cache_scale, block_table, seq_lens, w_uk, w_uk_scale, w_uv, w_uv_scale, bits: int,
                               rope_cos=None, rope_sin=None, out_dtype=None, compute_dtype=torch.float64,
                               rope_keys=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,8 @@ TINY = {
 
 
 U32 = 2.0**-24  # unit roundoff of fp32
+# unit roundoff of each dtype (half its ulp at 1.0)
+UNIT_ROUNDOFF = {dt: eps / 2 for dt, eps in EPS.items()}
 U64 = 2.0**-53  # unit roundoff of fp64
 
 # Keyword arguments of the latent ops' error bounds for each backend: both
@@ -353,3 +355,35 @@ def latent_reconstruct_error_bound(cache, cache_scale, block_table, seq_lens, w_
         return torch.zeros(0, H_kv, d, dtype=torch.float64), torch.zeros(0, H_kv, d, dtype=torch.float64)
     n = (3 * r if tensor_cores else r) + 4
     return n * u * torch.cat(ks), n * u * torch.cat(vs)
+
+
+def causal_attention_bound(q, k, v, sm_scale: float, dtype) -> torch.Tensor:
+    """Elementwise bound [H, n, d] on |integrations.core.causal_attention(q,
+    k, v, sm_scale, dtype) - reference.causal_attention_ref(...)|, from its
+    arithmetic, with u the unit roundoff of ``dtype`` (fp32: U32):
+
+    - q sm_scale, k and v rounded to ``dtype`` (u each); each score summed in
+      fp32 over d products ((d + 2) U32) and rounded to ``dtype`` (u): a score
+      moves by at most D = (3u + (d + 2) U32) A, A = max_j sm_scale sum_i
+      |q_i| |k_ji| (a bound on |s_j|, over the row's keys);
+    - moving every score of a row by at most D scales each softmax weight by
+      at most e^{+-2D}: sum_j |p'_j - p_j| <= e^{2D} - 1; the weights' own
+      evaluation (exp, fp32 sums over L keys) and their rounding to
+      ``dtype``: (u + (L + 4) U32) relative;
+    - the weighted sum over V: the rounded v (u), fp32 sums over L keys
+      ((L + 2) U32), the output's rounding to ``dtype`` (u).
+
+    With W = max_j |v_jc| over the kv head's keys (for the output column c):
+    bound = W ((e^{2D} - 1)(1 + u)^2 + (3u + (2L + 6) U32)(1 + u)^2). The
+    result is returned as fp32 (exact from ``dtype``): compare with
+    ``assert_within(..., torch.float32)``."""
+    u = UNIT_ROUNDOFF[dtype] if dtype != torch.float32 else U32
+    H, n, d = q.shape
+    H_kv, L = k.shape[:2]
+    rep = H // H_kv
+    K = k.double().abs().repeat_interleave(rep, 0)
+    A = (torch.einsum("hnd,hld->hnl", q.double().abs(), K) * abs(sm_scale)).amax(-1, keepdim=True)  # [H, n, 1]
+    D = (3 * u + (d + 2) * U32) * A
+    W = v.double().abs().amax(1, keepdim=True).repeat_interleave(rep, 0)  # [H, 1, d]
+    grow = (1 + u) ** 2
+    return W * (torch.expm1(2 * D) * grow + (3 * u + (2 * L + 6) * U32) * grow)

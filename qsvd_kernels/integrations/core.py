@@ -173,7 +173,8 @@ class AttentionStep:
     fused_decode = True
 
     def run(self, proj, cache, meta: StepMetadata, rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None,
-            sm_scale: float, q: torch.Tensor | None = None, layer_tables: bool = False) -> torch.Tensor:
+            sm_scale: float, q: torch.Tensor | None = None, layer_tables: bool = False,
+            prefill_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Store the step's latents and attend: out fp32 [N, H, d], zero at
         padding rows. ``rope_cos``/``rope_sin`` [max_len, d] fp32 hold row t =
         position t (the model's rotate-half tables; a layer with partial RoPE
@@ -181,7 +182,9 @@ class AttentionStep:
         layer's (``layer_rope_tables``, None without rotary pairs), as an
         engine with fixed tables selects them once. ``q`` [N, H d] may be
         given already made ("kv" form: an engine that projects outside its
-        attention op)."""
+        attention op). ``prefill_dtype``: the arithmetic of the prefill
+        rows' attention (``causal_attention``): fp32, or the model's bf16 /
+        fp16, as the engine's own attention computes them."""
         s = self.spec
         N = meta.slots.shape[0]
         rows = self.store(proj, meta.slots, cache)
@@ -208,7 +211,7 @@ class AttentionStep:
                 prefills = prefills + [(int(b), r.view(1), int(n)) for b, r, n in
                                        zip(meta.decode_seqs.tolist(), meta.decode_rows, lens)]
         if prefills:
-            self._prefill(q, cache, meta, prefills, rope_cos, rope_sin, sm_scale, out)
+            self._prefill(q, cache, meta, prefills, rope_cos, rope_sin, sm_scale, out, prefill_dtype)
         return out
 
     def layer_rope_tables(self, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
@@ -220,25 +223,82 @@ class AttentionStep:
         """Write the rotary keys of the step's stored rows (a layer that caches
         them, ``rope_keys_cached``); nothing otherwise."""
 
-    def _prefill(self, q, cache, meta: StepMetadata, prefills, rope_cos, rope_sin, sm_scale, out) -> None:
+    def _prefill(self, q, cache, meta: StepMetadata, prefills, rope_cos, rope_sin, sm_scale, out,
+                 dtype: torch.dtype = torch.float32) -> None:
         """Each listed sequence's new rows attend causally over its whole
         context (cached prefix + these rows: the last n of its L tokens)."""
-        s = self.spec
         seqs = torch.tensor([p[0] for p in prefills], dtype=torch.long, device=q.device)
-        k, v = self.keys_values(cache, meta.block_table[seqs], meta.seq_lens[seqs], rope_cos, rope_sin)
-        rep = s.num_heads // s.num_kv_heads
+        k, v = self.keys_values(cache, meta.block_table[seqs], meta.seq_lens[seqs], rope_cos, rope_sin,
+                                attention_dtype(q.device, dtype))
         start = 0
         for _, rows, L in prefills:
-            n = rows.shape[0]
-            K = k[start : start + L].transpose(0, 1).repeat_interleave(rep, 0)  # [H, L, d]
-            V = v[start : start + L].transpose(0, 1).repeat_interleave(rep, 0)
+            K, V = k[start : start + L].transpose(0, 1), v[start : start + L].transpose(0, 1)  # [H_kv, L, d]
             start += L
-            # causal with offset L - n (row i sees keys <= L - n + i): SDPA's
-            # lower-right causal bias, which keeps its fused kernels (an
-            # explicit mask costs 1.5x at n = L = 960 on the CPU)
-            o = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], K[None], V[None],
-                                               attn_mask=causal_lower_right(n, L), scale=sm_scale)
-            out[rows] = o[0].transpose(0, 1)
+            out[rows] = causal_attention(q[rows].transpose(0, 1), K, V, sm_scale, dtype).transpose(0, 1)
+
+
+# Query rows per step of the CPU's low-precision causal attention: a step's
+# scores [H, C, keys] stay a few MiB, and the keys past its last row are never
+# multiplied (C = 192 measured best of 64..320 at n = L = 960, bf16, 8 heads
+# of 128, on the 2-core AMD EPYC of bench/results).
+CAUSAL_CHUNK_ROWS = 192
+
+
+def attention_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic ``causal_attention`` runs for a requested ``dtype``:
+    fp16 on the CPU runs in fp32 (no fp16 GEMM is assumed there)."""
+    return torch.float32 if device.type == "cpu" and dtype != torch.bfloat16 else dtype
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """softmax(sm_scale q k^T + causal) v for one sequence's n new rows over
+    its L keys, lower-right causal (row i sees keys <= L - n + i): fp32
+    [H, n, d] from q fp32 [H, n, d] and k, v [H_kv, L, d] (GQA: query head h
+    reads kv head h // (H / H_kv)).
+
+    ``dtype`` is the arithmetic. fp32: SDPA in fp32. bf16 / fp16: q (scaled),
+    k and v rounded to it, as a bf16 / fp16 model's own attention reads them;
+    on CUDA SDPA's fused kernels in that dtype; on the CPU, bf16 runs as
+    chunks of GEMMs on torch's bf16 GEMM (oneDNN: AVX-512 BF16 or AMX), the
+    scores rounded to bf16 and softmax accumulated in fp32, which measured
+    2.3x torch's CPU SDPA in bf16 (7.9 against 18.2 ms at n = L = 960, 8
+    heads of 128, 2-core AMD EPYC; SDPA's CPU kernel converts bf16 to fp32
+    and runs at its fp32 speed). fp16 on the CPU computes in fp32 (no fp16
+    GEMM is assumed there). The error bound: ``testing.causal_attention_bound``."""
+    H, n, d = q.shape
+    H_kv, L = k.shape[:2]
+    if L < n:
+        raise ValueError(f"causal_attention: {n} new rows but only {L} keys (the rows are the last n of the keys)")
+    rep = H // H_kv
+    dtype = attention_dtype(q.device, dtype)
+    if dtype == torch.float32:
+        K, V = k.float().repeat_interleave(rep, 0), v.float().repeat_interleave(rep, 0)
+        # SDPA's lower-right causal bias keeps its fused kernels (an explicit
+        # mask costs 1.5x at n = L = 960 on the CPU)
+        return F.scaled_dot_product_attention(q.float()[None], K[None], V[None], attn_mask=causal_lower_right(n, L),
+                                              scale=sm_scale)[0]
+    qs = (q.float() * sm_scale).to(dtype)
+    if q.device.type != "cpu":
+        K, V = k.to(dtype).repeat_interleave(rep, 0), v.to(dtype).repeat_interleave(rep, 0)
+        return F.scaled_dot_product_attention(qs[None], K[None], V[None], attn_mask=causal_lower_right(n, L),
+                                              scale=1.0)[0].float()
+    # query heads grouped by their kv head: one GEMM per kv head and chunk, no K/V copies per query head
+    qs = qs.view(H_kv, rep, n, d)
+    kt, vv = k.to(dtype).transpose(1, 2), v.to(dtype)  # [H_kv, d, L], [H_kv, L, d]
+    out = torch.empty(H_kv, rep, n, d, dtype=dtype, device=q.device)
+    off = L - n
+    for s in range(0, n, CAUSAL_CHUNK_ROWS):
+        e = min(n, s + CAUSAL_CHUNK_ROWS)
+        last = off + e  # rows s..e-1 see keys [0, off + row]: none past off + e - 1
+        scores = torch.bmm(qs[:, :, s:e].reshape(H_kv, rep * (e - s), d), kt[:, :, :last])
+        scores = scores.view(H_kv, rep, e - s, last)
+        # the square of keys off + s .. last - 1: key off + s + b is past row s + a when b > a
+        scores[..., off + s:].masked_fill_(torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).triu_(1),
+                                          float("-inf"))
+        p = torch.softmax(scores, -1)
+        out[:, :, s:e] = torch.bmm(p.view(H_kv, rep * (e - s), last), vv[:, :last]).view(H_kv, rep, e - s, d)
+    return out.view(H, n, d).float()
 
 
 class QSVDAttentionCore(AttentionStep):
@@ -362,16 +422,18 @@ class QSVDAttentionCore(AttentionStep):
         return out.float() if bv is None else out.float() + bv
 
     def keys_values(self, cache: LatentCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                    cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (rotated) and V of every cached token of the sequences, fp32
-        varlen [sum(seq_lens), H_kv, d], the V bias included."""
+                    cos: torch.Tensor | None, sin: torch.Tensor | None,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (rotated) and V of every cached token of the sequences, varlen
+        [sum(seq_lens), H_kv, d] in ``dtype`` (the attention's arithmetic:
+        rounded once, by the op's epilogue), the V bias included."""
         s = self.spec
         k, v = ops.latent_reconstruct_kv(cache.codes, cache.scale, block_table, seq_lens, self._t("wuk"),
                                          self._t("wuk_scale"), self._t("wuv"), self._t("wuv_scale"), s.latent_bits,
-                                         cos, sin, torch.float32, self.check_indices, self._rope_keys(cache))
+                                         cos, sin, dtype, self.check_indices, self._rope_keys(cache))
         bv = self._t("bv")
         if bv is not None:
-            v = v + bv.view(1, s.num_kv_heads, s.head_dim)
+            v = v + bv.to(dtype).view(1, s.num_kv_heads, s.head_dim)
         return k, v
 
     def v_bias_per_query_head(self) -> torch.Tensor | None:

@@ -217,7 +217,8 @@ class _TorchStep(AttentionStep):
     def queries(self, proj, rows) -> torch.Tensor:
         return self.p.queries(proj, rows)
 
-    def keys_values(self, cache: LatentCache, block_table, seq_lens, cos, sin):
+    def keys_values(self, cache: LatentCache, block_table, seq_lens, cos, sin, dtype=torch.float32):
+        # fp32 whatever ``dtype``: causal_attention rounds them to its arithmetic
         slots, t = _token_slots(block_table, seq_lens, cache.codes.shape[1])
         k, v = self.p.encoder_keys_values(cache.codes.view(-1, self.p.rank)[slots])
         d = self.p.dims

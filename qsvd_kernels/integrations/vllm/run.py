@@ -8,7 +8,9 @@ SPEC: {"model": dir, "dtype": "float32", "max_model_len": 256, "block_size": 16,
        "max_num_batched_tokens": null, "enable_prefix_caching": true,
        "tensor_parallel_size": 1, "kv_cache_memory_bytes": null, "additional_config": null,
        "rounds": [[prompt token ids, ...], ...],
-       "max_tokens": 12, "logprobs": null, "timed": false}
+       "max_tokens": 12, "round_max_tokens": null, "logprobs": null, "timed": false}
+      (round_max_tokens: a max_tokens per round, overriding max_tokens; e.g. 1
+      for a round that times the prefill alone)
 
 OUT: {"rounds": [{"tokens": [[...], ...], "num_cached_tokens": [...], "seconds": s,
                   "logprobs": [[{token id: logprob, ...} per step] per prompt]  (with "logprobs": k)}],
@@ -48,10 +50,15 @@ def main(argv=None) -> int:
     llm = LLM(**kw)
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 12), ignore_eos=True,
                             logprobs=spec.get("logprobs"))
+    per_round = spec.get("round_max_tokens") or [None] * len(spec["rounds"])
+    if len(per_round) != len(spec["rounds"]):
+        raise ValueError(f"round_max_tokens has {len(per_round)} entries for {len(spec['rounds'])} rounds")
     out = {"rounds": []}
-    for prompts in spec["rounds"]:
+    for prompts, n in zip(spec["rounds"], per_round):
+        sp = params if n is None else SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                                                    logprobs=spec.get("logprobs"))
         t0 = time.perf_counter()
-        res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
         dt = time.perf_counter() - t0
         out["rounds"].append({"tokens": [list(r.outputs[0].token_ids) for r in res],
                               "num_cached_tokens": [r.num_cached_tokens or 0 for r in res], "seconds": dt})
