@@ -144,15 +144,20 @@ def section() -> str:
                   "vLLM's own offline engine, the uncompressed model against QSVD under the same KV budget"
                   f" ([{os.path.relpath(md, ROOT)}]({os.path.relpath(md, ROOT)}), bench/vllm_serving.py; setup,"
                   " byte and operation model there). Capacity is vLLM's report; tokens/s is generated tokens over"
-                  " the wall time (prefill included). d_rope is the rotary dims per head: with full RoPE every"
+                  " the wall time (prefill included); the decode phase's is the round's time less that of a"
+                  " prefill-only round (max_tokens = 1). d_rope is the rotary dims per head: with full RoPE every"
                   " decode step rebuilds K from the latent (2 r E_kv operations per cached token and layer) where"
                   " the uncompressed model reads K and V; partial RoPE keeps d_rope of d dims rotary and absorbs"
                   " the rest, with their rotary keys cached beside the latent (K cached: 2 H_kv d_rope more bytes"
-                  " per token, nothing rebuilt) or rebuilt at each step (K rebuilt).", ""]
+                  " per token, nothing rebuilt) or rebuilt at each step (K rebuilt). One run on a shared VM"
+                  " whose speed drifts between passes: compare rows of one load, and see docs/partial-rope.md"
+                  " for the per-pass ratios, the fastest rounds and the profiles.", ""]
         for load in dict.fromkeys(r.get("load", "batch") for r in rows):
             got = [r for r in rows if r.get("load", "batch") == load]
             lines.append(f"- **{load}**: " + "; ".join(
-                f"{r['engine']} {r['throughput_x']:.2f}x tokens/s ({r['capacity_x']:.1f}x tokens fit)"
+                f"{r['engine']} {r['throughput_x']:.2f}x tokens/s ("
+                + (f"decode phase {r['decode_x']:.2f}x, " if "decode_x" in r else "")
+                + f"{r['capacity_x']:.1f}x tokens fit)"
                 for r in got[1:]) + ".")
         lines += [""] + table
         lines += [""]
