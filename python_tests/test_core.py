@@ -25,13 +25,18 @@ OPS = ("hadamard_quant", "quant_gemm", "latent_cache_append", "latent_attention"
 BLOCK = 4
 
 
-def _layer(quant: str, rank: int = 24) -> CompressedQKV:
+def _layer(quant: str, rank: int = 24, bias: bool = False) -> CompressedQKV:
+    """A random layer; ``bias``: q and v biases (no K bias: refused under RoPE)."""
     dims = LayerDims(64, 4, 2, 16)
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(dims.hidden, rank, generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(dims.out_dim, rank, generator=g, dtype=torch.float64))
+    b = None
+    if bias:
+        b = torch.randn(dims.out_dim, generator=g, dtype=torch.float64)
+        b[dims.q_dim : dims.q_dim + dims.num_kv_heads * dims.head_dim] = 0
     svd = JointSVD(dims, Whitening("none"), U, torch.linspace(2, 1, rank, dtype=torch.float64), V.T.contiguous(),
-                   None, None)
+                   None, b)
     return CompressedQKV.build(svd, rank, 0.5, QuantConfig.parse(quant), seed=0)
 
 
@@ -46,7 +51,8 @@ class _Sequences:
         d = projector.dims.head_dim
         self.cos, self.sin = R.rope_tables(16, d, device=device)
 
-    def step(self, x: torch.Tensor, rows_of_seq: list[list[int]]) -> torch.Tensor:
+    def step(self, x: torch.Tensor, rows_of_seq: list[list[int]],
+             prefill_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Run one step of x [N, E]; rows not listed are padding."""
         N = x.shape[0]
         slots = torch.full((N,), -1, dtype=torch.long)
@@ -61,7 +67,8 @@ class _Sequences:
         dev = self.device
         meta = step_metadata(slots.to(dev), positions.to(dev), self.block_table,
                              torch.tensor(new_lens, dtype=torch.int32, device=dev), rows_of_seq, new_lens)
-        out = self.p.core.run(self.p.latent(x), self.p.cache_view(self.pool), meta, self.cos, self.sin, 0.25)
+        out = self.p.core.run(self.p.latent(x), self.p.cache_view(self.pool), meta, self.cos, self.sin, 0.25,
+                              prefill_dtype=prefill_dtype)
         self.lens = new_lens
         return out
 
@@ -258,6 +265,48 @@ def test_causal_attention_masks_exactly_the_future_keys(device, dtype):
         got = causal_attention(q, k2, v2, 0.25, dtype)
         assert torch.equal(got[:, :row], base[:, :row]), f"row {row}: an earlier row saw key {j}"
         assert (got[0, row] - base[0, row]).abs().min() > 10, f"row {row} did not see its own key {j}"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_step_attends_its_prefill_rows_in_the_dtype_asked(device, bias, monkeypatch):
+    """``run(..., prefill_dtype=bf16)`` (what the vLLM layer passes for a
+    bf16 model) reaches causal_attention with the same q, and with K and V
+    equal to the fp32 step's rounded once to bf16 (the V bias added before
+    that rounding); each prefill row gets its call's output; decode rows
+    are bit-identical (latent_attention does not take the dtype)."""
+    from qsvd_kernels.integrations import core
+
+    if not all(has_kernel(op, device) for op in OPS):
+        pytest.skip(f"the ops have no {device} kernels in this build")
+    projector = OpsProjector(_layer("W8A8", bias=bias)).to(device)
+    assert (projector.core._t("bv") is not None) == bias
+    g = torch.Generator().manual_seed(3)
+    first, x = torch.randn(5, 64, generator=g).to(device), torch.randn(8, 64, generator=g).to(device)
+    calls = []
+    real = core.causal_attention
+
+    def spy(q, k, v, sm_scale, dtype):
+        out = real(q, k, v, sm_scale, dtype)
+        calls.append((dtype, q, k, v, out))
+        return out
+
+    monkeypatch.setattr(core, "causal_attention", spy)
+    got, second = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        seqs = _Sequences(projector, device)
+        seqs.step(first, [[0, 1], [2, 3, 4], []])
+        mark = len(calls)
+        # row 0 decodes sequence 0; rows 5-7 are a chunk of sequence 1; rows 1-4 prefill sequence 2
+        got[dtype] = seqs.step(x, [[0], [5, 6, 7], [1, 2, 3, 4]], prefill_dtype=dtype)
+        second[dtype] = calls[mark:]
+    f32, b16 = second[torch.float32], second[torch.bfloat16]
+    assert len(f32) == len(b16) == 2 and all(c[0] == torch.bfloat16 for c in b16)
+    for (_, q, k, v, _), (_, qb, kb, vb, outb), rows in zip(f32, b16, ([5, 6, 7], [1, 2, 3, 4])):
+        assert torch.equal(qb, q)
+        assert kb.dtype == vb.dtype == torch.bfloat16
+        assert torch.equal(kb, k.to(torch.bfloat16)) and torch.equal(vb, v.to(torch.bfloat16))
+        assert torch.equal(got[torch.bfloat16][rows], outb.transpose(0, 1))
+    assert torch.equal(got[torch.bfloat16][0], got[torch.float32][0])
 
 
 def test_causal_attention_refuses_more_rows_than_keys():

@@ -246,8 +246,11 @@ CAUSAL_CHUNK_ROWS = 192
 
 def attention_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The arithmetic ``causal_attention`` runs for a requested ``dtype``:
-    fp16 on the CPU runs in fp32 (no fp16 GEMM is assumed there)."""
-    return torch.float32 if device.type == "cpu" and dtype != torch.bfloat16 else dtype
+    bf16, fp16 (on CUDA; on the CPU fp16 runs in fp32: no fp16 GEMM is
+    assumed there), else fp32."""
+    if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type != "cpu"):
+        return dtype
+    return torch.float32
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
@@ -428,12 +431,14 @@ class QSVDAttentionCore(AttentionStep):
         [sum(seq_lens), H_kv, d] in ``dtype`` (the attention's arithmetic:
         rounded once, by the op's epilogue), the V bias included."""
         s = self.spec
+        bv = self._t("bv")
+        # with a V bias, V is made in fp32 and rounded once, after the bias
         k, v = ops.latent_reconstruct_kv(cache.codes, cache.scale, block_table, seq_lens, self._t("wuk"),
                                          self._t("wuk_scale"), self._t("wuv"), self._t("wuv_scale"), s.latent_bits,
-                                         cos, sin, dtype, self.check_indices, self._rope_keys(cache))
-        bv = self._t("bv")
+                                         cos, sin, dtype if bv is None else torch.float32, self.check_indices,
+                                         self._rope_keys(cache))
         if bv is not None:
-            v = v + bv.to(dtype).view(1, s.num_kv_heads, s.head_dim)
+            k, v = k.to(dtype), (v + bv.float().view(1, s.num_kv_heads, s.head_dim)).to(dtype)
         return k, v
 
     def v_bias_per_query_head(self) -> torch.Tensor | None:
