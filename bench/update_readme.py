@@ -167,6 +167,8 @@ def section() -> str:
                        ("compress_smollm2.md", "held-out perplexity of SmolLM2-135M over R2 and bit widths, with the"
                                                " paper's baselines and plain KV quantization at the same bytes"),
                        ("compress_cost.md", "time and memory of the joint SVD and scoring at 7B layer shapes"),
+                       ("prefill_attention.md", "the prefill rows' causal attention in bf16 (vLLM's bf16 models) "
+                                                "against torch's SDPA on the same data, same rounds"),
                        ("capacity.md", "batch x context that fit a 12 GiB budget, fp16 vs QSVD (arithmetic over the"
                                        " allocated tensors; throughput needs a GPU)")):
         if os.path.exists(os.path.join(RESULTS, name)):

@@ -264,10 +264,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale
     k and v rounded to it, as a bf16 / fp16 model's own attention reads them;
     on CUDA SDPA's fused kernels in that dtype; on the CPU, bf16 runs as
     chunks of GEMMs on torch's bf16 GEMM (oneDNN: AVX-512 BF16 or AMX), the
-    scores rounded to bf16 and softmax accumulated in fp32, which measured
-    2.3x torch's CPU SDPA in bf16 (7.9 against 18.2 ms at n = L = 960, 8
-    heads of 128, 2-core AMD EPYC; SDPA's CPU kernel converts bf16 to fp32
-    and runs at its fp32 speed). fp16 on the CPU computes in fp32 (no fp16
+    scores rounded to bf16 and softmax accumulated in fp32: 0.45x the time
+    of torch's CPU SDPA on the same bf16 data (7.4 against 16.3 ms at
+    n = L = 960, 8 heads of 128, 2-core AMD EPYC; SDPA's CPU kernel converts
+    bf16 to fp32 and runs at its fp32 speed; bench/test_bench_prefill.py,
+    bench/results/prefill_attention.md). fp16 on the CPU computes in fp32 (no fp16
     GEMM is assumed there). The error bound: ``testing.causal_attention_bound``."""
     H, n, d = q.shape
     H_kv, L = k.shape[:2]
