@@ -13,3 +13,14 @@ def write_results(prefix: str | None, data: dict, markdown: str) -> None:
         with open(prefix + ".md", "w") as f:
             f.write(markdown)
     print(markdown)
+
+
+def write_markdown_beside(json_path: str, summarize) -> None:
+    """``summarize(json_path)`` written to the .md beside the JSON, and printed
+    (the benchmark files' command line: python bench/test_bench_X.py RESULT.json)."""
+    import os
+
+    md = summarize(json_path)
+    with open(os.path.splitext(json_path)[0] + ".md", "w") as f:
+        f.write(md)
+    print(md)

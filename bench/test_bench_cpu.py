@@ -269,8 +269,6 @@ def summarize(path: str) -> str:
 
 
 if __name__ == "__main__":
-    src = sys.argv[1]
-    md = summarize(src)
-    with open(os.path.splitext(src)[0] + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    from results_io import write_markdown_beside
+
+    write_markdown_beside(sys.argv[1], summarize)

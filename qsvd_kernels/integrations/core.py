@@ -260,8 +260,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale
     [H, n, d] from q fp32 [H, n, d] and k, v [H_kv, L, d] (GQA: query head h
     reads kv head h // (H / H_kv)).
 
-    ``dtype`` is the arithmetic. fp32: SDPA in fp32. bf16 / fp16: q (scaled),
-    k and v rounded to it, as a bf16 / fp16 model's own attention reads them;
+    ``dtype`` is the arithmetic. fp32: SDPA in fp32. bf16 / fp16: q (on the
+    CPU, q sm_scale), k and v rounded to it, as a bf16 / fp16 model's own
+    attention reads them;
     on CUDA SDPA's fused kernels in that dtype; on the CPU, bf16 runs as
     chunks of GEMMs on torch's bf16 GEMM (oneDNN: AVX-512 BF16 or AMX), the
     scores rounded to bf16 and softmax accumulated in fp32: 0.45x the time
@@ -276,19 +277,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale
         raise ValueError(f"causal_attention: {n} new rows but only {L} keys (the rows are the last n of the keys)")
     rep = H // H_kv
     dtype = attention_dtype(q.device, dtype)
-    if dtype == torch.float32:
-        K, V = k.float().repeat_interleave(rep, 0), v.float().repeat_interleave(rep, 0)
+    if dtype == torch.float32 or q.device.type != "cpu":
+        K, V = k.to(dtype).repeat_interleave(rep, 0), v.to(dtype).repeat_interleave(rep, 0)
         # SDPA's lower-right causal bias keeps its fused kernels (an explicit
         # mask costs 1.5x at n = L = 960 on the CPU)
-        return F.scaled_dot_product_attention(q.float()[None], K[None], V[None], attn_mask=causal_lower_right(n, L),
-                                              scale=sm_scale)[0]
-    qs = (q.float() * sm_scale).to(dtype)
-    if q.device.type != "cpu":
-        K, V = k.to(dtype).repeat_interleave(rep, 0), v.to(dtype).repeat_interleave(rep, 0)
-        return F.scaled_dot_product_attention(qs[None], K[None], V[None], attn_mask=causal_lower_right(n, L),
-                                              scale=1.0)[0].float()
+        return F.scaled_dot_product_attention(q.to(dtype)[None], K[None], V[None], attn_mask=causal_lower_right(n, L),
+                                              scale=sm_scale)[0].float()
     # query heads grouped by their kv head: one GEMM per kv head and chunk, no K/V copies per query head
-    qs = qs.view(H_kv, rep, n, d)
+    qs = (q.float() * sm_scale).to(dtype).view(H_kv, rep, n, d)
     kt, vv = k.to(dtype).transpose(1, 2), v.to(dtype)  # [H_kv, d, L], [H_kv, L, d]
     out = torch.empty(H_kv, rep, n, d, dtype=dtype, device=q.device)
     off = L - n
