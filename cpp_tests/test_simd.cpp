@@ -117,8 +117,8 @@ void test_quantize_row(const char* level) {
   }
 }
 
-// Two int8 digits per value (latent_attention's split path): the spec's
-// sigma and digits at every level, for random rows, rows with a NaN or an
+// Two or three int8 digits per value (latent_attention's split path): the
+// spec's sigma and digits at every level, and the spec's documented error, for random rows, rows with a NaN or an
 // infinity, zero rows, and values whose digits are exact ties.
 void test_digit_row(const char* level) {
   std::mt19937 rng(5);
@@ -137,12 +137,26 @@ void test_digit_row(const char* level) {
       }
       if (kind == 7)  // a subnormal sigma (2^-149): quotients past 127 are clamped alike
         for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(i % 191) * std::numeric_limits<float>::denorm_min();
-      std::vector<int8_t> wa(n, 7), wb(n, 7), ga(n, -7), gb(n, -7);
-      const float ws = qsvd::digit_row_host(v.data(), n, wa.data(), wb.data());
-      const float gs = qc::digit_row(v.data(), n, ga.data(), gb.data());
-      CHECK(same_float(gs, ws), "%s: digit_row sigma n=%lld kind=%d: %g vs %g", level, static_cast<long long>(n), kind,
-            gs, ws);
-      CHECK(ga == wa && gb == wb, "%s: digit_row digits n=%lld kind=%d", level, static_cast<long long>(n), kind);
+      for (const bool three : {false, true}) {
+        std::vector<int8_t> wa(n, 7), wb(n, 7), wc(n, 7), ga(n, -7), gb(n, -7), gc(n, -7);
+        const float ws = qsvd::digit_row_host(v.data(), n, wa.data(), wb.data(), three ? wc.data() : nullptr);
+        const float gs = qc::digit_row(v.data(), n, ga.data(), gb.data(), three ? gc.data() : nullptr);
+        CHECK(same_float(gs, ws), "%s: digit_row sigma n=%lld kind=%d three=%d: %g vs %g", level,
+              static_cast<long long>(n), kind, three, gs, ws);
+        CHECK(ga == wa && gb == wb && (!three || gc == wc), "%s: digit_row digits n=%lld kind=%d three=%d", level,
+              static_cast<long long>(n), kind, three);
+        CHECK(three || wc == std::vector<int8_t>(n, 7), "%s: digit_row wrote c without three", level);
+        if (kind != 0 && kind != 5) continue;
+        // The documented error (numerics.h), in double: sigma / 508 + u |v| (two digits); sigma (1/129032 +
+        // u/254) + u |v| (three). Not vacuous: a wrong third digit misses it by ~sigma / 64516.
+        const double u = std::ldexp(1.0, -24), sg = ws;
+        for (int64_t i = 0; i < n; ++i) {
+          const double rec = three ? sg * (wa[i] + wb[i] / 254.0 + wc[i] / 64516.0) : sg * (wa[i] + wb[i] / 254.0);
+          const double lim = (three ? sg * (1.0 / 129032 + u / 254) : sg / 508) + u * std::fabs(v[i]);
+          CHECK(std::fabs(rec - v[i]) <= lim * (1 + 1e-6), "%s: digit_row error n=%lld kind=%d three=%d i=%lld: %g > %g",
+                level, static_cast<long long>(n), kind, three, static_cast<long long>(i), std::fabs(rec - v[i]), lim);
+        }
+      }
     }
   }
 }

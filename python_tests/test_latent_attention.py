@@ -121,6 +121,79 @@ def test_cpu_split_path_at_ranks_below_the_gemm_width(monkeypatch, r):
     _check(out, lse, truth, bound, torch.float32, f"split r={r}")
 
 
+@pytest.mark.parametrize("gemm", ["fp32", "split"])
+def test_cpu_v_step_keeps_fp32_accuracy_where_two_digits_would_not(monkeypatch, gemm):
+    """The split path's V step (three int8 digits of w = p s with _int_mm's
+    digit scores, bf16 hi/lo with brgemm's) within the derived bound on data
+    built against it: q = 0 (every weight 1, so w_t = s_t), every code 127,
+    positive W_uv (no cancellation), and token scales whose quotients
+    w_t / sigma = k + 3.49/254 leave the same residual 0.49/254 after two
+    digits. Two digits would be off by 7 tokens x 0.49/254 sigma x |c W| / 8,
+    about 2x the bound (asserted: over 1.5x), so a dropped third digit fails."""
+    if gemm == "split" and not _split_available():
+        pytest.skip(SPLIT_MISSING)
+    monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)
+    L, r, d, H, H_kv = 8, 8, 16, 2, 1
+    g = torch.Generator().manual_seed(3)
+    pc = make_paged_cache([L], r, 8, 16, extra_blocks=0, generator=g)
+    sigma = 2.0**-10
+    quotients = torch.tensor([127.0] + [60 + t + 3.49 / 254 for t in range(1, L)], dtype=torch.float64)
+    for t in range(L):
+        blk = int(pc.block_table[0, t // 16])
+        pc.cache[blk, t % 16] = 127
+        pc.cache_scale[blk, t % 16] = float(quotients[t] * sigma)
+    w_uk, w_uk_s, _, _ = make_weights(H_kv, r, d, torch.int8, generator=g)
+    w_uv = torch.full((H_kv, r, d), 100, dtype=torch.int8)
+    w_uv_s = torch.full((H_kv, d), 0.01)
+    q = torch.zeros(1, H, d)
+    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, w_uk, w_uk_s, w_uv, w_uv_s, 8, d**-0.5, None, None]
+    out, lse = qk.latent_attention(q, *args)
+    truth = R.latent_attention_ref(q.double(), *args)
+    bound = latent_attention_error_bound(q, *args, **LATENT_BOUND["cpu"])
+    _check(out, lse, truth, bound, torch.float32, f"V digits, {gemm}")
+    s = pc.cache_scale[pc.block_table[0].long()[torch.arange(L) // 16], torch.arange(L) % 16].double()
+    residual = (s / sigma - quotients.floor() - 3 / 254).clamp(min=0)  # 0 for the first token, 0.49/254 after
+    two_digit_error = (residual * sigma).sum() * 127 * (100 * 0.01 * r) / L
+    assert (two_digit_error > 1.5 * bound[0]).all(), (two_digit_error, bound[0].max())
+
+
+@pytest.mark.parametrize("gemm", ["fp32", "split"])
+def test_cpu_up_projection_keeps_fp32_accuracy_where_two_digits_would_not(monkeypatch, gemm):
+    """acc x W_uv with more query rows than weight streaming takes (16 heads
+    on one kv head): on the split path with _int_mm's digit scores and int8
+    weights, acc's rows as three int8 digits. Data built against it: q = 0
+    (both weights 1), two tokens, token 0's codes 127 then 1s, token 1's
+    0 then 1s at 3.49/254 of token 0's scale, so acc_i / sigma = 1 +
+    3.49/254 for i >= 1: the same residual 0.49/254 after two digits.
+    Positive W_uv (no cancellation). Two digits would be off by about 8x
+    the bound (asserted: over 2x), so a dropped third digit fails."""
+    if gemm == "split" and not _split_available():
+        pytest.skip(SPLIT_MISSING)
+    monkeypatch.setenv("QSVD_CPU_LATENT_GEMM", gemm)
+    L, r, d, H, H_kv = 2, 8, 16, 16, 1
+    g = torch.Generator().manual_seed(4)
+    pc = make_paged_cache([L], r, 8, 16, extra_blocks=0, generator=g)
+    s0 = 2.0**-10
+    blk = int(pc.block_table[0, 0])
+    pc.cache[blk, 0] = torch.tensor([127] + [1] * (r - 1), dtype=torch.int8)
+    pc.cache[blk, 1] = torch.tensor([0] + [1] * (r - 1), dtype=torch.int8)
+    pc.cache_scale[blk, 0], pc.cache_scale[blk, 1] = s0, s0 * 3.49 / 254
+    w_uk, w_uk_s, _, _ = make_weights(H_kv, r, d, torch.int8, generator=g)
+    w_uv = torch.full((H_kv, r, d), 100, dtype=torch.int8)
+    w_uv_s = torch.full((H_kv, d), 0.01)
+    q = torch.zeros(1, H, d)
+    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, w_uk, w_uk_s, w_uv, w_uv_s, 8, d**-0.5, None, None]
+    out, lse = qk.latent_attention(q, *args)
+    truth = R.latent_attention_ref(q.double(), *args)
+    bound = latent_attention_error_bound(q, *args, **LATENT_BOUND["cpu"])
+    _check(out, lse, truth, bound, torch.float32, f"up-projection digits, {gemm}")
+    sigma = s0  # max acc_i = 127 s0, over 127
+    s1 = float(pc.cache_scale[blk, 1])
+    residual = (s1 / s0 - 3 / 254) * sigma  # per acc entry i >= 1, after two digits
+    two_digit_error = (r - 1) * residual * (100 * 0.01) / L
+    assert (two_digit_error > 2 * bound[0]).all(), (two_digit_error, bound[0].max())
+
+
 def _split_available():
     """Whether the absorbed path's split GEMMs serve here now (int8 digit
     scores on brgemm with MKL's bf16 GEMM, or on _int_mm), whatever

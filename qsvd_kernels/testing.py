@@ -261,7 +261,32 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
         lo| <= 2^-18 |w|: 64u), one GEMM of 2 min(T, L) exact products
         (codes are exact in bf16), the rescale and merge as above, hi + lo
         once (1): n_acc = n_l + min(T, L) + 66, so the output counts
-        2 n_l + min(T, L) + r + 68 (the larger count is used). AMX and
+        2 n_l + min(T, L) + r + 68 (the larger count is used).
+        V on int8 digits (with at::_int_mm's digit scores): per query
+        head and tile, w's row as three digits (qsvd::digit_row: |w_t -
+        sigma (a + b/254 + c/254^2)| <= 1.03 u omega + u w_t, omega the
+        tile's largest w), one exact int32 GEMM, then (A + B fl(1/254)) +
+        C fl(1/254^2), times sigma, acc f + that: 8 roundings on the
+        tile's sum; with w's own (1), the rescales and the merge: the
+        output counts 2 n_l + r + 22 on max|v| (10 of them for the
+        up-projection's digits below), plus the digits' omega
+        term: summed over a tile's tokens, T omega |c_t| |W_v|; since
+        omega <= max_t s_t max_(t in tile) p_t and the tiles' largest
+        weights sum to at most l, over l it is at most 1.03 min(T, L) u
+        V_d, V_d = max_t |s_t| max_t (|codes_t| |W_v|) (>= max|v|). The
+        larger of the two V paths' totals is used.
+        With _int_mm's digit scores and int8 weights, the up-projections of
+        more query rows than weight streaming takes run on int8 digits
+        too: q'' as two digits (the scores read q_lat as two digits
+        anyway), so q_lat = W_uk q'' is off by at most (1 + 2^-10) / 64516
+        max_k |q''_k| sum_k |W_uk,jk| per entry (W_uk unscaled, over the
+        position-free k), and a score by F_q = (1 + 2^-10) / 64516
+        |sm_scale| max_k |q_k ws_k| max_t sum_j |c_t,j| sum_k |W_uk,jk|,
+        added to the floor, the digits' own roundings (10) to the count:
+        d + 26 on S_max. acc as three digits per row (fp32-class: the
+        output): acc W_uv off by 1.03 u max_i |acc_i| sum_i |W_uv|_i, and
+        max_i |acc_i| <= l max_t s_t qmax, so after / l by F_o = 1.03 u
+        max_t s_t qmax sum_i |W_uv|_i, added to the output's floor. AMX and
         AVX512-BF16 treat subnormal bf16 inputs as zero and flush
         subnormal results: < 2^-115 qmax per token and acc entry, over L
         tokens, times sum_i |W_uv|_i, over l >= 1/2 (the largest weight
@@ -319,10 +344,29 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
                 q_lat_abs = torch.einsum("hrd,hd->hr", w_k.repeat_interleave(H // H_kv, dim=0), q[b].double().abs())
                 c_abs = R.gather_latent_ref(cache, cache_scale, block_table, L, b, bits).abs()
                 floor_s = (1 + 2.0**-10) / 64516 * abs(sm_scale) * q_lat_abs.amax(dim=-1) * c_abs.sum(dim=-1).max()
-                ds = torch.maximum(ds, (d + 16) * u * s_max + 5 * u + floor_s)
-                out_terms = 2 * n_l + min(T, L) + r + 68
+                if w_uk.dtype == torch.int8:  # q_lat = W_uk q'' on int8 digits of q'' (rows past weight streaming)
+                    d0 = rope_cos.shape[-1] if rope_cos is not None else 0
+                    qws = (q[b].double().abs() * w_uk_scale.double().abs().repeat_interleave(H // H_kv, dim=0))
+                    w_rows = w_uk.double().abs()[..., d0:].sum(dim=-1)  # [H_kv, r]: sum_k |W_jk|, unscaled
+                    c_w = torch.einsum("tr,hr->th", c_abs, w_rows).amax(dim=0).repeat_interleave(H // H_kv)
+                    floor_s = floor_s + (1 + 2.0**-10) / 64516 * abs(sm_scale) * qws[:, d0:].amax(dim=-1) * c_w
+                ds = torch.maximum(ds, (d + 26) * u * s_max + 5 * u + floor_s)
                 qmax = code_format(bits).qmax
                 floor_v = 2.0**-110 * L * qmax * w_v.sum(dim=1).repeat_interleave(H // H_kv, dim=0)  # [H, d]
+                # V on int8 digits: max_t |s_t| max_t (|codes_t| |W_v|), [H, d]
+                t = torch.arange(L)
+                s_tok = cache_scale[block_table[b].long()[t // cache.shape[1]], t % cache.shape[1]].double().abs()
+                codes_abs = torch.where(s_tok[:, None] > 0, c_abs / s_tok[:, None].clamp(min=2.0**-1074), 0.0)
+                v_digits = s_tok.max() * torch.einsum("tr,hrd->thd", codes_abs, w_v).amax(dim=0)
+                v_digits = v_digits.repeat_interleave(H // H_kv, dim=0)
+                split_out = torch.maximum((2 * n_l + min(T, L) + r + 68) * u * v_max,  # V on bf16
+                                          (2 * n_l + r + 22) * u * v_max + 1.03 * min(T, L) * u * v_digits)
+                if w_uv.dtype == torch.int8:  # acc W_uv on int8 digits of acc: max|acc| <= l max_t s_t qmax
+                    floor_v = floor_v + 1.03 * u * s_tok.max() * qmax * w_v.sum(dim=1).repeat_interleave(H // H_kv,
+                                                                                                        dim=0)
+                bound_out[b] = 2 * ds[:, None] * v_max + split_out + floor_v
+                bound_lse[b] = ds + (n_l + 2 + 2 * math.log(L)) * u + 3 * u * (s_max + math.log(L) + 1)
+                continue
             bound_out[b] = 2 * ds[:, None] * v_max + out_terms * u * v_max + floor_v
             bound_lse[b] = ds + (n_l + 2 + 2 * math.log(L)) * u + 3 * u * (s_max + math.log(L) + 1)
         else:

@@ -45,7 +45,7 @@ bool int_mm_fast();
 // How latent_attention's split path forms its int8 digit scores now (asked
 // per call): torch's int8 brgemm where ready (AMX) and MKL's bf16 GEMM is
 // found (its V step), else at::_int_mm where fast (oneDNN's int8 GEMM,
-// exact: VNNI; V on fp32 GEMMs), else none.
+// exact: VNNI; V on int8 digits too), else none.
 enum class DigitScores { kNone, kBrgemm, kIntMm };
 DigitScores digit_scores();
 

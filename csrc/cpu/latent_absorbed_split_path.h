@@ -23,12 +23,18 @@ namespace latent_cpu {
 // VNNI), both digits of every head in one [T, r] x [r, 2H] call. Exact
 // sums either way: the two give the same bits.
 //
-// V absorbed: acc += w[H, T] x codes[T, r] with w = p s split into bf16
-// hi + lo (|w - hi - lo| <= 2^-18 |w|) and the codes exact in bf16: one
-// bf16 x bf16 -> fp32 GEMM of [2H, T] x [T, r] (MKL's
-// cblas_gemm_bf16bf16f32, which torch's MKL build carries; looked up at
-// run time, so a torch without it takes the fp32 path). The hi and lo rows
-// accumulate separately and are added once per task.
+// V absorbed: acc += w[H, T] x codes[T, r], w = p s. With the brgemm
+// digit scores (AMX), w split into bf16 hi + lo (|w - hi - lo| <= 2^-18
+// |w|) and the codes exact in bf16: one bf16 x bf16 -> fp32 GEMM of
+// [2H, T] x [T, r] (MKL's cblas_gemm_bf16bf16f32, which torch's MKL build
+// carries; looked up at run time, so a torch without it takes the fp32
+// path); the hi and lo rows accumulate separately and are added once per
+// task. With at::_int_mm's digit scores (VNNI, no AMX), each head's row of
+// w as three int8 digits (qsvd::digit_row: |w - sigma (a + b/254 +
+// c/254^2)| <= 1.03 u max_tile w + u |w|) against the int8 codes: one
+// exact int32 GEMM [3H, T4] x [T4, r] (T4: T rounded up to 4, the digits
+// zero past T), then acc = acc f + sigma ((A + B/254) + C/254^2) in fp32
+// (A, B, C < 2^24 in magnitude: exact in fp32).
 //
 // Measured on this project's AMX host, one thread, r = 1536, a 256-token
 // tile, 32 heads: the digit scores (both digits in one call) take 1/4 to
@@ -80,7 +86,8 @@ inline QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */, boo
     parallel_tasks(0, B * H, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / H, h = i % H;
-        sg[i] = qsvd::cpu::digit_row(qp + i * r, r, base + (b * 2 * H + h) * r4, base + (b * 2 * H + H + h) * r4);
+        sg[i] = qsvd::cpu::digit_row(qp + i * r, r, base + (b * 2 * H + h) * r4, base + (b * 2 * H + H + h) * r4,
+                                     nullptr);
       }
     });
     return qd;
@@ -92,7 +99,7 @@ inline QueryDigits split_query(const at::Tensor& q_lat /* fp32 [B, H, r] */, boo
       const int64_t Hg = std::min(kScoreHeadsPerGroup, H - h0), N = group_columns(Hg);
       std::vector<int8_t> plain(r4 * N, 0);  // [r4, N]: a digits, b digits, zero padding
       for (int64_t h = 0; h < Hg; ++h) {
-        sg[b * H + h0 + h] = qsvd::cpu::digit_row(qp + (b * H + h0 + h) * r, r, da.data(), db.data());
+        sg[b * H + h0 + h] = qsvd::cpu::digit_row(qp + (b * H + h0 + h) * r, r, da.data(), db.data(), nullptr);
         for (int64_t k = 0; k < r; ++k) {
           plain[k * N + h] = da[k];
           plain[k * N + Hg + h] = db[k];
@@ -152,10 +159,12 @@ inline void int8_scores(const QueryDigits& qd, int64_t b, int64_t H, int64_t r4,
 }
 
 // V: bf16 hi/lo on MKL's bf16 GEMM with the brgemm digit scores (AMX hosts,
-// where it measured faster than fp32); with _int_mm's digit scores, fp32
-// GEMMs (at::addmm, as Fp32Values): MKL's bf16 GEMM measured 338 us
-// against fp32's 178 us on the AMD EPYC above (it does not take AMD's
-// AVX-512 BF16 path).
+// where it measured faster than fp32); with _int_mm's digit scores, int8
+// digits of w on at::_int_mm. On the AMD EPYC above (one thread, r = 960,
+// 8 heads, 130-token tiles, 32 of them) the int8 V GEMMs took 0.40 ms
+// against the fp32 GEMMs' 1.15 ms plus 0.26 ms converting the codes to
+// fp32; MKL's bf16 GEMM there measured 338 us against fp32's 178 us at the
+// 256-token, 32-head shape (it does not take AMD's AVX-512 BF16 path).
 struct AbsorbedSplitWorker {
   const Call& c;
   const QueryDigits& digits;
@@ -165,11 +174,15 @@ struct AbsorbedSplitWorker {
   // Codes with r padded to a multiple of 4 (zero columns), for brgemm.
   std::vector<int8_t> codes_padded;
   at::Tensor x_buf;
-  // V: codes in bf16 [T, r], w = p s as bf16 hi rows then lo rows
+  // V on bf16: codes in bf16 [T, r], w = p s as bf16 hi rows then lo rows
   // [2H, tile], and the two accumulators [2H, r].
   std::vector<uint16_t> codes_bf16, w_split;
   at::Tensor acc2;
-  at::Tensor codes_f;  // fp32 values: the tile's codes [tile, r] (exact)
+  // V on int8 digits: the tile's codes (the caller's buffer), w's digits
+  // [3H, T4] (a rows, b rows, c rows), their int32 sums [3H, r], sigma [H].
+  const int8_t* tile_codes = nullptr;
+  at::Tensor w_digits, v_sums;
+  std::vector<float> w_sigma;
 
   AbsorbedSplitWorker(const Call& call, const QueryDigits& qd)
       : c(call), digits(qd), bf16_values(qd.brgemm), r4(cpu::int8_brgemm_k(call.s.r)),
@@ -178,19 +191,26 @@ struct AbsorbedSplitWorker {
         x_buf(at::empty({call.H, call.tile}, call.q.options())), codes_bf16(bf16_values ? call.tile * call.s.r : 0),
         w_split(bf16_values ? 2 * call.H * call.tile : 0),
         acc2(bf16_values ? at::empty({2 * call.H, call.s.r}, call.q.options()) : at::Tensor()),
-        codes_f(bf16_values ? at::Tensor() : at::empty({call.tile, call.s.r}, call.q.options())) {}
+        w_digits(bf16_values ? at::Tensor() : at::empty({3 * call.H * call.tile}, call.q.options().dtype(at::kChar))),
+        v_sums(bf16_values ? at::Tensor() : at::empty({3 * call.H, call.s.r}, call.q.options().dtype(at::kInt))),
+        w_sigma(call.H) {
+    TORCH_CHECK(call.tile % 4 == 0, "latent_attention: the CPU tile must hold a multiple of 4 tokens");
+  }
 
   void begin_task(int64_t seq) {
     b = seq;
     if (bf16_values) acc2.zero_();
   }
 
+  // codes: the first T rows of the caller's int8 [tile, r] buffer, whose
+  // other rows hold finite codes (zeros, or an earlier tile's): the int8 V
+  // GEMM reads up to T4 rows, against zero digits past T.
   at::Tensor scores(const at::Tensor& codes, const float* scales, int64_t, int64_t T) {
     const int64_t r = c.s.r;
     if (bf16_values)
       qsvd::cpu::int8_to_bf16(codes.data_ptr<int8_t>(), T * r, codes_bf16.data());
     else
-      qsvd::cpu::int8_to_float(codes.data_ptr<int8_t>(), T * r, codes_f.data_ptr<float>());
+      tile_codes = codes.data_ptr<int8_t>();
     at::Tensor x = T == c.tile ? x_buf : at::empty({c.H, T}, c.q.options());  // [H, T]
     const int8_t* a = codes.data_ptr<int8_t>();
     if (r4 != r) {
@@ -204,9 +224,8 @@ struct AbsorbedSplitWorker {
   // pw: [H, tile] (the first T columns hold this tile's p_t s_t).
   void accumulate(at::Tensor& acc, const float* factor, bool rescale, const at::Tensor& pw, int64_t T) {
     const int64_t H = c.H, r = c.s.r, tile = c.tile;
-    if (!bf16_values) {  // fp32, as Fp32Values
-      if (rescale) acc.mul_(at::from_blob(const_cast<float*>(factor), {H, 1}, acc.options()));
-      acc.addmm_(pw.narrow(1, 0, T), codes_f.narrow(0, 0, T));
+    if (!bf16_values) {
+      int8_values(acc, factor, pw, T);
       return;
     }
     if (rescale) {
@@ -222,6 +241,37 @@ struct AbsorbedSplitWorker {
 
   void end_task(at::Tensor& acc) {
     if (bf16_values) at::add_out(acc, acc2.narrow(0, 0, c.H), acc2.narrow(0, c.H, c.H));  // hi + lo
+  }
+
+  // acc = acc * factor + sigma ((A + B/254) + C/254^2), [A; B; C] = digits
+  // [3H, T4] x codes [T4, r], exact in int32 (|sum| <= 127^2 T4 < 2^24).
+  void int8_values(at::Tensor& acc, const float* factor, const at::Tensor& pw, int64_t T) {
+    const int64_t H = c.H, r = c.s.r, tile = c.tile, T4 = cpu::int8_brgemm_k(T);
+    int8_t* dg = w_digits.data_ptr<int8_t>();
+    const float* pp = pw.data_ptr<float>();
+    for (int64_t h = 0; h < H; ++h) {
+      int8_t* da = dg + h * T4;
+      int8_t* db = dg + (H + h) * T4;
+      int8_t* dc = dg + (2 * H + h) * T4;
+      w_sigma[h] = qsvd::cpu::digit_row(pp + h * tile, T, da, db, dc);
+      for (int64_t i = T; i < T4; ++i) da[i] = db[i] = dc[i] = 0;
+    }
+    const auto i8 = w_digits.options();
+    at::_int_mm_out(v_sums, at::from_blob(dg, {3 * H, T4}, i8),
+                    at::from_blob(const_cast<int8_t*>(tile_codes), {T4, r}, i8));
+    const int32_t* sums = v_sums.data_ptr<int32_t>();
+    const float inv254 = 1.f / 254.f, inv64516 = 1.f / 64516.f;
+    float* ap = acc.data_ptr<float>();
+    for (int64_t h = 0; h < H; ++h) {
+      const int32_t *sa = sums + h * r, *sb = sums + (H + h) * r, *sc = sums + (2 * H + h) * r;
+      const float sigma = w_sigma[h], f = factor[h];
+      float* a = ap + h * r;
+      for (int64_t j = 0; j < r; ++j) {
+        const float digits_sum = (static_cast<float>(sa[j]) + static_cast<float>(sb[j]) * inv254) +
+                                 static_cast<float>(sc[j]) * inv64516;
+        a[j] = a[j] * f + sigma * digits_sum;
+      }
+    }
   }
 };
 

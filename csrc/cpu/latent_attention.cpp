@@ -23,12 +23,16 @@
 //   3. online softmax in base 2 with an integer running max M, so every
 //      rescale is an exact power of two (as the CUDA kernels);
 //   4. V absorbed in latent space: acc[H, r] += (p_t s_t)[H, T] x codes[T, r]
-//      (at::addmm; without RoPE by default bf16 hi/lo on MKL's bf16 GEMM).
+//      (at::addmm; on the split path bf16 hi/lo on MKL's bf16 GEMM with
+//      brgemm's digit scores, three int8 digits of p s on at::_int_mm with
+//      _int_mm's).
 // The splits of a sequence are merged (powers of two again), then
 // out = ((acc x W_uv) * w_uv_scale) / l per kv head and
 // lse = (M + log2 l) ln 2. q_lat = W_uk q' and acc x W_uv read the weights
-// in their stored dtype for a few query rows (qsvd/cpu/simd.h), at::mm
-// on an fp32 copy otherwise.
+// in their stored dtype for a few query rows (qsvd/cpu/simd.h); for more
+// rows, int8 digits of the rows on at::_int_mm against int8 weights on the
+// split path with _int_mm's digit scores (int8_digits_times_weights), else
+// at::mm on an fp32 copy.
 //
 // The paths: RoPE (latent_rope_path.h), absorbed on split-precision GEMMs
 // (latent_absorbed_split_path.h) and absorbed on fp32 GEMMs
@@ -77,6 +81,41 @@ using Path = plan::CpuLatentPath;
 // weights per query row.
 constexpr int64_t kWeightStreamRows = 8;
 
+// x [M, K] (fp32) times w [K, N] (int8, any strides) -> fp32 [M, N], x's
+// rows as int8 digits (qsvd::digit_row; two: |x - sigma (a + b/254)| <=
+// 2^-16 max|x_row| (1 + u) + u |x|; three: <= 1.03 u max|x_row| + u |x|)
+// and one exact int32 GEMM on at::_int_mm ([n M, K] x [K, N], K a
+// multiple of 4), then sigma ((A + B/254) + C/254^2) in fp32 (|A|, |B|,
+// |C| <= 127^2 K < 2^24 for K < 1040: exact; beyond, one more rounding
+// each, inside the bound's count). The split path's up-projections with
+// int8 weights: q_lat = W_uk q'' on two digits (its scores read q_lat as
+// two digits anyway), acc W_uv on three (fp32-class: the output).
+at::Tensor int8_digits_times_weights(const at::Tensor& x, const at::Tensor& w, int n_digits) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(1);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor digits = at::empty({n_digits * M, K}, x.options().dtype(at::kChar));
+  std::vector<float> sigma(M);
+  const float* xp = xc.data_ptr<float>();
+  int8_t* dp = digits.data_ptr<int8_t>();
+  for (int64_t m = 0; m < M; ++m)
+    sigma[m] = qsvd::cpu::digit_row(xp + m * K, K, dp + m * K, dp + (M + m) * K,
+                                    n_digits == 3 ? dp + (2 * M + m) * K : nullptr);
+  const at::Tensor sums = at::_int_mm(digits, w);  // [n M, N]
+  const int32_t* sp = sums.data_ptr<int32_t>();
+  const float inv254 = 1.f / 254.f, inv64516 = 1.f / 64516.f;
+  at::Tensor o = at::empty({M, N}, x.options());
+  float* op = o.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const int32_t *sa = sp + m * N, *sb = sp + (M + m) * N;
+    for (int64_t j = 0; j < N; ++j) {
+      float v = static_cast<float>(sa[j]) + static_cast<float>(sb[j]) * inv254;
+      if (n_digits == 3) v = v + static_cast<float>(sp[(2 * M + m) * N + j]) * inv64516;
+      op[m * N + j] = sigma[m] * v;
+    }
+  }
+  return o;
+}
+
 struct Partials {
   at::Tensor m, l, acc;  // per task: [tasks, H], [tasks, H], [tasks, H, r]
 };
@@ -89,7 +128,9 @@ void run_tasks(const Call& c, const std::vector<Task>& tasks, const Partials& pa
   const auto f32 = c.q.options().dtype(at::kFloat);
   parallel_tasks(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t task0, int64_t task1) {
     auto worker = make_worker();
-    at::Tensor codes = at::empty({tile, r}, f32.dtype(at::kChar));
+    // Zeroed once: rows past a short tile's T stay finite codes (zeros or
+    // an earlier tile's), which a worker may read against zero weights.
+    at::Tensor codes = at::zeros({tile, r}, f32.dtype(at::kChar));
     std::vector<float> scales(tile), factor(H);
     at::Tensor pw = at::empty({H, tile}, f32);  // p_t s_t
     for (int64_t ti = task0; ti < task1; ++ti) {
@@ -219,7 +260,27 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   const at::Tensor w_uk_c = w_uk.contiguous(), w_uv_c = w_uv.contiguous();
   const bool stream_weights = B * G <= kWeightStreamRows && qsvd::cpu::weight_streaming_available();
   const int64_t d0 = s.rope ? s.d_rope : 0, dn = d - d0;
-  if (dn > 0) {
+  // How the split path's int8 GEMMs run, asked once per call (oneDNN may be
+  // switched between calls): brgemm (AMX) or at::_int_mm (VNNI).
+  const cpu::DigitScores digit_gemm = path == Path::kAbsorbedSplit ? cpu::digit_scores() : cpu::DigitScores::kNone;
+  // With _int_mm's digit scores and int8 weights, the up-projections of
+  // more rows than weight streaming serves run on int8 digits too (K a
+  // multiple of 4: torch's _int_mm gets K = 1 wrong; others stay fp32).
+  const bool int8_up = digit_gemm == cpu::DigitScores::kIntMm && !stream_weights;
+  if (dn > 0 && int8_up && w_uk.scalar_type() == at::kChar && dn % 4 == 0) {
+    q_lat = at::empty({B, H_kv, G, r}, f32);
+    at::Tensor qk = q.view({B, H_kv, G, d}).narrow(3, d0, dn);
+    if (w_uk_scale.has_value())
+      qk = qk.mul(w_uk_scale->to(at::kFloat).narrow(1, d0, dn).view({1, H_kv, 1, dn}));
+    qk = qk.contiguous();
+    parallel_tasks(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t hk = h0; hk < h1; ++hk)
+        q_lat.select(1, hk).copy_(
+            int8_digits_times_weights(qk.select(1, hk).reshape({B * G, dn}), w_uk_c.select(0, hk).narrow(1, d0, dn).t(), 2)
+                .view({B, G, r}));
+    });
+    q_lat = q_lat.view({B, H, r});
+  } else if (dn > 0) {
     q_lat = at::empty({B, H_kv, G, r}, f32);
     at::Tensor qk = q.view({B, H_kv, G, d}).narrow(3, d0, dn);
     if (w_uk_scale.has_value())
@@ -264,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
       break;
     }
     case Path::kAbsorbedSplit: {
-      const QueryDigits digits = split_query(q_lat, cpu::digit_scores() == cpu::DigitScores::kBrgemm);
+      const QueryDigits digits = split_query(q_lat, digit_gemm == cpu::DigitScores::kBrgemm);
       if (rope_keys.has_value())
         run_tasks(call, tasks, parts, [&] { return CachedKeysSplitWorker(call, digits); });
       else
@@ -292,8 +353,9 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
     const float* la = l_all.data_ptr<float>();
     const at::Tensor acc_kv = acc_b.view({B, H_kv, G, r});
     constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    const bool int8_v_up = int8_up && w_uv.scalar_type() == at::kChar && r % 4 == 0;
     parallel_tasks(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
-      at::Tensor wf = stream_weights ? at::Tensor() : at::empty({r, d}, f32);
+      at::Tensor wf = stream_weights || int8_v_up ? at::Tensor() : at::empty({r, d}, f32);
       for (int64_t hk = h0; hk < h1; ++hk) {
         for (int64_t b = 0; b < B; ++b)
           for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
@@ -323,8 +385,13 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
           if (w_uv_scale.has_value()) o.select(1, hk).mul_(w_uv_scale->select(0, hk).to(at::kFloat).view({1, 1, d}));
           continue;
         }
-        head_weights_f32(w_uv, hk, wf);
-        at::Tensor oh = at::mm(acc_kv.select(1, hk).reshape({B * G, r}), wf);  // [B G, d]
+        at::Tensor oh;  // [B G, d]
+        if (int8_v_up) {
+          oh = int8_digits_times_weights(acc_kv.select(1, hk).reshape({B * G, r}), w_uv_c.select(0, hk), 3);
+        } else {
+          head_weights_f32(w_uv, hk, wf);
+          oh = at::mm(acc_kv.select(1, hk).reshape({B * G, r}), wf);
+        }
         if (w_uv_scale.has_value()) oh.mul_(w_uv_scale->select(0, hk).to(at::kFloat).view({1, d}));
         o.select(1, hk).copy_(oh.view({B, G, d}));
       }

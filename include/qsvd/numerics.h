@@ -107,16 +107,20 @@ inline float quantize_row_host(const float* v, int64_t n, int bits, float clip_r
   return scale;
 }
 
-// A row of n fp32 values as two int8 digits (the CPU latent_attention's
-// split path writes q_lat so, for exact int8 GEMMs against the codes):
+// A row of n fp32 values as two or three int8 digits (the CPU
+// latent_attention's split path writes q_lat so, and with three digits its
+// V step's softmax weights, for exact int8 GEMMs against the codes):
 // sigma = max|v| / 127, t = v / sigma, a = rint(clamp(t, +-127)),
-// b = rint(clamp((t - a) 254, +-127)), so |v - sigma (a + b / 254)| <=
-// sigma / 508 + u |v| (for a normal sigma; a subnormal one loses relative
-// precision, below the bound's absolute floor). A NaN or infinity in the
-// row gives sigma NaN and zero digits; a row whose sigma is 0 (all zeros,
-// or max|v| < 63.5 2^-149) zero digits. Returns sigma. rint rounds to
-// nearest, ties to even (the default rounding mode).
-inline float digit_row_host(const float* v, int64_t n, int8_t* a, int8_t* b) {
+// e = fl((t - a) 254), b = rint(clamp(e, +-127)), so |v - sigma (a + b /
+// 254)| <= sigma / 508 + u |v|; with c (not null), c = rint(clamp(fl((e -
+// b) 254), +-127)), so |v - sigma (a + b / 254 + c / 254^2)| <= sigma
+// (1/129032 + u/254) + u |v| (t - a and e - b are exact; 1/129032 <= 1.024
+// u 127). For a normal sigma; a subnormal one loses relative precision,
+// below the bounds' absolute floors. A NaN or infinity in the row gives
+// sigma NaN and zero digits; a row whose sigma is 0 (all zeros, or max|v|
+// < 63.5 2^-149) zero digits. Returns sigma. rint rounds to nearest, ties
+// to even (the default rounding mode).
+inline float digit_row_host(const float* v, int64_t n, int8_t* a, int8_t* b, int8_t* c = nullptr) {
   float amax = 0.f;
   bool nan = false;
   for (int64_t i = 0; i < n; ++i) {
@@ -129,12 +133,15 @@ inline float digit_row_host(const float* v, int64_t n, int8_t* a, int8_t* b) {
   for (int64_t i = 0; i < n; ++i) {
     a[i] = 0;
     b[i] = 0;
+    if (c) c[i] = 0;
     if (!finite || !(sigma > 0.f)) continue;
     const float t = v[i] / sigma;
     const float ta = std::nearbyint(std::fmin(127.f, std::fmax(-127.f, t)));
-    const float tb = std::nearbyint(std::fmin(127.f, std::fmax(-127.f, (t - ta) * 254.f)));
+    const float e = (t - ta) * 254.f;
+    const float tb = std::nearbyint(std::fmin(127.f, std::fmax(-127.f, e)));
     a[i] = static_cast<int8_t>(ta);
     b[i] = static_cast<int8_t>(tb);
+    if (c) c[i] = static_cast<int8_t>(std::nearbyint(std::fmin(127.f, std::fmax(-127.f, (e - tb) * 254.f))));
   }
   return sigma;
 }

@@ -382,11 +382,12 @@ QSVD_CPU_BODY float quantize_row_body(const float* v, int64_t n, int bits, float
 QSVD_CPU_DISPATCH_LEVEL(float, quantize_row, (const float* v, int64_t n, int bits, float clip_ratio, void* codes),
                         (v, n, bits, clip_ratio, codes))
 
-// Two int8 digits per value, as qsvd::digit_row_host (the spec): the same
-// sigma and digits. rint as in quantize_row (the 1.5 2^23 form; |t| <= 127
-// after the clamp, |(t - a) 254| <= 127 + a little before it).
+// Two int8 digits per value, or three (c not null), as
+// qsvd::digit_row_host (the spec): the same sigma and digits. rint as in
+// quantize_row (the 1.5 2^23 form; |t| <= 127 after the clamp, |(t - a)
+// 254| <= 127 + a little before it).
 template <Isa L>
-QSVD_CPU_BODY float digit_row_body(const float* v, int64_t n, int8_t* a, int8_t* b) {
+QSVD_CPU_BODY float digit_row_body(const float* v, int64_t n, int8_t* a, int8_t* b, int8_t* c) {
   constexpr int VL = kFloatLanes<L>;
   typedef typename VecOf<VL>::f vf;
   typedef typename VecOf<VL>::i vi;
@@ -397,24 +398,28 @@ QSVD_CPU_BODY float digit_row_body(const float* v, int64_t n, int8_t* a, int8_t*
   if (!finite || !(sigma > 0.f)) {  // sigma 0: every digit 0 (t would be 0 / 0)
     std::memset(a, 0, n);
     std::memset(b, 0, n);
+    if (c) std::memset(c, 0, n);
     return sigma;
   }
-  const auto digits = [sigma](float x, int* da, int* db) {
+  const auto rint_clamped = [](float x) {
+    x = x < -127.f ? -127.f : x;
+    x = x > 127.f ? 127.f : x;
+    return (x + 12582912.f) - 12582912.f;
+  };
+  const auto digits = [sigma, &rint_clamped](float x, int* da, int* db, int* dc) {
     const float t = x / sigma;
-    float ta = t < -127.f ? -127.f : t;
-    ta = ta > 127.f ? 127.f : ta;
-    ta = (ta + 12582912.f) - 12582912.f;
-    float tb = (t - ta) * 254.f;
-    tb = tb < -127.f ? -127.f : tb;
-    tb = tb > 127.f ? 127.f : tb;
-    tb = (tb + 12582912.f) - 12582912.f;
+    const float ta = rint_clamped(t);
+    const float e = (t - ta) * 254.f;
+    const float tb = rint_clamped(e);
     *da = static_cast<int>(ta);
     *db = static_cast<int>(tb);
+    *dc = static_cast<int>(rint_clamped((e - tb) * 254.f));
   };
   const vf sv = vf{} + sigma, hv = vf{} + 127.f, mhv = vf{} - 127.f, magic = vf{} + 12582912.f,
            scale254 = vf{} + 254.f;
+  // (No vector lambdas: a lambda does not inherit the body's target ISA.)
   constexpr int64_t kChunk = 64;
-  int32_t ca[kChunk], cb[kChunk];
+  int32_t ca[kChunk], cb[kChunk], cc[kChunk];
   int64_t j = 0;
   for (; j + kChunk <= n; j += kChunk) {
     for (int64_t k = 0; k < kChunk; k += VL) {
@@ -422,25 +427,37 @@ QSVD_CPU_BODY float digit_row_body(const float* v, int64_t n, int8_t* a, int8_t*
       vf ta = t < mhv ? mhv : t;
       ta = ta > hv ? hv : ta;
       ta = (ta + magic) - magic;
-      vf tb = (t - ta) * scale254;
-      tb = tb < mhv ? mhv : tb;
+      const vf e = (t - ta) * scale254;
+      vf tb = e < mhv ? mhv : e;
       tb = tb > hv ? hv : tb;
       tb = (tb + magic) - magic;
       const vi ia = __builtin_convertvector(ta, vi), ib = __builtin_convertvector(tb, vi);
       std::memcpy(ca + k, &ia, sizeof(ia));
       std::memcpy(cb + k, &ib, sizeof(ib));
+      if (c) {
+        vf tc = (e - tb) * scale254;
+        tc = tc < mhv ? mhv : tc;
+        tc = tc > hv ? hv : tc;
+        tc = (tc + magic) - magic;
+        const vi ic = __builtin_convertvector(tc, vi);
+        std::memcpy(cc + k, &ic, sizeof(ic));
+      }
     }
     for (int64_t k = 0; k < kChunk; ++k) a[j + k] = static_cast<int8_t>(ca[k]), b[j + k] = static_cast<int8_t>(cb[k]);
+    if (c)
+      for (int64_t k = 0; k < kChunk; ++k) c[j + k] = static_cast<int8_t>(cc[k]);
   }
   for (; j < n; ++j) {
-    int da, db;
-    digits(v[j], &da, &db);
+    int da, db, dc;
+    digits(v[j], &da, &db, &dc);
     a[j] = static_cast<int8_t>(da);
     b[j] = static_cast<int8_t>(db);
+    if (c) c[j] = static_cast<int8_t>(dc);
   }
   return sigma;
 }
-QSVD_CPU_DISPATCH_LEVEL(float, digit_row, (const float* v, int64_t n, int8_t* a, int8_t* b), (v, n, a, b))
+QSVD_CPU_DISPATCH_LEVEL(float, digit_row, (const float* v, int64_t n, int8_t* a, int8_t* b, int8_t* c),
+                        (v, n, a, b, c))
 
 // INT4 (two's-complement nibbles, element 2i low) -> int8, n even.
 QSVD_CPU_BODY void unpack_int4_row_body(const uint8_t* in, int64_t n, int8_t* out) {
