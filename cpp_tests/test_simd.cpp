@@ -147,12 +147,12 @@ void test_digit_row(const char* level) {
               static_cast<long long>(n), kind, three);
         CHECK(three || wc == std::vector<int8_t>(n, 7), "%s: digit_row wrote c without three", level);
         if (kind != 0 && kind != 5) continue;
-        // The documented error (numerics.h), in double: sigma / 508 + u |v| (two digits); sigma (1/129032 +
-        // u/254) + u |v| (three). Not vacuous: a wrong third digit misses it by ~sigma / 64516.
+        // The documented error (numerics.h), in double: sigma (1/508 + u/2) + u |v| (two digits); sigma
+        // (1/129032 + u/2 + u/254) + u |v| (three). Not vacuous: a wrong third digit misses it by ~sigma / 64516.
         const double u = std::ldexp(1.0, -24), sg = ws;
         for (int64_t i = 0; i < n; ++i) {
           const double rec = three ? sg * (wa[i] + wb[i] / 254.0 + wc[i] / 64516.0) : sg * (wa[i] + wb[i] / 254.0);
-          const double lim = (three ? sg * (1.0 / 129032 + u / 254) : sg / 508) + u * std::fabs(v[i]);
+          const double lim = sg * (three ? 1.0 / 129032 + u / 2 + u / 254 : 1.0 / 508 + u / 2) + u * std::fabs(v[i]);
           CHECK(std::fabs(rec - v[i]) <= lim * (1 + 1e-6), "%s: digit_row error n=%lld kind=%d three=%d i=%lld: %g > %g",
                 level, static_cast<long long>(n), kind, three, static_cast<long long>(i), std::fabs(rec - v[i]), lim);
         }

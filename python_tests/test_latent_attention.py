@@ -92,8 +92,9 @@ NOROPE_CASES = [c for c in CASES if "norope" in c.id]
 @pytest.mark.parametrize("bits,wdtype,rope,H,H_kv,block_size,q_dtype,r,d", NOROPE_CASES)
 def test_cpu_absorbed_gemm_paths(monkeypatch, bits, wdtype, rope, H, H_kv, block_size, q_dtype, r, d, gemm):
     """The CPU absorbed path's two GEMM paths (fp32; split: int8 digits of
-    q_lat on torch's int8 brgemm or oneDNN's _int_mm, bf16 hi/lo weights on
-    MKL's bf16 GEMM),
+    q_lat on torch's int8 brgemm with bf16 hi/lo weights on MKL's bf16 GEMM,
+    or on oneDNN's _int_mm with int8 digits of the weights and of the
+    up-projections' rows),
     each forced, within the derived bound; ranks that are not multiples of
     4 (130) exercise the padded codes; a long sequence spans several token
     tiles and splits."""

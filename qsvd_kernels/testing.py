@@ -248,9 +248,10 @@ def latent_attention_error_bound(q, cache, cache_scale, block_table, seq_lens, w
         int8 digits of q_lat: per query head,
         sigma = fl(max|q_lat| / 127), t_i = fl(q_lat_i / sigma) (u |q_lat_i|),
         a_i = rint(t_i), b_i = rint(fl((t_i - a_i) 254)) (t_i - a_i exact), so
-        |q_lat_i - sigma (a_i + b_i / 254)| <= sigma / 508 + u |q_lat_i|, with
-        sigma / 508 <= 2^-16 max|q_lat| (1 + u): 1/64516 of the head's
-        largest entry. c . a and c . b are exact int32 sums; then fl(A),
+        |q_lat_i - sigma (a_i + b_i / 254)| <= sigma (1/508 + u/2) + u |q_lat_i|
+        (u/2: the rounding of (t_i - a_i) 254, in t's units), with
+        sigma (1/508 + u/2) <= (1 + 2^-10) max|q_lat| / 64516: 1/64516 of
+        the head's largest entry, with slack. c . a and c . b are exact int32 sums; then fl(A),
         fl(B) fl(1/254) (3), the add, times sigma, times s_t: 7. Score:
         q' (2), q'' (1), q_lat (d), t_i (1), 7: d + 11, with the weight step
         (4) d + 15, counted as d + 16 on S_max, plus the floor

@@ -72,7 +72,11 @@ bool int_mm_exact() {
     if (M > 1) a.select(0, 1).fill_(-127);
     b.select(0, 2).fill_(-127);
     if (M > 3) a.select(0, 3).narrow(0, 0, K / 2).fill_(-127);
-    return at::equal(at::_int_mm(a, b.t()).to(at::kLong), at::mm(a.to(at::kLong), b.to(at::kLong).t()));
+    // Both layouts of the right operand the kernels pass: transposed (the
+    // digit scores, q_lat's weights) and plain (V's codes, W_uv).
+    const at::Tensor want = at::mm(a.to(at::kLong), b.to(at::kLong).t());
+    return at::equal(at::_int_mm(a, b.t()).to(at::kLong), want) &&
+           at::equal(at::_int_mm(a, b.t().contiguous()).to(at::kLong), want);
   };
   const bool exact = probe(4) && probe(1);  // M = 1: oneDNN's GEMV kernels dispatch apart
   if (at::globalContext().userEnabledMkldnn()) state.store(exact ? 1 : 0, std::memory_order_release);

@@ -83,7 +83,7 @@ constexpr int64_t kWeightStreamRows = 8;
 
 // x [M, K] (fp32) times w [K, N] (int8, any strides) -> fp32 [M, N], x's
 // rows as int8 digits (qsvd::digit_row; two: |x - sigma (a + b/254)| <=
-// 2^-16 max|x_row| (1 + u) + u |x|; three: <= 1.03 u max|x_row| + u |x|)
+// max|x_row| (1 + u) / 64516 + u |x|; three: <= 1.03 u max|x_row| + u |x|)
 // and one exact int32 GEMM on at::_int_mm ([n M, K] x [K, N], K a
 // multiple of 4), then sigma ((A + B/254) + C/254^2) in fp32 (|A|, |B|,
 // |C| <= 127^2 K < 2^24 for K < 1040: exact; beyond, one more rounding

@@ -112,10 +112,12 @@ inline float quantize_row_host(const float* v, int64_t n, int bits, float clip_r
 // V step's softmax weights, for exact int8 GEMMs against the codes):
 // sigma = max|v| / 127, t = v / sigma, a = rint(clamp(t, +-127)),
 // e = fl((t - a) 254), b = rint(clamp(e, +-127)), so |v - sigma (a + b /
-// 254)| <= sigma / 508 + u |v|; with c (not null), c = rint(clamp(fl((e -
-// b) 254), +-127)), so |v - sigma (a + b / 254 + c / 254^2)| <= sigma
-// (1/129032 + u/254) + u |v| (t - a and e - b are exact; 1/129032 <= 1.024
-// u 127). For a normal sigma; a subnormal one loses relative precision,
+// 254)| <= sigma (1/508 + u/2) + u |v|; with c (not null), c =
+// rint(clamp(fl((e - b) 254), +-127)), so |v - sigma (a + b / 254 + c /
+// 254^2)| <= sigma (1/129032 + u/2 + u/254) + u |v| (t = fl(v / sigma): u
+// |v|; e's rounding: u |t - a| <= u/2, in t's units; c's product: u/254;
+// t - a and e - b are exact; 1/129032 + u/2 + u/254 <= 1.028 u 127). For a
+// normal sigma; a subnormal one loses relative precision,
 // below the bounds' absolute floors. A NaN or infinity in the row gives
 // sigma NaN and zero digits; a row whose sigma is 0 (all zeros, or max|v|
 // < 63.5 2^-149) zero digits. Returns sigma. rint rounds to nearest, ties
