@@ -122,6 +122,23 @@ def test_cpu_split_path_at_ranks_below_the_gemm_width(monkeypatch, r):
     _check(out, lse, truth, bound, torch.float32, f"split r={r}")
 
 
+def _check_uniform_weights_positive_values(pc, H, H_kv, d, g, what):
+    """The two digit tests' run: q = 0 (every softmax weight 1), int8 W_uk,
+    W_uv all 100 x 0.01 (positive: no cancellation), INT8 cache pc; checked
+    against the reference within the derived bound, which is returned."""
+    r = pc.cache.shape[-1]
+    w_uk, w_uk_s, _, _ = make_weights(H_kv, r, d, torch.int8, generator=g)
+    w_uv = torch.full((H_kv, r, d), 100, dtype=torch.int8)
+    w_uv_s = torch.full((H_kv, d), 0.01)
+    q = torch.zeros(1, H, d)
+    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, w_uk, w_uk_s, w_uv, w_uv_s, 8, d**-0.5, None, None]
+    out, lse = qk.latent_attention(q, *args)
+    truth = R.latent_attention_ref(q.double(), *args)
+    bound = latent_attention_error_bound(q, *args, **LATENT_BOUND["cpu"])
+    _check(out, lse, truth, bound, torch.float32, what)
+    return bound
+
+
 @pytest.mark.parametrize("gemm", ["fp32", "split"])
 def test_cpu_v_step_keeps_fp32_accuracy_where_two_digits_would_not(monkeypatch, gemm):
     """The split path's V step (three int8 digits of w = p s with _int_mm's
@@ -143,15 +160,7 @@ def test_cpu_v_step_keeps_fp32_accuracy_where_two_digits_would_not(monkeypatch, 
         blk = int(pc.block_table[0, t // 16])
         pc.cache[blk, t % 16] = 127
         pc.cache_scale[blk, t % 16] = float(quotients[t] * sigma)
-    w_uk, w_uk_s, _, _ = make_weights(H_kv, r, d, torch.int8, generator=g)
-    w_uv = torch.full((H_kv, r, d), 100, dtype=torch.int8)
-    w_uv_s = torch.full((H_kv, d), 0.01)
-    q = torch.zeros(1, H, d)
-    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, w_uk, w_uk_s, w_uv, w_uv_s, 8, d**-0.5, None, None]
-    out, lse = qk.latent_attention(q, *args)
-    truth = R.latent_attention_ref(q.double(), *args)
-    bound = latent_attention_error_bound(q, *args, **LATENT_BOUND["cpu"])
-    _check(out, lse, truth, bound, torch.float32, f"V digits, {gemm}")
+    bound = _check_uniform_weights_positive_values(pc, H, H_kv, d, g, f"V digits, {gemm}")
     s = pc.cache_scale[pc.block_table[0].long()[torch.arange(L) // 16], torch.arange(L) % 16].double()
     residual = (s / sigma - quotients.floor() - 3 / 254).clamp(min=0)  # 0 for the first token, 0.49/254 after
     two_digit_error = (residual * sigma).sum() * 127 * (100 * 0.01 * r) / L
@@ -179,15 +188,7 @@ def test_cpu_up_projection_keeps_fp32_accuracy_where_two_digits_would_not(monkey
     pc.cache[blk, 0] = torch.tensor([127] + [1] * (r - 1), dtype=torch.int8)
     pc.cache[blk, 1] = torch.tensor([0] + [1] * (r - 1), dtype=torch.int8)
     pc.cache_scale[blk, 0], pc.cache_scale[blk, 1] = s0, s0 * 3.49 / 254
-    w_uk, w_uk_s, _, _ = make_weights(H_kv, r, d, torch.int8, generator=g)
-    w_uv = torch.full((H_kv, r, d), 100, dtype=torch.int8)
-    w_uv_s = torch.full((H_kv, d), 0.01)
-    q = torch.zeros(1, H, d)
-    args = [pc.cache, pc.cache_scale, pc.block_table, pc.seq_lens, w_uk, w_uk_s, w_uv, w_uv_s, 8, d**-0.5, None, None]
-    out, lse = qk.latent_attention(q, *args)
-    truth = R.latent_attention_ref(q.double(), *args)
-    bound = latent_attention_error_bound(q, *args, **LATENT_BOUND["cpu"])
-    _check(out, lse, truth, bound, torch.float32, f"up-projection digits, {gemm}")
+    bound = _check_uniform_weights_positive_values(pc, H, H_kv, d, g, f"up-projection digits, {gemm}")
     sigma = s0  # max acc_i = 127 s0, over 127
     s1 = float(pc.cache_scale[blk, 1])
     residual = (s1 / s0 - 3 / 254) * sigma  # per acc entry i >= 1, after two digits

@@ -267,20 +267,8 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
   // more rows than weight streaming serves run on int8 digits too (K a
   // multiple of 4: torch's _int_mm gets K = 1 wrong; others stay fp32).
   const bool int8_up = digit_gemm == cpu::DigitScores::kIntMm && !stream_weights;
-  if (dn > 0 && int8_up && w_uk.scalar_type() == at::kChar && dn % 4 == 0) {
-    q_lat = at::empty({B, H_kv, G, r}, f32);
-    at::Tensor qk = q.view({B, H_kv, G, d}).narrow(3, d0, dn);
-    if (w_uk_scale.has_value())
-      qk = qk.mul(w_uk_scale->to(at::kFloat).narrow(1, d0, dn).view({1, H_kv, 1, dn}));
-    qk = qk.contiguous();
-    parallel_tasks(0, H_kv, 1, [&](int64_t h0, int64_t h1) {
-      for (int64_t hk = h0; hk < h1; ++hk)
-        q_lat.select(1, hk).copy_(
-            int8_digits_times_weights(qk.select(1, hk).reshape({B * G, dn}), w_uk_c.select(0, hk).narrow(1, d0, dn).t(), 2)
-                .view({B, G, r}));
-    });
-    q_lat = q_lat.view({B, H, r});
-  } else if (dn > 0) {
+  if (dn > 0) {
+    const bool int8_q_lat = int8_up && w_uk.scalar_type() == at::kChar && dn % 4 == 0;
     q_lat = at::empty({B, H_kv, G, r}, f32);
     at::Tensor qk = q.view({B, H_kv, G, d}).narrow(3, d0, dn);
     if (w_uk_scale.has_value())
@@ -298,11 +286,17 @@ std::tuple<at::Tensor, at::Tensor> latent_attention_cpu(
           }
         return;
       }
-      at::Tensor wf = at::empty({r, dn}, f32);
+      at::Tensor wf = int8_q_lat ? at::Tensor() : at::empty({r, dn}, f32);
       for (int64_t hk = h0; hk < h1; ++hk) {
-        wf.copy_(w_uk.select(0, hk).narrow(1, d0, dn));  // exact fp32 copy
         const at::Tensor qh = qk.select(1, hk).reshape({B * G, dn});
-        q_lat.select(1, hk).copy_(at::mm(qh, wf.t()).view({B, G, r}));
+        at::Tensor lat;  // [B G, r]
+        if (int8_q_lat) {
+          lat = int8_digits_times_weights(qh, w_uk_c.select(0, hk).narrow(1, d0, dn).t(), 2);
+        } else {
+          wf.copy_(w_uk.select(0, hk).narrow(1, d0, dn));  // exact fp32 copy
+          lat = at::mm(qh, wf.t());
+        }
+        q_lat.select(1, hk).copy_(lat.view({B, G, r}));
       }
     });
     q_lat = q_lat.view({B, H, r});
